@@ -1,0 +1,12 @@
+//! LLaMA in Burn: configuration, checkpoint and tokenizer loading (Hugging Face safetensors
+//! directories and GGUF files), the model itself with a layer-by-layer API for quantization,
+//! perplexity and generation.
+
+pub mod config;
+pub mod error;
+
+pub use config::{LlamaConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub mod checkpoint;
+
+pub use checkpoint::{HostTensor, TensorSource};

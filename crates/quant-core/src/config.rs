@@ -1,0 +1,120 @@
+use serde::{Deserialize, Serialize};
+
+use crate::QuantError;
+
+/// The dimension along which a group runs.
+///
+/// `W` is `[out_features, in_features]` as in Hugging Face checkpoints.
+/// * `Oc` (per output channel): a group is `group_size` consecutive input weights of one output row.
+/// * `Ic` (per input channel): a group is `group_size` consecutive output rows of one input column,
+///   i.e. `Oc` grouping applied to `Wᵀ`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantDim {
+    Oc,
+    Ic,
+}
+
+impl QuantDim {
+    pub const ALL: [QuantDim; 2] = [QuantDim::Oc, QuantDim::Ic];
+
+    /// `(rows, cols)` of the *grouped matrix*: `W` for `Oc`, `Wᵀ` for `Ic`.
+    /// Groups always run along `cols`, so every algorithm is written once, for rows.
+    pub fn grouped_shape(self, out_features: usize, in_features: usize) -> (usize, usize) {
+        match self {
+            QuantDim::Oc => (out_features, in_features),
+            QuantDim::Ic => (in_features, out_features),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantDim::Oc => "oc",
+            QuantDim::Ic => "ic",
+        }
+    }
+}
+
+impl std::fmt::Display for QuantDim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for QuantDim {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "oc" => Ok(QuantDim::Oc),
+            "ic" => Ok(QuantDim::Ic),
+            other => Err(format!("unknown quantization dim `{other}` (expected oc or ic)")),
+        }
+    }
+}
+
+/// Bits, group size and dimension of an asymmetric group quantizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantConfig {
+    pub bits: u32,
+    /// Group length along the grouped dimension; `-1` means one group over the whole dimension.
+    pub group_size: i64,
+    pub dim: QuantDim,
+}
+
+impl QuantConfig {
+    /// Validates `bits` (2, 3, 4, 8) and `group_size` (positive or -1).
+    pub fn new(bits: u32, group_size: i64, dim: QuantDim) -> Result<Self, QuantError> {
+        if !matches!(bits, 2 | 3 | 4 | 8) {
+            return Err(QuantError::UnsupportedBits(bits));
+        }
+        if group_size == 0 || group_size < -1 {
+            return Err(QuantError::InvalidGroupSize(group_size));
+        }
+        Ok(Self {
+            bits,
+            group_size,
+            dim,
+        })
+    }
+
+    pub fn with_dim(self, dim: QuantDim) -> Self {
+        Self { dim, ..self }
+    }
+
+    /// Largest code, `2^bits − 1`.
+    pub fn maxq(&self) -> u32 {
+        (1 << self.bits) - 1
+    }
+
+    /// The resolved group length for a grouped dimension of length `len`.
+    pub fn group_len(&self, len: usize) -> Result<usize, QuantError> {
+        let g = if self.group_size == -1 {
+            len
+        } else {
+            self.group_size as usize
+        };
+        if g == 0 || len % g != 0 {
+            return Err(QuantError::GroupSizeDoesNotDivide {
+                group_size: g,
+                len,
+                dim_name: match self.dim {
+                    QuantDim::Oc => "in_features",
+                    QuantDim::Ic => "out_features",
+                },
+            });
+        }
+        Ok(g)
+    }
+
+    /// Checks that a `[out_features, in_features]` weight can be quantized with this config
+    /// and returns the resolved group length.
+    pub fn check_shape(&self, out_features: usize, in_features: usize) -> Result<usize, QuantError> {
+        if out_features == 0 || in_features == 0 {
+            return Err(QuantError::Shape(format!(
+                "empty weight [{out_features}, {in_features}]"
+            )));
+        }
+        let (_, cols) = self.dim.grouped_shape(out_features, in_features);
+        self.group_len(cols)
+    }
+}

@@ -1,0 +1,206 @@
+use half::f16;
+
+use crate::packing::{pack_row, unpack_row, words_for};
+use crate::{QuantConfig, QuantDim, QuantError};
+
+/// A quantized weight in f32 parameters: what RTN and GPTQ return.
+///
+/// Everything is stored in the *grouped layout* (`rows × cols`, see [`QuantDim::grouped_shape`]):
+/// `W` for [`QuantDim::Oc`], `Wᵀ` for [`QuantDim::Ic`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Quantized {
+    pub config: QuantConfig,
+    pub out_features: usize,
+    pub in_features: usize,
+    /// Resolved group length along `cols`.
+    pub group_size: usize,
+    /// `[rows, cols]` codes in `0..=maxq`.
+    pub codes: Vec<u8>,
+    /// `[rows, cols / group_size]`.
+    pub scales: Vec<f32>,
+    /// `[rows, cols / group_size]`, integers in `0..=maxq`.
+    pub zeros: Vec<f32>,
+}
+
+impl Quantized {
+    pub fn rows_cols(&self) -> (usize, usize) {
+        self.config
+            .dim
+            .grouped_shape(self.out_features, self.in_features)
+    }
+
+    /// Dequantized weight `[out_features, in_features]` (original HF layout), from the f32 parameters.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (rows, cols) = self.rows_cols();
+        let grouped = dequantize_grouped(
+            rows,
+            cols,
+            self.group_size,
+            |r, c| self.codes[r * cols + c],
+            |i| self.scales[i],
+            |i| self.zeros[i],
+        );
+        from_grouped(self.config.dim, rows, cols, grouped)
+    }
+
+    /// Packs the codes into `u32` words and stores scales and zeros as f16.
+    pub fn pack(&self) -> PackedLinear {
+        let (rows, cols) = self.rows_cols();
+        let wpr = words_for(cols, self.config.bits);
+        let mut qweight = vec![0u32; rows * wpr];
+        for r in 0..rows {
+            pack_row(
+                &self.codes[r * cols..(r + 1) * cols],
+                self.config.bits,
+                &mut qweight[r * wpr..(r + 1) * wpr],
+            );
+        }
+        PackedLinear {
+            dim: self.config.dim,
+            bits: self.config.bits,
+            group_size: self.group_size,
+            out_features: self.out_features,
+            in_features: self.in_features,
+            qweight,
+            scales: self.scales.iter().map(|&s| f16::from_f32(s)).collect(),
+            zeros: self.zeros.iter().map(|&z| f16::from_f32(z)).collect(),
+        }
+    }
+}
+
+/// The packed, on-disk and in-kernel form of one quantized linear layer (SPEC §7).
+///
+/// In the grouped layout (`rows × cols`: `W` for OC, `Wᵀ` for IC, groups along `cols`):
+/// * `qweight`: `[rows, words_per_row]`, each row one bit stream (see [`crate::packing`]);
+/// * `scales`, `zeros`: `[rows, cols / group_size]` in f16; `ŵ = (q − zero) · scale`.
+///
+/// For IC the rows are input channels: the thread that owns input channel `k` reads row `k`
+/// and one scale/zero per `group_size` output channels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedLinear {
+    pub dim: QuantDim,
+    pub bits: u32,
+    pub group_size: usize,
+    pub out_features: usize,
+    pub in_features: usize,
+    pub qweight: Vec<u32>,
+    pub scales: Vec<f16>,
+    pub zeros: Vec<f16>,
+}
+
+impl PackedLinear {
+    /// `(rows, cols)` of the grouped layout.
+    pub fn rows_cols(&self) -> (usize, usize) {
+        self.dim.grouped_shape(self.out_features, self.in_features)
+    }
+
+    pub fn words_per_row(&self) -> usize {
+        words_for(self.rows_cols().1, self.bits)
+    }
+
+    pub fn groups_per_row(&self) -> usize {
+        self.rows_cols().1 / self.group_size
+    }
+
+    /// Checks that the buffers agree with the shape, bits and group size (for loaded checkpoints).
+    pub fn validate(&self) -> Result<(), QuantError> {
+        let config = QuantConfig::new(self.bits, self.group_size as i64, self.dim)?;
+        config.check_shape(self.out_features, self.in_features)?;
+        let (rows, _) = self.rows_cols();
+        let expect = |what: &str, got: usize, want: usize| {
+            if got == want {
+                Ok(())
+            } else {
+                Err(QuantError::Shape(format!(
+                    "{what} has {got} elements, expected {want}"
+                )))
+            }
+        };
+        expect("qweight", self.qweight.len(), rows * self.words_per_row())?;
+        expect("scales", self.scales.len(), rows * self.groups_per_row())?;
+        expect("zeros", self.zeros.len(), rows * self.groups_per_row())
+    }
+
+    /// Codes `[rows, cols]` in the grouped layout.
+    pub fn codes(&self) -> Vec<u8> {
+        let (rows, cols) = self.rows_cols();
+        let wpr = self.words_per_row();
+        let mut codes = vec![0u8; rows * cols];
+        for r in 0..rows {
+            unpack_row(
+                &self.qweight[r * wpr..(r + 1) * wpr],
+                self.bits,
+                &mut codes[r * cols..(r + 1) * cols],
+            );
+        }
+        codes
+    }
+
+    /// Dequantized weight `[out_features, in_features]` (original HF layout), from the f16
+    /// parameters: this is the canonical weight of a packed checkpoint and of its fake-quant export.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (rows, cols) = self.rows_cols();
+        let codes = self.codes();
+        let grouped = dequantize_grouped(
+            rows,
+            cols,
+            self.group_size,
+            |r, c| codes[r * cols + c],
+            |i| self.scales[i].to_f32(),
+            |i| self.zeros[i].to_f32(),
+        );
+        from_grouped(self.dim, rows, cols, grouped)
+    }
+}
+
+fn dequantize_grouped(
+    rows: usize,
+    cols: usize,
+    group_size: usize,
+    code: impl Fn(usize, usize) -> u8,
+    scale: impl Fn(usize) -> f32,
+    zero: impl Fn(usize) -> f32,
+) -> Vec<f32> {
+    let gpr = cols / group_size;
+    let mut out = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            let gi = r * gpr + c / group_size;
+            out[r * cols + c] = (code(r, c) as f32 - zero(gi)) * scale(gi);
+        }
+    }
+    out
+}
+
+/// Row-major transpose of a `rows × cols` matrix.
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(data.len(), rows * cols, "transpose: length does not match shape");
+    let mut out = vec![0f32; data.len()];
+    const T: usize = 32;
+    for r0 in (0..rows).step_by(T) {
+        for c0 in (0..cols).step_by(T) {
+            for r in r0..(r0 + T).min(rows) {
+                for c in c0..(c0 + T).min(cols) {
+                    out[c * rows + r] = data[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `W [out, in]` → grouped layout.
+pub fn to_grouped(dim: QuantDim, out_features: usize, in_features: usize, w: &[f32]) -> Vec<f32> {
+    match dim {
+        QuantDim::Oc => w.to_vec(),
+        QuantDim::Ic => transpose(w, out_features, in_features),
+    }
+}
+
+/// Grouped layout `rows × cols` → `W [out, in]`.
+pub fn from_grouped(dim: QuantDim, rows: usize, cols: usize, g: Vec<f32>) -> Vec<f32> {
+    match dim {
+        QuantDim::Oc => g,
+        QuantDim::Ic => transpose(&g, rows, cols),
+    }
+}

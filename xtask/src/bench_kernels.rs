@@ -1,0 +1,7 @@
+use anyhow::{Result, bail};
+
+use crate::BenchKernelsArgs;
+
+pub fn run(_args: &BenchKernelsArgs) -> Result<()> {
+    bail!("the CubeCL kernel benchmark is not implemented yet")
+}
