@@ -31,3 +31,34 @@ pub trait TensorSource: Send + Sync {
     /// Loads one tensor, dequantized to f32, in the Hugging Face layout (`[out, in]` for linears).
     fn load(&self, name: &str) -> Result<HostTensor>;
 }
+
+/// An in-memory checkpoint (tests, synthetic models, weights produced by a pipeline).
+pub struct MemorySource {
+    pub path: std::path::PathBuf,
+    pub config: LlamaConfig,
+    pub tensors: std::collections::HashMap<String, HostTensor>,
+}
+
+impl TensorSource for MemorySource {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    fn load(&self, name: &str) -> Result<HostTensor> {
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| crate::ModelError::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })
+    }
+}

@@ -9,4 +9,13 @@ pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub mod checkpoint;
 
-pub use checkpoint::{HostTensor, TensorSource};
+pub use checkpoint::{HostTensor, MemorySource, TensorSource};
+pub mod model;
+
+pub use model::{DecoderLayer, LayerInputs, Linear, LinearKind, Llama};
+pub mod export;
+pub mod load;
+pub mod hf_dir;
+pub mod staging;
+pub mod perplexity;
+pub mod generate;

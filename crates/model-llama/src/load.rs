@@ -1,0 +1,157 @@
+//! Building the Burn model from a [`TensorSource`], whole or one layer at a time.
+
+use burn::prelude::*;
+
+use crate::checkpoint::TensorSource;
+use crate::error::{ModelError, Result};
+use crate::model::{
+    Attention, DecoderLayer, Linear, LinearKind, Llama, MAX_ROPE_POSITIONS, Mlp, RmsNorm, Rope,
+};
+
+/// Loads `name`, checks its shape and that every value is finite, and uploads it.
+pub fn load_tensor<B: Backend, const D: usize>(
+    src: &dyn TensorSource,
+    name: &str,
+    expected: [usize; D],
+    device: &B::Device,
+) -> Result<Tensor<B, D>> {
+    let t = src.load(name)?;
+    if t.shape != expected {
+        return Err(ModelError::ShapeMismatch {
+            path: src.path().to_path_buf(),
+            name: name.to_string(),
+            got: t.shape,
+            expected: expected.to_vec(),
+        });
+    }
+    if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+        return Err(ModelError::malformed(
+            src.path(),
+            format!("tensor `{name}` has a non-finite value at index {i}"),
+        ));
+    }
+    Ok(Tensor::from_data(TensorData::new(t.data, expected), device))
+}
+
+/// `[out, in]` of a linear of the given kind.
+pub fn linear_shape(config: &crate::LlamaConfig, kind: LinearKind) -> [usize; 2] {
+    let h = config.hidden_size;
+    let kv = config.num_key_value_heads * config.head_dim();
+    let f = config.intermediate_size;
+    match kind {
+        LinearKind::Q | LinearKind::O => [h, h],
+        LinearKind::K | LinearKind::V => [kv, h],
+        LinearKind::Gate | LinearKind::Up => [f, h],
+        LinearKind::Down => [h, f],
+    }
+}
+
+fn norm<B: Backend>(src: &dyn TensorSource, name: &str, device: &B::Device) -> Result<RmsNorm<B>> {
+    let config = src.config();
+    Ok(RmsNorm {
+        weight: load_tensor(src, name, [config.hidden_size], device)?,
+        eps: config.rms_norm_eps,
+    })
+}
+
+/// Decoder layer `i`, with every linear loaded through `linear` (dense weights by default;
+/// quantized checkpoints pass their own loader).
+pub fn load_layer_with<B: Backend>(
+    src: &dyn TensorSource,
+    i: usize,
+    device: &B::Device,
+    linear: &dyn Fn(LinearKind) -> Result<Linear<B>>,
+) -> Result<DecoderLayer<B>> {
+    let config = src.config();
+    let prefix = format!("model.layers.{i}");
+    Ok(DecoderLayer {
+        input_layernorm: norm(src, &format!("{prefix}.input_layernorm.weight"), device)?,
+        self_attn: Attention {
+            q_proj: linear(LinearKind::Q)?,
+            k_proj: linear(LinearKind::K)?,
+            v_proj: linear(LinearKind::V)?,
+            o_proj: linear(LinearKind::O)?,
+            n_heads: config.num_attention_heads,
+            n_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim(),
+        },
+        post_attention_layernorm: norm(
+            src,
+            &format!("{prefix}.post_attention_layernorm.weight"),
+            device,
+        )?,
+        mlp: Mlp {
+            gate_proj: linear(LinearKind::Gate)?,
+            up_proj: linear(LinearKind::Up)?,
+            down_proj: linear(LinearKind::Down)?,
+        },
+    })
+}
+
+/// Dense decoder layer `i`.
+pub fn load_layer<B: Backend>(
+    src: &dyn TensorSource,
+    i: usize,
+    device: &B::Device,
+) -> Result<DecoderLayer<B>> {
+    load_layer_with(src, i, device, &|kind| {
+        let name = format!("{}.weight", kind.hf_prefix(i));
+        let w = load_tensor(src, &name, linear_shape(src.config(), kind), device)?;
+        Ok(Linear::from_weight(w))
+    })
+}
+
+/// The parts of the model outside the decoder layers.
+pub struct Periphery<B: Backend> {
+    pub embed_tokens: Tensor<B, 2>,
+    pub norm: RmsNorm<B>,
+    pub lm_head: Linear<B>,
+    pub rope: Rope<B>,
+}
+
+pub fn load_periphery<B: Backend>(src: &dyn TensorSource, device: &B::Device) -> Result<Periphery<B>> {
+    let config = src.config();
+    if let Err(msg) = config.validate() {
+        return Err(ModelError::malformed(src.path(), msg));
+    }
+    let shape = [config.vocab_size, config.hidden_size];
+    let embed_tokens: Tensor<B, 2> = load_tensor(src, "model.embed_tokens.weight", shape, device)?;
+    let lm_head = if src.contains("lm_head.weight") && !config.tie_word_embeddings {
+        Linear::from_weight(load_tensor(src, "lm_head.weight", shape, device)?)
+    } else {
+        Linear::from_weight(embed_tokens.clone())
+    };
+    Ok(Periphery {
+        embed_tokens,
+        norm: norm(src, "model.norm.weight", device)?,
+        lm_head,
+        rope: Rope::new(
+            config,
+            config.max_position_embeddings.min(MAX_ROPE_POSITIONS),
+            device,
+        ),
+    })
+}
+
+/// The whole model, dense.
+pub fn load_model<B: Backend>(src: &dyn TensorSource, device: &B::Device) -> Result<Llama<B>> {
+    let layers = (0..src.config().num_hidden_layers)
+        .map(|i| load_layer(src, i, device))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(assemble(src, load_periphery(src, device)?, layers))
+}
+
+pub fn assemble<B: Backend>(
+    src: &dyn TensorSource,
+    p: Periphery<B>,
+    layers: Vec<DecoderLayer<B>>,
+) -> Llama<B> {
+    Llama {
+        config: src.config().clone(),
+        embed_tokens: p.embed_tokens,
+        layers,
+        norm: p.norm,
+        lm_head: p.lm_head,
+        rope: p.rope,
+    }
+}

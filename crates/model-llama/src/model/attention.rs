@@ -1,0 +1,149 @@
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+
+use super::linear::Linear;
+use super::rope::Rope;
+
+/// Queries processed together; keys beyond a chunk's last position are never touched, so causal
+/// attention does about half the work of a full `T × T` product (and needs `chunk × T` memory).
+const QUERY_CHUNK: usize = 256;
+
+/// Grouped-query self-attention.
+#[derive(Clone, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Keys and values of the positions seen so far, per layer.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache<B: Backend> {
+    /// `[batch, kv_heads, len, head_dim]`
+    pub k: Option<Tensor<B, 4>>,
+    pub v: Option<Tensor<B, 4>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn len(&self) -> usize {
+        self.k.as_ref().map_or(0, |k| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let cat = |old: Option<Tensor<B, 4>>, new: Tensor<B, 4>| match old {
+            Some(old) => Tensor::cat(vec![old, new], 2),
+            None => new,
+        };
+        let k = cat(self.k.take(), k);
+        let v = cat(self.v.take(), v);
+        self.k = Some(k.clone());
+        self.v = Some(v.clone());
+        (k, v)
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    fn split_heads(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+        let [b, t, _] = x.dims();
+        x.reshape([b, t, heads, self.head_dim]).swap_dims(1, 2)
+    }
+
+    /// Projected and rotated `q: [b, heads, t, d]`, `k, v: [b, kv_heads, t, d]` for inputs at
+    /// positions `start..start + t`.
+    pub fn qkv(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        start: usize,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let q = self.split_heads(self.q_proj.forward(x.clone()), self.n_heads);
+        let k = self.split_heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
+        let v = self.split_heads(self.v_proj.forward(x), self.n_kv_heads);
+        (rope.apply(q, start), rope.apply(k, start), v)
+    }
+
+    /// Causal attention of queries at positions `k_len − t_q .. k_len` over all `k_len` keys.
+    /// Returns the context `[b, t_q, hidden]` (the input of `o_proj`).
+    pub fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, _, t_q, d] = q.dims();
+        let k_len = k.dims()[2];
+        let offset = k_len - t_q;
+        let rep = self.n_heads / self.n_kv_heads;
+        let scale = 1.0 / (d as f64).sqrt();
+        // Heads sharing a KV head are stacked along the query axis, so K and V are never repeated.
+        let q = q.mul_scalar(scale).reshape([b, self.n_kv_heads, rep, t_q, d]);
+        let device = q.device();
+        let mut chunks = Vec::with_capacity(t_q.div_ceil(QUERY_CHUNK));
+        for c0 in (0..t_q).step_by(QUERY_CHUNK) {
+            let c = QUERY_CHUNK.min(t_q - c0);
+            let visible = offset + c0 + c;
+            let qc = q
+                .clone()
+                .narrow(3, c0, c)
+                .reshape([b, self.n_kv_heads, rep * c, d]);
+            let kc = k.clone().narrow(2, 0, visible);
+            let vc = v.clone().narrow(2, 0, visible);
+            let mut scores = qc.matmul(kc.swap_dims(2, 3));
+            if c > 1 {
+                let mask = causal_bias::<B>(rep, c, offset + c0, visible, &device);
+                scores = scores.add(mask);
+            }
+            let ctx = softmax(scores, 3).matmul(vc);
+            chunks.push(ctx.reshape([b, self.n_kv_heads, rep, c, d]));
+        }
+        Tensor::cat(chunks, 3)
+            .reshape([b, self.n_heads, t_q, d])
+            .swap_dims(1, 2)
+            .reshape([b, t_q, self.n_heads * d])
+    }
+
+    /// The attention sub-block: `o_proj(attend(qkv(x)))`, with an optional KV cache.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        self.o_proj.forward(self.context(x, rope, cache))
+    }
+
+    /// The input of `o_proj`.
+    pub fn context(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let (q, k, v) = self.qkv(x, rope, start);
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v),
+            None => (k, v),
+        };
+        self.attend(q, k, v)
+    }
+}
+
+/// Additive mask `[1, 1, rep·c, visible]`: query row `i` (position `first + i % c`) sees keys `≤` it.
+fn causal_bias<B: Backend>(
+    rep: usize,
+    c: usize,
+    first: usize,
+    visible: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let mut bias = vec![0f32; rep * c * visible];
+    for r in 0..rep * c {
+        let pos = first + r % c;
+        bias[r * visible + pos + 1..(r + 1) * visible].fill(f32::NEG_INFINITY);
+    }
+    Tensor::<B, 2>::from_data(TensorData::new(bias, [rep * c, visible]), device).unsqueeze::<4>()
+}

@@ -1,0 +1,166 @@
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::attention::{Attention, KvCache};
+use super::linear::Linear;
+use super::mlp::Mlp;
+use super::norm::RmsNorm;
+use super::rope::Rope;
+
+/// The seven linear layers of a LLaMA decoder layer, in the order AdaDim visits them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinearKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LinearKind {
+    pub const ALL: [LinearKind; 7] = [
+        LinearKind::Q,
+        LinearKind::K,
+        LinearKind::V,
+        LinearKind::O,
+        LinearKind::Gate,
+        LinearKind::Up,
+        LinearKind::Down,
+    ];
+
+    /// Module path inside a layer, as in Hugging Face checkpoints.
+    pub fn module(self) -> &'static str {
+        match self {
+            LinearKind::Q => "self_attn.q_proj",
+            LinearKind::K => "self_attn.k_proj",
+            LinearKind::V => "self_attn.v_proj",
+            LinearKind::O => "self_attn.o_proj",
+            LinearKind::Gate => "mlp.gate_proj",
+            LinearKind::Up => "mlp.up_proj",
+            LinearKind::Down => "mlp.down_proj",
+        }
+    }
+
+    pub fn short_name(self) -> &'static str {
+        match self {
+            LinearKind::Q => "q",
+            LinearKind::K => "k",
+            LinearKind::V => "v",
+            LinearKind::O => "o",
+            LinearKind::Gate => "gate",
+            LinearKind::Up => "up",
+            LinearKind::Down => "down",
+        }
+    }
+
+    /// `model.layers.{layer}.{module}` (append `.weight` for the tensor name).
+    pub fn hf_prefix(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}", self.module())
+    }
+}
+
+impl std::str::FromStr for LinearKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        LinearKind::ALL
+            .into_iter()
+            .find(|k| k.short_name() == s || k.module().ends_with(s))
+            .ok_or_else(|| format!("unknown linear `{s}` (expected q, k, v, o, gate, up or down)"))
+    }
+}
+
+/// One pre-norm decoder layer: `h = x + attn(norm₁(x))`, `out = h + mlp(norm₂(h))`.
+#[derive(Clone, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+/// The inputs of a layer's linears, captured during a forward pass.
+#[derive(Clone, Debug)]
+pub struct LayerInputs<B: Backend> {
+    /// Input of q, k and v (and of the attention sub-block): `norm₁(x)`.
+    pub attn_in: Tensor<B, 3>,
+    /// Input of `o_proj`.
+    pub o_in: Tensor<B, 3>,
+    /// Input of gate and up (and of the MLP sub-block): `norm₂(h)`.
+    pub mlp_in: Tensor<B, 3>,
+    /// Input of `down_proj`.
+    pub down_in: Tensor<B, 3>,
+}
+
+impl<B: Backend> LayerInputs<B> {
+    /// The input tensor of a given linear.
+    pub fn of(&self, kind: LinearKind) -> &Tensor<B, 3> {
+        match kind {
+            LinearKind::Q | LinearKind::K | LinearKind::V => &self.attn_in,
+            LinearKind::O => &self.o_in,
+            LinearKind::Gate | LinearKind::Up => &self.mlp_in,
+            LinearKind::Down => &self.down_in,
+        }
+    }
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    pub fn linear(&self, kind: LinearKind) -> &Linear<B> {
+        match kind {
+            LinearKind::Q => &self.self_attn.q_proj,
+            LinearKind::K => &self.self_attn.k_proj,
+            LinearKind::V => &self.self_attn.v_proj,
+            LinearKind::O => &self.self_attn.o_proj,
+            LinearKind::Gate => &self.mlp.gate_proj,
+            LinearKind::Up => &self.mlp.up_proj,
+            LinearKind::Down => &self.mlp.down_proj,
+        }
+    }
+
+    pub fn linear_mut(&mut self, kind: LinearKind) -> &mut Linear<B> {
+        match kind {
+            LinearKind::Q => &mut self.self_attn.q_proj,
+            LinearKind::K => &mut self.self_attn.k_proj,
+            LinearKind::V => &mut self.self_attn.v_proj,
+            LinearKind::O => &mut self.self_attn.o_proj,
+            LinearKind::Gate => &mut self.mlp.gate_proj,
+            LinearKind::Up => &mut self.mlp.up_proj,
+            LinearKind::Down => &mut self.mlp.down_proj,
+        }
+    }
+
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let h = x.clone().add(
+            self.self_attn
+                .forward(self.input_layernorm.forward(x), rope, cache),
+        );
+        h.clone()
+            .add(self.mlp.forward(self.post_attention_layernorm.forward(h)))
+    }
+
+    /// Forward pass (no cache, positions from 0) that also returns every linear's input.
+    pub fn forward_captured(&self, x: Tensor<B, 3>, rope: &Rope<B>) -> (Tensor<B, 3>, LayerInputs<B>) {
+        let attn_in = self.input_layernorm.forward(x.clone());
+        let o_in = self.self_attn.context(attn_in.clone(), rope, None);
+        let h = x.add(self.self_attn.o_proj.forward(o_in.clone()));
+        let mlp_in = self.post_attention_layernorm.forward(h.clone());
+        let down_in = self.mlp.hidden(mlp_in.clone());
+        let out = h.add(self.mlp.down_proj.forward(down_in.clone()));
+        (
+            out,
+            LayerInputs {
+                attn_in,
+                o_in,
+                mlp_in,
+                down_in,
+            },
+        )
+    }
+}

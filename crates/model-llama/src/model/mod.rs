@@ -1,0 +1,79 @@
+//! The LLaMA decoder in Burn, generic over the backend.
+//!
+//! Besides the whole-model forward, every piece is callable on its own (embedding, one decoder
+//! layer with its linears' inputs captured, the attention and MLP sub-blocks, the head) because
+//! the AdaDim pipeline walks the model one layer at a time.
+
+mod attention;
+mod layer;
+mod linear;
+mod mlp;
+mod norm;
+mod rope;
+
+pub use attention::{Attention, KvCache};
+pub use layer::{DecoderLayer, LayerInputs, LinearKind};
+pub use linear::Linear;
+pub use mlp::Mlp;
+pub use norm::RmsNorm;
+pub use rope::{Rope, inv_freq};
+
+use burn::prelude::*;
+
+use crate::config::LlamaConfig;
+
+/// Rotary tables longer than this are not precomputed (positions beyond it are rejected).
+pub const MAX_ROPE_POSITIONS: usize = 32_768;
+
+/// A LLaMA causal language model.
+#[derive(Clone, Debug)]
+pub struct Llama<B: Backend> {
+    pub config: LlamaConfig,
+    /// `[vocab, hidden]`
+    pub embed_tokens: Tensor<B, 2>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    pub lm_head: Linear<B>,
+    pub rope: Rope<B>,
+}
+
+impl<B: Backend> Llama<B> {
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.device()
+    }
+
+    /// Token ids `[batch, seq]` → hidden states `[batch, seq, hidden]`.
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        burn::tensor::module::embedding(self.embed_tokens.clone(), tokens)
+    }
+
+    /// Final norm and language-model head: hidden states → logits `[.., vocab]`.
+    pub fn head<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.lm_head.forward(self.norm.forward(x))
+    }
+
+    /// Logits `[batch, seq, vocab]` of a fresh sequence.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.head(self.hidden_states(tokens, None))
+    }
+
+    /// Last hidden states (before the final norm); with a cache, `tokens` continue the cached
+    /// sequence and the cache is extended.
+    pub fn hidden_states(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        mut cache: Option<&mut [KvCache<B>]>,
+    ) -> Tensor<B, 3> {
+        let mut x = self.embed(tokens);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c[i]);
+            x = layer.forward(x, &self.rope, layer_cache);
+        }
+        x
+    }
+
+    /// An empty KV cache, one entry per layer.
+    pub fn new_cache(&self) -> Vec<KvCache<B>> {
+        vec![KvCache::default(); self.layers.len()]
+    }
+}

@@ -1,0 +1,16 @@
+use burn::prelude::*;
+
+/// Root-mean-square layer norm: `x / sqrt(mean(x²) + eps) · weight`.
+#[derive(Clone, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Tensor<B, 1>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let rms = x.clone().square().mean_dim(D - 1).add_scalar(self.eps).sqrt();
+        let weight = self.weight.clone().unsqueeze::<D>();
+        x.div(rms).mul(weight)
+    }
+}

@@ -1,0 +1,257 @@
+//! The Burn model against an independent, naive f64 implementation of LLaMA written here.
+
+use std::collections::HashMap;
+
+use burn::backend::NdArray;
+use burn::prelude::*;
+use model_llama::generate::{GenerateOptions, generate};
+use model_llama::load::load_model;
+use model_llama::perplexity::perplexity;
+use model_llama::{HostTensor, LlamaConfig, LinearKind, MemorySource, RopeScaling, TensorSource};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+type B = NdArray<f32>;
+
+fn tiny_config(rope_scaling: Option<RopeScaling>) -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        num_hidden_layers: 2,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling,
+        max_position_embeddings: 64,
+        vocab_size: 50,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_id: None,
+    }
+}
+
+fn random_source(config: LlamaConfig, seed: u64) -> MemorySource {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors = HashMap::new();
+    let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+        let n = shape.iter().product();
+        let data = (0..n)
+            .map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0))
+            .collect();
+        tensors.insert(name, HostTensor::new(shape, data));
+    };
+    let h = config.hidden_size;
+    put("model.embed_tokens.weight".into(), vec![config.vocab_size, h], 1.0, 0.0);
+    put("model.norm.weight".into(), vec![h], 0.2, 1.0);
+    for i in 0..config.num_hidden_layers {
+        put(format!("model.layers.{i}.input_layernorm.weight"), vec![h], 0.2, 1.0);
+        put(format!("model.layers.{i}.post_attention_layernorm.weight"), vec![h], 0.2, 1.0);
+        for kind in LinearKind::ALL {
+            let shape = model_llama::load::linear_shape(&config, kind);
+            let scale = 1.0 / (shape[1] as f32).sqrt();
+            put(format!("{}.weight", kind.hf_prefix(i)), shape.to_vec(), scale * 1.5, 0.0);
+        }
+    }
+    MemorySource {
+        path: "memory".into(),
+        config,
+        tensors,
+    }
+}
+
+/// Naive f64 LLaMA: returns logits `[t][vocab]`.
+fn naive_logits(src: &MemorySource, tokens: &[u32]) -> Vec<Vec<f64>> {
+    let c = src.config();
+    let w = |name: &str| -> (Vec<usize>, Vec<f64>) {
+        let t = src.load(name).unwrap();
+        (t.shape, t.data.iter().map(|&v| v as f64).collect())
+    };
+    let matvec = |name: &str, x: &[f64]| -> Vec<f64> {
+        let (shape, data) = w(name);
+        (0..shape[0])
+            .map(|o| (0..shape[1]).map(|i| data[o * shape[1] + i] * x[i]).sum())
+            .collect()
+    };
+    let rmsnorm = |name: &str, x: &[f64]| -> Vec<f64> {
+        let (_, g) = w(name);
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        let r = 1.0 / (ms + c.rms_norm_eps).sqrt();
+        x.iter().zip(&g).map(|(v, g)| v * r * g).collect()
+    };
+    let d = c.head_dim();
+    let freqs = model_llama::model::inv_freq(c);
+    let rope = |v: &mut [f64], pos: usize| {
+        for i in 0..d / 2 {
+            let a = pos as f64 * freqs[i];
+            let (x1, x2) = (v[i], v[i + d / 2]);
+            v[i] = x1 * a.cos() - x2 * a.sin();
+            v[i + d / 2] = x2 * a.cos() + x1 * a.sin();
+        }
+    };
+    let (_, emb) = w("model.embed_tokens.weight");
+    let h = c.hidden_size;
+    let mut xs: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|&t| emb[t as usize * h..(t as usize + 1) * h].to_vec())
+        .collect();
+    let rep = c.num_attention_heads / c.num_key_value_heads;
+    for l in 0..c.num_hidden_layers {
+        let p = |m: &str| format!("model.layers.{l}.{m}");
+        let normed: Vec<_> = xs.iter().map(|x| rmsnorm(&p("input_layernorm.weight"), x)).collect();
+        let mut qs: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&p("self_attn.q_proj.weight"), x)).collect();
+        let mut ks: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&p("self_attn.k_proj.weight"), x)).collect();
+        let vs: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&p("self_attn.v_proj.weight"), x)).collect();
+        for (pos, (q, k)) in qs.iter_mut().zip(ks.iter_mut()).enumerate() {
+            for hd in 0..c.num_attention_heads {
+                rope(&mut q[hd * d..(hd + 1) * d], pos);
+            }
+            for hd in 0..c.num_key_value_heads {
+                rope(&mut k[hd * d..(hd + 1) * d], pos);
+            }
+        }
+        for t in 0..tokens.len() {
+            let mut ctx = vec![0.0; h];
+            for hd in 0..c.num_attention_heads {
+                let kvh = hd / rep;
+                let q = &qs[t][hd * d..(hd + 1) * d];
+                let scores: Vec<f64> = (0..=t)
+                    .map(|s| {
+                        let k = &ks[s][kvh * d..(kvh + 1) * d];
+                        q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (s, es) in e.iter().enumerate() {
+                    for j in 0..d {
+                        ctx[hd * d + j] += es / z * vs[s][kvh * d + j];
+                    }
+                }
+            }
+            let o = matvec(&p("self_attn.o_proj.weight"), &ctx);
+            for j in 0..h {
+                xs[t][j] += o[j];
+            }
+            let n2 = rmsnorm(&p("post_attention_layernorm.weight"), &xs[t]);
+            let g = matvec(&p("mlp.gate_proj.weight"), &n2);
+            let u = matvec(&p("mlp.up_proj.weight"), &n2);
+            let hid: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let dn = matvec(&p("mlp.down_proj.weight"), &hid);
+            for j in 0..h {
+                xs[t][j] += dn[j];
+            }
+        }
+    }
+    xs.iter()
+        .map(|x| {
+            let n = rmsnorm("model.norm.weight", x);
+            matvec("model.embed_tokens.weight", &n)
+        })
+        .collect()
+}
+
+fn burn_logits(src: &MemorySource, tokens: &[u32]) -> Vec<f32> {
+    let device = Default::default();
+    let model = load_model::<B>(src, &device).unwrap();
+    let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, tokens.len()]), &device);
+    model.forward(input).into_data().to_vec::<f32>().unwrap()
+}
+
+fn assert_close(src: &MemorySource, tokens: &[u32]) {
+    let naive = naive_logits(src, tokens);
+    let got = burn_logits(src, tokens);
+    let v = src.config().vocab_size;
+    let mut worst = 0.0f64;
+    for (t, row) in naive.iter().enumerate() {
+        for (j, &e) in row.iter().enumerate() {
+            worst = worst.max((got[t * v + j] as f64 - e).abs());
+        }
+    }
+    assert!(worst < 1e-3, "max |burn − naive| = {worst}");
+}
+
+#[test]
+fn forward_matches_naive_reference() {
+    let src = random_source(tiny_config(None), 1);
+    let tokens: Vec<u32> = (0..40).map(|i| (i * 7 % 50) as u32).collect();
+    assert_close(&src, &tokens);
+}
+
+/// More than one query chunk of the chunked causal attention (256 queries), with llama3 rope.
+#[test]
+fn forward_matches_naive_reference_long_sequence_llama3_rope() {
+    let mut config = tiny_config(Some(RopeScaling {
+        rope_type: "llama3".into(),
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 16,
+    }));
+    config.max_position_embeddings = 512;
+    config.num_hidden_layers = 1;
+    let src = random_source(config, 2);
+    let tokens: Vec<u32> = (0..300).map(|i| (i * 13 % 50) as u32).collect();
+    assert_close(&src, &tokens);
+}
+
+#[test]
+fn perplexity_matches_naive_cross_entropy() {
+    let src = random_source(tiny_config(None), 3);
+    let tokens: Vec<u32> = (0..48).map(|i| (i * 11 % 50) as u32).collect();
+    let seqlen = 16;
+    let mut nll = 0.0;
+    for w in tokens.chunks(seqlen) {
+        let logits = naive_logits(&src, w);
+        let mut s = 0.0;
+        for t in 0..seqlen - 1 {
+            let m = logits[t].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = logits[t].iter().map(|l| (l - m).exp()).sum::<f64>().ln() + m;
+            s += lse - logits[t][w[t + 1] as usize];
+        }
+        nll += s / (seqlen - 1) as f64;
+    }
+    let expected = (nll / 3.0).exp();
+    let model = load_model::<B>(&src, &Default::default()).unwrap();
+    let report = perplexity(&model, &tokens, seqlen, None).unwrap();
+    assert_eq!(report.windows, 3);
+    assert!((report.perplexity - expected).abs() / expected < 1e-4, "{} vs {expected}", report.perplexity);
+}
+
+#[test]
+fn kv_cache_generation_matches_full_recompute() {
+    let src = random_source(tiny_config(None), 4);
+    let model = load_model::<B>(&src, &Default::default()).unwrap();
+    let prompt = [3u32, 14, 15, 9, 26];
+    for (temperature, top_p) in [(0.0, 1.0), (0.8, 0.9)] {
+        let opts = |use_cache| GenerateOptions {
+            max_new_tokens: 20,
+            temperature,
+            top_p,
+            seed: 7,
+            use_cache,
+            stop_token: None,
+        };
+        let cached = generate(&model, &prompt, &opts(true));
+        let full = generate(&model, &prompt, &opts(false));
+        assert_eq!(cached.tokens.len(), 20);
+        assert_eq!(cached.tokens, full.tokens, "temperature {temperature}");
+    }
+}
+
+#[test]
+fn wrong_shape_is_a_clear_error() {
+    let mut src = random_source(tiny_config(None), 5);
+    src.tensors.insert(
+        "model.layers.1.mlp.up_proj.weight".into(),
+        HostTensor::new(vec![47, 32], vec![0.0; 47 * 32]),
+    );
+    let err = load_model::<B>(&src, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("[47, 32]"), "{err}");
+    src.tensors.remove("model.norm.weight");
+    src.tensors.insert("model.layers.1.mlp.up_proj.weight".into(), HostTensor::new(vec![48, 32], vec![f32::NAN; 48 * 32]));
+    let err = load_model::<B>(&src, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("non-finite"), "{err}");
+}
