@@ -1,1 +1,39 @@
-//! stub
+//! AdaDim (Heo et al., ICLR 2024): for every linear layer of a LLaMA model, quantize per output
+//! channel (OC) or per input channel (IC), whichever reconstructs the layer's output better on
+//! calibration data, layer by layer through the model.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use adadim::{CalibOptions, DimPolicy, Method, QuantizeOptions};
+//! use burn::backend::NdArray;
+//! let src = model_llama::open_checkpoint("model.gguf".as_ref())?;
+//! # let tokenizer: model_llama::tokenizer::LlamaTokenizer = todo!();
+//! let calib = adadim::calibration_from_file(
+//!     "assets/lee-news.txt".as_ref(),
+//!     |t| Ok(tokenizer.encode(t)?),
+//!     &CalibOptions { n_samples: 64, seqlen: 512, shuffle_seed: None },
+//! )?;
+//! let opts = QuantizeOptions {
+//!     bits: 3,
+//!     group_size: 64,
+//!     method: Method::Rtn,
+//!     policy: DimPolicy::Ada,
+//!     gptq: Default::default(),
+//! };
+//! let q = adadim::quantize_model::<NdArray>(src.as_ref(), &calib, &opts, &Default::default())?;
+//! # Ok(()) }
+//! ```
+
+mod calib;
+mod error;
+pub mod output;
+mod pipeline;
+mod policy;
+pub mod report;
+mod score;
+
+pub use calib::{CalibOptions, calibration_blocks, calibration_from_file};
+pub use error::{AdadimError, Result};
+pub use pipeline::{LinearRecord, Method, QuantizeOptions, QuantizedModel, quantize_model};
+pub use policy::DimPolicy;
+pub use report::RunReport;

@@ -1,1 +1,247 @@
-fn main() {}
+//! `adadim`: convert, quantize, evaluate and run LLaMA-family models.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use adadim::{CalibOptions, DimPolicy, Method, QuantizeOptions, RunReport};
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use model_llama::generate::{GenerateOptions, generate};
+use model_llama::load::load_model;
+use model_llama::perplexity::perplexity;
+use model_llama::{OpenModel, open_model};
+
+#[cfg(feature = "cuda")]
+type Backend = burn::backend::Cuda;
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+type Backend = burn::backend::Wgpu;
+#[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+type Backend = burn::backend::NdArray<f32>;
+
+#[derive(Parser)]
+#[command(name = "adadim", version, about = "AdaDim 3/4-bit quantization of LLaMA-family models")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert a GGUF checkpoint into a Hugging Face directory (f32 safetensors, tokenizer.json).
+    Convert {
+        gguf: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Perplexity on a text (SPEC §5): non-overlapping windows of `seqlen` tokens.
+    Eval {
+        /// GGUF file, Hugging Face directory or packed AdaDim directory.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "assets/wiki-eval.txt")]
+        text: PathBuf,
+        #[arg(long, default_value_t = 2048)]
+        seqlen: usize,
+        /// Evaluate only the first N windows.
+        #[arg(long)]
+        windows: Option<usize>,
+    },
+    /// Generate text from a prompt (greedy unless --temperature > 0).
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Recompute the whole sequence every step instead of using the KV cache.
+        #[arg(long)]
+        no_cache: bool,
+    },
+    /// Quantize a model with AdaDim and write a packed checkpoint.
+    Quantize(QuantizeArgs),
+}
+
+#[derive(clap::Args)]
+struct QuantizeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Calibration text, one sample per line.
+    #[arg(long, default_value = "assets/lee-news.txt")]
+    calib: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    calib_samples: usize,
+    #[arg(long, default_value_t = 512)]
+    calib_seqlen: usize,
+    /// Shuffle the calibration lines with this seed (default: file order).
+    #[arg(long)]
+    calib_seed: Option<u64>,
+    #[arg(long, default_value_t = 3)]
+    bits: u32,
+    /// Group length; -1 is one group over the whole dimension.
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    group_size: i64,
+    /// rtn or gptq.
+    #[arg(long, default_value = "rtn")]
+    method: Method,
+    /// oc, ic, ada, or ic:<linears> (e.g. ic:qkv, ic:down, ic:qkv,down, ic:all).
+    #[arg(long, default_value = "ada")]
+    dim: DimPolicy,
+    /// Packed checkpoint directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write a fake-quant (dense f16) export here.
+    #[arg(long)]
+    fake_quant: Option<PathBuf>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn open(path: &Path) -> Result<OpenModel> {
+    open_model(path).with_context(|| format!("cannot open model {}", path.display()))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let device = Default::default();
+    match cli.cmd {
+        Cmd::Convert { gguf, out } => {
+            let m = open(&gguf)?;
+            let tensors = model_llama::export::dense_tensors(
+                m.source.as_ref(),
+                safetensors::tensor::Dtype::F32,
+            )?;
+            let staging = model_llama::export::stage_hf_dir(
+                &out,
+                &m.source.config().to_hf_json(),
+                &tensors,
+            )?;
+            m.tokenizer.save(&staging.join("tokenizer.json"))?;
+            let dir = staging.commit()?;
+            println!("wrote {}", dir.display());
+        }
+        Cmd::Eval {
+            model,
+            text,
+            seqlen,
+            windows,
+        } => {
+            let m = open(&model)?;
+            let text_str = std::fs::read_to_string(&text)
+                .with_context(|| format!("cannot read {}", text.display()))?;
+            let tokens = m.tokenizer.encode(&text_str)?;
+            let llama = load_model::<Backend>(m.source.as_ref(), &device)?;
+            let r = perplexity(&llama, &tokens, seqlen, windows)?;
+            println!(
+                "perplexity {:.4}  ({} windows × {} tokens of {}, {} tokens in the text)  {:.1} s, {:.0} tokens/s",
+                r.perplexity,
+                r.windows,
+                r.seqlen,
+                text.display(),
+                tokens.len(),
+                r.seconds,
+                r.tokens_per_second()
+            );
+        }
+        Cmd::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            no_cache,
+        } => {
+            let m = open(&model)?;
+            let ids = m.tokenizer.encode(&prompt)?;
+            if ids.is_empty() {
+                bail!("the prompt is empty");
+            }
+            let llama = load_model::<Backend>(m.source.as_ref(), &device)?;
+            let opts = GenerateOptions {
+                max_new_tokens: max_tokens,
+                temperature,
+                top_p,
+                seed,
+                use_cache: !no_cache,
+                stop_token: m.tokenizer.eos_id(),
+            };
+            let g = generate(&llama, &ids, &opts);
+            println!("{prompt}{}", m.tokenizer.decode(&g.tokens)?);
+            eprintln!(
+                "prefill {} tokens: {:.1} tokens/s; decode {} tokens: {:.1} tokens/s",
+                g.prompt_tokens,
+                g.prefill_tokens_per_second(),
+                g.tokens.len(),
+                g.decode_tokens_per_second()
+            );
+        }
+        Cmd::Quantize(args) => quantize(args, &device)?,
+    }
+    Ok(())
+}
+
+fn quantize(args: QuantizeArgs, device: &<Backend as burn::prelude::Backend>::Device) -> Result<()> {
+    let start = Instant::now();
+    let m = open(&args.model)?;
+    let calib = adadim::calibration_from_file(
+        &args.calib,
+        |t| Ok(m.tokenizer.encode(t)?),
+        &CalibOptions {
+            n_samples: args.calib_samples,
+            seqlen: args.calib_seqlen,
+            shuffle_seed: args.calib_seed,
+        },
+    )?;
+    let opts = QuantizeOptions {
+        bits: args.bits,
+        group_size: args.group_size,
+        method: args.method,
+        policy: args.dim.clone(),
+        gptq: Default::default(),
+    };
+    let q = adadim::quantize_model::<Backend>(m.source.as_ref(), &calib, &opts, device)?;
+    let report = RunReport {
+        model: args.model.display().to_string(),
+        method: args.method.to_string(),
+        policy: args.dim.to_string(),
+        bits: args.bits,
+        group_size: args.group_size,
+        calib_blocks: calib.len(),
+        calib_seqlen: args.calib_seqlen,
+        seconds: start.elapsed().as_secs_f64(),
+        peak_rss_mib: adadim::report::peak_rss_mib(),
+        ic_count: RunReport::ic_summary(&q.records),
+        layers: m.source.config().num_hidden_layers,
+        linears: q.records.clone(),
+    };
+    let dir = adadim::output::write_packed(m.source.as_ref(), &m.tokenizer, &q, &report, &args.out)?;
+    println!("wrote {} in {:.1} s", dir.display(), report.seconds);
+    if let Some(fake) = &args.fake_quant {
+        let dir = adadim::output::write_fake_quant(m.source.as_ref(), &m.tokenizer, &q, &report, fake)?;
+        println!("wrote {}", dir.display());
+    }
+    let ic: Vec<String> = report
+        .ic_count
+        .iter()
+        .map(|(k, n)| format!("{}:{n}", k.short_name()))
+        .collect();
+    println!("per-IC choices by linear ({} layers): {}", report.layers, ic.join(" "));
+    Ok(())
+}

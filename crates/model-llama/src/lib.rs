@@ -1,21 +1,31 @@
 //! LLaMA in Burn: configuration, checkpoint and tokenizer loading (Hugging Face safetensors
-//! directories and GGUF files), the model itself with a layer-by-layer API for quantization,
-//! perplexity and generation.
+//! directories, GGUF files and AdaDim packed checkpoints), the model itself with a layer-by-layer
+//! API for quantization, perplexity and generation.
+//!
+//! * [`open::open_model`] reads any supported checkpoint as a [`TensorSource`] plus its tokenizer;
+//! * [`load::load_model`] builds the Burn [`Llama`] from it (or [`load::load_layer`], one layer);
+//! * [`perplexity::perplexity`] and [`generate::generate`] run it.
 
+pub mod assets;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
-
-pub use config::{LlamaConfig, RopeScaling};
-pub use error::{ModelError, Result};
-pub mod checkpoint;
+pub mod export;
+pub mod generate;
+pub mod gguf;
+pub mod hf_dir;
+pub mod load;
+pub mod model;
+pub mod open;
+pub mod packed;
+pub mod perplexity;
+pub mod staging;
+pub mod tokenizer;
 
 pub use checkpoint::{HostTensor, MemorySource, TensorSource};
-pub mod model;
-
+pub use config::{LlamaConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use gguf::{GgufCheckpoint, GgufFile};
 pub use model::{DecoderLayer, LayerInputs, Linear, LinearKind, Llama};
-pub mod export;
-pub mod load;
-pub mod hf_dir;
-pub mod staging;
-pub mod perplexity;
-pub mod generate;
+pub use open::{OpenModel, open_checkpoint, open_model};
+pub use tokenizer::LlamaTokenizer;

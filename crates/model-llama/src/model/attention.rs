@@ -1,6 +1,7 @@
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
+use super::layer::LinearKind;
 use super::linear::Linear;
 use super::rope::Rope;
 
@@ -56,6 +57,28 @@ impl<B: Backend> Attention<B> {
         x.reshape([b, t, heads, self.head_dim]).swap_dims(1, 2)
     }
 
+    /// One projection of `x` (q, k or v) split into heads, rotated for q and k, for inputs at
+    /// positions `start..`: `[b, heads, t, head_dim]`.
+    pub fn project(
+        &self,
+        kind: LinearKind,
+        linear: &Linear<B>,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        start: usize,
+    ) -> Tensor<B, 4> {
+        let heads = match kind {
+            LinearKind::Q => self.n_heads,
+            LinearKind::K | LinearKind::V => self.n_kv_heads,
+            other => panic!("{other:?} is not an attention input projection"),
+        };
+        let h = self.split_heads(linear.forward(x), heads);
+        match kind {
+            LinearKind::V => h,
+            _ => rope.apply(h, start),
+        }
+    }
+
     /// Projected and rotated `q: [b, heads, t, d]`, `k, v: [b, kv_heads, t, d]` for inputs at
     /// positions `start..start + t`.
     pub fn qkv(
@@ -64,10 +87,12 @@ impl<B: Backend> Attention<B> {
         rope: &Rope<B>,
         start: usize,
     ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
-        let q = self.split_heads(self.q_proj.forward(x.clone()), self.n_heads);
-        let k = self.split_heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
-        let v = self.split_heads(self.v_proj.forward(x), self.n_kv_heads);
-        (rope.apply(q, start), rope.apply(k, start), v)
+        let p = |kind, linear| self.project(kind, linear, x.clone(), rope, start);
+        (
+            p(LinearKind::Q, &self.q_proj),
+            p(LinearKind::K, &self.k_proj),
+            p(LinearKind::V, &self.v_proj),
+        )
     }
 
     /// Causal attention of queries at positions `k_len − t_q .. k_len` over all `k_len` keys.

@@ -1,0 +1,265 @@
+//! The layer-by-layer pipeline (SPEC §4): calibration activations propagate through the
+//! full-precision model; in each decoder layer the seven linears are visited in order, their dim
+//! chosen (greedily, against the layer's current partly quantized state) and quantized.
+//!
+//! Only one decoder layer's weights are on the device at a time: they stream from the checkpoint.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use burn::prelude::*;
+use indicatif::{ProgressBar, ProgressStyle};
+use model_llama::load::{linear_shape, load_layer, load_periphery};
+use model_llama::packed::QuantizationConfig;
+use model_llama::{Linear, LinearKind, TensorSource};
+use quant_core::{GptqOptions, Hessian, PackedLinear, QuantConfig, QuantDim, Quantized};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AdadimError, Result};
+use crate::policy::DimPolicy;
+use crate::score::SubBlockState;
+
+/// How each linear's weights are rounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Rtn,
+    Gptq,
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "rtn" => Ok(Method::Rtn),
+            "gptq" => Ok(Method::Gptq),
+            other => Err(format!("unknown method `{other}` (expected rtn or gptq)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct QuantizeOptions {
+    pub bits: u32,
+    pub group_size: i64,
+    pub method: Method,
+    pub policy: DimPolicy,
+    pub gptq: GptqOptions,
+}
+
+/// What happened to one linear.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LinearRecord {
+    pub layer: usize,
+    pub linear: LinearKind,
+    pub dim: QuantDim,
+    /// Output errors of the RTN candidates (AdaDim only).
+    pub error_oc: Option<f64>,
+    pub error_ic: Option<f64>,
+    /// GPTQ's reconstruction loss (GPTQ only).
+    pub gptq_loss: Option<f64>,
+    pub seconds: f64,
+}
+
+/// The result of a run: every linear packed, in checkpoint order, and what was done to it.
+pub struct QuantizedModel {
+    pub quantization: QuantizationConfig,
+    pub linears: Vec<(String, PackedLinear)>,
+    pub records: Vec<LinearRecord>,
+}
+
+fn quant_err(context: String) -> impl FnOnce(quant_core::QuantError) -> AdadimError {
+    move |source| AdadimError::Quant { context, source }
+}
+
+fn upload<B: Backend>(w: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Linear<B> {
+    Linear::from_weight(Tensor::from_data(TensorData::new(w, shape), device))
+}
+
+/// `H = (2/N)·XᵀX` of a linear's input over the `N` calibration blocks, the product on the
+/// device (it is the one large matmul of GPTQ), the result on the host for the solve.
+fn hessian<B: Backend>(x: &Tensor<B, 3>) -> Result<Hessian> {
+    let [blocks, t, features] = x.dims();
+    let flat = x.clone().reshape([blocks * t, features]);
+    let gram = flat.clone().transpose().matmul(flat).mul_scalar(2.0 / blocks as f64);
+    let h = gram.into_data().to_vec::<f32>().expect("f32 tensor");
+    Hessian::from_matrix(h, features, blocks).map_err(quant_err("Hessian".into()))
+}
+
+/// Which captured input a Hessian belongs to (q, k, v share one; gate and up share one).
+fn input_site(kind: LinearKind) -> u8 {
+    match kind {
+        LinearKind::Q | LinearKind::K | LinearKind::V => 0,
+        LinearKind::O => 1,
+        LinearKind::Gate | LinearKind::Up => 2,
+        LinearKind::Down => 3,
+    }
+}
+
+fn progress(len: usize, template: &str) -> ProgressBar {
+    ProgressBar::new(len as u64)
+        .with_style(ProgressStyle::with_template(template).expect("valid template"))
+}
+
+/// Quantizes every linear of `src`, layer by layer, on `device`.
+pub fn quantize_model<B: Backend>(
+    src: &dyn TensorSource,
+    calib: &[Vec<u32>],
+    opts: &QuantizeOptions,
+    device: &B::Device,
+) -> Result<QuantizedModel> {
+    let config = src.config().clone();
+    let base = QuantConfig::new(opts.bits, opts.group_size, QuantDim::Oc)
+        .map_err(quant_err("quantization options".into()))?;
+    for kind in LinearKind::ALL {
+        let [out, inp] = linear_shape(&config, kind);
+        for dim in QuantDim::ALL {
+            if opts.policy.candidates(kind).contains(&dim) {
+                base.with_dim(dim).check_shape(out, inp).map_err(quant_err(format!(
+                    "{} ({out}×{inp}) in dim {dim}",
+                    kind.module()
+                )))?;
+            }
+        }
+    }
+    let seqlen = calib.first().map_or(0, Vec::len);
+    if seqlen == 0 || calib.iter().any(|b| b.len() != seqlen) {
+        return Err(AdadimError::EmptyCalibration(
+            "calibration blocks must be non-empty and of equal length".into(),
+        ));
+    }
+    let periphery = load_periphery::<B>(src, device)?;
+    let ids: Vec<i64> = calib.iter().flatten().map(|&t| t as i64).collect();
+    let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [calib.len(), seqlen]), device);
+    let mut x = burn::tensor::module::embedding(periphery.embed_tokens.clone(), tokens);
+    let rope = periphery.rope;
+
+    let layers = config.num_hidden_layers;
+    let bar = progress(
+        layers * LinearKind::ALL.len(),
+        "quantize {bar:30} {pos}/{len} linears  {msg}  {elapsed} (eta {eta})",
+    );
+    let mut linears = Vec::new();
+    let mut records = Vec::new();
+    for i in 0..layers {
+        let mut layer = load_layer::<B>(src, i, device)?;
+        let (next, inputs) = layer.forward_captured(x, &rope);
+        let mut state = opts
+            .policy
+            .is_adaptive()
+            .then(|| SubBlockState::new(&layer, &inputs, &rope));
+        let mut hessians: HashMap<u8, Hessian> = HashMap::new();
+        for kind in LinearKind::ALL {
+            bar.set_message(format!("layer {i} {}", kind.short_name()));
+            let t0 = Instant::now();
+            let module = kind.hf_prefix(i);
+            let shape = linear_shape(&config, kind);
+            let w = src.load(&format!("{module}.weight"))?.data;
+            let rtn = |dim| {
+                quant_core::quantize_rtn(&w, shape[0], shape[1], base.with_dim(dim))
+                    .map_err(quant_err(format!("{module} ({dim})")))
+            };
+
+            // AdaDim: score the RTN candidates; fixed policies have a single candidate.
+            let mut chosen: Option<(QuantDim, Quantized, Linear<B>, crate::score::Scored<B>)> = None;
+            let mut errors = [None, None];
+            if let Some(state) = &state {
+                for dim in opts.policy.candidates(kind) {
+                    let q = rtn(dim)?;
+                    let lin = upload::<B>(q.pack().dequantize(), shape, device);
+                    let scored = state.score(&layer, &inputs, &rope, kind, &lin);
+                    errors[dim as usize] = Some(scored.error);
+                    if chosen.as_ref().is_none_or(|c| scored.error < c.3.error) {
+                        chosen = Some((dim, q, lin, scored));
+                    }
+                }
+            }
+            let dim = chosen
+                .as_ref()
+                .map_or_else(|| opts.policy.candidates(kind)[0], |c| c.0);
+
+            let (packed, linear, gptq_loss) = match opts.method {
+                Method::Rtn => {
+                    let (q, lin) = match chosen.take() {
+                        Some((_, q, lin, scored)) => {
+                            if let Some(state) = &mut state {
+                                state.commit(kind, scored);
+                            }
+                            (q, lin)
+                        }
+                        None => {
+                            let q = rtn(dim)?;
+                            let lin = upload::<B>(q.pack().dequantize(), shape, device);
+                            (q, lin)
+                        }
+                    };
+                    (q.pack(), lin, None)
+                }
+                Method::Gptq => {
+                    let site = input_site(kind);
+                    if !hessians.contains_key(&site) {
+                        hessians.insert(site, hessian(inputs.of(kind))?);
+                    }
+                    let result = quant_core::gptq(
+                        &w,
+                        shape[0],
+                        shape[1],
+                        &hessians[&site],
+                        base.with_dim(dim),
+                        opts.gptq,
+                    )
+                    .map_err(quant_err(format!("GPTQ of {module} ({dim})")))?;
+                    let packed = result.quantized.pack();
+                    let lin = upload::<B>(packed.dequantize(), shape, device);
+                    if let Some(state) = &mut state {
+                        let scored = state.score(&layer, &inputs, &rope, kind, &lin);
+                        state.commit(kind, scored);
+                    }
+                    (packed, lin, Some(result.loss as f64))
+                }
+            };
+            *layer.linear_mut(kind) = linear;
+            linears.push((module, packed));
+            let record = LinearRecord {
+                layer: i,
+                linear: kind,
+                dim,
+                error_oc: errors[QuantDim::Oc as usize],
+                error_ic: errors[QuantDim::Ic as usize],
+                gptq_loss,
+                seconds: t0.elapsed().as_secs_f64(),
+            };
+            tracing::debug!(?record, "linear quantized");
+            records.push(record);
+            bar.inc(1);
+        }
+        x = next;
+        tracing::info!(
+            layer = i,
+            ic = records.iter().filter(|r| r.layer == i && r.dim == QuantDim::Ic).count(),
+            "layer done"
+        );
+    }
+    bar.finish_and_clear();
+    let dims = linears.iter().map(|(m, p)| (m.clone(), p.dim)).collect();
+    Ok(QuantizedModel {
+        quantization: QuantizationConfig {
+            quant_method: "adadim".into(),
+            algorithm: opts.method.to_string(),
+            bits: opts.bits,
+            group_size: opts.group_size,
+            dims,
+        },
+        linears,
+        records,
+    })
+}

@@ -1,0 +1,49 @@
+//! One entry point for every checkpoint kind the project reads.
+
+use std::path::Path;
+
+use crate::checkpoint::TensorSource;
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufCheckpoint;
+use crate::hf_dir::SafetensorsDir;
+use crate::packed::PackedDir;
+use crate::tokenizer::LlamaTokenizer;
+
+/// A checkpoint and its tokenizer.
+pub struct OpenModel {
+    pub source: Box<dyn TensorSource>,
+    pub tokenizer: LlamaTokenizer,
+}
+
+/// Opens a GGUF file, a packed AdaDim directory or a plain Hugging Face directory.
+pub fn open_checkpoint(path: &Path) -> Result<Box<dyn TensorSource>> {
+    if path.is_dir() {
+        return Ok(match PackedDir::open(path)? {
+            Some(packed) => Box::new(packed),
+            None => Box::new(SafetensorsDir::open(path)?),
+        });
+    }
+    if !path.exists() {
+        return Err(ModelError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        ));
+    }
+    Ok(Box::new(GgufCheckpoint::open(path)?))
+}
+
+/// Opens a checkpoint with its tokenizer (inside the GGUF, or `tokenizer.json` in a directory).
+pub fn open_model(path: &Path) -> Result<OpenModel> {
+    if path.is_dir() {
+        let tokenizer = LlamaTokenizer::from_file(&path.join("tokenizer.json"))?;
+        return Ok(OpenModel {
+            source: open_checkpoint(path)?,
+            tokenizer,
+        });
+    }
+    let gguf = GgufCheckpoint::open(path)?;
+    Ok(OpenModel {
+        tokenizer: gguf.tokenizer()?,
+        source: Box::new(gguf),
+    })
+}

@@ -1,0 +1,167 @@
+//! AdaDim's packed checkpoint (SPEC §7): a Hugging Face directory whose linears are stored as
+//! `{module}.qweight` (u32 `[rows, words_per_row]`), `{module}.scales` and `{module}.zeros`
+//! (f16 `[rows, cols / group_size]`) in the grouped layout of their dim, and whose `config.json`
+//! carries a `quantization_config` block:
+//!
+//! ```json
+//! "quantization_config": {
+//!   "quant_method": "adadim", "algorithm": "gptq", "bits": 3, "group_size": 64,
+//!   "dims": { "model.layers.0.self_attn.q_proj": "oc", "model.layers.0.mlp.down_proj": "ic", ... }
+//! }
+//! ```
+//! Everything else (embedding, norms, an untied head) is stored densely.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use quant_core::{PackedLinear, QuantDim};
+use safetensors::tensor::Dtype;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{HostTensor, TensorSource};
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::export::OwnedTensor;
+use crate::hf_dir::SafetensorsDir;
+
+/// The `quantization_config` block of a packed checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuantizationConfig {
+    /// Always `"adadim"`.
+    pub quant_method: String,
+    /// `"rtn"` or `"gptq"`.
+    pub algorithm: String,
+    pub bits: u32,
+    pub group_size: i64,
+    /// Linear module path → its quantization dim.
+    pub dims: BTreeMap<String, QuantDim>,
+}
+
+/// The tensors of one packed linear, named after its module path.
+pub fn packed_tensors(module: &str, p: &PackedLinear) -> Vec<(String, OwnedTensor)> {
+    let (rows, _) = p.rows_cols();
+    let groups = p.groups_per_row();
+    vec![
+        (
+            format!("{module}.qweight"),
+            OwnedTensor::from_pod(Dtype::U32, vec![rows, p.words_per_row()], &p.qweight),
+        ),
+        (
+            format!("{module}.scales"),
+            OwnedTensor::from_pod(Dtype::F16, vec![rows, groups], &p.scales),
+        ),
+        (
+            format!("{module}.zeros"),
+            OwnedTensor::from_pod(Dtype::F16, vec![rows, groups], &p.zeros),
+        ),
+    ]
+}
+
+/// A packed checkpoint directory. As a [`TensorSource`] it serves linears dequantized (the
+/// canonical weights, identical to the fake-quant export's before its f16 rounding).
+pub struct PackedDir {
+    inner: SafetensorsDir,
+    quant: QuantizationConfig,
+}
+
+impl PackedDir {
+    /// Opens `dir`; `Ok(None)` when it is a plain (unquantized) HF directory.
+    pub fn open(dir: &Path) -> Result<Option<Self>> {
+        let inner = SafetensorsDir::open(dir)?;
+        let Some(block) = inner.raw_config().get("quantization_config") else {
+            return Ok(None);
+        };
+        let config_path = dir.join("config.json");
+        let quant: QuantizationConfig = serde_json::from_value(block.clone()).map_err(|e| {
+            ModelError::malformed(&config_path, format!("quantization_config: {e}"))
+        })?;
+        if quant.quant_method != "adadim" {
+            return Err(ModelError::Unsupported {
+                path: config_path,
+                what: "quantization method",
+                value: quant.quant_method,
+            });
+        }
+        Ok(Some(Self { inner, quant }))
+    }
+
+    pub fn quantization(&self) -> &QuantizationConfig {
+        &self.quant
+    }
+
+    /// The packed weight of `module` (e.g. `model.layers.0.mlp.down_proj`), validated.
+    pub fn packed_linear(&self, module: &str) -> Result<PackedLinear> {
+        let path = self.inner.path().to_path_buf();
+        let dim = *self.quant.dims.get(module).ok_or_else(|| {
+            ModelError::malformed(&path, format!("no dim for `{module}` in quantization_config"))
+        })?;
+        let kind_shape = shape_of_module(self.inner.config(), module)
+            .ok_or_else(|| ModelError::malformed(&path, format!("unknown linear `{module}`")))?;
+        let qweight = self.inner.raw(&format!("{module}.qweight"))?;
+        let scales = self.inner.raw(&format!("{module}.scales"))?;
+        let zeros = self.inner.raw(&format!("{module}.zeros"))?;
+        let check = |name: &str, dtype: Dtype, want: Dtype| {
+            if dtype == want {
+                Ok(())
+            } else {
+                Err(ModelError::malformed(
+                    &path,
+                    format!("`{module}.{name}` is {dtype:?}, expected {want:?}"),
+                ))
+            }
+        };
+        check("qweight", qweight.dtype, Dtype::U32)?;
+        check("scales", scales.dtype, Dtype::F16)?;
+        check("zeros", zeros.dtype, Dtype::F16)?;
+        let p = PackedLinear {
+            dim,
+            bits: self.quant.bits,
+            group_size: quant_core::QuantConfig::new(self.quant.bits, self.quant.group_size, dim)?
+                .check_shape(kind_shape[0], kind_shape[1])?,
+            out_features: kind_shape[0],
+            in_features: kind_shape[1],
+            qweight: bytemuck::pod_collect_to_vec(qweight.data),
+            scales: bytemuck::pod_collect_to_vec(scales.data),
+            zeros: bytemuck::pod_collect_to_vec(zeros.data),
+        };
+        p.validate()
+            .map_err(|e| ModelError::malformed(&path, format!("`{module}`: {e}")))?;
+        Ok(p)
+    }
+}
+
+fn shape_of_module(config: &LlamaConfig, module: &str) -> Option<[usize; 2]> {
+    let (_, rest) = module.strip_prefix("model.layers.")?.split_once('.')?;
+    let kind = crate::LinearKind::ALL.into_iter().find(|k| k.module() == rest)?;
+    Some(crate::load::linear_shape(config, kind))
+}
+
+impl TensorSource for PackedDir {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+
+    fn config(&self) -> &LlamaConfig {
+        self.inner.config()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match name.strip_suffix(".weight") {
+            Some(module) if self.quant.dims.contains_key(module) => true,
+            _ => self.inner.contains(name),
+        }
+    }
+
+    fn load(&self, name: &str) -> Result<HostTensor> {
+        match name.strip_suffix(".weight") {
+            Some(module) if self.quant.dims.contains_key(module) => {
+                let p = self.packed_linear(module)?;
+                Ok(HostTensor::new(
+                    vec![p.out_features, p.in_features],
+                    p.dequantize(),
+                ))
+            }
+            _ => self.inner.load(name),
+        }
+    }
+}

