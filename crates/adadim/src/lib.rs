@@ -30,6 +30,7 @@ pub mod output;
 mod pipeline;
 mod policy;
 pub mod report;
+mod run;
 mod score;
 
 pub use calib::{CalibOptions, calibration_blocks, calibration_from_file};
@@ -37,3 +38,4 @@ pub use error::{AdadimError, Result};
 pub use pipeline::{LinearRecord, Method, QuantizeOptions, QuantizedModel, quantize_model};
 pub use policy::DimPolicy;
 pub use report::RunReport;
+pub use run::{RunSpec, run};

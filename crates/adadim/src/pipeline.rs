@@ -152,11 +152,12 @@ pub fn quantize_model<B: Backend>(
     let mut records = Vec::new();
     for i in 0..layers {
         let mut layer = load_layer::<B>(src, i, device)?;
-        let (next, inputs) = layer.forward_captured(x, &rope);
+        let (next, trace) = layer.forward_captured(x, &rope);
+        let inputs = &trace.inputs;
         let mut state = opts
             .policy
             .is_adaptive()
-            .then(|| SubBlockState::new(&layer, &inputs, &rope));
+            .then(|| SubBlockState::new(&trace));
         let mut hessians: HashMap<u8, Hessian> = HashMap::new();
         for kind in LinearKind::ALL {
             bar.set_message(format!("layer {i} {}", kind.short_name()));
@@ -176,7 +177,7 @@ pub fn quantize_model<B: Backend>(
                 for dim in opts.policy.candidates(kind) {
                     let q = rtn(dim)?;
                     let lin = upload::<B>(q.pack().dequantize(), shape, device);
-                    let scored = state.score(&layer, &inputs, &rope, kind, &lin);
+                    let scored = state.score(&layer, inputs, &rope, kind, &lin);
                     errors[dim as usize] = Some(scored.error);
                     if chosen.as_ref().is_none_or(|c| scored.error < c.3.error) {
                         chosen = Some((dim, q, lin, scored));
@@ -221,7 +222,7 @@ pub fn quantize_model<B: Backend>(
                     let packed = result.quantized.pack();
                     let lin = upload::<B>(packed.dequantize(), shape, device);
                     if let Some(state) = &mut state {
-                        let scored = state.score(&layer, &inputs, &rope, kind, &lin);
+                        let scored = state.score(&layer, inputs, &rope, kind, &lin);
                         state.commit(kind, scored);
                     }
                     (packed, lin, Some(result.loss as f64))

@@ -5,7 +5,9 @@ use quant_core::QuantDim;
 use serde::{Deserialize, Serialize};
 
 /// How the quantization dim of each linear is chosen.
+/// Serialized as its string form (`oc`, `ic`, `ada`, `ic:qkv,down`, ...).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum DimPolicy {
     /// The same dim everywhere (`oc`: the usual grouping; `ic`: per-IC everywhere).
     Fixed(QuantDim),
@@ -92,5 +94,18 @@ mod tests {
         assert!("ic:".parse::<DimPolicy>().is_err());
         assert!("ic:foo".parse::<DimPolicy>().is_err());
         assert!("xy".parse::<DimPolicy>().is_err());
+    }
+}
+
+impl TryFrom<String> for DimPolicy {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<DimPolicy> for String {
+    fn from(p: DimPolicy) -> Self {
+        p.to_string()
     }
 }

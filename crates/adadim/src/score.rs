@@ -7,7 +7,7 @@
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use model_llama::model::Rope;
-use model_llama::{DecoderLayer, LayerInputs, Linear, LinearKind};
+use model_llama::{DecoderLayer, LayerInputs, LayerTrace, Linear, LinearKind};
 
 /// Cached intermediate tensors of the layer's current (partly quantized) state.
 pub struct SubBlockState<B: Backend> {
@@ -39,21 +39,17 @@ fn mean_square<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
 }
 
 impl<B: Backend> SubBlockState<B> {
-    pub fn new(layer: &DecoderLayer<B>, inputs: &LayerInputs<B>, rope: &Rope<B>) -> Self {
-        let attn = &layer.self_attn;
-        let (q, k, v) = attn.qkv(inputs.attn_in.clone(), rope, 0);
-        let attn_out = attn.o_proj.forward(attn.attend(q.clone(), k.clone(), v.clone()));
-        let gate = layer.mlp.gate_proj.forward(inputs.mlp_in.clone());
-        let up = layer.mlp.up_proj.forward(inputs.mlp_in.clone());
-        let mlp_out = layer.mlp.down_proj.forward(silu(gate.clone()).mul(up.clone()));
+    /// The state of a layer straight after its full-precision forward.
+    pub fn new(trace: &LayerTrace<B>) -> Self {
+        let t = trace.clone();
         Self {
-            q,
-            k,
-            v,
-            attn_out,
-            gate,
-            up,
-            mlp_out,
+            q: t.q,
+            k: t.k,
+            v: t.v,
+            attn_out: t.attn_out,
+            gate: t.gate,
+            up: t.up,
+            mlp_out: t.mlp_out,
         }
     }
 

@@ -1,9 +1,8 @@
 //! `adadim`: convert, quantize, evaluate and run LLaMA-family models.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use adadim::{CalibOptions, DimPolicy, Method, QuantizeOptions, RunReport};
+use adadim::{DimPolicy, Method, RunReport, RunSpec};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use model_llama::generate::{GenerateOptions, generate};
@@ -101,6 +100,24 @@ struct QuantizeArgs {
     fake_quant: Option<PathBuf>,
 }
 
+impl From<QuantizeArgs> for RunSpec {
+    fn from(a: QuantizeArgs) -> Self {
+        RunSpec {
+            model: a.model,
+            calib: a.calib,
+            calib_samples: a.calib_samples,
+            calib_seqlen: a.calib_seqlen,
+            calib_seed: a.calib_seed,
+            bits: a.bits,
+            group_size: a.group_size,
+            method: a.method,
+            dim: a.dim,
+            out: a.out,
+            fake_quant: a.fake_quant,
+        }
+    }
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -192,56 +209,26 @@ fn run(cli: Cli) -> Result<()> {
                 g.decode_tokens_per_second()
             );
         }
-        Cmd::Quantize(args) => quantize(args, &device)?,
+        Cmd::Quantize(args) => {
+            let spec = RunSpec::from(args);
+            let report = adadim::run::<Backend>(&spec, &device)?;
+            println!("wrote {}", spec.out.display());
+            print_summary(&report);
+        }
     }
     Ok(())
 }
 
-fn quantize(args: QuantizeArgs, device: &<Backend as burn::prelude::Backend>::Device) -> Result<()> {
-    let start = Instant::now();
-    let m = open(&args.model)?;
-    let calib = adadim::calibration_from_file(
-        &args.calib,
-        |t| Ok(m.tokenizer.encode(t)?),
-        &CalibOptions {
-            n_samples: args.calib_samples,
-            seqlen: args.calib_seqlen,
-            shuffle_seed: args.calib_seed,
-        },
-    )?;
-    let opts = QuantizeOptions {
-        bits: args.bits,
-        group_size: args.group_size,
-        method: args.method,
-        policy: args.dim.clone(),
-        gptq: Default::default(),
-    };
-    let q = adadim::quantize_model::<Backend>(m.source.as_ref(), &calib, &opts, device)?;
-    let report = RunReport {
-        model: args.model.display().to_string(),
-        method: args.method.to_string(),
-        policy: args.dim.to_string(),
-        bits: args.bits,
-        group_size: args.group_size,
-        calib_blocks: calib.len(),
-        calib_seqlen: args.calib_seqlen,
-        seconds: start.elapsed().as_secs_f64(),
-        peak_rss_mib: adadim::report::peak_rss_mib(),
-        ic_count: RunReport::ic_summary(&q.records),
-        layers: m.source.config().num_hidden_layers,
-        linears: q.records.clone(),
-    };
-    let dir = adadim::output::write_packed(m.source.as_ref(), &m.tokenizer, &q, &report, &args.out)?;
-    println!("wrote {} in {:.1} s", dir.display(), report.seconds);
-    if let Some(fake) = &args.fake_quant {
-        let dir = adadim::output::write_fake_quant(m.source.as_ref(), &m.tokenizer, &q, &report, fake)?;
-        println!("wrote {}", dir.display());
-    }
+fn print_summary(report: &RunReport) {
     let ic: Vec<String> = report
         .ic_count
         .iter()
         .map(|(k, n)| format!("{}:{n}", k.short_name()))
         .collect();
-    println!("per-IC choices by linear ({} layers): {}", report.layers, ic.join(" "));
-    Ok(())
+    println!(
+        "quantized in {:.1} s; per-IC choices by linear over {} layers: {}",
+        report.seconds,
+        report.layers,
+        ic.join(" ")
+    );
 }

@@ -26,6 +26,6 @@ pub use checkpoint::{HostTensor, MemorySource, TensorSource};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use gguf::{GgufCheckpoint, GgufFile};
-pub use model::{DecoderLayer, LayerInputs, Linear, LinearKind, Llama};
+pub use model::{DecoderLayer, LayerInputs, LayerTrace, Linear, LinearKind, Llama};
 pub use open::{OpenModel, open_checkpoint, open_model};
 pub use tokenizer::LlamaTokenizer;

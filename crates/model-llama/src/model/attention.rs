@@ -7,7 +7,7 @@ use super::rope::Rope;
 
 /// Queries processed together; keys beyond a chunk's last position are never touched, so causal
 /// attention does about half the work of a full `T × T` product (and needs `chunk × T` memory).
-const QUERY_CHUNK: usize = 256;
+const QUERY_CHUNK: usize = 512;
 
 /// Grouped-query self-attention.
 #[derive(Clone, Debug)]

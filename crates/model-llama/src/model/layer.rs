@@ -1,4 +1,5 @@
 use burn::prelude::*;
+use burn::tensor::activation::silu;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{Attention, KvCache};
@@ -67,7 +68,7 @@ impl std::str::FromStr for LinearKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         LinearKind::ALL
             .into_iter()
-            .find(|k| k.short_name() == s || k.module().ends_with(s))
+            .find(|k| k.short_name() == s || k.module() == s || k.module().rsplit('.').next() == Some(s))
             .ok_or_else(|| format!("unknown linear `{s}` (expected q, k, v, o, gate, up or down)"))
     }
 }
@@ -145,22 +146,54 @@ impl<B: Backend> DecoderLayer<B> {
             .add(self.mlp.forward(self.post_attention_layernorm.forward(h)))
     }
 
-    /// Forward pass (no cache, positions from 0) that also returns every linear's input.
-    pub fn forward_captured(&self, x: Tensor<B, 3>, rope: &Rope<B>) -> (Tensor<B, 3>, LayerInputs<B>) {
+    /// Forward pass (no cache, positions from 0) that also returns every linear's input and the
+    /// intermediate projections (what a pipeline scoring weight changes needs).
+    pub fn forward_captured(&self, x: Tensor<B, 3>, rope: &Rope<B>) -> (Tensor<B, 3>, LayerTrace<B>) {
+        let attn = &self.self_attn;
         let attn_in = self.input_layernorm.forward(x.clone());
-        let o_in = self.self_attn.context(attn_in.clone(), rope, None);
-        let h = x.add(self.self_attn.o_proj.forward(o_in.clone()));
+        let (q, k, v) = attn.qkv(attn_in.clone(), rope, 0);
+        let o_in = attn.attend(q.clone(), k.clone(), v.clone());
+        let attn_out = attn.o_proj.forward(o_in.clone());
+        let h = x.add(attn_out.clone());
         let mlp_in = self.post_attention_layernorm.forward(h.clone());
-        let down_in = self.mlp.hidden(mlp_in.clone());
-        let out = h.add(self.mlp.down_proj.forward(down_in.clone()));
-        (
-            out,
-            LayerInputs {
+        let gate = self.mlp.gate_proj.forward(mlp_in.clone());
+        let up = self.mlp.up_proj.forward(mlp_in.clone());
+        let down_in = silu(gate.clone()).mul(up.clone());
+        let mlp_out = self.mlp.down_proj.forward(down_in.clone());
+        let out = h.add(mlp_out.clone());
+        let trace = LayerTrace {
+            inputs: LayerInputs {
                 attn_in,
                 o_in,
                 mlp_in,
                 down_in,
             },
-        )
+            q,
+            k,
+            v,
+            attn_out,
+            gate,
+            up,
+            mlp_out,
+        };
+        (out, trace)
     }
+}
+
+/// Everything [`DecoderLayer::forward_captured`] saw: the linears' inputs and the intermediate
+/// projections and sub-block outputs.
+#[derive(Clone, Debug)]
+pub struct LayerTrace<B: Backend> {
+    pub inputs: LayerInputs<B>,
+    /// Rotated queries `[b, heads, t, d]`, keys and values `[b, kv_heads, t, d]`.
+    pub q: Tensor<B, 4>,
+    pub k: Tensor<B, 4>,
+    pub v: Tensor<B, 4>,
+    /// Attention sub-block output (`o_proj`'s output).
+    pub attn_out: Tensor<B, 3>,
+    /// `gate_proj` and `up_proj` outputs (before the activation).
+    pub gate: Tensor<B, 3>,
+    pub up: Tensor<B, 3>,
+    /// MLP sub-block output (`down_proj`'s output).
+    pub mlp_out: Tensor<B, 3>,
 }
