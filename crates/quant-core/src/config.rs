@@ -47,7 +47,9 @@ impl std::str::FromStr for QuantDim {
         match s.to_ascii_lowercase().as_str() {
             "oc" => Ok(QuantDim::Oc),
             "ic" => Ok(QuantDim::Ic),
-            other => Err(format!("unknown quantization dim `{other}` (expected oc or ic)")),
+            other => Err(format!(
+                "unknown quantization dim `{other}` (expected oc or ic)"
+            )),
         }
     }
 }
@@ -93,7 +95,7 @@ impl QuantConfig {
         } else {
             self.group_size as usize
         };
-        if g == 0 || len % g != 0 {
+        if g == 0 || !len.is_multiple_of(g) {
             return Err(QuantError::GroupSizeDoesNotDivide {
                 group_size: g,
                 len,
@@ -108,7 +110,11 @@ impl QuantConfig {
 
     /// Checks that a `[out_features, in_features]` weight can be quantized with this config
     /// and returns the resolved group length.
-    pub fn check_shape(&self, out_features: usize, in_features: usize) -> Result<usize, QuantError> {
+    pub fn check_shape(
+        &self,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<usize, QuantError> {
         if out_features == 0 || in_features == 0 {
             return Err(QuantError::Shape(format!(
                 "empty weight [{out_features}, {in_features}]"

@@ -21,6 +21,12 @@ pub enum QuantError {
     NonFiniteInput,
     #[error("empty calibration: the Hessian was built from no samples")]
     EmptyCalibration,
-    #[error("Cholesky failed even after raising the damping to {damp}")]
+    #[error(
+        "Cholesky failed: the Hessian is not positive definite even with damping {damp} × mean(diag(H))"
+    )]
     Cholesky { damp: f32 },
+    #[error("invalid GPTQ options: {0}")]
+    InvalidOptions(String),
+    #[error("reading a tensor from the backend failed: {0}")]
+    Backend(String),
 }

@@ -1,4 +1,5 @@
 use half::f16;
+use rayon::prelude::*;
 
 use crate::packing::{pack_row, unpack_row, words_for};
 use crate::{QuantConfig, QuantDim, QuantError};
@@ -172,20 +173,35 @@ fn dequantize_grouped(
     out
 }
 
-/// Row-major transpose of a `rows × cols` matrix.
-pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    assert_eq!(data.len(), rows * cols, "transpose: length does not match shape");
-    let mut out = vec![0f32; data.len()];
-    const T: usize = 32;
-    for r0 in (0..rows).step_by(T) {
-        for c0 in (0..cols).step_by(T) {
-            for r in r0..(r0 + T).min(rows) {
-                for c in c0..(c0 + T).min(cols) {
-                    out[c * rows + r] = data[r * cols + c];
+/// Row-major transpose of a `rows × cols` matrix (any `Copy` element: weights, codes).
+///
+/// Banded so both sides stay in cache, and parallel over bands of output rows.
+pub fn transpose<T: Copy + Default + Send + Sync>(data: &[T], rows: usize, cols: usize) -> Vec<T> {
+    assert_eq!(
+        data.len(),
+        rows * cols,
+        "transpose: length does not match shape"
+    );
+    let mut out = vec![T::default(); data.len()];
+    if data.is_empty() {
+        return out;
+    }
+    const TILE: usize = 32;
+    // A band is TILE output rows (= TILE input columns); bands are disjoint, so they run in parallel.
+    out.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(band, out)| {
+            let c0 = band * TILE;
+            let c1 = (c0 + TILE).min(cols);
+            // Each input row contributes one short contiguous run; the TILE output rows being
+            // written stay in cache across consecutive input rows.
+            for r in 0..rows {
+                let src = &data[r * cols + c0..r * cols + c1];
+                for (dc, &v) in src.iter().enumerate() {
+                    out[dc * rows + r] = v;
                 }
             }
-        }
-    }
+        });
     out
 }
 

@@ -1,1 +1,161 @@
-//! CPU kernels (SIMD).
+//! CPU kernel: `y = x · Ŵᵀ` for decode-sized `M`, straight from AdaDim's packed weights.
+//!
+//! # Use
+//! Re-lay out a [`quant_core::PackedLinear`] once with [`CpuPacked::new`], then call
+//! [`gemm`] (best SIMD path) or [`gemm_with`] (a forced [`SimdPath`], for tests and
+//! benchmarks). Weights are read once per call (for `M ≤ 8`) and dequantized in registers;
+//! rows of `x` beyond 8 are processed in chunks of 8, each re-reading the weights: for
+//! large `M`, dequantize once and call a dense matmul instead.
+//!
+//! # Loop structure
+//! Both dims are computed by the same tiles: 16 consecutive output channels (one 512-bit
+//! vector of f32, two of 256 bits on AVX2) and, per reduction step `k`, one vector of 16
+//! codes, unpacked from interleaved bit streams (see [`CpuPacked`]). Where the scale and
+//! zero sit is what differs:
+//!
+//! * **per-OC** (groups along `k`, rows of `W`): *dot-product-like*. A tile walks its 16
+//!   rows along `k`; within a group the scale/zero are one 16-wide vector, so
+//!   `Σ_{k∈g} x_k (q_k − z)s = s·Σ_{k∈g} x_k q_k − z·s·Σ_{k∈g} x_k`: the inner loop is a
+//!   plain `acc += x_k · q_k`, and the scale is applied once per group and lane, with
+//!   `Σ_{k∈g} x_k` computed once per call for all tiles.
+//! * **per-IC** (groups along the outputs, rows of `Wᵀ`): *axpy-like*. Row `k` of `Wᵀ`
+//!   holds one scale/zero per `group_size` outputs, so a whole group of outputs
+//!   (`group_size/16` tiles) shares the scalar `s_{k,g}` at each `k`: it folds into the
+//!   activation once per group (`c_k = x_k·s_{k,g}`), the zero term `Σ_k x_k z_{k,g} s_{k,g}`
+//!   is one number per group, and the inner loop is `acc += c_k · q[k, 16 outputs]`.
+//!
+//! Threads (rayon) split the outputs: per-OC over tiles of 16 rows, per-IC over groups of
+//! `group_size` output columns, so both cores are busy at `M = 1`.
+//!
+//! # SIMD
+//! The tile code is portable Rust over `[f32; 16]` lane arrays, compiled once per
+//! [`SimdPath`] inside `#[target_feature]` functions and picked at run time
+//! (`is_x86_feature_detected!`). No SIMD crate or intrinsic is needed: LLVM vectorises the
+//! fixed-size lane loops fully (codes → shifts/masks → `vcvtdq2ps` → `vfmadd`), and the
+//! bit-unpacking of straddling 3-bit codes, which SIMD-crate abstractions do not cover
+//! better, is written once for every width.
+
+mod f16;
+mod layout;
+mod simd;
+mod tile;
+
+use quant_core::{QuantDim, QuantError};
+use rayon::prelude::*;
+
+pub use layout::CpuPacked;
+pub use simd::SimdPath;
+
+use layout::LANES;
+
+/// Rows of `x` handled per pass over the weights (accumulators for 8 rows fit in registers).
+pub const MAX_M_PER_PASS: usize = 8;
+
+/// Why a CPU product could not run.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum CpuKernelError {
+    #[error("invalid packed weight: {0}")]
+    Weight(#[from] QuantError),
+    #[error("group size {0} is not a multiple of 32, which the CPU kernel's 32-code blocks need")]
+    GroupSize(usize),
+    #[error("x has {got} elements, expected m × in_features = {m} × {in_features}")]
+    XShape {
+        got: usize,
+        m: usize,
+        in_features: usize,
+    },
+    #[error("y has {got} elements, expected m × out_features = {m} × {out_features}")]
+    YShape {
+        got: usize,
+        m: usize,
+        out_features: usize,
+    },
+    #[error("SIMD path {0:?} is not supported on this machine")]
+    Unsupported(SimdPath),
+}
+
+/// `y[m, out] = x[m, in] · Ŵᵀ` on the best SIMD path of this machine.
+pub fn gemm(x: &[f32], m: usize, w: &CpuPacked, y: &mut [f32]) -> Result<(), CpuKernelError> {
+    gemm_with(SimdPath::best(), x, m, w, y)
+}
+
+/// [`gemm`] on a given SIMD path (an error if the machine lacks it).
+pub fn gemm_with(
+    path: SimdPath,
+    x: &[f32],
+    m: usize,
+    w: &CpuPacked,
+    y: &mut [f32],
+) -> Result<(), CpuKernelError> {
+    let (k, n) = (w.in_features, w.out_features);
+    if x.len() != m * k {
+        return Err(CpuKernelError::XShape {
+            got: x.len(),
+            m,
+            in_features: k,
+        });
+    }
+    if y.len() != m * n {
+        return Err(CpuKernelError::YShape {
+            got: y.len(),
+            m,
+            out_features: n,
+        });
+    }
+    if !path.is_supported() {
+        return Err(CpuKernelError::Unsupported(path));
+    }
+    for (xc, yc) in x
+        .chunks(MAX_M_PER_PASS * k)
+        .zip(y.chunks_mut(MAX_M_PER_PASS * n))
+    {
+        let (oc, ic) = simd::kernels(path, w.bits, xc.len() / k.max(1))
+            .ok_or(CpuKernelError::Unsupported(path))?;
+        match w.dim {
+            QuantDim::Oc => pass_oc(oc, xc, w, yc),
+            QuantDim::Ic => pass_ic(ic, xc, w, yc),
+        }
+    }
+    Ok(())
+}
+
+fn pass_oc(f: simd::OcFn, x: &[f32], w: &CpuPacked, y: &mut [f32]) {
+    let m = y.len() / w.out_features;
+    let xsum: Vec<f32> = x
+        .chunks(w.group_size)
+        .map(|g| g.iter().sum::<f32>())
+        .collect();
+    let mut out = vec![[0f32; LANES]; w.n_tiles * m];
+    out.par_chunks_mut(m).enumerate().for_each(|(t, o)| {
+        // SAFETY: `gemm_with` checked that the CPU supports the path `f` was compiled for.
+        unsafe { f(w, x, &xsum, t, o) }
+    });
+    scatter(&out, m, w.out_features, y);
+}
+
+fn pass_ic(f: simd::IcFn, x: &[f32], w: &CpuPacked, y: &mut [f32]) {
+    let (k, m) = (w.in_features, y.len() / w.out_features);
+    let mut x_pad = vec![0f32; m * w.k_pad];
+    for (dst, src) in x_pad.chunks_mut(w.k_pad).zip(x.chunks(k)) {
+        dst[..k].copy_from_slice(src);
+    }
+    let tiles_per_group = w.group_size / LANES;
+    let mut out = vec![[0f32; LANES]; w.n_tiles * m];
+    out.par_chunks_mut(tiles_per_group * m)
+        .enumerate()
+        .for_each_init(Vec::new, |coef, (g, o)| {
+            // SAFETY: `gemm_with` checked that the CPU supports the path `f` was compiled for.
+            unsafe { f(w, &x_pad, g, coef, o) }
+        });
+    scatter(&out, m, w.out_features, y);
+}
+
+/// Tile-major `[tile][m][lane]` → row-major `y[m, n]`, dropping the padding lanes.
+fn scatter(out: &[[f32; LANES]], m: usize, n: usize, y: &mut [f32]) {
+    for (t, tile) in out.chunks(m).enumerate() {
+        let (lo, hi) = (t * LANES, ((t + 1) * LANES).min(n));
+        for (mm, lanes) in tile.iter().enumerate() {
+            y[mm * n + lo..mm * n + hi].copy_from_slice(&lanes[..hi - lo]);
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The CPU kernel against `PackedLinear::dequantize()` + a naive f32 matmul, on every SIMD
+//! path this machine supports.
+
+use kernels::cpu::{CpuKernelError, CpuPacked, SimdPath, gemm, gemm_with};
+use quant_core::{PackedLinear, QuantConfig, QuantDim, Quantized};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn random_packed(
+    rng: &mut StdRng,
+    dim: QuantDim,
+    bits: u32,
+    group_size: usize,
+    out_features: usize,
+    in_features: usize,
+) -> PackedLinear {
+    let config = QuantConfig::new(bits, group_size as i64, dim).unwrap();
+    let (rows, cols) = dim.grouped_shape(out_features, in_features);
+    let maxq = (1u32 << bits) - 1;
+    let groups = rows * cols / group_size;
+    Quantized {
+        config,
+        out_features,
+        in_features,
+        group_size,
+        codes: (0..rows * cols)
+            .map(|_| rng.random_range(0..=maxq) as u8)
+            .collect(),
+        scales: (0..groups).map(|_| rng.random_range(0.001..0.05)).collect(),
+        zeros: (0..groups)
+            .map(|_| rng.random_range(0..=maxq) as f32)
+            .collect(),
+    }
+    .pack()
+}
+
+/// `x [m, in] · Wᵀ` with `W [out, in]`, accumulated in f64.
+fn naive_matmul(x: &[f32], m: usize, w: &[f32], out: usize, inp: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * out];
+    for i in 0..m {
+        for o in 0..out {
+            let dot: f64 = (0..inp)
+                .map(|k| x[i * inp + k] as f64 * w[o * inp + k] as f64)
+                .sum();
+            y[i * out + o] = dot as f32;
+        }
+    }
+    y
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-3);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 2e-4 * scale + 1e-5,
+            "{what}: y[{i}] = {g}, expected {w} (max |y| {scale})"
+        );
+    }
+}
+
+fn check(
+    path: SimdPath,
+    dim: QuantDim,
+    bits: u32,
+    group: usize,
+    out: usize,
+    inp: usize,
+    ms: &[usize],
+) {
+    let mut rng = StdRng::seed_from_u64((out * 31 + inp * 7 + bits as usize * 3 + group) as u64);
+    let packed = random_packed(&mut rng, dim, bits, group, out, inp);
+    let w = packed.dequantize();
+    let cpu = CpuPacked::new(&packed).unwrap();
+    for &m in ms {
+        let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let want = naive_matmul(&x, m, &w, out, inp);
+        let mut y = vec![f32::NAN; m * out];
+        gemm_with(path, &x, m, &cpu, &mut y).unwrap();
+        assert_close(
+            &y,
+            &want,
+            &format!("{path:?} {dim:?} b{bits} g{group} {out}x{inp} m{m}"),
+        );
+    }
+}
+
+fn paths() -> Vec<SimdPath> {
+    let paths = SimdPath::available();
+    eprintln!("SIMD paths tested on this machine: {paths:?}");
+    let missing: Vec<_> = SimdPath::ALL
+        .into_iter()
+        .filter(|p| !paths.contains(p))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("SIMD paths NOT tested (this CPU/arch lacks them): {missing:?}");
+    }
+    paths
+}
+
+#[test]
+fn every_path_dim_bits_group_matches_dequantize_matmul() {
+    // Output counts that are not a multiple of the 16-wide tile (OC: 96+8, 584) and per-IC
+    // input counts that are not a multiple of the 32-code block (IC: 100, 1000).
+    let shapes = [(96, 160), (104, 128), (584, 256), (128, 100), (192, 1000)];
+    for path in paths() {
+        for dim in [QuantDim::Oc, QuantDim::Ic] {
+            for bits in [3, 4] {
+                for group in [64, 128] {
+                    for &(out, inp) in &shapes {
+                        let (rows, cols) = dim.grouped_shape(out, inp);
+                        if cols % group != 0 || rows == 0 {
+                            continue;
+                        }
+                        check(path, dim, bits, group, out, inp, &[1, 2, 3, 8]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn model_shape_and_large_m() {
+    for path in paths() {
+        for dim in [QuantDim::Oc, QuantDim::Ic] {
+            check(path, dim, 3, 64, 576, 1536, &[1, 5]);
+            check(path, dim, 4, 64, 1536, 576, &[13]);
+        }
+    }
+}
+
+#[test]
+fn bits_2_and_8_and_group_32() {
+    for path in paths() {
+        for dim in [QuantDim::Oc, QuantDim::Ic] {
+            for bits in [2, 8] {
+                check(path, dim, bits, 32, 96, 160, &[1, 3]);
+            }
+        }
+    }
+}
+
+#[test]
+fn all_paths_agree_with_the_default_path() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let packed = random_packed(&mut rng, QuantDim::Ic, 3, 64, 256, 320);
+    let cpu = CpuPacked::new(&packed).unwrap();
+    let x: Vec<f32> = (0..2 * 320).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut best = vec![0f32; 2 * 256];
+    gemm(&x, 2, &cpu, &mut best).unwrap();
+    for path in paths() {
+        let mut y = vec![0f32; 2 * 256];
+        gemm_with(path, &x, 2, &cpu, &mut y).unwrap();
+        assert_close(&y, &best, &format!("{path:?} vs {:?}", SimdPath::best()));
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let packed = random_packed(&mut rng, QuantDim::Oc, 4, 64, 32, 64);
+    let cpu = CpuPacked::new(&packed).unwrap();
+    let mut y = vec![0f32; 32];
+    assert!(matches!(
+        gemm(&[0.0; 63], 1, &cpu, &mut y),
+        Err(CpuKernelError::XShape { got: 63, .. })
+    ));
+    assert!(matches!(
+        gemm(&[0.0; 64], 1, &cpu, &mut y[..31]),
+        Err(CpuKernelError::YShape { got: 31, .. })
+    ));
+    let unsupported = SimdPath::ALL.into_iter().find(|p| !p.is_supported());
+    if let Some(p) = unsupported {
+        assert_eq!(
+            gemm_with(p, &[0.0; 64], 1, &cpu, &mut y),
+            Err(CpuKernelError::Unsupported(p))
+        );
+    }
+    let g48 = random_packed(&mut rng, QuantDim::Oc, 4, 48, 32, 96);
+    assert_eq!(
+        CpuPacked::new(&g48).unwrap_err(),
+        CpuKernelError::GroupSize(48)
+    );
+    let mut broken = packed.clone();
+    broken.scales.pop();
+    assert!(matches!(
+        CpuPacked::new(&broken),
+        Err(CpuKernelError::Weight(_))
+    ));
+}

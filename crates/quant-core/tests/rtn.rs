@@ -1,0 +1,318 @@
+//! RTN against a naive scalar reference, known values (ties, constant groups), the per-IC/per-OC
+//! transpose identity, the Burn entry point and typed errors.
+
+use burn::backend::NdArray;
+use burn::tensor::{Tensor, TensorData};
+use quant_core::burn_ext::quantize_rtn_tensor;
+use quant_core::{QuantConfig, QuantDim, QuantError, quantize_rtn, transpose};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// SPEC §2 written out element by element, straight from the formulas, on `W [out, in]`.
+/// Returns the dequantized weight and the codes, both in the HF layout.
+fn naive_rtn(
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    bits: u32,
+    g: i64,
+    dim: QuantDim,
+) -> (Vec<f32>, Vec<u8>) {
+    let maxq = ((1u32 << bits) - 1) as f32;
+    let mut deq = vec![0f32; w.len()];
+    let mut codes = vec![0u8; w.len()];
+    let idx = |r: usize, c: usize| match dim {
+        // (r, c) in the grouped layout → flat index of W [out, in]
+        QuantDim::Oc => r * inp + c,
+        QuantDim::Ic => c * inp + r,
+    };
+    let (rows, cols) = match dim {
+        QuantDim::Oc => (out, inp),
+        QuantDim::Ic => (inp, out),
+    };
+    let g = if g == -1 { cols } else { g as usize };
+    for r in 0..rows {
+        for g0 in (0..cols).step_by(g) {
+            let vals: Vec<f32> = (g0..g0 + g).map(|c| w[idx(r, c)]).collect();
+            let mn = vals.iter().cloned().fold(f32::INFINITY, f32::min);
+            let mx = vals.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let scale = f32::max(mx - mn, 1e-5) / maxq;
+            let zero = (-(mn / scale).round_ties_even()).clamp(0.0, maxq);
+            for c in g0..g0 + g {
+                let q = ((w[idx(r, c)] / scale).round_ties_even() + zero).clamp(0.0, maxq);
+                codes[idx(r, c)] = q as u8;
+                deq[idx(r, c)] = (q - zero) * scale;
+            }
+        }
+    }
+    (deq, codes)
+}
+
+fn random_weight(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            // Mostly small values plus occasional outliers, and some exact repeats (quantized
+            // steps) so ties and equal extremes occur.
+            let v: f32 = rng.random_range(-1.0..1.0);
+            match rng.random_range(0..20) {
+                0 => v * 30.0,
+                1 => (v * 8.0).round() / 8.0,
+                _ => v,
+            }
+        })
+        .collect()
+}
+
+fn dequant_codes_hf(q: &quant_core::Quantized) -> Vec<u8> {
+    let (rows, cols) = q.rows_cols();
+    match q.config.dim {
+        QuantDim::Oc => q.codes.clone(),
+        QuantDim::Ic => transpose(&q.codes, rows, cols),
+    }
+}
+
+#[test]
+fn rtn_matches_naive_reference_for_random_shapes_bits_and_groups() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut cases = 0;
+    for _ in 0..60 {
+        let out = [8, 16, 24, 48, 96][rng.random_range(0..5)];
+        let inp = [8, 16, 32, 40, 64][rng.random_range(0..5)];
+        let bits = [2, 3, 4, 8][rng.random_range(0..4)];
+        for dim in QuantDim::ALL {
+            let len = dim.grouped_shape(out, inp).1;
+            let divisors: Vec<i64> = (1..=len as i64)
+                .filter(|d| len as i64 % d == 0)
+                .chain([-1])
+                .collect();
+            let g = divisors[rng.random_range(0..divisors.len())];
+            let w = random_weight(&mut rng, out * inp);
+            let config = QuantConfig::new(bits, g, dim).unwrap();
+            let q = quantize_rtn(&w, out, inp, config).unwrap();
+            let (deq, codes) = naive_rtn(&w, out, inp, bits, g, dim);
+            assert_eq!(
+                dequant_codes_hf(&q),
+                codes,
+                "codes: {out}x{inp} b{bits} g{g} {dim}"
+            );
+            assert_eq!(
+                q.dequantize(),
+                deq,
+                "dequantized: {out}x{inp} b{bits} g{g} {dim}"
+            );
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 120);
+}
+
+#[test]
+fn ties_round_half_to_even() {
+    // One 4-bit group spanning [0, 15]: scale = 1, zero = 0, so w / scale is w itself.
+    let w = [0.0f32, 0.5, 1.5, 2.5, 3.5, 14.5, 7.0, 15.0];
+    let q = quantize_rtn(&w, 1, 8, QuantConfig::new(4, -1, QuantDim::Oc).unwrap()).unwrap();
+    assert_eq!(q.scales, vec![1.0]);
+    assert_eq!(q.zeros, vec![0.0]);
+    assert_eq!(q.codes, vec![0, 0, 2, 2, 4, 14, 7, 15]);
+
+    // Range [−7.5, 7.5]: scale = 1, zero = −round(−7.5) = 8. −6.5 → round(−6.5) + 8 = −6 + 8 = 2
+    // under half-to-even (half-away-from-zero would give 1).
+    let w = [-7.5f32, 7.5, -6.5, 0.5];
+    let q = quantize_rtn(&w, 4, 1, QuantConfig::new(4, 4, QuantDim::Ic).unwrap()).unwrap();
+    assert_eq!(q.scales, vec![1.0]);
+    assert_eq!(q.zeros, vec![8.0]);
+    assert_eq!(q.codes, vec![0, 15, 2, 8]);
+}
+
+#[test]
+fn constant_groups_use_the_scale_clamp() {
+    let w = [3.0f32; 8]
+        .iter()
+        .chain([-2.0f32; 8].iter())
+        .chain([0.0f32; 8].iter())
+        .cloned()
+        .collect::<Vec<_>>();
+    let q = quantize_rtn(&w, 3, 8, QuantConfig::new(3, 8, QuantDim::Oc).unwrap()).unwrap();
+    let scale = 1e-5f32 / 7.0;
+    assert_eq!(q.scales, vec![scale; 3]);
+    // Positive constant: zero clamps to 0 and codes saturate at maxq; negative: zero clamps to maxq
+    // and codes saturate at 0; zero: exact.
+    assert_eq!(q.zeros, vec![0.0, 7.0, 0.0]);
+    assert_eq!(&q.codes[..8], &[7; 8]);
+    assert_eq!(&q.codes[8..16], &[0; 8]);
+    assert_eq!(&q.codes[16..], &[0; 8]);
+    assert!(q.scales.iter().all(|s| s.is_finite()));
+    let (deq, _) = naive_rtn(&w, 3, 8, 3, 8, QuantDim::Oc);
+    assert_eq!(q.dequantize(), deq);
+}
+
+#[test]
+fn per_ic_of_w_is_per_oc_of_w_transposed() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (out, inp) = (64, 48);
+    let w = random_weight(&mut rng, out * inp);
+    for (bits, g) in [(3, 16), (4, 64), (2, -1), (8, 8)] {
+        let ic = quantize_rtn(
+            &w,
+            out,
+            inp,
+            QuantConfig::new(bits, g, QuantDim::Ic).unwrap(),
+        )
+        .unwrap();
+        let wt = transpose(&w, out, inp);
+        let oc_t = quantize_rtn(
+            &wt,
+            inp,
+            out,
+            QuantConfig::new(bits, g, QuantDim::Oc).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ic.codes, oc_t.codes);
+        assert_eq!(ic.scales, oc_t.scales);
+        assert_eq!(ic.zeros, oc_t.zeros);
+        assert_eq!(ic.dequantize(), transpose(&oc_t.dequantize(), inp, out));
+    }
+}
+
+#[test]
+fn per_ic_isolates_an_outlier_input_channel() {
+    // The property AdaDim relies on: an input column with huge weights ruins every per-OC group it
+    // touches but only its own per-IC groups.
+    let mut rng = StdRng::seed_from_u64(3);
+    let (out, inp) = (64, 64);
+    let mut w = random_weight(&mut rng, out * inp)
+        .iter()
+        .map(|v| v.clamp(-1.0, 1.0))
+        .collect::<Vec<_>>();
+    for r in 0..out {
+        w[r * inp + 5] *= 100.0;
+    }
+    let err = |dim| {
+        let q = quantize_rtn(&w, out, inp, QuantConfig::new(3, 16, dim).unwrap()).unwrap();
+        let d = q.dequantize();
+        (0..w.len())
+            .filter(|i| i % inp != 5)
+            .map(|i| (w[i] - d[i]).powi(2))
+            .sum::<f32>()
+    };
+    assert!(err(QuantDim::Ic) * 10.0 < err(QuantDim::Oc));
+}
+
+#[test]
+fn burn_tensor_rtn_equals_host_rtn() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let (out, inp) = (32, 48);
+    let w = random_weight(&mut rng, out * inp);
+    let device = Default::default();
+    let t = Tensor::<NdArray, 2>::from_data(TensorData::new(w.clone(), [out, inp]), &device);
+    for dim in QuantDim::ALL {
+        let config = QuantConfig::new(4, 16, dim).unwrap();
+        assert_eq!(
+            quantize_rtn_tensor(t.clone(), config).unwrap(),
+            quantize_rtn(&w, out, inp, config).unwrap()
+        );
+    }
+}
+
+#[test]
+fn bad_configurations_are_typed_errors() {
+    let w = vec![0.5f32; 8 * 12];
+    let cfg = |bits, group_size, dim| QuantConfig {
+        bits,
+        group_size,
+        dim,
+    };
+    assert_eq!(
+        QuantConfig::new(5, 4, QuantDim::Oc),
+        Err(QuantError::UnsupportedBits(5))
+    );
+    // Bypassing the constructor must not bypass validation.
+    assert_eq!(
+        quantize_rtn(&w, 8, 12, cfg(5, 4, QuantDim::Oc)),
+        Err(QuantError::UnsupportedBits(5))
+    );
+    assert_eq!(
+        quantize_rtn(&w, 8, 12, cfg(4, 0, QuantDim::Oc)),
+        Err(QuantError::InvalidGroupSize(0))
+    );
+    assert_eq!(
+        quantize_rtn(&w, 8, 12, cfg(4, -3, QuantDim::Oc)),
+        Err(QuantError::InvalidGroupSize(-3))
+    );
+    assert!(matches!(
+        quantize_rtn(&w, 8, 12, cfg(4, 8, QuantDim::Oc)),
+        Err(QuantError::GroupSizeDoesNotDivide {
+            group_size: 8,
+            len: 12,
+            ..
+        })
+    ));
+    // 12 divides in_features (OC ok) but not out_features = 8 (IC).
+    assert!(quantize_rtn(&w, 8, 12, cfg(4, 12, QuantDim::Oc)).is_ok());
+    assert!(matches!(
+        quantize_rtn(&w, 8, 12, cfg(4, 12, QuantDim::Ic)),
+        Err(QuantError::GroupSizeDoesNotDivide { len: 8, .. })
+    ));
+    assert!(matches!(
+        quantize_rtn(&w, 8, 11, cfg(4, -1, QuantDim::Oc)),
+        Err(QuantError::Shape(_))
+    ));
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut w2 = w.clone();
+        w2[37] = bad;
+        assert_eq!(
+            quantize_rtn(&w2, 8, 12, cfg(4, 4, QuantDim::Ic)),
+            Err(QuantError::NonFiniteWeight { index: 37 })
+        );
+    }
+}
+
+mod rounding {
+    use proptest::prelude::*;
+    use quant_core::round_half_even;
+
+    #[test]
+    fn known_ties_and_edges() {
+        for x in [
+            0.5f32,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            -2.5,
+            0.0,
+            -0.0,
+            0.49999997,
+            8_388_607.5,
+            4_194_304.5,
+            8_388_608.0,
+            1e20,
+            -1e20,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+        ] {
+            assert_eq!(
+                round_half_even(x).to_bits(),
+                x.round_ties_even().to_bits(),
+                "{x}"
+            );
+        }
+        assert!(round_half_even(f32::NAN).is_nan());
+    }
+
+    proptest! {
+        #[test]
+        fn equals_std_round_ties_even(bits in any::<u32>()) {
+            let x = f32::from_bits(bits);
+            prop_assume!(!x.is_nan());
+            prop_assert_eq!(round_half_even(x).to_bits(), x.round_ties_even().to_bits());
+        }
+
+        #[test]
+        fn equals_std_on_halves(k in -20_000_000i32..20_000_000) {
+            let x = k as f32 + 0.5;
+            prop_assert_eq!(round_half_even(x).to_bits(), x.round_ties_even().to_bits());
+        }
+    }
+}
