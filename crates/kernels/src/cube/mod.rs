@@ -1,1 +1,360 @@
-//! CubeCL kernels.
+//! CubeCL dequantizing GEMM/GEMV `y = x · Ŵᵀ` on AdaDim's packed weights (features `wgpu`/`cuda`).
+//!
+//! # Design (memory bandwidth first)
+//!
+//! At decode sizes (M = 1..64 tokens) the product is bound by reading the weights, so every
+//! choice below minimises weight traffic and keeps the dequantization in registers:
+//!
+//! * **Packed blocks.** 32 codes of `b` bits fill exactly `b` `u32` words for every supported
+//!   `b ∈ {2, 3, 4, 8}`, including 3-bit codes straddling words. The unit of work is one such
+//!   block: it is loaded once (as `Vector<u32, N>` loads with `N = 4` for 4/8-bit, 2 for 2-bit,
+//!   scalar for 3-bit), unpacked with shifts fixed at compile time, and used for all `tm`
+//!   tokens of the unit's M-tile. Each weight word is therefore read once per M-tile.
+//! * **Per-IC** (`Ŵᵀ [K, N]` packed along N): a unit owns 32 adjacent output channels and walks
+//!   the input rows of its K-split, accumulating an outer product in `32 · tm` registers; its
+//!   32 columns share one group, so a row costs one parameter load and the zero point becomes
+//!   one correction per token. Adjacent units read adjacent blocks of the same row: coalesced.
+//! * **Per-OC** (`Ŵ [N, K]` packed along K): a unit owns one output channel and the blocks
+//!   `lane, lane + splits, …` of its row (adjacent lanes read adjacent blocks: coalesced); each
+//!   block is a 32-long dot product sharing one scale and zero.
+//! * **Split-K.** At M = 1 there are too few output blocks to fill a GPU, so K is split: per-IC
+//!   over cubes along Y (each split at least [`MIN_ROWS_PER_SPLIT`] rows, so the f32 partials
+//!   stay a small fraction of the weight traffic), per-OC over lanes. Both kernels write f32
+//!   partials `[splits, M, N]` that one shared kernel sums and casts to the activation type;
+//!   the number of splits shrinks as M grows, since M-tiles fill the device instead.
+//! * **Parameters.** Scale (f16 bits) and zero (integer) of a group are packed in one `u32`
+//!   at upload and decoded in the kernel, so a group costs 4 bytes, as in SPEC §8's ideal, and
+//!   the kernels need no f16 device support for the weights. Activations may be f32, f16 or
+//!   bf16; accumulation is always f32.
+//!
+//! Known limit: per-OC lanes of one row are adjacent only when the row has several splits;
+//! at larger M the splits drop to 1–2 and a plane then reads 16–32 different rows (strided).
+//! An in-cube reduction (shared memory or `plane_sum`) over lanes of one row would keep the
+//! reads coalesced without the partial-sum traffic; per-IC does not have this problem.
+//!
+//! Device-side re-layout: `qweight` is uploaded unchanged (the on-disk [`PackedLinear`] layout);
+//! only scales and zeros are fused into the parameter words. Layers whose row length or group
+//! size is not a multiple of 32 (never the case for g = 64/128) are dequantized at upload and
+//! multiplied densely instead.
+
+mod kernel;
+
+use burn::tensor::{
+    DType, Shape, TensorData,
+    ops::{FloatTensor, FloatTensorOps},
+};
+use burn_cubecl::{
+    BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
+    ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor,
+};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use quant_core::{PackedLinear, QuantDim};
+
+use crate::quant_linear::{QuantBackend, QuantLinearError, check_input, dense_transposed};
+use kernel::BLOCK;
+
+/// Units the split-K heuristic aims to launch: enough loads in flight to saturate a GPU's
+/// memory system at M = 1.
+pub const TARGET_UNITS: usize = 16_384;
+/// Fewest input rows a per-IC split handles, so partial sums cost ≤ ~10 % of the weight bytes.
+pub const MIN_ROWS_PER_SPLIT: usize = 128;
+/// Fewest packed blocks a per-OC lane handles.
+const MIN_BLOCKS_PER_LANE: usize = 4;
+const CUBE_UNITS: u32 = 64;
+
+/// A packed linear layer resident on a CubeCL device.
+#[derive(Clone)]
+pub struct CubePackedLinear<R: CubeRuntime> {
+    dim: QuantDim,
+    bits: u32,
+    group_size: usize,
+    out_features: usize,
+    in_features: usize,
+    weight: DeviceWeight<R>,
+}
+
+#[derive(Clone)]
+enum DeviceWeight<R: CubeRuntime> {
+    Packed {
+        client: ComputeClient<R>,
+        qweight: Handle,
+        params: Handle,
+    },
+    /// `Ŵᵀ [IC, OC]` for layouts the kernels do not cover.
+    Dense(CubeTensor<R>),
+}
+
+impl<R: CubeRuntime> std::fmt::Debug for CubePackedLinear<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CubePackedLinear")
+            .field("dim", &self.dim)
+            .field("bits", &self.bits)
+            .field("group_size", &self.group_size)
+            .field("out_features", &self.out_features)
+            .field("in_features", &self.in_features)
+            .field(
+                "packed",
+                &matches!(self.weight, DeviceWeight::Packed { .. }),
+            )
+            .finish()
+    }
+}
+
+impl<R: CubeRuntime> CubePackedLinear<R> {
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Whether the dequantizing kernels serve this layer (false: dense fallback).
+    pub fn is_packed(&self) -> bool {
+        matches!(self.weight, DeviceWeight::Packed { .. })
+    }
+}
+
+/// One `u32` per group: f16 scale bits low, integer zero high. `None` if a zero is not an
+/// integer in `0..=0xFFFF` or a scale is not finite (then the layer takes the dense path).
+fn fuse_params(packed: &PackedLinear) -> Option<Vec<u32>> {
+    packed
+        .scales
+        .iter()
+        .zip(&packed.zeros)
+        .map(|(s, z)| {
+            let z = z.to_f32();
+            let ok = s.is_finite() && z.fract() == 0.0 && (0.0..=65535.0).contains(&z);
+            ok.then(|| u32::from(s.to_bits()) | ((z as u32) << 16))
+        })
+        .collect()
+}
+
+/// Words per `Vector` load of `qweight`: must divide `bits` (the words of one block).
+fn vector_size(bits: u32) -> usize {
+    match bits {
+        4 | 8 => 4,
+        2 => 2,
+        _ => 1,
+    }
+}
+
+/// `(splits, k_per_split)` for per-IC.
+pub fn ic_splits(k: usize, n_blocks: usize, m_tiles: usize) -> (usize, usize) {
+    let want = TARGET_UNITS.div_ceil(n_blocks * m_tiles);
+    let splits = want.clamp(1, (k / MIN_ROWS_PER_SPLIT).max(1));
+    let per = k.div_ceil(splits);
+    (k.div_ceil(per), per)
+}
+
+/// Lanes (splits) per output channel for per-OC.
+pub fn oc_splits(k_blocks: usize, n: usize, m_tiles: usize) -> usize {
+    let want = TARGET_UNITS.div_ceil(n * m_tiles);
+    want.clamp(1, (k_blocks / MIN_BLOCKS_PER_LANE).max(1))
+}
+
+/// Tokens per unit: per-IC keeps `32 · tm` accumulators, so it stops at 4.
+pub fn m_tile(dim: QuantDim, m: usize) -> usize {
+    let cap = match dim {
+        QuantDim::Ic => 4,
+        QuantDim::Oc => 8,
+    };
+    m.next_power_of_two().min(cap)
+}
+
+/// Uploads `packed` to the device of `client` (validated first).
+pub fn upload<R: CubeRuntime>(
+    packed: &PackedLinear,
+    device: &R::Device,
+) -> Result<CubePackedLinear<R>, QuantLinearError> {
+    packed.validate()?;
+    let client = R::client(device);
+    let (_, cols) = packed.rows_cols();
+    let kernel_ok = packed.group_size.is_multiple_of(BLOCK) && cols.is_multiple_of(BLOCK);
+    let weight = match fuse_params(packed).filter(|_| kernel_ok) {
+        Some(params) => DeviceWeight::Packed {
+            qweight: client.create_from_slice(bytemuck::cast_slice(&packed.qweight)),
+            params: client.create_from_slice(bytemuck::cast_slice(&params)),
+            client,
+        },
+        None => {
+            tracing::debug!(
+                "layer {}x{} ({}, g={}) takes the dense path",
+                packed.out_features,
+                packed.in_features,
+                packed.dim,
+                packed.group_size
+            );
+            let data = TensorData::new(
+                dense_transposed(packed),
+                [packed.in_features, packed.out_features],
+            );
+            let handle = client.create_from_slice(data.as_bytes());
+            DeviceWeight::Dense(CubeTensor::new_contiguous(
+                client,
+                device.clone(),
+                Shape::new([packed.in_features, packed.out_features]),
+                handle,
+                DType::F32,
+            ))
+        }
+    };
+    Ok(CubePackedLinear {
+        dim: packed.dim,
+        bits: packed.bits,
+        group_size: packed.group_size,
+        out_features: packed.out_features,
+        in_features: packed.in_features,
+        weight,
+    })
+}
+
+/// Runs `$body` with `$E` bound to the cubecl float type of `$dtype`.
+macro_rules! dispatch_float {
+    ($dtype:expr, $E:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $E = f32;
+                $body
+            }
+            DType::F16 => {
+                type $E = half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $E = half::bf16;
+                $body
+            }
+            other => panic!("quantized matmul: unsupported activation dtype {other:?}"),
+        }
+    };
+}
+
+/// `x [M, IC] · Ŵᵀ → [M, OC]` in `x`'s float type; panics if `x` is not `[M, IC]`.
+pub fn quant_matmul<R, F, I, BT>(x: CubeTensor<R>, w: &CubePackedLinear<R>) -> CubeTensor<R>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let dims = x.meta.shape().to_vec();
+    if let Err(e) = check_input(&dims, w.in_features) {
+        panic!("{e}");
+    }
+    let (client, qweight, params) = match &w.weight {
+        DeviceWeight::Dense(wt) => {
+            type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+            let wt = if wt.dtype == x.dtype {
+                wt.clone()
+            } else {
+                B::<R, F, I, BT>::float_cast(wt.clone(), x.dtype.into())
+            };
+            return B::<R, F, I, BT>::float_matmul(x, wt);
+        }
+        DeviceWeight::Packed {
+            client,
+            qweight,
+            params,
+        } => (client, qweight, params),
+    };
+    let x = into_contiguous(x);
+    let (m, k, n) = (dims[0], w.in_features, w.out_features);
+    let y = empty_device_contiguous_dtype(
+        client.clone(),
+        x.device.clone(),
+        Shape::new([m, n]),
+        x.dtype,
+    );
+    if m == 0 {
+        return y;
+    }
+    let tm = m_tile(w.dim, m);
+    let m_tiles = m.div_ceil(tm);
+    let vec = vector_size(w.bits);
+    let group_blocks = w.group_size / BLOCK;
+    let (cols, rows) = match w.dim {
+        QuantDim::Ic => (n, k),
+        QuantDim::Oc => (k, n),
+    };
+    let qweight_arg = unsafe {
+        ArrayArg::from_raw_parts(qweight.clone(), rows * cols * w.bits as usize / 32 / vec)
+    };
+    let params_arg =
+        unsafe { ArrayArg::from_raw_parts(params.clone(), rows * cols / w.group_size) };
+    let x_arg = || unsafe { ArrayArg::from_raw_parts(x.handle.clone(), m * k) };
+    let len = m * n;
+    let partial_arg = |splits: usize, handle: &Handle| unsafe {
+        ArrayArg::from_raw_parts(handle.clone(), splits * len)
+    };
+    let cube_dim = CubeDim::new_1d(CUBE_UNITS);
+
+    let (splits, partial) = match w.dim {
+        QuantDim::Ic => {
+            let n_blocks = n / BLOCK;
+            let (splits, per) = ic_splits(k, n_blocks, m_tiles);
+            let partial = client.empty(splits * len * size_of::<f32>());
+            let count = CubeCount::Static(
+                (n_blocks as u32).div_ceil(CUBE_UNITS),
+                splits as u32,
+                m_tiles as u32,
+            );
+            dispatch_float!(x.dtype, E => unsafe {
+                kernel::quant_matmul_ic::launch_unchecked::<E, R>(
+                    client, count, cube_dim, vec, x_arg(), qweight_arg, params_arg,
+                    partial_arg(splits, &partial), m, k, n, per, w.bits, vec, group_blocks, tm,
+                )
+            });
+            (splits, partial)
+        }
+        QuantDim::Oc => {
+            let splits = oc_splits(k / BLOCK, n, m_tiles);
+            let partial = client.empty(splits * len * size_of::<f32>());
+            let units = (n * splits) as u32;
+            let count = CubeCount::Static(units.div_ceil(CUBE_UNITS), 1, m_tiles as u32);
+            dispatch_float!(x.dtype, E => unsafe {
+                kernel::quant_matmul_oc::launch_unchecked::<E, R>(
+                    client, count, cube_dim, vec, x_arg(), qweight_arg, params_arg,
+                    partial_arg(splits, &partial), m, k, n, splits, w.bits, vec, group_blocks, tm,
+                )
+            });
+            (splits, partial)
+        }
+    };
+
+    let count = CubeCount::Static((len as u32).div_ceil(256), 1, 1);
+    let y_arg = unsafe { ArrayArg::from_raw_parts(y.handle.clone(), len) };
+    let partial_arg = partial_arg(splits, &partial);
+    dispatch_float!(y.dtype, E => unsafe {
+        kernel::reduce_splits::launch_unchecked::<E, R>(
+            client, count, CubeDim::new_1d(256), partial_arg, y_arg, len, splits,
+        )
+    });
+    y
+}
+
+impl<R, F, I, BT> QuantBackend for CubeBackend<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    type Packed = CubePackedLinear<R>;
+
+    fn upload(
+        packed: &PackedLinear,
+        device: &Self::Device,
+    ) -> Result<Self::Packed, QuantLinearError> {
+        upload::<R>(packed, device)
+    }
+
+    fn quant_matmul(x: FloatTensor<Self>, w: &Self::Packed) -> FloatTensor<Self> {
+        quant_matmul::<R, F, I, BT>(x, w)
+    }
+
+    fn packed_shape(w: &Self::Packed) -> (usize, usize) {
+        (w.out_features, w.in_features)
+    }
+}

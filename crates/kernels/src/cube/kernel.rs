@@ -1,0 +1,227 @@
+//! The CubeCL kernels. Shared pieces (block decode, parameter decode, split reduction) are
+//! written once; the per-IC and per-OC kernels differ only in which axis of the packed block is
+//! the output axis (see the module docs of [`super`]).
+
+use cubecl::prelude::*;
+
+/// Codes in one packed block: 32 codes of `b` bits fill exactly `b` words for every `b`.
+pub const BLOCK: usize = 32;
+
+/// Loads the `bits` words of one 32-code block (`Vector` loads of `vec = N` words, `vec | bits`)
+/// and unpacks it into 32 codes as f32, so the hot loops below work on registers only.
+#[cube]
+fn decode_block<N: Size>(
+    qweight: &Array<Vector<u32, N>>,
+    first_vector: usize,
+    #[comptime] bits: u32,
+    #[comptime] vec: usize,
+) -> Array<f32> {
+    let mut words = Array::<u32>::new(comptime!(bits as usize));
+    #[unroll]
+    for v in 0..comptime!(bits as usize / vec) {
+        let loaded = qweight[first_vector + v];
+        #[unroll]
+        for e in 0..N::value() {
+            words[v * N::value() + e] = loaded[e];
+        }
+    }
+    let mask = (1u32 << bits) - 1;
+    let mut codes = Array::<f32>::new(BLOCK);
+    #[unroll]
+    for j in 0..BLOCK {
+        // Constant-folded after unrolling: the shifts are fixed per code position.
+        let bit = j as u32 * bits;
+        let w = (bit / 32) as usize;
+        let s = bit % 32;
+        let mut code = words[w] >> s;
+        if s + bits > 32 {
+            code |= words[w + 1] << (32 - s);
+        }
+        codes[j] = f32::cast_from(code & mask);
+    }
+    codes
+}
+
+/// `(scale, zero)` from one parameter word: f16 scale bits in the low half, integer zero in the
+/// high half. Decoding f16 by hand keeps the kernels free of any f16 device requirement.
+#[cube]
+fn decode_params(word: u32) -> (f32, f32) {
+    let h = word & 0xFFFF;
+    let exp = (h >> 10) & 0x1F;
+    let mant = h & 0x3FF;
+    let sign = (h & 0x8000) << 16;
+    let normal = f32::reinterpret(sign | ((exp + 112) << 23) | (mant << 13));
+    // Subnormal f16 scales occur for nearly constant groups: mant · 2⁻²⁴.
+    let subnormal = f32::cast_from(mant) * 5.960_464_5e-8;
+    let scale = select(exp == 0, subnormal, normal);
+    (scale, f32::cast_from(word >> 16))
+}
+
+/// Per-IC: the packed matrix is `Ŵᵀ [K, N]`, packed along N. Unit `(block cb, split s, m-tile)`
+/// owns 32 adjacent output channels (one packed block per input row, so a plane reads one
+/// contiguous span: coalesced) and walks the input rows `k` of its split, accumulating the
+/// outer product `x[m, k] · ŵ[k, 32 cols]` in registers. All 32 columns share one group, so the
+/// zero point is folded into one correction per token: `Σ x·s·(q − z) = Σ (x·s)·q − Σ (x·s)·z`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn quant_matmul_ic<F: Float, N: Size>(
+    x: &Array<F>,
+    qweight: &Array<Vector<u32, N>>,
+    params: &Array<u32>,
+    partial: &mut Array<f32>,
+    m_total: usize,
+    k_total: usize,
+    n_total: usize,
+    k_per_split: usize,
+    #[comptime] bits: u32,
+    #[comptime] vec: usize,
+    #[comptime] group_blocks: usize,
+    #[comptime] tm: usize,
+) {
+    let n_blocks = n_total / BLOCK;
+    let cb = ABSOLUTE_POS_X as usize;
+    if cb >= n_blocks {
+        terminate!();
+    }
+    let split = CUBE_POS_Y as usize;
+    let m0 = CUBE_POS_Z as usize * tm;
+    let k_start = split * k_per_split;
+    let k_end = (k_start + k_per_split).min(k_total);
+
+    let vectors_per_row = n_blocks * comptime!(bits as usize / vec);
+    let groups_per_row = n_blocks / group_blocks;
+    let group = cb / group_blocks;
+
+    let mut acc = Array::<f32>::new(comptime!(BLOCK * tm));
+    let mut corr = Array::<f32>::new(tm);
+    #[unroll]
+    for i in 0..comptime!(BLOCK * tm) {
+        acc[i] = 0.0;
+    }
+    #[unroll]
+    for mi in 0..tm {
+        corr[mi] = 0.0;
+    }
+
+    for k in k_start..k_end {
+        let (scale, zero) = decode_params(params[k * groups_per_row + group]);
+        let codes = decode_block::<N>(
+            qweight,
+            k * vectors_per_row + cb * comptime!(bits as usize / vec),
+            bits,
+            vec,
+        );
+        #[unroll]
+        for mi in 0..tm {
+            let m = m0 + mi;
+            if m < m_total {
+                let xs = f32::cast_from(x[m * k_total + k]) * scale;
+                corr[mi] += xs * zero;
+                #[unroll]
+                for j in 0..BLOCK {
+                    acc[mi * BLOCK + j] += xs * codes[j];
+                }
+            }
+        }
+    }
+
+    #[unroll]
+    for mi in 0..tm {
+        let m = m0 + mi;
+        if m < m_total {
+            let base = (split * m_total + m) * n_total + cb * BLOCK;
+            #[unroll]
+            for j in 0..BLOCK {
+                partial[base + j] = acc[mi * BLOCK + j] - corr[mi];
+            }
+        }
+    }
+}
+
+/// Per-OC: the packed matrix is `Ŵ [N, K]`, packed along K. Unit `(lane, row n, m-tile)` owns
+/// output channel `n` and the packed blocks `lane, lane + splits, …` of its row: adjacent lanes
+/// read adjacent blocks (coalesced), and each block is a dot product with 32 inputs sharing one
+/// scale and zero: `s · (Σ x·q − z · Σ x)`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn quant_matmul_oc<F: Float, N: Size>(
+    x: &Array<F>,
+    qweight: &Array<Vector<u32, N>>,
+    params: &Array<u32>,
+    partial: &mut Array<f32>,
+    m_total: usize,
+    k_total: usize,
+    n_total: usize,
+    splits: usize,
+    #[comptime] bits: u32,
+    #[comptime] vec: usize,
+    #[comptime] group_blocks: usize,
+    #[comptime] tm: usize,
+) {
+    let unit = ABSOLUTE_POS_X as usize;
+    let split = unit % splits;
+    let n = unit / splits;
+    if n >= n_total {
+        terminate!();
+    }
+    let m0 = CUBE_POS_Z as usize * tm;
+    let k_blocks = k_total / BLOCK;
+    let vectors_per_row = k_blocks * comptime!(bits as usize / vec);
+    let groups_per_row = k_blocks / group_blocks;
+
+    let mut acc = Array::<f32>::new(tm);
+    #[unroll]
+    for mi in 0..tm {
+        acc[mi] = 0.0;
+    }
+
+    let mut blk = split;
+    while blk < k_blocks {
+        let (scale, zero) = decode_params(params[n * groups_per_row + blk / group_blocks]);
+        let codes = decode_block::<N>(
+            qweight,
+            n * vectors_per_row + blk * comptime!(bits as usize / vec),
+            bits,
+            vec,
+        );
+        #[unroll]
+        for mi in 0..tm {
+            let m = m0 + mi;
+            if m < m_total {
+                let xbase = m * k_total + blk * BLOCK;
+                let mut dot = 0.0f32;
+                let mut xsum = 0.0f32;
+                #[unroll]
+                for j in 0..BLOCK {
+                    let xv = f32::cast_from(x[xbase + j]);
+                    dot += xv * codes[j];
+                    xsum += xv;
+                }
+                acc[mi] += scale * (dot - zero * xsum);
+            }
+        }
+        blk += splits;
+    }
+
+    #[unroll]
+    for mi in 0..tm {
+        let m = m0 + mi;
+        if m < m_total {
+            partial[(split * m_total + m) * n_total + n] = acc[mi];
+        }
+    }
+}
+
+/// `y[i] = Σ_s partial[s, i]`, cast to the activation type: the split-K reduction of both kernels.
+#[cube(launch_unchecked)]
+pub fn reduce_splits<F: Float>(partial: &Array<f32>, y: &mut Array<F>, len: usize, splits: usize) {
+    let i = ABSOLUTE_POS;
+    if i >= len {
+        terminate!();
+    }
+    let mut sum = 0.0f32;
+    for s in 0..splits {
+        sum += partial[s * len + i];
+    }
+    y[i] = F::cast_from(sum);
+}

@@ -1,0 +1,179 @@
+//! CubeCL dequantizing kernels on the wgpu runtime (Mesa lavapipe on machines without a GPU)
+//! against `PackedLinear::dequantize()` + a naive f64 matmul.
+#![cfg(feature = "wgpu")]
+
+mod cube_common;
+
+use burn::backend::Wgpu;
+use burn::backend::wgpu::WgpuDevice;
+use burn::prelude::*;
+use burn::tensor::{DType, TensorPrimitive};
+use cube_common::{assert_close, random_packed, random_x, reference, rng};
+use kernels::cube::{MIN_ROWS_PER_SPLIT, TARGET_UNITS, ic_splits, m_tile, oc_splits};
+use kernels::{QuantBackend, QuantLinear};
+use quant_core::{PackedLinear, QuantDim};
+
+type B = Wgpu;
+
+const MS: [usize; 6] = [1, 2, 3, 7, 16, 64];
+
+/// The wgpu device, or a failure explaining how to get one: a missing adapter must not pass.
+fn device() -> WgpuDevice {
+    let device = WgpuDevice::default();
+    let probe = std::panic::catch_unwind(|| {
+        Tensor::<B, 1>::zeros([1], &device).into_data();
+    });
+    if probe.is_err() {
+        panic!(
+            "no wgpu adapter found: these tests run on any Vulkan driver; without a GPU install \
+             Mesa's CPU driver lavapipe with `apt-get install mesa-vulkan-drivers libvulkan1`"
+        );
+    }
+    device
+}
+
+/// Runs the kernel directly on `x [m, k]` (f32 or f16 on the device) and returns f32 values.
+fn run(w: &<B as QuantBackend>::Packed, x: &[f32], m: usize, k: usize, dtype: DType) -> Vec<f32> {
+    let device = device();
+    let xt = Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), [m, k]), &device).cast(dtype);
+    let y = B::quant_matmul(xt.into_primitive().tensor(), w);
+    let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(y));
+    assert_eq!(y.dtype(), dtype, "output keeps the activation dtype");
+    y.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+/// Shapes per dim: the grouped-along size is a multiple of `g` (the format requires it) but
+/// not of the 64-block cube width; the other size is arbitrary (odd, not a multiple of the
+/// split length), and K is large enough for several K-splits.
+fn shapes(dim: QuantDim, g: usize) -> (usize, usize) {
+    match (dim, g) {
+        (QuantDim::Ic, 64) => (192, 333),
+        (QuantDim::Ic, _) => (384, 517),
+        (QuantDim::Oc, 64) => (77, 640),
+        (QuantDim::Oc, _) => (130, 768),
+    }
+}
+
+fn check_all(dtype: DType, rel_out: f32, seed: u64) {
+    let device = device();
+    let mut rng = rng(seed);
+    for dim in QuantDim::ALL {
+        for bits in [2, 3, 4, 8] {
+            for g in [64, 128] {
+                let (n, k) = shapes(dim, g);
+                let packed = random_packed(&mut rng, dim, bits, g, n, k);
+                let w = B::upload(&packed, &device).unwrap();
+                assert!(w.is_packed(), "{dim} b{bits} g{g} must use the kernel");
+                for m in MS {
+                    let x = random_x(&mut rng, m * k, true);
+                    let (want, bound) = reference(&packed, &x, m);
+                    let got = run(&w, &x, m, k, dtype);
+                    // f32: only summation order differs (≤ ~K·ε₃₂ relative to the term sizes,
+                    // 2e-5 at K ≈ 770 leaves room while one wrong code, ≈ bound / (K·q̄), fails).
+                    // f16: the output is rounded to f16 as well (half an ulp = 2⁻¹¹ ≈ 4.9e-4).
+                    assert_close(
+                        &format!("{dim} b{bits} g{g} {n}x{k} M={m} {dtype:?}"),
+                        &got,
+                        &want,
+                        &bound,
+                        2e-5,
+                        rel_out,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn kernels_match_reference_f32() {
+    check_all(DType::F32, 0.0, 1);
+}
+
+#[test]
+fn kernels_match_reference_f16() {
+    let device = device();
+    assert!(
+        B::supports_dtype(&device, DType::F16),
+        "the wgpu adapter `{}` lacks f16 shader support; the f16 kernel test needs it \
+         (lavapipe from mesa-vulkan-drivers has it)",
+        B::name(&device)
+    );
+    check_all(DType::F16, 1e-3, 2);
+}
+
+/// Group sizes that are not a multiple of 32 take the dense path and stay correct.
+#[test]
+fn unaligned_groups_fall_back_to_dense() {
+    let device = device();
+    let mut rng = rng(3);
+    for dim in QuantDim::ALL {
+        let packed = random_packed(&mut rng, dim, 3, 48, 96, 144);
+        let w = B::upload(&packed, &device).unwrap();
+        assert!(!w.is_packed());
+        let x = random_x(&mut rng, 5 * 144, false);
+        let (want, bound) = reference(&packed, &x, 5);
+        // Dense matmul of unknown tiling: allow a looser summation error.
+        assert_close(
+            "dense fallback",
+            &run(&w, &x, 5, 144, DType::F32),
+            &want,
+            &bound,
+            1e-4,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn quant_linear_forward_any_leading_dims() {
+    let device = device();
+    let mut rng = rng(4);
+    let packed: PackedLinear = random_packed(&mut rng, QuantDim::Ic, 3, 64, 128, 96);
+    let layer = QuantLinear::<B>::new(&packed, &device).unwrap();
+    assert_eq!((layer.in_features(), layer.out_features()), (96, 128));
+    let x = random_x(&mut rng, 2 * 3 * 96, false);
+    let xt = Tensor::<B, 3>::from_data(TensorData::new(x.clone(), [2, 3, 96]), &device);
+    let y = layer.forward(xt);
+    assert_eq!(y.dims(), [2, 3, 128]);
+    let (want, bound) = reference(&packed, &x, 6);
+    let got = y.into_data().to_vec::<f32>().unwrap();
+    assert_close("QuantLinear wgpu", &got, &want, &bound, 2e-5, 0.0);
+
+    let bad = Tensor::<B, 2>::zeros([4, 95], &device);
+    assert!(layer.try_forward(bad).is_err());
+}
+
+#[test]
+fn invalid_packed_is_an_error() {
+    let device = device();
+    let mut rng = rng(5);
+    let mut packed = random_packed(&mut rng, QuantDim::Oc, 4, 64, 8, 128);
+    packed.qweight.pop();
+    let err = B::upload(&packed, &device).unwrap_err().to_string();
+    assert!(err.contains("qweight"), "{err}");
+}
+
+#[test]
+fn split_heuristics_cover_k_exactly() {
+    for k in [1, 127, 128, 333, 4096, 11008] {
+        for (n_blocks, m_tiles) in [(1, 1), (4, 1), (128, 1), (344, 16)] {
+            let (splits, per) = ic_splits(k, n_blocks, m_tiles);
+            assert!(
+                splits >= 1 && splits * per >= k && (splits - 1) * per < k,
+                "k={k}"
+            );
+            assert!(
+                splits == 1 || per >= MIN_ROWS_PER_SPLIT / 2,
+                "k={k}: {per} rows a split"
+            );
+            assert!(splits == 1 || n_blocks * m_tiles * (splits - 1) < TARGET_UNITS);
+        }
+    }
+    assert_eq!(oc_splits(128, 4096, 1), 4);
+    assert_eq!(oc_splits(2, 10, 1), 1);
+    assert_eq!(m_tile(QuantDim::Ic, 3), 4);
+    assert_eq!(m_tile(QuantDim::Ic, 64), 4);
+    assert_eq!(m_tile(QuantDim::Oc, 64), 8);
+    assert_eq!(m_tile(QuantDim::Oc, 1), 1);
+}
