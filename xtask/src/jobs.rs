@@ -16,14 +16,21 @@ type B = NdArray<f32>;
 /// Paths in configs are relative to the repository root; `model = "smollm2"` is the shipped
 /// test model, fetched and cached on first use.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the repo").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the repo")
+        .to_path_buf()
 }
 
 fn resolve(path: &Path) -> Result<PathBuf> {
     if path == Path::new("smollm2") {
         return Ok(model_llama::assets::smollm2_gguf()?);
     }
-    Ok(if path.is_absolute() { path.to_path_buf() } else { repo_root().join(path) })
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        repo_root().join(path)
+    })
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -46,7 +53,11 @@ fn default_seqlen() -> usize {
 
 impl Default for EvalSpec {
     fn default() -> Self {
-        Self { text: default_text(), seqlen: default_seqlen(), windows: Some(16) }
+        Self {
+            text: default_text(),
+            seqlen: default_seqlen(),
+            windows: Some(16),
+        }
     }
 }
 
@@ -73,15 +84,15 @@ pub fn evaluate(model: &Path, eval: &EvalSpec) -> Result<PerplexityReport> {
     let text = std::fs::read_to_string(&text_path)
         .with_context(|| format!("cannot read {}", text_path.display()))?;
     let tokens = m.tokenizer.encode(&text)?;
-    let llama = load_model::<B>(m.source.as_ref(), &Default::default())?;
+    let llama = m.load::<B>(&Default::default())?;
     Ok(perplexity(&llama, &tokens, eval.seqlen, eval.windows)?)
 }
 
 pub fn quantize(config: &Path) -> Result<()> {
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("cannot read {}", config.display()))?;
-    let job: JobConfig =
-        toml::from_str(&text).with_context(|| format!("{}: invalid job config", config.display()))?;
+    let job: JobConfig = toml::from_str(&text)
+        .with_context(|| format!("{}: invalid job config", config.display()))?;
     let spec = resolved(job.quantize)?;
     let report = adadim::run::<B>(&spec, &Default::default())?;
     println!(
@@ -145,7 +156,10 @@ struct Row {
 
 pub fn ablation(args: &AblationArgs) -> Result<()> {
     let model = resolve(Path::new("smollm2"))?;
-    let eval = EvalSpec { windows: Some(args.windows), ..Default::default() };
+    let eval = EvalSpec {
+        windows: Some(args.windows),
+        ..Default::default()
+    };
     let t = Instant::now();
     let fp = evaluate(&model, &eval)?;
     let mut rows = vec![Row {
@@ -155,7 +169,11 @@ pub fn ablation(args: &AblationArgs) -> Result<()> {
         rss: None,
         report: None,
     }];
-    println!("FP perplexity {:.3} ({:.1} s)", fp.perplexity, t.elapsed().as_secs_f64());
+    println!(
+        "FP perplexity {:.3} ({:.1} s)",
+        fp.perplexity,
+        t.elapsed().as_secs_f64()
+    );
     for &bits in &args.bits {
         for variant in &args.variants {
             let (method, dim) = variant
@@ -164,7 +182,9 @@ pub fn ablation(args: &AblationArgs) -> Result<()> {
             let method: Method = method.parse().map_err(anyhow::Error::msg)?;
             let dim: DimPolicy = dim.parse().map_err(anyhow::Error::msg)?;
             let name = format!("w{bits}g{} {method} {dim}", args.group_size);
-            let out = repo_root().join("out/ablation").join(name.replace([' ', ':', ','], "_"));
+            let out = repo_root()
+                .join("out/ablation")
+                .join(name.replace([' ', ':', ','], "_"));
             let spec = RunSpec {
                 model: model.clone(),
                 calib: resolve(Path::new("assets/lee-news.txt"))?,
@@ -180,7 +200,12 @@ pub fn ablation(args: &AblationArgs) -> Result<()> {
             };
             let report = adadim::run::<B>(&spec, &Default::default())?;
             let r = evaluate(&out, &eval)?;
-            println!("{name}: perplexity {:.3}, {:.1} s; per-IC {}", r.perplexity, report.seconds, ic_summary(&report));
+            println!(
+                "{name}: perplexity {:.3}, {:.1} s; per-IC {}",
+                r.perplexity,
+                report.seconds,
+                ic_summary(&report)
+            );
             rows.push(Row {
                 name,
                 ppl: r.perplexity,
@@ -208,9 +233,18 @@ fn write_results(path: &Path, rows: &[Row], eval: &EvalSpec, calib_samples: usiz
     );
     for r in rows {
         let opt = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.0}"));
-        md.push_str(&format!("| {} | {:.3} | {} | {} |\n", r.name, r.ppl, opt(r.seconds), opt(r.rss)));
+        md.push_str(&format!(
+            "| {} | {:.3} | {} | {} |\n",
+            r.name,
+            r.ppl,
+            opt(r.seconds),
+            opt(r.rss)
+        ));
     }
-    for r in rows.iter().filter(|r| r.report.as_ref().is_some_and(|rep| rep.policy == "ada")) {
+    for r in rows
+        .iter()
+        .filter(|r| r.report.as_ref().is_some_and(|rep| rep.policy == "ada"))
+    {
         let rep = r.report.as_ref().expect("filtered");
         md.push_str(&format!(
             "\n### Choices of {} (I = per-IC, O = per-OC)\n\nper-IC count by linear: {}\n\n```\n{}```\n",

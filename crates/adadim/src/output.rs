@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+use model_llama::TensorSource;
 use model_llama::export::{OwnedTensor, hf_tensor_names, stage_hf_dir};
 use model_llama::packed::packed_tensors;
 use model_llama::staging::write_atomic;
 use model_llama::tokenizer::LlamaTokenizer;
-use model_llama::TensorSource;
 
 use crate::error::Result;
 use crate::pipeline::QuantizedModel;
@@ -73,5 +73,9 @@ pub fn write_fake_quant(
             OwnedTensor::f16_from_f32(vec![p.out_features, p.in_features], &p.dequantize()),
         )]
     })?;
-    finish(stage_hf_dir(out, &src.config().to_hf_json(), &tensors)?, tokenizer, report)
+    finish(
+        stage_hf_dir(out, &src.config().to_hf_json(), &tensors)?,
+        tokenizer,
+        report,
+    )
 }

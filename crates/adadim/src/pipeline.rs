@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
+use kernels::QuantBackend;
 use model_llama::load::{linear_shape, load_layer, load_periphery};
 use model_llama::packed::QuantizationConfig;
 use model_llama::{Linear, LinearKind, TensorSource};
@@ -56,6 +57,27 @@ pub struct QuantizeOptions {
     pub gptq: GptqOptions,
 }
 
+impl QuantizeOptions {
+    /// Checks bits, group size and policy against every linear shape of `config`, before any
+    /// work is done; returns the base (per-OC) quantizer config.
+    pub fn validate(&self, config: &model_llama::LlamaConfig) -> Result<QuantConfig> {
+        let base = QuantConfig::new(self.bits, self.group_size, QuantDim::Oc)
+            .map_err(quant_err("quantization options".into()))?;
+        for kind in LinearKind::ALL {
+            let [out, inp] = linear_shape(config, kind);
+            for dim in self.policy.candidates(kind) {
+                base.with_dim(dim)
+                    .check_shape(out, inp)
+                    .map_err(quant_err(format!(
+                        "{} ({out}×{inp}) in dim {dim}",
+                        kind.module()
+                    )))?;
+            }
+        }
+        Ok(base)
+    }
+}
+
 /// What happened to one linear.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LinearRecord {
@@ -81,16 +103,20 @@ fn quant_err(context: String) -> impl FnOnce(quant_core::QuantError) -> AdadimEr
     move |source| AdadimError::Quant { context, source }
 }
 
-fn upload<B: Backend>(w: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Linear<B> {
+fn upload<B: QuantBackend>(w: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Linear<B> {
     Linear::from_weight(Tensor::from_data(TensorData::new(w, shape), device))
 }
 
 /// `H = (2/N)·XᵀX` of a linear's input over the `N` calibration blocks, the product on the
 /// device (it is the one large matmul of GPTQ), the result on the host for the solve.
-fn hessian<B: Backend>(x: &Tensor<B, 3>) -> Result<Hessian> {
+fn hessian<B: QuantBackend>(x: &Tensor<B, 3>) -> Result<Hessian> {
     let [blocks, t, features] = x.dims();
     let flat = x.clone().reshape([blocks * t, features]);
-    let gram = flat.clone().transpose().matmul(flat).mul_scalar(2.0 / blocks as f64);
+    let gram = flat
+        .clone()
+        .transpose()
+        .matmul(flat)
+        .mul_scalar(2.0 / blocks as f64);
     let h = gram.into_data().to_vec::<f32>().expect("f32 tensor");
     Hessian::from_matrix(h, features, blocks).map_err(quant_err("Hessian".into()))
 }
@@ -111,26 +137,14 @@ fn progress(len: usize, template: &str) -> ProgressBar {
 }
 
 /// Quantizes every linear of `src`, layer by layer, on `device`.
-pub fn quantize_model<B: Backend>(
+pub fn quantize_model<B: QuantBackend>(
     src: &dyn TensorSource,
     calib: &[Vec<u32>],
     opts: &QuantizeOptions,
     device: &B::Device,
 ) -> Result<QuantizedModel> {
     let config = src.config().clone();
-    let base = QuantConfig::new(opts.bits, opts.group_size, QuantDim::Oc)
-        .map_err(quant_err("quantization options".into()))?;
-    for kind in LinearKind::ALL {
-        let [out, inp] = linear_shape(&config, kind);
-        for dim in QuantDim::ALL {
-            if opts.policy.candidates(kind).contains(&dim) {
-                base.with_dim(dim).check_shape(out, inp).map_err(quant_err(format!(
-                    "{} ({out}×{inp}) in dim {dim}",
-                    kind.module()
-                )))?;
-            }
-        }
-    }
+    let base = opts.validate(&config)?;
     let seqlen = calib.first().map_or(0, Vec::len);
     if seqlen == 0 || calib.iter().any(|b| b.len() != seqlen) {
         return Err(AdadimError::EmptyCalibration(
@@ -139,7 +153,8 @@ pub fn quantize_model<B: Backend>(
     }
     let periphery = load_periphery::<B>(src, device)?;
     let ids: Vec<i64> = calib.iter().flatten().map(|&t| t as i64).collect();
-    let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [calib.len(), seqlen]), device);
+    let tokens =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [calib.len(), seqlen]), device);
     let mut x = burn::tensor::module::embedding(periphery.embed_tokens.clone(), tokens);
     let rope = periphery.rope;
 
@@ -171,7 +186,8 @@ pub fn quantize_model<B: Backend>(
             };
 
             // AdaDim: score the RTN candidates; fixed policies have a single candidate.
-            let mut chosen: Option<(QuantDim, Quantized, Linear<B>, crate::score::Scored<B>)> = None;
+            let mut chosen: Option<(QuantDim, Quantized, Linear<B>, crate::score::Scored<B>)> =
+                None;
             let mut errors = [None, None];
             if let Some(state) = &state {
                 for dim in opts.policy.candidates(kind) {
@@ -246,7 +262,10 @@ pub fn quantize_model<B: Backend>(
         x = next;
         tracing::info!(
             layer = i,
-            ic = records.iter().filter(|r| r.layer == i && r.dim == QuantDim::Ic).count(),
+            ic = records
+                .iter()
+                .filter(|r| r.layer == i && r.dim == QuantDim::Ic)
+                .count(),
             "layer done"
         );
     }

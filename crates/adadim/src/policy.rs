@@ -57,9 +57,9 @@ impl std::str::FromStr for DimPolicy {
             "oc" | "ic" => return Ok(DimPolicy::Fixed(s.parse()?)),
             _ => {}
         }
-        let list = s
-            .strip_prefix("ic:")
-            .ok_or_else(|| format!("unknown dim policy `{s}` (expected oc, ic, ada or ic:<linears>)"))?;
+        let list = s.strip_prefix("ic:").ok_or_else(|| {
+            format!("unknown dim policy `{s}` (expected oc, ic, ada or ic:<linears>)")
+        })?;
         let mut set = BTreeSet::new();
         for item in list.split(',').map(str::trim) {
             match item {
@@ -89,8 +89,21 @@ mod tests {
         assert_eq!(p.candidates(LinearKind::Down), vec![QuantDim::Ic]);
         assert_eq!(p.candidates(LinearKind::Up), vec![QuantDim::Oc]);
         assert_eq!(p.to_string(), "ic:q,k,v,down");
-        assert_eq!("ic:all".parse::<DimPolicy>().unwrap().candidates(LinearKind::O), vec![QuantDim::Ic]);
-        assert_eq!("ada".parse::<DimPolicy>().unwrap().candidates(LinearKind::O).len(), 2);
+        assert_eq!(
+            "ic:all"
+                .parse::<DimPolicy>()
+                .unwrap()
+                .candidates(LinearKind::O),
+            vec![QuantDim::Ic]
+        );
+        assert_eq!(
+            "ada"
+                .parse::<DimPolicy>()
+                .unwrap()
+                .candidates(LinearKind::O)
+                .len(),
+            2
+        );
         assert!("ic:".parse::<DimPolicy>().is_err());
         assert!("ic:foo".parse::<DimPolicy>().is_err());
         assert!("xy".parse::<DimPolicy>().is_err());

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::prelude::Backend;
+use kernels::QuantBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::calib::{CalibOptions, calibration_from_file};
@@ -63,9 +63,17 @@ pub struct RunSpec {
 }
 
 /// Runs `spec` on `device`; returns the report (also written into the output directory).
-pub fn run<B: Backend>(spec: &RunSpec, device: &B::Device) -> Result<RunReport> {
+pub fn run<B: QuantBackend>(spec: &RunSpec, device: &B::Device) -> Result<RunReport> {
     let start = Instant::now();
     let m = model_llama::open_model(&spec.model)?;
+    let opts = QuantizeOptions {
+        bits: spec.bits,
+        group_size: spec.group_size,
+        method: spec.method,
+        policy: spec.dim.clone(),
+        gptq: Default::default(),
+    };
+    opts.validate(m.source.config())?;
     let calib = calibration_from_file(
         &spec.calib,
         |t| Ok(m.tokenizer.encode(t)?),
@@ -75,13 +83,6 @@ pub fn run<B: Backend>(spec: &RunSpec, device: &B::Device) -> Result<RunReport> 
             shuffle_seed: spec.calib_seed,
         },
     )?;
-    let opts = QuantizeOptions {
-        bits: spec.bits,
-        group_size: spec.group_size,
-        method: spec.method,
-        policy: spec.dim.clone(),
-        gptq: Default::default(),
-    };
     let q = quantize_model::<B>(m.source.as_ref(), &calib, &opts, device)?;
     let report = RunReport {
         model: spec.model.display().to_string(),

@@ -6,11 +6,12 @@
 
 use burn::prelude::*;
 use burn::tensor::activation::silu;
+use kernels::QuantBackend;
 use model_llama::model::Rope;
 use model_llama::{DecoderLayer, LayerInputs, LayerTrace, Linear, LinearKind};
 
 /// Cached intermediate tensors of the layer's current (partly quantized) state.
-pub struct SubBlockState<B: Backend> {
+pub struct SubBlockState<B: QuantBackend> {
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -22,14 +23,20 @@ pub struct SubBlockState<B: Backend> {
 
 /// A candidate's error and what it changes in the cached state (kept so that the winner need
 /// not be recomputed).
-pub struct Scored<B: Backend> {
+pub struct Scored<B: QuantBackend> {
     pub error: f64,
     update: Update<B>,
 }
 
-enum Update<B: Backend> {
-    Attention { proj: Tensor<B, 4>, out: Tensor<B, 3> },
-    Mlp { proj: Tensor<B, 3>, out: Tensor<B, 3> },
+enum Update<B: QuantBackend> {
+    Attention {
+        proj: Tensor<B, 4>,
+        out: Tensor<B, 3>,
+    },
+    Mlp {
+        proj: Tensor<B, 3>,
+        out: Tensor<B, 3>,
+    },
     Nothing,
 }
 
@@ -38,7 +45,7 @@ fn mean_square<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
     v as f64
 }
 
-impl<B: Backend> SubBlockState<B> {
+impl<B: QuantBackend> SubBlockState<B> {
     /// The state of a layer straight after its full-precision forward.
     pub fn new(trace: &LayerTrace<B>) -> Self {
         let t = trace.clone();
@@ -91,7 +98,7 @@ impl<B: Backend> SubBlockState<B> {
             }
             LinearKind::O | LinearKind::Down => {
                 // The linear's own output: mean((X·(Ŵ − W)ᵀ)²), one product instead of two.
-                let delta = Linear::from_weight(candidate.weight().sub(layer.linear(kind).weight()));
+                let delta = Linear::from_weight(dense(candidate).sub(dense(layer.linear(kind))));
                 let diff = delta.forward(inputs.of(kind).clone());
                 Scored {
                     error: mean_square(diff),
@@ -104,12 +111,27 @@ impl<B: Backend> SubBlockState<B> {
     /// Makes a scored candidate part of the current state.
     pub fn commit(&mut self, kind: LinearKind, scored: Scored<B>) {
         match (kind, scored.update) {
-            (LinearKind::Q, Update::Attention { proj, out }) => (self.q, self.attn_out) = (proj, out),
-            (LinearKind::K, Update::Attention { proj, out }) => (self.k, self.attn_out) = (proj, out),
-            (LinearKind::V, Update::Attention { proj, out }) => (self.v, self.attn_out) = (proj, out),
-            (LinearKind::Gate, Update::Mlp { proj, out }) => (self.gate, self.mlp_out) = (proj, out),
+            (LinearKind::Q, Update::Attention { proj, out }) => {
+                (self.q, self.attn_out) = (proj, out)
+            }
+            (LinearKind::K, Update::Attention { proj, out }) => {
+                (self.k, self.attn_out) = (proj, out)
+            }
+            (LinearKind::V, Update::Attention { proj, out }) => {
+                (self.v, self.attn_out) = (proj, out)
+            }
+            (LinearKind::Gate, Update::Mlp { proj, out }) => {
+                (self.gate, self.mlp_out) = (proj, out)
+            }
             (LinearKind::Up, Update::Mlp { proj, out }) => (self.up, self.mlp_out) = (proj, out),
             _ => {}
         }
     }
+}
+
+/// The pipeline quantizes a dense copy of each layer, so every linear it scores is dense.
+fn dense<B: QuantBackend>(linear: &Linear<B>) -> Tensor<B, 2> {
+    linear
+        .dense_weight()
+        .expect("the pipeline scores dense layers only")
 }

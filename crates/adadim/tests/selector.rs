@@ -45,18 +45,30 @@ fn outlier_channels(n: usize) -> [usize; 2] {
     [3, n / 2 + 1]
 }
 
-fn source(config: LlamaConfig, seed: u64, plant: &dyn Fn(LinearKind) -> Option<Outliers>) -> MemorySource {
+fn source(
+    config: LlamaConfig,
+    seed: u64,
+    plant: &dyn Fn(LinearKind) -> Option<Outliers>,
+) -> MemorySource {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tensors = HashMap::new();
     let h = config.hidden_size;
     let mut uniform = |n: usize, scale: f32, offset: f32| -> Vec<f32> {
-        (0..n).map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0)).collect()
+        (0..n)
+            .map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0))
+            .collect()
     };
     tensors.insert(
         "model.embed_tokens.weight".to_string(),
-        HostTensor::new(vec![config.vocab_size, h], uniform(config.vocab_size * h, 1.0, 0.0)),
+        HostTensor::new(
+            vec![config.vocab_size, h],
+            uniform(config.vocab_size * h, 1.0, 0.0),
+        ),
     );
-    tensors.insert("model.norm.weight".into(), HostTensor::new(vec![h], uniform(h, 0.1, 1.0)));
+    tensors.insert(
+        "model.norm.weight".into(),
+        HostTensor::new(vec![h], uniform(h, 0.1, 1.0)),
+    );
     let hd = config.head_dim();
     let rep = config.num_attention_heads / config.num_key_value_heads;
     for i in 0..config.num_hidden_layers {
@@ -87,7 +99,9 @@ fn source(config: LlamaConfig, seed: u64, plant: &dyn Fn(LinearKind) -> Option<O
                                 // context channel c is value channel d of KV head (c / hd) / rep
                                 let row = (c / hd / rep) * hd + c % hd;
                                 let v = weights.get_mut(&LinearKind::V).unwrap();
-                                v[row * h..(row + 1) * h].iter_mut().for_each(|x| *x /= SCALE);
+                                v[row * h..(row + 1) * h]
+                                    .iter_mut()
+                                    .for_each(|x| *x /= SCALE);
                             }
                             LinearKind::Down => {
                                 let up = weights.get_mut(&LinearKind::Up).unwrap();
@@ -99,17 +113,31 @@ fn source(config: LlamaConfig, seed: u64, plant: &dyn Fn(LinearKind) -> Option<O
                 Some(Outliers::Rows) => {
                     let w = weights.get_mut(&kind).unwrap();
                     for r in outlier_channels(out) {
-                        w[r * inp..(r + 1) * inp].iter_mut().for_each(|x| *x *= SCALE);
+                        w[r * inp..(r + 1) * inp]
+                            .iter_mut()
+                            .for_each(|x| *x *= SCALE);
                     }
                 }
                 None => {}
             }
         }
         let [n1, n2] = norms;
-        put(format!("model.layers.{i}.input_layernorm.weight"), vec![h], n1);
-        put(format!("model.layers.{i}.post_attention_layernorm.weight"), vec![h], n2);
+        put(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            vec![h],
+            n1,
+        );
+        put(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            vec![h],
+            n2,
+        );
         for (kind, w) in weights {
-            put(format!("{}.weight", kind.hf_prefix(i)), linear_shape(&config, kind).to_vec(), w);
+            put(
+                format!("{}.weight", kind.hf_prefix(i)),
+                linear_shape(&config, kind).to_vec(),
+                w,
+            );
         }
     }
     MemorySource {
@@ -121,7 +149,9 @@ fn source(config: LlamaConfig, seed: u64, plant: &dyn Fn(LinearKind) -> Option<O
 
 fn calib(vocab: u32, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..4).map(|_| (0..48).map(|_| rng.random_range(0..vocab)).collect()).collect()
+    (0..4)
+        .map(|_| (0..48).map(|_| rng.random_range(0..vocab)).collect())
+        .collect()
 }
 
 fn opts(policy: DimPolicy) -> QuantizeOptions {
@@ -158,12 +188,19 @@ fn logits(src: &dyn TensorSource, tokens: &[Vec<u32>]) -> Vec<f32> {
     let device = Default::default();
     let model = load_model::<B>(src, &device).unwrap();
     let ids: Vec<i64> = tokens.iter().flatten().map(|&t| t as i64).collect();
-    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [tokens.len(), tokens[0].len()]), &device);
+    let input = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(ids, [tokens.len(), tokens[0].len()]),
+        &device,
+    );
     model.forward(input).into_data().to_vec::<f32>().unwrap()
 }
 
 fn mse(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64
 }
 
 #[test]
@@ -176,7 +213,12 @@ fn column_outliers_choose_ic() {
         assert_eq!(r.dim == QuantDim::Ic, ic < oc, "the choice is the argmin");
         // q and k reach the output through the softmax, which can mute an outlier channel.
         if !matches!(r.linear, LinearKind::Q | LinearKind::K) {
-            assert_eq!(r.dim, QuantDim::Ic, "{:?}: oc error {oc}, ic error {ic}", r.linear);
+            assert_eq!(
+                r.dim,
+                QuantDim::Ic,
+                "{:?}: oc error {oc}, ic error {ic}",
+                r.linear
+            );
         }
     }
 }
@@ -186,11 +228,18 @@ fn column_outliers_choose_ic() {
 #[test]
 fn row_outliers_choose_oc() {
     let linear_path = [LinearKind::V, LinearKind::O, LinearKind::Down];
-    let src = source(config(1), 1, &|k| linear_path.contains(&k).then_some(Outliers::Rows));
+    let src = source(config(1), 1, &|k| {
+        linear_path.contains(&k).then_some(Outliers::Rows)
+    });
     let q = run(&src, DimPolicy::Ada);
     for r in q.records.iter().filter(|r| linear_path.contains(&r.linear)) {
         let (oc, ic) = (r.error_oc.unwrap(), r.error_ic.unwrap());
-        assert_eq!(r.dim, QuantDim::Oc, "{:?}: oc error {oc}, ic error {ic}", r.linear);
+        assert_eq!(
+            r.dim,
+            QuantDim::Oc,
+            "{:?}: oc error {oc}, ic error {ic}",
+            r.linear
+        );
     }
 }
 
@@ -205,8 +254,17 @@ fn ada_reconstructs_the_model_better_than_either_fixed_dim() {
     let src = source(config(2), 2, &plant);
     let tokens = calib(97, 9);
     let reference = logits(&src, &tokens);
-    let err = |policy: DimPolicy| mse(&logits(&dequantized(&src, &run(&src, policy.clone())), &tokens), &reference);
-    let (ada, oc, ic) = (err(DimPolicy::Ada), err(DimPolicy::Fixed(QuantDim::Oc)), err(DimPolicy::Fixed(QuantDim::Ic)));
+    let err = |policy: DimPolicy| {
+        mse(
+            &logits(&dequantized(&src, &run(&src, policy.clone())), &tokens),
+            &reference,
+        )
+    };
+    let (ada, oc, ic) = (
+        err(DimPolicy::Ada),
+        err(DimPolicy::Fixed(QuantDim::Oc)),
+        err(DimPolicy::Fixed(QuantDim::Ic)),
+    );
     assert!(ada <= oc.min(ic), "ada {ada}, all-OC {oc}, all-IC {ic}");
 }
 
@@ -215,11 +273,18 @@ fn fixed_policies_quantize_in_their_dim() {
     let src = source(config(1), 3, &|_| None);
     let q = run(&src, "ic:qkv,down".parse().unwrap());
     for r in &q.records {
-        let ic = matches!(r.linear, LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::Down);
+        let ic = matches!(
+            r.linear,
+            LinearKind::Q | LinearKind::K | LinearKind::V | LinearKind::Down
+        );
         assert_eq!(r.dim == QuantDim::Ic, ic, "{:?}", r.linear);
         assert!(r.error_oc.is_none() && r.error_ic.is_none());
     }
-    let (_, down) = q.linears.iter().find(|(m, _)| m.ends_with("down_proj")).unwrap();
+    let (_, down) = q
+        .linears
+        .iter()
+        .find(|(m, _)| m.ends_with("down_proj"))
+        .unwrap();
     assert_eq!(down.dim, QuantDim::Ic);
 }
 
@@ -233,10 +298,17 @@ fn gptq_ada_beats_rtn_ada() {
     let tokens = calib(97, 9);
     let reference = logits(&src, &tokens);
     let err = |method| {
-        let o = QuantizeOptions { method, ..opts(DimPolicy::Ada) };
+        let o = QuantizeOptions {
+            method,
+            ..opts(DimPolicy::Ada)
+        };
         let q = quantize_model::<B>(&src, &tokens, &o, &Default::default()).unwrap();
         if method == Method::Gptq {
-            assert!(q.records.iter().all(|r| r.gptq_loss.is_some_and(f64::is_finite)));
+            assert!(
+                q.records
+                    .iter()
+                    .all(|r| r.gptq_loss.is_some_and(f64::is_finite))
+            );
         }
         mse(&logits(&dequantized(&src, &q), &tokens), &reference)
     };
@@ -248,13 +320,26 @@ fn gptq_ada_beats_rtn_ada() {
 fn bad_options_are_typed_errors() {
     let src = source(config(1), 5, &|_| None);
     let run_with = |bits, group_size| {
-        let o = QuantizeOptions { bits, group_size, ..opts(DimPolicy::Ada) };
-        quantize_model::<B>(&src, &calib(97, 1), &o, &Default::default()).err().unwrap().to_string()
+        let o = QuantizeOptions {
+            bits,
+            group_size,
+            ..opts(DimPolicy::Ada)
+        };
+        quantize_model::<B>(&src, &calib(97, 1), &o, &Default::default())
+            .err()
+            .unwrap()
+            .to_string()
     };
-    assert!(run_with(5, 32).contains("unsupported bit width 5"), "{}", run_with(5, 32));
+    assert!(
+        run_with(5, 32).contains("unsupported bit width 5"),
+        "{}",
+        run_with(5, 32)
+    );
     let e = run_with(3, 48);
     assert!(e.contains("does not divide"), "{e}");
     let empty: Vec<Vec<u32>> = vec![];
-    let e = quantize_model::<B>(&src, &empty, &opts(DimPolicy::Ada), &Default::default()).err().unwrap();
+    let e = quantize_model::<B>(&src, &empty, &opts(DimPolicy::Ada), &Default::default())
+        .err()
+        .unwrap();
     assert!(matches!(e, adadim::AdadimError::EmptyCalibration(_)), "{e}");
 }

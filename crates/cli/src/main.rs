@@ -6,7 +6,6 @@ use adadim::{DimPolicy, Method, RunReport, RunSpec};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use model_llama::generate::{GenerateOptions, generate};
-use model_llama::load::load_model;
 use model_llama::perplexity::perplexity;
 use model_llama::{OpenModel, open_model};
 
@@ -23,7 +22,11 @@ type Backend = burn::backend::Wgpu;
 type Backend = burn::backend::NdArray<f32>;
 
 #[derive(Parser)]
-#[command(name = "adadim", version, about = "AdaDim 3/4-bit quantization of LLaMA-family models")]
+#[command(
+    name = "adadim",
+    version,
+    about = "AdaDim 3/4-bit quantization of LLaMA-family models"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -149,11 +152,8 @@ fn run(cli: Cli) -> Result<()> {
                 m.source.as_ref(),
                 safetensors::tensor::Dtype::F32,
             )?;
-            let staging = model_llama::export::stage_hf_dir(
-                &out,
-                &m.source.config().to_hf_json(),
-                &tensors,
-            )?;
+            let staging =
+                model_llama::export::stage_hf_dir(&out, &m.source.config().to_hf_json(), &tensors)?;
             m.tokenizer.save(&staging.join("tokenizer.json"))?;
             let dir = staging.commit()?;
             println!("wrote {}", dir.display());
@@ -168,7 +168,7 @@ fn run(cli: Cli) -> Result<()> {
             let text_str = std::fs::read_to_string(&text)
                 .with_context(|| format!("cannot read {}", text.display()))?;
             let tokens = m.tokenizer.encode(&text_str)?;
-            let llama = load_model::<Backend>(m.source.as_ref(), &device)?;
+            let llama = m.load::<Backend>(&device)?;
             let r = perplexity(&llama, &tokens, seqlen, windows)?;
             println!(
                 "perplexity {:.4}  ({} windows × {} tokens of {}, {} tokens in the text)  {:.1} s, {:.0} tokens/s",
@@ -195,7 +195,7 @@ fn run(cli: Cli) -> Result<()> {
             if ids.is_empty() {
                 bail!("the prompt is empty");
             }
-            let llama = load_model::<Backend>(m.source.as_ref(), &device)?;
+            let llama = m.load::<Backend>(&device)?;
             let opts = GenerateOptions {
                 max_new_tokens: max_tokens,
                 temperature,

@@ -119,8 +119,8 @@ impl LlamaConfig {
                 });
             }
         }
-        let config: LlamaConfig =
-            serde_json::from_value(value).map_err(|e| ModelError::malformed(path, e.to_string()))?;
+        let config: LlamaConfig = serde_json::from_value(value)
+            .map_err(|e| ModelError::malformed(path, e.to_string()))?;
         config
             .validate()
             .map_err(|msg| ModelError::malformed(path, msg))?;
@@ -131,13 +131,13 @@ impl LlamaConfig {
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("config serializes");
         let obj = v.as_object_mut().expect("object");
-        obj.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+        obj.insert(
+            "architectures".into(),
+            serde_json::json!(["LlamaForCausalLM"]),
+        );
         obj.insert("model_type".into(), serde_json::json!("llama"));
         obj.insert("hidden_act".into(), serde_json::json!("silu"));
-        obj.insert(
-            "head_dim".into(),
-            serde_json::json!(self.head_dim()),
-        );
+        obj.insert("head_dim".into(), serde_json::json!(self.head_dim()));
         v
     }
 }

@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use burn::prelude::*;
+use kernels::QuantBackend;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -53,10 +54,14 @@ impl Generation {
     }
 }
 
-fn last_logits<B: Backend>(model: &Llama<B>, hidden: Tensor<B, 3>) -> Vec<f32> {
+fn last_logits<B: QuantBackend>(model: &Llama<B>, hidden: Tensor<B, 3>) -> Vec<f32> {
     let [_, t, h] = hidden.dims();
     let last = hidden.narrow(1, t - 1, 1).reshape([1, h]);
-    model.head(last).into_data().to_vec::<f32>().expect("f32 logits")
+    model
+        .head(last)
+        .into_data()
+        .to_vec::<f32>()
+        .expect("f32 logits")
 }
 
 /// Picks the next token from `logits`.
@@ -100,13 +105,17 @@ pub fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut StdRng) ->
     probs[probs.len() - 1].0
 }
 
-fn to_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
+fn to_tensor<B: QuantBackend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
     let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
     Tensor::from_data(TensorData::new(data, [1, ids.len()]), device)
 }
 
 /// Continues `prompt` by up to `max_new_tokens` tokens.
-pub fn generate<B: Backend>(model: &Llama<B>, prompt: &[u32], opts: &GenerateOptions) -> Generation {
+pub fn generate<B: QuantBackend>(
+    model: &Llama<B>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+) -> Generation {
     assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
     let device = model.device();
     let mut rng = StdRng::seed_from_u64(opts.seed);
@@ -115,7 +124,10 @@ pub fn generate<B: Backend>(model: &Llama<B>, prompt: &[u32], opts: &GenerateOpt
     let mut out = Vec::with_capacity(opts.max_new_tokens);
 
     let t0 = Instant::now();
-    let hidden = model.hidden_states(to_tensor(prompt, &device), opts.use_cache.then_some(cache.as_mut_slice()));
+    let hidden = model.hidden_states(
+        to_tensor(prompt, &device),
+        opts.use_cache.then_some(cache.as_mut_slice()),
+    );
     let mut logits = last_logits(model, hidden);
     let prefill_seconds = t0.elapsed().as_secs_f64();
 
@@ -127,8 +139,15 @@ pub fn generate<B: Backend>(model: &Llama<B>, prompt: &[u32], opts: &GenerateOpt
         if Some(next) == opts.stop_token || out.len() == opts.max_new_tokens {
             break;
         }
-        let input = if opts.use_cache { &all[all.len() - 1..] } else { &all[..] };
-        let hidden = model.hidden_states(to_tensor(input, &device), opts.use_cache.then_some(cache.as_mut_slice()));
+        let input = if opts.use_cache {
+            &all[all.len() - 1..]
+        } else {
+            &all[..]
+        };
+        let hidden = model.hidden_states(
+            to_tensor(input, &device),
+            opts.use_cache.then_some(cache.as_mut_slice()),
+        );
         logits = last_logits(model, hidden);
     }
     Generation {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, Metadata, TensorView};
 use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, Metadata, TensorView};
 
 use crate::checkpoint::{HostTensor, TensorSource};
 use crate::config::LlamaConfig;
@@ -89,7 +89,10 @@ impl SafetensorsDir {
         let start = shard.header_len + info.data_offsets.0;
         let end = shard.header_len + info.data_offsets.1;
         let data = shard.mmap.get(start..end).ok_or_else(|| {
-            ModelError::malformed(&shard.path, format!("tensor `{name}` lies outside the file"))
+            ModelError::malformed(
+                &shard.path,
+                format!("tensor `{name}` lies outside the file"),
+            )
         })?;
         TensorView::new(info.dtype, info.shape.clone(), data)
             .map_err(|e| ModelError::malformed(&shard.path, format!("tensor `{name}`: {e}")))?;
@@ -101,10 +104,13 @@ impl SafetensorsDir {
     }
 
     fn shard_of(&self, name: &str) -> Result<&Shard> {
-        let &i = self.index.get(name).ok_or_else(|| ModelError::MissingTensor {
-            path: self.dir.clone(),
-            name: name.to_string(),
-        })?;
+        let &i = self
+            .index
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.dir.clone(),
+                name: name.to_string(),
+            })?;
         Ok(&self.shards[i])
     }
 }
@@ -125,7 +131,10 @@ impl TensorSource for SafetensorsDir {
     fn load(&self, name: &str) -> Result<HostTensor> {
         let raw = self.raw(name)?;
         let data = to_f32(raw.dtype, raw.data).ok_or_else(|| ModelError::Unsupported {
-            path: self.shard_of(name).map(|s| s.path.clone()).unwrap_or_default(),
+            path: self
+                .shard_of(name)
+                .map(|s| s.path.clone())
+                .unwrap_or_default(),
             what: "tensor dtype",
             value: format!("{:?} (tensor `{name}`)", raw.dtype),
         })?;
@@ -135,7 +144,11 @@ impl TensorSource for SafetensorsDir {
 
 /// Little-endian f32/f16/bf16 bytes → f32; `None` for other dtypes.
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    let chunks2 = || bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+    let chunks2 = || {
+        bytes
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+    };
     match dtype {
         Dtype::F32 => Some(
             bytes
@@ -165,8 +178,8 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         ));
     }
     let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| ModelError::malformed(&index_path, e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::malformed(&index_path, e.to_string()))?;
     let map = value
         .get("weight_map")
         .and_then(|m| m.as_object())

@@ -1,6 +1,7 @@
 //! Building the Burn model from a [`TensorSource`], whole or one layer at a time.
 
 use burn::prelude::*;
+use kernels::QuantBackend;
 
 use crate::checkpoint::TensorSource;
 use crate::error::{ModelError, Result};
@@ -9,7 +10,7 @@ use crate::model::{
 };
 
 /// Loads `name`, checks its shape and that every value is finite, and uploads it.
-pub fn load_tensor<B: Backend, const D: usize>(
+pub fn load_tensor<B: QuantBackend, const D: usize>(
     src: &dyn TensorSource,
     name: &str,
     expected: [usize; D],
@@ -46,7 +47,11 @@ pub fn linear_shape(config: &crate::LlamaConfig, kind: LinearKind) -> [usize; 2]
     }
 }
 
-fn norm<B: Backend>(src: &dyn TensorSource, name: &str, device: &B::Device) -> Result<RmsNorm<B>> {
+fn norm<B: QuantBackend>(
+    src: &dyn TensorSource,
+    name: &str,
+    device: &B::Device,
+) -> Result<RmsNorm<B>> {
     let config = src.config();
     Ok(RmsNorm {
         weight: load_tensor(src, name, [config.hidden_size], device)?,
@@ -56,7 +61,7 @@ fn norm<B: Backend>(src: &dyn TensorSource, name: &str, device: &B::Device) -> R
 
 /// Decoder layer `i`, with every linear loaded through `linear` (dense weights by default;
 /// quantized checkpoints pass their own loader).
-pub fn load_layer_with<B: Backend>(
+pub fn load_layer_with<B: QuantBackend>(
     src: &dyn TensorSource,
     i: usize,
     device: &B::Device,
@@ -89,7 +94,7 @@ pub fn load_layer_with<B: Backend>(
 }
 
 /// Dense decoder layer `i`.
-pub fn load_layer<B: Backend>(
+pub fn load_layer<B: QuantBackend>(
     src: &dyn TensorSource,
     i: usize,
     device: &B::Device,
@@ -102,14 +107,17 @@ pub fn load_layer<B: Backend>(
 }
 
 /// The parts of the model outside the decoder layers.
-pub struct Periphery<B: Backend> {
+pub struct Periphery<B: QuantBackend> {
     pub embed_tokens: Tensor<B, 2>,
     pub norm: RmsNorm<B>,
     pub lm_head: Linear<B>,
     pub rope: Rope<B>,
 }
 
-pub fn load_periphery<B: Backend>(src: &dyn TensorSource, device: &B::Device) -> Result<Periphery<B>> {
+pub fn load_periphery<B: QuantBackend>(
+    src: &dyn TensorSource,
+    device: &B::Device,
+) -> Result<Periphery<B>> {
     let config = src.config();
     if let Err(msg) = config.validate() {
         return Err(ModelError::malformed(src.path(), msg));
@@ -134,14 +142,14 @@ pub fn load_periphery<B: Backend>(src: &dyn TensorSource, device: &B::Device) ->
 }
 
 /// The whole model, dense.
-pub fn load_model<B: Backend>(src: &dyn TensorSource, device: &B::Device) -> Result<Llama<B>> {
+pub fn load_model<B: QuantBackend>(src: &dyn TensorSource, device: &B::Device) -> Result<Llama<B>> {
     let layers = (0..src.config().num_hidden_layers)
         .map(|i| load_layer(src, i, device))
         .collect::<Result<Vec<_>>>()?;
     Ok(assemble(src, load_periphery(src, device)?, layers))
 }
 
-pub fn assemble<B: Backend>(
+pub fn assemble<B: QuantBackend>(
     src: &dyn TensorSource,
     p: Periphery<B>,
     layers: Vec<DecoderLayer<B>>,

@@ -6,13 +6,29 @@ use crate::checkpoint::TensorSource;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufCheckpoint;
 use crate::hf_dir::SafetensorsDir;
+use crate::load::load_model;
+use crate::model::Llama;
 use crate::packed::PackedDir;
 use crate::tokenizer::LlamaTokenizer;
+use kernels::QuantBackend;
 
 /// A checkpoint and its tokenizer.
 pub struct OpenModel {
     pub source: Box<dyn TensorSource>,
     pub tokenizer: LlamaTokenizer,
+    /// Set for packed AdaDim checkpoints, which load onto the quantized kernels.
+    pub packed: Option<PackedDir>,
+}
+
+impl OpenModel {
+    /// The Burn model: packed checkpoints keep their linears packed (run through the backend's
+    /// dequantizing kernel), everything else is loaded dense.
+    pub fn load<B: QuantBackend>(&self, device: &B::Device) -> Result<Llama<B>> {
+        match &self.packed {
+            Some(packed) => packed.load_model(device),
+            None => load_model(self.source.as_ref(), device),
+        }
+    }
 }
 
 /// Opens a GGUF file, a packed AdaDim directory or a plain Hugging Face directory.
@@ -39,11 +55,13 @@ pub fn open_model(path: &Path) -> Result<OpenModel> {
         return Ok(OpenModel {
             source: open_checkpoint(path)?,
             tokenizer,
+            packed: PackedDir::open(path)?,
         });
     }
     let gguf = GgufCheckpoint::open(path)?;
     Ok(OpenModel {
         tokenizer: gguf.tokenizer()?,
         source: Box::new(gguf),
+        packed: None,
     })
 }

@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use kernels::{QuantBackend, QuantLinear};
 use quant_core::{PackedLinear, QuantDim};
 use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,8 @@ use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::export::OwnedTensor;
 use crate::hf_dir::SafetensorsDir;
+use crate::load::{assemble, load_layer_with, load_periphery};
+use crate::model::{Linear, Llama};
 
 /// The `quantization_config` block of a packed checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -93,7 +96,10 @@ impl PackedDir {
     pub fn packed_linear(&self, module: &str) -> Result<PackedLinear> {
         let path = self.inner.path().to_path_buf();
         let dim = *self.quant.dims.get(module).ok_or_else(|| {
-            ModelError::malformed(&path, format!("no dim for `{module}` in quantization_config"))
+            ModelError::malformed(
+                &path,
+                format!("no dim for `{module}` in quantization_config"),
+            )
         })?;
         let kind_shape = shape_of_module(self.inner.config(), module)
             .ok_or_else(|| ModelError::malformed(&path, format!("unknown linear `{module}`")))?;
@@ -132,7 +138,9 @@ impl PackedDir {
 
 fn shape_of_module(config: &LlamaConfig, module: &str) -> Option<[usize; 2]> {
     let (_, rest) = module.strip_prefix("model.layers.")?.split_once('.')?;
-    let kind = crate::LinearKind::ALL.into_iter().find(|k| k.module() == rest)?;
+    let kind = crate::LinearKind::ALL
+        .into_iter()
+        .find(|k| k.module() == rest)?;
     Some(crate::load::linear_shape(config, kind))
 }
 
@@ -163,5 +171,25 @@ impl TensorSource for PackedDir {
             }
             _ => self.inner.load(name),
         }
+    }
+}
+
+impl PackedDir {
+    /// The model with every linear on its packed weight, multiplied by the backend's
+    /// dequantizing kernel ([`kernels::QuantLinear`]).
+    pub fn load_model<B: QuantBackend>(&self, device: &B::Device) -> Result<Llama<B>> {
+        let layers = (0..self.config().num_hidden_layers)
+            .map(|i| {
+                load_layer_with(self, i, device, &|kind| {
+                    let module = kind.hf_prefix(i);
+                    let packed = self.packed_linear(&module)?;
+                    let q = QuantLinear::new(&packed, device).map_err(|e| {
+                        ModelError::malformed(self.path(), format!("`{module}`: {e}"))
+                    })?;
+                    Ok(Linear::Quant(q))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(assemble(self, load_periphery(self, device)?, layers))
     }
 }

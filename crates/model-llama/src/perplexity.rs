@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
+use kernels::QuantBackend;
 use serde::Serialize;
 
 use crate::error::{ModelError, Result};
@@ -32,7 +33,7 @@ impl PerplexityReport {
 }
 
 /// Sum of `−log p(target)` over rows of `hidden [rows, hidden]`.
-pub fn sum_nll<B: Backend>(model: &Llama<B>, hidden: Tensor<B, 2>, targets: &[u32]) -> f64 {
+pub fn sum_nll<B: QuantBackend>(model: &Llama<B>, hidden: Tensor<B, 2>, targets: &[u32]) -> f64 {
     let device = hidden.device();
     let rows = hidden.dims()[0];
     let mut total = 0.0;
@@ -40,7 +41,13 @@ pub fn sum_nll<B: Backend>(model: &Llama<B>, hidden: Tensor<B, 2>, targets: &[u3
         let n = LOGIT_ROWS.min(rows - r0);
         let logits = model.head(hidden.clone().narrow(0, r0, n));
         let max = logits.clone().max_dim(1);
-        let lse = logits.clone().sub(max.clone()).exp().sum_dim(1).log().add(max);
+        let lse = logits
+            .clone()
+            .sub(max.clone())
+            .exp()
+            .sum_dim(1)
+            .log()
+            .add(max);
         let idx: Vec<i64> = targets[r0..r0 + n].iter().map(|&t| t as i64).collect();
         let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
         let picked = logits.gather(1, idx);
@@ -51,14 +58,16 @@ pub fn sum_nll<B: Backend>(model: &Llama<B>, hidden: Tensor<B, 2>, targets: &[u3
 }
 
 /// Perplexity of `model` on `tokens`, over at most `max_windows` windows of `seqlen` tokens.
-pub fn perplexity<B: Backend>(
+pub fn perplexity<B: QuantBackend>(
     model: &Llama<B>,
     tokens: &[u32],
     seqlen: usize,
     max_windows: Option<usize>,
 ) -> Result<PerplexityReport> {
     if seqlen < 2 {
-        return Err(ModelError::Invalid(format!("seqlen must be at least 2, got {seqlen}")));
+        return Err(ModelError::Invalid(format!(
+            "seqlen must be at least 2, got {seqlen}"
+        )));
     }
     let available = tokens.len() / seqlen;
     let windows = max_windows.map_or(available, |w| w.min(available));
@@ -70,8 +79,10 @@ pub fn perplexity<B: Backend>(
     }
     let device = model.device();
     let bar = ProgressBar::new(windows as u64).with_style(
-        ProgressStyle::with_template("perplexity {bar:30} {pos}/{len} windows  {elapsed} (eta {eta})")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "perplexity {bar:30} {pos}/{len} windows  {elapsed} (eta {eta})",
+        )
+        .expect("valid template"),
     );
     let start = Instant::now();
     let mut nll_sum = 0.0;
@@ -79,11 +90,17 @@ pub fn perplexity<B: Backend>(
         let window = &tokens[w * seqlen..(w + 1) * seqlen];
         let ids: Vec<i64> = window.iter().map(|&t| t as i64).collect();
         let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, seqlen]), &device);
-        let hidden = model.hidden_states(input, None).reshape([seqlen, model.config.hidden_size]);
+        let hidden = model
+            .hidden_states(input, None)
+            .reshape([seqlen, model.config.hidden_size]);
         let predicted = hidden.narrow(0, 0, seqlen - 1);
         nll_sum += sum_nll(model, predicted, &window[1..]) / (seqlen - 1) as f64;
         bar.inc(1);
-        tracing::debug!(window = w, running_ppl = (nll_sum / (w + 1) as f64).exp(), "window done");
+        tracing::debug!(
+            window = w,
+            running_ppl = (nll_sum / (w + 1) as f64).exp(),
+            "window done"
+        );
     }
     bar.finish_and_clear();
     let nll = nll_sum / windows as f64;

@@ -15,9 +15,9 @@ pub struct StagingDir {
 impl StagingDir {
     /// Creates `<dest>.tmp-<pid>` (replacing a stale one).
     pub fn new(dest: &Path) -> Result<Self> {
-        let name = dest
-            .file_name()
-            .ok_or_else(|| ModelError::Invalid(format!("{}: not a directory name", dest.display())))?;
+        let name = dest.file_name().ok_or_else(|| {
+            ModelError::Invalid(format!("{}: not a directory name", dest.display()))
+        })?;
         let mut tmp_name = name.to_os_string();
         tmp_name.push(format!(".tmp-{}", std::process::id()));
         let tmp = dest.with_file_name(tmp_name);

@@ -7,7 +7,7 @@ use burn::prelude::*;
 use model_llama::generate::{GenerateOptions, generate};
 use model_llama::load::load_model;
 use model_llama::perplexity::perplexity;
-use model_llama::{HostTensor, LlamaConfig, LinearKind, MemorySource, RopeScaling, TensorSource};
+use model_llama::{HostTensor, LinearKind, LlamaConfig, MemorySource, RopeScaling, TensorSource};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -42,15 +42,35 @@ fn random_source(config: LlamaConfig, seed: u64) -> MemorySource {
         tensors.insert(name, HostTensor::new(shape, data));
     };
     let h = config.hidden_size;
-    put("model.embed_tokens.weight".into(), vec![config.vocab_size, h], 1.0, 0.0);
+    put(
+        "model.embed_tokens.weight".into(),
+        vec![config.vocab_size, h],
+        1.0,
+        0.0,
+    );
     put("model.norm.weight".into(), vec![h], 0.2, 1.0);
     for i in 0..config.num_hidden_layers {
-        put(format!("model.layers.{i}.input_layernorm.weight"), vec![h], 0.2, 1.0);
-        put(format!("model.layers.{i}.post_attention_layernorm.weight"), vec![h], 0.2, 1.0);
+        put(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            vec![h],
+            0.2,
+            1.0,
+        );
+        put(
+            format!("model.layers.{i}.post_attention_layernorm.weight"),
+            vec![h],
+            0.2,
+            1.0,
+        );
         for kind in LinearKind::ALL {
             let shape = model_llama::load::linear_shape(&config, kind);
             let scale = 1.0 / (shape[1] as f32).sqrt();
-            put(format!("{}.weight", kind.hf_prefix(i)), shape.to_vec(), scale * 1.5, 0.0);
+            put(
+                format!("{}.weight", kind.hf_prefix(i)),
+                shape.to_vec(),
+                scale * 1.5,
+                0.0,
+            );
         }
     }
     MemorySource {
@@ -98,10 +118,22 @@ fn naive_logits(src: &MemorySource, tokens: &[u32]) -> Vec<Vec<f64>> {
     let rep = c.num_attention_heads / c.num_key_value_heads;
     for l in 0..c.num_hidden_layers {
         let p = |m: &str| format!("model.layers.{l}.{m}");
-        let normed: Vec<_> = xs.iter().map(|x| rmsnorm(&p("input_layernorm.weight"), x)).collect();
-        let mut qs: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&p("self_attn.q_proj.weight"), x)).collect();
-        let mut ks: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&p("self_attn.k_proj.weight"), x)).collect();
-        let vs: Vec<Vec<f64>> = normed.iter().map(|x| matvec(&p("self_attn.v_proj.weight"), x)).collect();
+        let normed: Vec<_> = xs
+            .iter()
+            .map(|x| rmsnorm(&p("input_layernorm.weight"), x))
+            .collect();
+        let mut qs: Vec<Vec<f64>> = normed
+            .iter()
+            .map(|x| matvec(&p("self_attn.q_proj.weight"), x))
+            .collect();
+        let mut ks: Vec<Vec<f64>> = normed
+            .iter()
+            .map(|x| matvec(&p("self_attn.k_proj.weight"), x))
+            .collect();
+        let vs: Vec<Vec<f64>> = normed
+            .iter()
+            .map(|x| matvec(&p("self_attn.v_proj.weight"), x))
+            .collect();
         for (pos, (q, k)) in qs.iter_mut().zip(ks.iter_mut()).enumerate() {
             for hd in 0..c.num_attention_heads {
                 rope(&mut q[hd * d..(hd + 1) * d], pos);
@@ -137,7 +169,11 @@ fn naive_logits(src: &MemorySource, tokens: &[u32]) -> Vec<Vec<f64>> {
             let n2 = rmsnorm(&p("post_attention_layernorm.weight"), &xs[t]);
             let g = matvec(&p("mlp.gate_proj.weight"), &n2);
             let u = matvec(&p("mlp.up_proj.weight"), &n2);
-            let hid: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let hid: Vec<f64> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
             let dn = matvec(&p("mlp.down_proj.weight"), &hid);
             for j in 0..h {
                 xs[t][j] += dn[j];
@@ -217,7 +253,11 @@ fn perplexity_matches_naive_cross_entropy() {
     let model = load_model::<B>(&src, &Default::default()).unwrap();
     let report = perplexity(&model, &tokens, seqlen, None).unwrap();
     assert_eq!(report.windows, 3);
-    assert!((report.perplexity - expected).abs() / expected < 1e-4, "{} vs {expected}", report.perplexity);
+    assert!(
+        (report.perplexity - expected).abs() / expected < 1e-4,
+        "{} vs {expected}",
+        report.perplexity
+    );
 }
 
 #[test]
@@ -248,10 +288,20 @@ fn wrong_shape_is_a_clear_error() {
         "model.layers.1.mlp.up_proj.weight".into(),
         HostTensor::new(vec![47, 32], vec![0.0; 47 * 32]),
     );
-    let err = load_model::<B>(&src, &Default::default()).unwrap_err().to_string();
-    assert!(err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("[47, 32]"), "{err}");
+    let err = load_model::<B>(&src, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("[47, 32]"),
+        "{err}"
+    );
     src.tensors.remove("model.norm.weight");
-    src.tensors.insert("model.layers.1.mlp.up_proj.weight".into(), HostTensor::new(vec![48, 32], vec![f32::NAN; 48 * 32]));
-    let err = load_model::<B>(&src, &Default::default()).unwrap_err().to_string();
+    src.tensors.insert(
+        "model.layers.1.mlp.up_proj.weight".into(),
+        HostTensor::new(vec![48, 32], vec![f32::NAN; 48 * 32]),
+    );
+    let err = load_model::<B>(&src, &Default::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("non-finite"), "{err}");
 }

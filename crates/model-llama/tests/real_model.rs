@@ -4,8 +4,8 @@ use burn::backend::NdArray;
 use model_llama::assets::{repo_asset, smollm2_gguf};
 use model_llama::generate::{GenerateOptions, generate};
 use model_llama::load::load_model;
-use model_llama::perplexity::perplexity;
 use model_llama::open_model;
+use model_llama::perplexity::perplexity;
 
 type B = NdArray<f32>;
 
@@ -25,7 +25,11 @@ fn perplexity_matches_the_reference_within_two_percent() {
         r.tokens_per_second()
     );
     assert_eq!(r.windows, 16);
-    assert!((r.perplexity - 23.54).abs() / 23.54 < 0.02, "perplexity {}", r.perplexity);
+    assert!(
+        (r.perplexity - 23.54).abs() / 23.54 < 0.02,
+        "perplexity {}",
+        r.perplexity
+    );
 }
 
 #[test]

@@ -1,5 +1,6 @@
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
+use kernels::QuantBackend;
 
 use super::layer::LinearKind;
 use super::linear::Linear;
@@ -11,7 +12,7 @@ const QUERY_CHUNK: usize = 512;
 
 /// Grouped-query self-attention.
 #[derive(Clone, Debug)]
-pub struct Attention<B: Backend> {
+pub struct Attention<B: QuantBackend> {
     pub q_proj: Linear<B>,
     pub k_proj: Linear<B>,
     pub v_proj: Linear<B>,
@@ -23,13 +24,13 @@ pub struct Attention<B: Backend> {
 
 /// Keys and values of the positions seen so far, per layer.
 #[derive(Clone, Debug, Default)]
-pub struct KvCache<B: Backend> {
+pub struct KvCache<B: QuantBackend> {
     /// `[batch, kv_heads, len, head_dim]`
     pub k: Option<Tensor<B, 4>>,
     pub v: Option<Tensor<B, 4>>,
 }
 
-impl<B: Backend> KvCache<B> {
+impl<B: QuantBackend> KvCache<B> {
     pub fn len(&self) -> usize {
         self.k.as_ref().map_or(0, |k| k.dims()[2])
     }
@@ -51,7 +52,7 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: QuantBackend> Attention<B> {
     fn split_heads(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
         let [b, t, _] = x.dims();
         x.reshape([b, t, heads, self.head_dim]).swap_dims(1, 2)
@@ -104,7 +105,9 @@ impl<B: Backend> Attention<B> {
         let rep = self.n_heads / self.n_kv_heads;
         let scale = 1.0 / (d as f64).sqrt();
         // Heads sharing a KV head are stacked along the query axis, so K and V are never repeated.
-        let q = q.mul_scalar(scale).reshape([b, self.n_kv_heads, rep, t_q, d]);
+        let q = q
+            .mul_scalar(scale)
+            .reshape([b, self.n_kv_heads, rep, t_q, d]);
         let device = q.device();
         let mut chunks = Vec::with_capacity(t_q.div_ceil(QUERY_CHUNK));
         for c0 in (0..t_q).step_by(QUERY_CHUNK) {
@@ -158,7 +161,7 @@ impl<B: Backend> Attention<B> {
 }
 
 /// Additive mask `[1, 1, rep·c, visible]`: query row `i` (position `first + i % c`) sees keys `≤` it.
-fn causal_bias<B: Backend>(
+fn causal_bias<B: QuantBackend>(
     rep: usize,
     c: usize,
     first: usize,

@@ -1,5 +1,6 @@
 use burn::prelude::*;
 use burn::tensor::activation::silu;
+use kernels::QuantBackend;
 use serde::{Deserialize, Serialize};
 
 use super::attention::{Attention, KvCache};
@@ -68,14 +69,16 @@ impl std::str::FromStr for LinearKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         LinearKind::ALL
             .into_iter()
-            .find(|k| k.short_name() == s || k.module() == s || k.module().rsplit('.').next() == Some(s))
+            .find(|k| {
+                k.short_name() == s || k.module() == s || k.module().rsplit('.').next() == Some(s)
+            })
             .ok_or_else(|| format!("unknown linear `{s}` (expected q, k, v, o, gate, up or down)"))
     }
 }
 
 /// One pre-norm decoder layer: `h = x + attn(norm₁(x))`, `out = h + mlp(norm₂(h))`.
 #[derive(Clone, Debug)]
-pub struct DecoderLayer<B: Backend> {
+pub struct DecoderLayer<B: QuantBackend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: Attention<B>,
     pub post_attention_layernorm: RmsNorm<B>,
@@ -84,7 +87,7 @@ pub struct DecoderLayer<B: Backend> {
 
 /// The inputs of a layer's linears, captured during a forward pass.
 #[derive(Clone, Debug)]
-pub struct LayerInputs<B: Backend> {
+pub struct LayerInputs<B: QuantBackend> {
     /// Input of q, k and v (and of the attention sub-block): `norm₁(x)`.
     pub attn_in: Tensor<B, 3>,
     /// Input of `o_proj`.
@@ -95,7 +98,7 @@ pub struct LayerInputs<B: Backend> {
     pub down_in: Tensor<B, 3>,
 }
 
-impl<B: Backend> LayerInputs<B> {
+impl<B: QuantBackend> LayerInputs<B> {
     /// The input tensor of a given linear.
     pub fn of(&self, kind: LinearKind) -> &Tensor<B, 3> {
         match kind {
@@ -107,7 +110,7 @@ impl<B: Backend> LayerInputs<B> {
     }
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: QuantBackend> DecoderLayer<B> {
     pub fn linear(&self, kind: LinearKind) -> &Linear<B> {
         match kind {
             LinearKind::Q => &self.self_attn.q_proj,
@@ -148,7 +151,11 @@ impl<B: Backend> DecoderLayer<B> {
 
     /// Forward pass (no cache, positions from 0) that also returns every linear's input and the
     /// intermediate projections (what a pipeline scoring weight changes needs).
-    pub fn forward_captured(&self, x: Tensor<B, 3>, rope: &Rope<B>) -> (Tensor<B, 3>, LayerTrace<B>) {
+    pub fn forward_captured(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+    ) -> (Tensor<B, 3>, LayerTrace<B>) {
         let attn = &self.self_attn;
         let attn_in = self.input_layernorm.forward(x.clone());
         let (q, k, v) = attn.qkv(attn_in.clone(), rope, 0);
@@ -183,7 +190,7 @@ impl<B: Backend> DecoderLayer<B> {
 /// Everything [`DecoderLayer::forward_captured`] saw: the linears' inputs and the intermediate
 /// projections and sub-block outputs.
 #[derive(Clone, Debug)]
-pub struct LayerTrace<B: Backend> {
+pub struct LayerTrace<B: QuantBackend> {
     pub inputs: LayerInputs<B>,
     /// Rotated queries `[b, heads, t, d]`, keys and values `[b, kv_heads, t, d]`.
     pub q: Tensor<B, 4>,

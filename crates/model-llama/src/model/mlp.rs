@@ -1,17 +1,18 @@
 use burn::prelude::*;
 use burn::tensor::activation::silu;
+use kernels::QuantBackend;
 
 use super::linear::Linear;
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`.
 #[derive(Clone, Debug)]
-pub struct Mlp<B: Backend> {
+pub struct Mlp<B: QuantBackend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: QuantBackend> Mlp<B> {
     /// The input of `down_proj`.
     pub fn hidden<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         silu(self.gate_proj.forward(x.clone())).mul(self.up_proj.forward(x))

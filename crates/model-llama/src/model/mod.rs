@@ -19,6 +19,7 @@ pub use norm::RmsNorm;
 pub use rope::{Rope, inv_freq};
 
 use burn::prelude::*;
+use kernels::QuantBackend;
 
 use crate::config::LlamaConfig;
 
@@ -27,7 +28,7 @@ pub const MAX_ROPE_POSITIONS: usize = 32_768;
 
 /// A LLaMA causal language model.
 #[derive(Clone, Debug)]
-pub struct Llama<B: Backend> {
+pub struct Llama<B: QuantBackend> {
     pub config: LlamaConfig,
     /// `[vocab, hidden]`
     pub embed_tokens: Tensor<B, 2>,
@@ -37,7 +38,7 @@ pub struct Llama<B: Backend> {
     pub rope: Rope<B>,
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: QuantBackend> Llama<B> {
     pub fn device(&self) -> B::Device {
         self.embed_tokens.device()
     }

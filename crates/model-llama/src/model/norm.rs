@@ -1,15 +1,21 @@
 use burn::prelude::*;
+use kernels::QuantBackend;
 
 /// Root-mean-square layer norm: `x / sqrt(mean(x²) + eps) · weight`.
 #[derive(Clone, Debug)]
-pub struct RmsNorm<B: Backend> {
+pub struct RmsNorm<B: QuantBackend> {
     pub weight: Tensor<B, 1>,
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: QuantBackend> RmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let rms = x.clone().square().mean_dim(D - 1).add_scalar(self.eps).sqrt();
+        let rms = x
+            .clone()
+            .square()
+            .mean_dim(D - 1)
+            .add_scalar(self.eps)
+            .sqrt();
         let weight = self.weight.clone().unsqueeze::<D>();
         x.div(rms).mul(weight)
     }

@@ -1,10 +1,11 @@
 use burn::prelude::*;
+use kernels::QuantBackend;
 
 use crate::config::{LlamaConfig, RopeScaling};
 
 /// Rotary position embeddings in the Hugging Face ("rotate half") convention.
 #[derive(Clone, Debug)]
-pub struct Rope<B: Backend> {
+pub struct Rope<B: QuantBackend> {
     /// `[max_positions, head_dim]`
     cos: Tensor<B, 2>,
     sin: Tensor<B, 2>,
@@ -32,12 +33,13 @@ fn llama3_scale(freq: f64, s: &RopeScaling) -> f64 {
     } else if wavelen > low_wavelen {
         freq / s.factor
     } else {
-        let smooth = (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        let smooth =
+            (orig / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
         (1.0 - smooth) * freq / s.factor + smooth * freq
     }
 }
 
-impl<B: Backend> Rope<B> {
+impl<B: QuantBackend> Rope<B> {
     pub fn new(config: &LlamaConfig, max_positions: usize, device: &B::Device) -> Self {
         let freqs = inv_freq(config);
         let d = config.head_dim();
