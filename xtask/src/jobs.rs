@@ -7,7 +7,6 @@ use std::time::Instant;
 use adadim::{DimPolicy, Method, RunReport, RunSpec};
 use anyhow::{Context, Result};
 use burn::backend::NdArray;
-use model_llama::load::load_model;
 use model_llama::perplexity::{PerplexityReport, perplexity};
 use serde::Deserialize;
 

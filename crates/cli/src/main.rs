@@ -147,15 +147,7 @@ fn run(cli: Cli) -> Result<()> {
     let device = Default::default();
     match cli.cmd {
         Cmd::Convert { gguf, out } => {
-            let m = open(&gguf)?;
-            let tensors = model_llama::export::dense_tensors(
-                m.source.as_ref(),
-                safetensors::tensor::Dtype::F32,
-            )?;
-            let staging =
-                model_llama::export::stage_hf_dir(&out, &m.source.config().to_hf_json(), &tensors)?;
-            m.tokenizer.save(&staging.join("tokenizer.json"))?;
-            let dir = staging.commit()?;
+            let dir = model_llama::export::write_hf_dir(&open(&gguf)?, &out)?;
             println!("wrote {}", dir.display());
         }
         Cmd::Eval {

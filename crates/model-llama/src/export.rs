@@ -113,3 +113,13 @@ pub fn dense_tensors(src: &dyn TensorSource, dtype: Dtype) -> Result<Vec<(String
         })
         .collect()
 }
+
+/// Writes `model` as a Hugging Face directory: `config.json`, f32 `model.safetensors` and
+/// `tokenizer.json` (the GGUF → HF converter).
+pub fn write_hf_dir(model: &crate::OpenModel, out: &Path) -> Result<std::path::PathBuf> {
+    let src = model.source.as_ref();
+    let tensors = dense_tensors(src, Dtype::F32)?;
+    let staging = stage_hf_dir(out, &src.config().to_hf_json(), &tensors)?;
+    model.tokenizer.save(&staging.join("tokenizer.json"))?;
+    staging.commit()
+}
