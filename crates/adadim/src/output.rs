@@ -52,7 +52,7 @@ pub fn write_packed(
     report: &RunReport,
     out: &Path,
 ) -> Result<PathBuf> {
-    let tensors = dense_tensors(src, q, |m, p| packed_tensors(m, p))?;
+    let tensors = dense_tensors(src, q, packed_tensors)?;
     let mut config = src.config().to_hf_json();
     config["quantization_config"] =
         serde_json::to_value(&q.quantization).expect("quantization config serializes");

@@ -5,6 +5,7 @@
 //! Only one decoder layer's weights are on the device at a time: they stream from the checkpoint.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::time::Instant;
 
 use burn::prelude::*;
@@ -222,19 +223,13 @@ pub fn quantize_model<B: QuantBackend>(
                     (q.pack(), lin, None)
                 }
                 Method::Gptq => {
-                    let site = input_site(kind);
-                    if !hessians.contains_key(&site) {
-                        hessians.insert(site, hessian(inputs.of(kind))?);
-                    }
-                    let result = quant_core::gptq(
-                        &w,
-                        shape[0],
-                        shape[1],
-                        &hessians[&site],
-                        base.with_dim(dim),
-                        opts.gptq,
-                    )
-                    .map_err(quant_err(format!("GPTQ of {module} ({dim})")))?;
+                    let h = match hessians.entry(input_site(kind)) {
+                        Entry::Occupied(e) => e.into_mut(),
+                        Entry::Vacant(e) => e.insert(hessian(inputs.of(kind))?),
+                    };
+                    let result =
+                        quant_core::gptq(&w, shape[0], shape[1], h, base.with_dim(dim), opts.gptq)
+                            .map_err(quant_err(format!("GPTQ of {module} ({dim})")))?;
                     let packed = result.quantized.pack();
                     let lin = upload::<B>(packed.dequantize(), shape, device);
                     if let Some(state) = &mut state {

@@ -78,6 +78,19 @@ impl std::str::FromStr for DimPolicy {
     }
 }
 
+impl TryFrom<String> for DimPolicy {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<DimPolicy> for String {
+    fn from(p: DimPolicy) -> Self {
+        p.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,18 +120,5 @@ mod tests {
         assert!("ic:".parse::<DimPolicy>().is_err());
         assert!("ic:foo".parse::<DimPolicy>().is_err());
         assert!("xy".parse::<DimPolicy>().is_err());
-    }
-}
-
-impl TryFrom<String> for DimPolicy {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<DimPolicy> for String {
-    fn from(p: DimPolicy) -> Self {
-        p.to_string()
     }
 }

@@ -80,22 +80,25 @@ impl LlamaConfig {
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be positive"));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err("hidden_size is not a multiple of num_attention_heads".into());
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err("num_attention_heads is not a multiple of num_key_value_heads".into());
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err("head_dim must be even for rotary embeddings".into());
         }
-        if let Some(s) = &self.rope_scaling {
-            if s.rope_type != "llama3" {
-                return Err(format!(
-                    "rope_scaling type `{}` is not supported (only llama3)",
-                    s.rope_type
-                ));
-            }
+        if let Some(s) = &self.rope_scaling
+            && s.rope_type != "llama3"
+        {
+            return Err(format!(
+                "rope_scaling type `{}` is not supported (only llama3)",
+                s.rope_type
+            ));
         }
         Ok(())
     }
