@@ -13,8 +13,11 @@ pub enum Linear<B: QuantBackend> {
 impl<B: QuantBackend> Linear<B> {
     /// From a Hugging Face weight `W: [out, in]`.
     pub fn from_weight(weight: Tensor<B, 2>) -> Self {
+        // `transpose` is a strided view; materialise it once so that every matmul does not copy
+        // the whole weight into a contiguous buffer first (that copy dominated decoding).
+        let device = weight.device();
         Self::Dense {
-            weight_t: weight.transpose(),
+            weight_t: Tensor::from_data(weight.transpose().into_data(), &device),
         }
     }
 
