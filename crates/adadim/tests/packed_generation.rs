@@ -7,10 +7,8 @@ use adadim::{DimPolicy, Method, QuantizeOptions, quantize_model};
 use burn::backend::NdArray;
 use kernels::QuantLinear;
 use model_llama::generate::{GenerateOptions, generate};
-use model_llama::load::{assemble, linear_shape, load_layer_with, load_model, load_periphery};
-use model_llama::{HostTensor, Linear, LinearKind, Llama, LlamaConfig, MemorySource, TensorSource};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use model_llama::load::{assemble, load_layer_with, load_model, load_periphery};
+use model_llama::{HostTensor, Linear, Llama, LlamaConfig, MemorySource, TensorSource};
 
 type B = NdArray<f32>;
 
@@ -30,45 +28,7 @@ fn source() -> MemorySource {
         bos_token_id: None,
         eos_token_id: None,
     };
-    let mut rng = StdRng::seed_from_u64(11);
-    let mut t = HashMap::new();
-    let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
-        let n = shape.iter().product();
-        let data = (0..n)
-            .map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0))
-            .collect();
-        t.insert(name, HostTensor::new(shape, data));
-    };
-    put("model.embed_tokens.weight".into(), vec![97, 64], 1.0, 0.0);
-    put("model.norm.weight".into(), vec![64], 0.1, 1.0);
-    for i in 0..2 {
-        put(
-            format!("model.layers.{i}.input_layernorm.weight"),
-            vec![64],
-            0.1,
-            1.0,
-        );
-        put(
-            format!("model.layers.{i}.post_attention_layernorm.weight"),
-            vec![64],
-            0.1,
-            1.0,
-        );
-        for kind in LinearKind::ALL {
-            let shape = linear_shape(&config, kind);
-            put(
-                format!("{}.weight", kind.hf_prefix(i)),
-                shape.to_vec(),
-                0.2,
-                0.0,
-            );
-        }
-    }
-    MemorySource {
-        path: "tiny".into(),
-        config,
-        tensors: t,
-    }
+    MemorySource::random(config, 11)
 }
 
 #[test]

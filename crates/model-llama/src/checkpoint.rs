@@ -62,3 +62,48 @@ impl TensorSource for MemorySource {
             })
     }
 }
+
+impl MemorySource {
+    /// A model of `config` with seeded random weights (uniform, linears scaled by
+    /// `1/sqrt(in_features)`, norms near 1): for tests and examples that need a real forward pass.
+    pub fn random(config: LlamaConfig, seed: u64) -> Self {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut tensors = std::collections::HashMap::new();
+        let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+            let n = shape.iter().product();
+            let data = (0..n)
+                .map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0))
+                .collect();
+            tensors.insert(name, HostTensor::new(shape, data));
+        };
+        let h = config.hidden_size;
+        put(
+            "model.embed_tokens.weight".into(),
+            vec![config.vocab_size, h],
+            1.0,
+            0.0,
+        );
+        put("model.norm.weight".into(), vec![h], 0.2, 1.0);
+        for i in 0..config.num_hidden_layers {
+            for norm in ["input_layernorm", "post_attention_layernorm"] {
+                put(format!("model.layers.{i}.{norm}.weight"), vec![h], 0.2, 1.0);
+            }
+            for kind in crate::LinearKind::ALL {
+                let shape = crate::load::linear_shape(&config, kind);
+                let scale = 1.5 / (shape[1] as f32).sqrt();
+                put(
+                    format!("{}.weight", kind.hf_prefix(i)),
+                    shape.to_vec(),
+                    scale,
+                    0.0,
+                );
+            }
+        }
+        Self {
+            path: "random".into(),
+            config,
+            tensors,
+        }
+    }
+}

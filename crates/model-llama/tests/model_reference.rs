@@ -1,15 +1,11 @@
 //! The Burn model against an independent, naive f64 implementation of LLaMA written here.
 
-use std::collections::HashMap;
-
 use burn::backend::NdArray;
 use burn::prelude::*;
 use model_llama::generate::{GenerateOptions, generate};
 use model_llama::load::load_model;
 use model_llama::perplexity::perplexity;
-use model_llama::{HostTensor, LinearKind, LlamaConfig, MemorySource, RopeScaling, TensorSource};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use model_llama::{HostTensor, LlamaConfig, MemorySource, RopeScaling, TensorSource};
 
 type B = NdArray<f32>;
 
@@ -32,52 +28,7 @@ fn tiny_config(rope_scaling: Option<RopeScaling>) -> LlamaConfig {
 }
 
 fn random_source(config: LlamaConfig, seed: u64) -> MemorySource {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut tensors = HashMap::new();
-    let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
-        let n = shape.iter().product();
-        let data = (0..n)
-            .map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0))
-            .collect();
-        tensors.insert(name, HostTensor::new(shape, data));
-    };
-    let h = config.hidden_size;
-    put(
-        "model.embed_tokens.weight".into(),
-        vec![config.vocab_size, h],
-        1.0,
-        0.0,
-    );
-    put("model.norm.weight".into(), vec![h], 0.2, 1.0);
-    for i in 0..config.num_hidden_layers {
-        put(
-            format!("model.layers.{i}.input_layernorm.weight"),
-            vec![h],
-            0.2,
-            1.0,
-        );
-        put(
-            format!("model.layers.{i}.post_attention_layernorm.weight"),
-            vec![h],
-            0.2,
-            1.0,
-        );
-        for kind in LinearKind::ALL {
-            let shape = model_llama::load::linear_shape(&config, kind);
-            let scale = 1.0 / (shape[1] as f32).sqrt();
-            put(
-                format!("{}.weight", kind.hf_prefix(i)),
-                shape.to_vec(),
-                scale * 1.5,
-                0.0,
-            );
-        }
-    }
-    MemorySource {
-        path: "memory".into(),
-        config,
-        tensors,
-    }
+    MemorySource::random(config, seed)
 }
 
 /// Naive f64 LLaMA: returns logits `[t][vocab]`.
