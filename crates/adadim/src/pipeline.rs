@@ -14,6 +14,7 @@ use kernels::QuantBackend;
 use model_llama::load::{linear_shape, load_layer, load_periphery};
 use model_llama::packed::QuantizationConfig;
 use model_llama::{Linear, LinearKind, TensorSource};
+use quant_core::burn_ext::HessianAccumulator;
 use quant_core::{GptqOptions, Hessian, PackedLinear, QuantConfig, QuantDim, Quantized};
 use serde::{Deserialize, Serialize};
 
@@ -108,18 +109,14 @@ fn upload<B: QuantBackend>(w: Vec<f32>, shape: [usize; 2], device: &B::Device) -
     Linear::from_weight(Tensor::from_data(TensorData::new(w, shape), device))
 }
 
-/// `H = (2/N)·XᵀX` of a linear's input over the `N` calibration blocks, the product on the
-/// device (it is the one large matmul of GPTQ), the result on the host for the solve.
+/// `H = (2/N)·XᵀX` of a linear's input over the `N` calibration blocks: the product on the
+/// device (the one large matmul of GPTQ), the solve on the host.
 fn hessian<B: QuantBackend>(x: &Tensor<B, 3>) -> Result<Hessian> {
     let [blocks, t, features] = x.dims();
-    let flat = x.clone().reshape([blocks * t, features]);
-    let gram = flat
-        .clone()
-        .transpose()
-        .matmul(flat)
-        .mul_scalar(2.0 / blocks as f64);
-    let h = gram.into_data().to_vec::<f32>().expect("f32 tensor");
-    Hessian::from_matrix(h, features, blocks).map_err(quant_err("Hessian".into()))
+    let mut acc = HessianAccumulator::new(features);
+    acc.add_samples(x.clone().reshape([blocks * t, features]), blocks)
+        .and_then(|()| acc.finish())
+        .map_err(quant_err("Hessian".into()))
 }
 
 /// Which captured input a Hessian belongs to (q, k, v share one; gate and up share one).
