@@ -106,7 +106,7 @@ fn quant_err(context: String) -> impl FnOnce(quant_core::QuantError) -> AdadimEr
 }
 
 fn upload<B: QuantBackend>(w: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Linear<B> {
-    Linear::from_weight(Tensor::from_data(TensorData::new(w, shape), device))
+    Linear::from_host_weight(&w, shape, device)
 }
 
 /// `H = (2/N)·XᵀX` of a linear's input over the `N` calibration blocks: the product on the

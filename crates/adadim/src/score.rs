@@ -5,7 +5,6 @@
 //! what depends on it (one projection and what lies downstream), never the whole block.
 
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use kernels::QuantBackend;
 use model_llama::model::Rope;
 use model_llama::{DecoderLayer, LayerInputs, LayerTrace, Linear, LinearKind};
@@ -90,7 +89,7 @@ impl<B: QuantBackend> SubBlockState<B> {
                     LinearKind::Gate => (p.clone(), self.up.clone()),
                     _ => (self.gate.clone(), p.clone()),
                 };
-                let out = layer.mlp.down_proj.forward(silu(g).mul(u));
+                let out = layer.mlp.down_proj.forward(B::swiglu(g, u));
                 Scored {
                     error: mean_square(out.clone().sub(self.mlp_out.clone())),
                     update: Update::Mlp { proj: p, out },

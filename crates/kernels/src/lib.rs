@@ -1,14 +1,24 @@
 //! Dequantizing matrix products `y = x · Ŵᵀ` straight from AdaDim's packed weights
-//! ([`quant_core::PackedLinear`]), per-IC and per-OC.
+//! ([`quant_core::PackedLinear`]), per-IC and per-OC, and the few fused ops a LLaMA forward
+//! needs on the CPU.
 //!
-//! * [`cpu`]: SIMD Rust for CPUs (decode-sized M).
+//! * [`cpu`]: SIMD Rust for CPUs: the packed GEMV (decode-sized M), and host attention,
+//!   softmax and dense products.
 //! * `cube` (features `wgpu`/`cuda`): CubeCL kernels for GPUs; their design is in that module's docs.
-//! * [`quant_linear`]: [`QuantLinear`] and the [`QuantBackend`] extension trait, the Burn op that
-//!   model code calls (CubeCL kernels on wgpu/cuda, dequantize-then-matmul on ndarray).
+//! * [`QuantBackend`]: the Burn backend extension that model code calls (CubeCL kernels on
+//!   wgpu/cuda, the host kernels on ndarray), and [`QuantLinear`], a layer on packed weights.
+//! * [`generic`]: the same ops composed from Burn tensor ops (defaults and test reference).
 
+mod backend;
 pub mod cpu;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod cube;
+pub mod generic;
+#[cfg(feature = "ndarray")]
+mod ndarray;
 pub mod quant_linear;
 
-pub use quant_linear::{QuantBackend, QuantLinear, QuantLinearError};
+pub use backend::QuantBackend;
+#[cfg(feature = "ndarray")]
+pub use ndarray::NdArrayPacked;
+pub use quant_linear::{QuantLinear, QuantLinearError};

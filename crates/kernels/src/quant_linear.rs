@@ -1,14 +1,12 @@
-//! [`QuantLinear`]: a linear layer whose weight stays packed on the device, and
-//! [`QuantBackend`], the Burn backend extension that multiplies by packed weights.
-//!
-//! Following Burn's custom-kernel pattern, the product is a backend op on float primitives:
-//! CubeCL backends (`CubeBackend<R, F, I, BT>`: wgpu, cuda) run the dequantizing kernels of
-//! `crate::cube`; [`burn::backend::NdArray`] dequantizes once at upload and multiplies densely.
+//! [`QuantLinear`]: a linear layer whose weight stays packed on the device and is multiplied
+//! through [`QuantBackend::quant_matmul`].
 
 use burn::prelude::*;
-use burn::tensor::{TensorPrimitive, ops::FloatTensor};
+use burn::tensor::TensorPrimitive;
 use quant_core::{PackedLinear, QuantError};
 use thiserror::Error;
+
+use crate::QuantBackend;
 
 /// Errors of uploading or applying a quantized linear layer.
 #[derive(Debug, Error)]
@@ -17,25 +15,6 @@ pub enum QuantLinearError {
     Packed(#[from] QuantError),
     #[error("quantized linear expects {expected} input features, the input has shape {shape:?}")]
     InputShape { expected: usize, shape: Vec<usize> },
-}
-
-/// A Burn backend that can multiply activations by a [`PackedLinear`] held on its device.
-pub trait QuantBackend: Backend {
-    /// The device-resident weight.
-    type Packed: Clone + Send + Sync + std::fmt::Debug;
-
-    /// Uploads (and validates) a packed weight.
-    fn upload(
-        packed: &PackedLinear,
-        device: &Self::Device,
-    ) -> Result<Self::Packed, QuantLinearError>;
-
-    /// `x [M, IC] · Ŵᵀ → [M, OC]`, in `x`'s float type. Panics if `x` is not `[M, IC]`, like
-    /// Burn's own matmul on mismatched shapes; [`QuantLinear::try_forward`] checks first.
-    fn quant_matmul(x: FloatTensor<Self>, w: &Self::Packed) -> FloatTensor<Self>;
-
-    /// `(out_features, in_features)` of an uploaded weight.
-    fn packed_shape(w: &Self::Packed) -> (usize, usize);
 }
 
 /// Checks that `shape` is `[M, in_features]`.
@@ -56,69 +35,6 @@ pub(crate) fn dense_transposed(packed: &PackedLinear) -> Vec<f32> {
         packed.out_features,
         packed.in_features,
     )
-}
-
-/// The ndarray weight: `Ŵᵀ [IC, OC]`, dequantized at upload.
-#[cfg(feature = "ndarray")]
-#[derive(Clone, Debug)]
-pub struct NdArrayPacked {
-    weight_t: Tensor<burn::backend::NdArray<f32>, 2>,
-    /// The SIMD kernel's layout, when it supports the layer (group size a multiple of 32).
-    simd: Option<crate::cpu::CpuPacked>,
-    out_features: usize,
-    in_features: usize,
-}
-
-#[cfg(feature = "ndarray")]
-impl QuantBackend for burn::backend::NdArray<f32> {
-    type Packed = NdArrayPacked;
-
-    fn upload(
-        packed: &PackedLinear,
-        device: &Self::Device,
-    ) -> Result<Self::Packed, QuantLinearError> {
-        packed.validate()?;
-        let data = TensorData::new(
-            dense_transposed(packed),
-            [packed.in_features, packed.out_features],
-        );
-        Ok(NdArrayPacked {
-            weight_t: Tensor::from_data(data, device),
-            simd: crate::cpu::CpuPacked::new(packed).ok(),
-            out_features: packed.out_features,
-            in_features: packed.in_features,
-        })
-    }
-
-    fn quant_matmul(x: FloatTensor<Self>, w: &Self::Packed) -> FloatTensor<Self> {
-        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
-        if let Err(e) = check_input(&x.dims(), w.in_features) {
-            panic!("{e}");
-        }
-        let dtype = x.dtype();
-        let m = x.dims()[0];
-        // Decode-sized M reads the packed codes once (SIMD kernel); larger M re-reads them per
-        // 8 rows, where the dense matmul on the dequantized weight wins.
-        if let Some(simd) = w.simd.as_ref().filter(|_| m <= crate::cpu::MAX_M_PER_PASS)
-            && let Ok(xs) = x.clone().into_data().convert::<f32>().into_vec::<f32>()
-        {
-            let mut y = vec![0f32; m * w.out_features];
-            if crate::cpu::gemm(&xs, m, simd, &mut y).is_ok() {
-                let y = TensorData::new(y, [m, w.out_features]);
-                return Tensor::<Self, 2>::from_data(y, &x.device())
-                    .cast(dtype)
-                    .into_primitive()
-                    .tensor();
-            }
-        }
-        x.matmul(w.weight_t.clone().cast(dtype))
-            .into_primitive()
-            .tensor()
-    }
-
-    fn packed_shape(w: &Self::Packed) -> (usize, usize) {
-        (w.out_features, w.in_features)
-    }
 }
 
 /// A linear layer `y = x · Ŵᵀ` (no bias, as in LLaMA) on a packed weight.

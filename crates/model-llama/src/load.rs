@@ -9,13 +9,8 @@ use crate::model::{
     Attention, DecoderLayer, Linear, LinearKind, Llama, MAX_ROPE_POSITIONS, Mlp, RmsNorm, Rope,
 };
 
-/// Loads `name`, checks its shape and that every value is finite, and uploads it.
-pub fn load_tensor<B: QuantBackend, const D: usize>(
-    src: &dyn TensorSource,
-    name: &str,
-    expected: [usize; D],
-    device: &B::Device,
-) -> Result<Tensor<B, D>> {
+/// Loads `name` into host memory, checking its shape and that every value is finite.
+pub fn load_host(src: &dyn TensorSource, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
     let t = src.load(name)?;
     if t.shape != expected {
         return Err(ModelError::ShapeMismatch {
@@ -31,7 +26,29 @@ pub fn load_tensor<B: QuantBackend, const D: usize>(
             format!("tensor `{name}` has a non-finite value at index {i}"),
         ));
     }
-    Ok(Tensor::from_data(TensorData::new(t.data, expected), device))
+    Ok(t.data)
+}
+
+/// [`load_host`], uploaded to `device`.
+pub fn load_tensor<B: QuantBackend, const D: usize>(
+    src: &dyn TensorSource,
+    name: &str,
+    expected: [usize; D],
+    device: &B::Device,
+) -> Result<Tensor<B, D>> {
+    let data = load_host(src, name, &expected)?;
+    Ok(Tensor::from_data(TensorData::new(data, expected), device))
+}
+
+/// A dense linear from the checkpoint's `[out, in]` weight `name`.
+fn load_linear<B: QuantBackend>(
+    src: &dyn TensorSource,
+    name: &str,
+    shape: [usize; 2],
+    device: &B::Device,
+) -> Result<Linear<B>> {
+    let w = load_host(src, name, &shape)?;
+    Ok(Linear::from_host_weight(&w, shape, device))
 }
 
 /// `[out, in]` of a linear of the given kind.
@@ -101,8 +118,7 @@ pub fn load_layer<B: QuantBackend>(
 ) -> Result<DecoderLayer<B>> {
     load_layer_with(src, i, device, &|kind| {
         let name = format!("{}.weight", kind.hf_prefix(i));
-        let w = load_tensor(src, &name, linear_shape(src.config(), kind), device)?;
-        Ok(Linear::from_weight(w))
+        load_linear(src, &name, linear_shape(src.config(), kind), device)
     })
 }
 
@@ -123,12 +139,13 @@ pub fn load_periphery<B: QuantBackend>(
         return Err(ModelError::malformed(src.path(), msg));
     }
     let shape = [config.vocab_size, config.hidden_size];
-    let embed_tokens: Tensor<B, 2> = load_tensor(src, "model.embed_tokens.weight", shape, device)?;
+    let embed = load_host(src, "model.embed_tokens.weight", &shape)?;
     let lm_head = if src.contains("lm_head.weight") && !config.tie_word_embeddings {
-        Linear::from_weight(load_tensor(src, "lm_head.weight", shape, device)?)
+        load_linear(src, "lm_head.weight", shape, device)?
     } else {
-        Linear::from_weight(embed_tokens.clone())
+        Linear::from_host_weight(&embed, shape, device)
     };
+    let embed_tokens = Tensor::from_data(TensorData::new(embed, shape), device);
     Ok(Periphery {
         embed_tokens,
         norm: norm(src, "model.norm.weight", device)?,

@@ -12,7 +12,7 @@ use crate::error::{ModelError, Result};
 use crate::model::Llama;
 
 /// Rows of logits materialised at once: `rows × vocab` floats.
-const LOGIT_ROWS: usize = 512;
+const LOGIT_ROWS: usize = 256;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct PerplexityReport {
@@ -34,25 +34,12 @@ impl PerplexityReport {
 
 /// Sum of `−log p(target)` over rows of `hidden [rows, hidden]`.
 pub fn sum_nll<B: QuantBackend>(model: &Llama<B>, hidden: Tensor<B, 2>, targets: &[u32]) -> f64 {
-    let device = hidden.device();
     let rows = hidden.dims()[0];
     let mut total = 0.0;
     for r0 in (0..rows).step_by(LOGIT_ROWS) {
         let n = LOGIT_ROWS.min(rows - r0);
         let logits = model.head(hidden.clone().narrow(0, r0, n));
-        let max = logits.clone().max_dim(1);
-        let lse = logits
-            .clone()
-            .sub(max.clone())
-            .exp()
-            .sum_dim(1)
-            .log()
-            .add(max);
-        let idx: Vec<i64> = targets[r0..r0 + n].iter().map(|&t| t as i64).collect();
-        let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [n, 1]), &device);
-        let picked = logits.gather(1, idx);
-        let nll: f32 = lse.sub(picked).sum().into_scalar().elem();
-        total += nll as f64;
+        total += B::sum_nll(logits, &targets[r0..r0 + n]);
     }
     total
 }

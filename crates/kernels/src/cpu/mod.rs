@@ -35,6 +35,9 @@
 //! bit-unpacking of straddling 3-bit codes, which SIMD-crate abstractions do not cover
 //! better, is written once for every width.
 
+pub mod activation;
+pub mod attention;
+pub mod dense;
 mod f16;
 mod layout;
 mod simd;

@@ -51,7 +51,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use quant_core::{PackedLinear, QuantDim};
 
-use crate::quant_linear::{QuantBackend, QuantLinearError, check_input, dense_transposed};
+use crate::QuantBackend;
+use crate::quant_linear::{QuantLinearError, check_input, dense_transposed};
 use kernel::BLOCK;
 
 /// Units the split-K heuristic aims to launch: enough loads in flight to saturate a GPU's

@@ -1,14 +1,9 @@
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 use kernels::QuantBackend;
 
 use super::layer::LinearKind;
 use super::linear::Linear;
 use super::rope::Rope;
-
-/// Queries processed together; keys beyond a chunk's last position are never touched, so causal
-/// attention does about half the work of a full `T × T` product (and needs `chunk × T` memory).
-const QUERY_CHUNK: usize = 512;
 
 /// Grouped-query self-attention.
 #[derive(Clone, Debug)]
@@ -96,41 +91,11 @@ impl<B: QuantBackend> Attention<B> {
         )
     }
 
-    /// Causal attention of queries at positions `k_len − t_q .. k_len` over all `k_len` keys.
-    /// Returns the context `[b, t_q, hidden]` (the input of `o_proj`).
+    /// Causal attention of queries at positions `k_len − t_q .. k_len` over all `k_len` keys
+    /// (see [`QuantBackend::causal_attention`]). Returns the context `[b, t_q, hidden]` (the
+    /// input of `o_proj`).
     pub fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 3> {
-        let [b, _, t_q, d] = q.dims();
-        let k_len = k.dims()[2];
-        let offset = k_len - t_q;
-        let rep = self.n_heads / self.n_kv_heads;
-        let scale = 1.0 / (d as f64).sqrt();
-        // Heads sharing a KV head are stacked along the query axis, so K and V are never repeated.
-        let q = q
-            .mul_scalar(scale)
-            .reshape([b, self.n_kv_heads, rep, t_q, d]);
-        let device = q.device();
-        let mut chunks = Vec::with_capacity(t_q.div_ceil(QUERY_CHUNK));
-        for c0 in (0..t_q).step_by(QUERY_CHUNK) {
-            let c = QUERY_CHUNK.min(t_q - c0);
-            let visible = offset + c0 + c;
-            let qc = q
-                .clone()
-                .narrow(3, c0, c)
-                .reshape([b, self.n_kv_heads, rep * c, d]);
-            let kc = k.clone().narrow(2, 0, visible);
-            let vc = v.clone().narrow(2, 0, visible);
-            let mut scores = qc.matmul(kc.swap_dims(2, 3));
-            if c > 1 {
-                let mask = causal_bias::<B>(rep, c, offset + c0, visible, &device);
-                scores = scores.add(mask);
-            }
-            let ctx = softmax(scores, 3).matmul(vc);
-            chunks.push(ctx.reshape([b, self.n_kv_heads, rep, c, d]));
-        }
-        Tensor::cat(chunks, 3)
-            .reshape([b, self.n_heads, t_q, d])
-            .swap_dims(1, 2)
-            .reshape([b, t_q, self.n_heads * d])
+        B::causal_attention(q, k, v)
     }
 
     /// The attention sub-block: `o_proj(attend(qkv(x)))`, with an optional KV cache.
@@ -158,20 +123,4 @@ impl<B: QuantBackend> Attention<B> {
         };
         self.attend(q, k, v)
     }
-}
-
-/// Additive mask `[1, 1, rep·c, visible]`: query row `i` (position `first + i % c`) sees keys `≤` it.
-fn causal_bias<B: QuantBackend>(
-    rep: usize,
-    c: usize,
-    first: usize,
-    visible: usize,
-    device: &B::Device,
-) -> Tensor<B, 4> {
-    let mut bias = vec![0f32; rep * c * visible];
-    for r in 0..rep * c {
-        let pos = first + r % c;
-        bias[r * visible + pos + 1..(r + 1) * visible].fill(f32::NEG_INFINITY);
-    }
-    Tensor::<B, 2>::from_data(TensorData::new(bias, [rep * c, visible]), device).unsqueeze::<4>()
 }

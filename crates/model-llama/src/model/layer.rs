@@ -1,5 +1,4 @@
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use kernels::QuantBackend;
 use serde::{Deserialize, Serialize};
 
@@ -165,7 +164,7 @@ impl<B: QuantBackend> DecoderLayer<B> {
         let mlp_in = self.post_attention_layernorm.forward(h.clone());
         let gate = self.mlp.gate_proj.forward(mlp_in.clone());
         let up = self.mlp.up_proj.forward(mlp_in.clone());
-        let down_in = silu(gate.clone()).mul(up.clone());
+        let down_in = B::swiglu(gate.clone(), up.clone());
         let mlp_out = self.mlp.down_proj.forward(down_in.clone());
         let out = h.add(mlp_out.clone());
         let trace = LayerTrace {

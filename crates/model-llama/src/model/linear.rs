@@ -13,11 +13,24 @@ pub enum Linear<B: QuantBackend> {
 impl<B: QuantBackend> Linear<B> {
     /// From a Hugging Face weight `W: [out, in]`.
     pub fn from_weight(weight: Tensor<B, 2>) -> Self {
-        // `transpose` is a strided view; materialise it once so that every matmul does not copy
-        // the whole weight into a contiguous buffer first (that copy dominated decoding).
         let device = weight.device();
+        let shape = weight.dims();
+        let w = weight
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .expect("a float tensor converts to f32");
+        Self::from_host_weight(&w, shape, &device)
+    }
+
+    /// From a row-major `W: [out, in]` in host memory.
+    pub fn from_host_weight(w: &[f32], [out, inp]: [usize; 2], device: &B::Device) -> Self {
+        // Stored transposed and contiguous: a strided `transpose` view would be copied by every
+        // matmul (that copy dominated decoding), and a view read out element by element is
+        // slow, so the transpose is done once with a cache-blocked copy.
+        let w_t = quant_core::transpose(w, out, inp);
         Self::Dense {
-            weight_t: Tensor::from_data(weight.transpose().into_data(), &device),
+            weight_t: Tensor::from_data(TensorData::new(w_t, [inp, out]), device),
         }
     }
 
@@ -50,7 +63,7 @@ impl<B: QuantBackend> Linear<B> {
             Self::Dense { weight_t } => {
                 let dims = x.dims();
                 let rows: usize = dims[..D - 1].iter().product();
-                let y = x.reshape([rows, dims[D - 1]]).matmul(weight_t.clone());
+                let y = B::dense_matmul(x.reshape([rows, dims[D - 1]]), weight_t.clone());
                 let mut out = dims;
                 out[D - 1] = self.out_features();
                 y.reshape(out)

@@ -1,5 +1,4 @@
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use kernels::QuantBackend;
 
 use super::linear::Linear;
@@ -15,7 +14,7 @@ pub struct Mlp<B: QuantBackend> {
 impl<B: QuantBackend> Mlp<B> {
     /// The input of `down_proj`.
     pub fn hidden<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        silu(self.gate_proj.forward(x.clone())).mul(self.up_proj.forward(x))
+        B::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x))
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {

@@ -68,19 +68,15 @@ impl<B: QuantBackend> Rope<B> {
 
     /// Rotates `x: [batch, heads, seq, head_dim]` whose first position is `start`.
     pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
-        let [_, _, seq, d] = x.dims();
+        let seq = x.dims()[2];
         assert!(
             start + seq <= self.max_positions(),
             "sequence of {} tokens exceeds the rotary table ({} positions)",
             start + seq,
             self.max_positions()
         );
-        let cos = self.cos.clone().narrow(0, start, seq).unsqueeze::<4>();
-        let sin = self.sin.clone().narrow(0, start, seq).unsqueeze::<4>();
-        let half = d / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x.mul(cos).add(rotated.mul(sin))
+        let cos = self.cos.clone().narrow(0, start, seq);
+        let sin = self.sin.clone().narrow(0, start, seq);
+        B::rotary(x, cos, sin)
     }
 }

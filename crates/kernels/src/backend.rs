@@ -1,0 +1,66 @@
+//! [`QuantBackend`]: the Burn backend extension that model code runs on.
+//!
+//! Following Burn's custom-kernel pattern, each method is a backend op: the packed product
+//! (CubeCL kernels on wgpu/cuda, the SIMD GEMV or a dense product on ndarray) and the dense
+//! ops whose composition from generic tensor ops is slow on the CPU. Those have
+//! backend-generic defaults ([`crate::generic`]); the ndarray backend replaces them with the
+//! fused host kernels of [`crate::cpu`].
+
+use burn::prelude::*;
+use burn::tensor::ops::FloatTensor;
+use quant_core::PackedLinear;
+
+use crate::QuantLinearError;
+
+/// A Burn backend that can multiply activations by a [`PackedLinear`] held on its device.
+pub trait QuantBackend: Backend {
+    /// The device-resident weight.
+    type Packed: Clone + Send + Sync + std::fmt::Debug;
+
+    /// Uploads (and validates) a packed weight.
+    fn upload(
+        packed: &PackedLinear,
+        device: &Self::Device,
+    ) -> Result<Self::Packed, QuantLinearError>;
+
+    /// `x [M, IC] · Ŵᵀ → [M, OC]`, in `x`'s float type. Panics if `x` is not `[M, IC]`, like
+    /// Burn's own matmul on mismatched shapes; [`crate::QuantLinear::try_forward`] checks first.
+    fn quant_matmul(x: FloatTensor<Self>, w: &Self::Packed) -> FloatTensor<Self>;
+
+    /// `(out_features, in_features)` of an uploaded weight.
+    fn packed_shape(w: &Self::Packed) -> (usize, usize);
+
+    /// `x [M, K] · w_t [K, N]`: a dense linear layer.
+    fn dense_matmul(x: Tensor<Self, 2>, w_t: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        x.matmul(w_t)
+    }
+
+    /// Causal grouped-query attention `softmax(q·kᵀ/√d + mask)·v`, heads concatenated:
+    /// `q [b, heads, t_q, d]`, `k, v [b, kv_heads, t_k, d]` → `[b, t_q, heads·d]`.
+    ///
+    /// The queries are the last `t_q` of the `t_k` positions (a decode step over a KV cache has
+    /// `t_q < t_k`), and query head `h` reads key/value head `h / (heads / kv_heads)`.
+    fn causal_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 3> {
+        crate::generic::causal_attention(q, k, v)
+    }
+
+    /// Rotary position embedding ("rotate half"): `x [b, heads, t, d]` with the tables
+    /// `cos, sin [t, d]` of its positions.
+    fn rotary(x: Tensor<Self, 4>, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>) -> Tensor<Self, 4> {
+        crate::generic::rotary(x, cos, sin)
+    }
+
+    /// SwiGLU's gating `silu(gate) ⊙ up`.
+    fn swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
+        crate::generic::swiglu(gate, up)
+    }
+
+    /// `Σᵣ −log softmax(logitsᵣ)[targetᵣ]` over the rows of `logits [targets.len(), vocab]`.
+    fn sum_nll(logits: Tensor<Self, 2>, targets: &[u32]) -> f64 {
+        crate::generic::sum_nll(logits, targets)
+    }
+}

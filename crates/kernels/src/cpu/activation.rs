@@ -1,0 +1,257 @@
+//! The exp-based activations of a LLaMA forward: row softmax, log-sum-exp (and the
+//! cross-entropy built on it) and the SiLU gate, with a vectorisable `exp`.
+//!
+//! libm's `expf` is a scalar call: on a 2048-token window the attention softmax alone makes
+//! about 7·10⁸ of them, a tenth of the whole evaluation. [`exp`] is branch-free polynomial code
+//! that LLVM vectorises once it is compiled for a wide target (the same multiversioning as the
+//! GEMV tiles, see [`super::SimdPath`]).
+
+use super::SimdPath;
+
+/// Lanes of the reductions: independent partial results, so the loops vectorise without
+/// reassociating floating-point sums.
+const LANES: usize = 16;
+
+/// `eˣ` with relative error below 2·10⁻⁷ on the float range (Cephes' `expf` polynomial).
+///
+/// `eˣ = 2ⁿ·eʳ` with `n = round(x·log₂e)` and `r = x − n·ln 2` (ln 2 split in two so `r` keeps
+/// its low bits). Inputs are clamped to where the result is a normal float or zero-ish.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    // Adding 1.5·2²³ rounds to an integer (to nearest even) and leaves it in the low mantissa
+    // bits, which gives `n` both as a float and as an integer without a conversion.
+    const SHIFTER: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + SHIFTER;
+    let n = t - SHIFTER;
+    let n_int = t.to_bits() as i32 - SHIFTER.to_bits() as i32;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let er = p * r * r + r + 1.0;
+    er * f32::from_bits(((n_int + 127) << 23) as u32)
+}
+
+#[inline(always)]
+fn max_generic(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// `Σ e^(xᵢ − shift)`; with `STORE`, also `xᵢ ← e^(xᵢ − shift)`.
+#[inline(always)]
+fn exp_sum_generic<const STORE: bool>(x: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            let e = exp(*v - shift);
+            if STORE {
+                *v = e;
+            }
+            *a += e;
+        }
+    }
+    let mut sum: f32 = 0.0;
+    for v in chunks.into_remainder() {
+        let e = exp(*v - shift);
+        if STORE {
+            *v = e;
+        }
+        sum += e;
+    }
+    sum + acc.iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn softmax_generic(x: &mut [f32]) {
+    let max = max_generic(x);
+    let inv = 1.0 / exp_sum_generic::<true>(x, max);
+    for v in x {
+        *v *= inv;
+    }
+}
+
+#[inline(always)]
+fn logsumexp_generic(x: &[f32]) -> f32 {
+    let max = max_generic(x);
+    // `exp_sum` only writes with STORE; copying the row to satisfy `&mut` would cost a pass, so
+    // sum the read-only row in lanes here.
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|&v| exp(v - max)).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += exp(v - max);
+        }
+    }
+    max + (tail + acc.iter().sum::<f32>()).ln()
+}
+
+/// `outᵢ = silu(gateᵢ)·upᵢ = gateᵢ·upᵢ / (1 + e^(−gateᵢ))`.
+#[inline(always)]
+fn swiglu_generic(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g * u / (1.0 + exp(-g));
+    }
+}
+
+/// Compiles the `*_generic` functions for one target feature set.
+macro_rules! path {
+    ($module:ident, $feature:literal) => {
+        mod $module {
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn softmax(x: &mut [f32]) {
+                super::softmax_generic(x)
+            }
+
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn logsumexp(x: &[f32]) -> f32 {
+                super::logsumexp_generic(x)
+            }
+
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+                super::swiglu_generic(gate, up, out)
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+path!(avx512, "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma");
+#[cfg(target_arch = "x86_64")]
+path!(avx2, "avx2,fma");
+#[cfg(target_arch = "aarch64")]
+path!(neon, "neon");
+
+/// `xᵢ ← e^(xᵢ) / Σⱼ e^(xⱼ)`, in place (an empty row stays empty).
+pub fn softmax_in_place(x: &mut [f32]) {
+    // SAFETY (each arm): `SimdPath::best` returns only paths whose features this CPU has.
+    match SimdPath::best() {
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx512 => unsafe { avx512::softmax(x) },
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx2 => unsafe { avx2::softmax(x) },
+        #[cfg(target_arch = "aarch64")]
+        SimdPath::Neon => unsafe { neon::softmax(x) },
+        _ => softmax_generic(x),
+    }
+}
+
+/// `log Σᵢ e^(xᵢ)`, computed around the row maximum so it does not overflow.
+pub fn logsumexp(x: &[f32]) -> f32 {
+    // SAFETY (each arm): `SimdPath::best` returns only paths whose features this CPU has.
+    match SimdPath::best() {
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx512 => unsafe { avx512::logsumexp(x) },
+        #[cfg(target_arch = "x86_64")]
+        SimdPath::Avx2 => unsafe { avx2::logsumexp(x) },
+        #[cfg(target_arch = "aarch64")]
+        SimdPath::Neon => unsafe { neon::logsumexp(x) },
+        _ => logsumexp_generic(x),
+    }
+}
+
+/// `outᵢ = silu(gateᵢ)·upᵢ` (SwiGLU's gating), over threads.
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    use rayon::prelude::*;
+    assert!(
+        gate.len() == up.len() && up.len() == out.len(),
+        "swiglu operands differ in length"
+    );
+    const CHUNK: usize = 1 << 14;
+    let path = SimdPath::best();
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+        .for_each(|(o, (g, u))| match path {
+            // SAFETY (each arm): `SimdPath::best` returns only paths whose features this CPU has.
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Avx512 => unsafe { avx512::swiglu(g, u, o) },
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Avx2 => unsafe { avx2::swiglu(g, u, o) },
+            #[cfg(target_arch = "aarch64")]
+            SimdPath::Neon => unsafe { neon::swiglu(g, u, o) },
+            _ => swiglu_generic(g, u, o),
+        });
+}
+
+/// `Σᵣ −log softmax(logitsᵣ)[targetᵣ]` over the rows of `logits: [targets.len(), vocab]`:
+/// the summed cross-entropy, without materialising the probabilities.
+pub fn sum_nll(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
+    use rayon::prelude::*;
+    assert_eq!(
+        logits.len(),
+        targets.len() * vocab,
+        "logits are not [{} targets, {vocab}]",
+        targets.len()
+    );
+    logits
+        .par_chunks_exact(vocab)
+        .zip(targets)
+        .map(|(row, &t)| (logsumexp(row) - row[t as usize]) as f64)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_libm_across_the_range() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            let rel = ((exp(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert!((0.0..1e-37).contains(&exp(f32::NEG_INFINITY)));
+    }
+
+    fn soft_input(n: usize) -> Vec<f32> {
+        (0..n).map(|i| i as f32 * 0.25 - 3.0).collect()
+    }
+
+    #[test]
+    fn activations_match_f64_on_every_length() {
+        for n in [1usize, 5, 16, 17, 33, 100] {
+            let row: Vec<f32> = (0..n)
+                .map(|i| ((i * 37) % 11) as f32 * 3.1 - 15.0)
+                .collect();
+            let max = row
+                .iter()
+                .cloned()
+                .fold(f64::NEG_INFINITY, |m, v| m.max(v as f64));
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            let lse = logsumexp(&row) as f64;
+            assert!((lse - (max + sum.ln())).abs() < 1e-5, "n={n}: {lse}");
+            let nll = sum_nll(&row, n, &[(n - 1) as u32]);
+            assert!((nll - (lse - row[n - 1] as f64)).abs() < 1e-9);
+            let mut gated = vec![0f32; n];
+            swiglu(&row, &soft_input(n), &mut gated);
+            for ((o, &g), u) in gated.iter().zip(&row).zip(soft_input(n)) {
+                let want = g as f64 * u as f64 / (1.0 + (-(g as f64)).exp());
+                assert!((*o as f64 - want).abs() < 1e-5 * want.abs().max(1.0));
+            }
+            let mut soft = row.clone();
+            softmax_in_place(&mut soft);
+            for (s, &v) in soft.iter().zip(&row) {
+                let want = (v as f64 - max).exp() / sum;
+                assert!((*s as f64 - want).abs() < 1e-6, "n={n}: {s} vs {want}");
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The ndarray backend's fused host ops against the same ops composed from Burn tensor ops
+//! (`kernels::generic`), on contiguous and on strided (axis-swapped) inputs.
+#![cfg(feature = "ndarray")]
+
+use burn::backend::NdArray;
+use burn::prelude::*;
+use kernels::{QuantBackend, generic};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+type B = NdArray<f32>;
+
+fn random<const D: usize>(rng: &mut StdRng, dims: [usize; D], scale: f32) -> Tensor<B, D> {
+    let n = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    Tensor::from_data(TensorData::new(v, dims), &Default::default())
+}
+
+/// `[b, t, heads, d]` storage read as `[b, heads, t, d]`: the layout a projection split into
+/// heads has.
+fn heads_swapped(rng: &mut StdRng, [b, h, t, d]: [usize; 4], scale: f32) -> Tensor<B, 4> {
+    random(rng, [b, t, h, d], scale).swap_dims(1, 2)
+}
+
+fn assert_close<const D: usize>(what: &str, got: Tensor<B, D>, want: Tensor<B, D>, tol: f32) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes differ");
+    let got = got.into_data().to_vec::<f32>().unwrap();
+    let want = want.into_data().to_vec::<f32>().unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * w.abs().max(1.0),
+            "{what}: element {i}: {g} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn causal_attention_matches_generic() {
+    let mut rng = StdRng::seed_from_u64(1);
+    // Prefill over several query blocks, a decode step, a chunk continuing a cache.
+    for (heads, kv, t_q, t_k) in [(6, 2, 300, 300), (4, 4, 1, 50), (3, 1, 40, 170)] {
+        let d = 16;
+        let q = heads_swapped(&mut rng, [1, heads, t_q, d], 2.0);
+        let k = heads_swapped(&mut rng, [1, kv, t_k, d], 2.0);
+        let v = random(&mut rng, [1, kv, t_k, d], 1.0);
+        assert_close(
+            &format!("attention h{heads} kv{kv} {t_q}/{t_k}"),
+            B::causal_attention(q.clone(), k.clone(), v.clone()),
+            generic::causal_attention(q, k, v),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn rotary_matches_generic() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let (t, d) = (7, 8);
+    let cos = random(&mut rng, [t + 3, d], 1.0).narrow(0, 3, t);
+    let sin = random(&mut rng, [t + 3, d], 1.0).narrow(0, 3, t);
+    for x in [
+        random(&mut rng, [2, 3, t, d], 1.0),
+        heads_swapped(&mut rng, [2, 3, t, d], 1.0),
+    ] {
+        assert_close(
+            "rotary",
+            B::rotary(x.clone(), cos.clone(), sin.clone()),
+            generic::rotary(x, cos.clone(), sin.clone()),
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn swiglu_dense_matmul_and_nll_match_generic() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (gate, up) = (
+        random(&mut rng, [3, 5, 100], 8.0),
+        random(&mut rng, [3, 5, 100], 2.0),
+    );
+    assert_close(
+        "swiglu",
+        B::swiglu(gate.clone(), up.clone()),
+        generic::swiglu(gate, up),
+        1e-5,
+    );
+
+    let x = random(&mut rng, [37, 70], 1.0);
+    let w_t = random(&mut rng, [70, 45], 1.0);
+    assert_close(
+        "dense",
+        B::dense_matmul(x.clone(), w_t.clone()),
+        x.clone().matmul(w_t.clone()),
+        1e-5,
+    );
+    // A transposed (strided) left operand.
+    let xt = random(&mut rng, [70, 37], 1.0).transpose();
+    assert_close(
+        "dense, strided x",
+        B::dense_matmul(xt.clone(), w_t.clone()),
+        xt.matmul(w_t),
+        1e-5,
+    );
+
+    let logits = random(&mut rng, [9, 1000], 10.0);
+    let targets: Vec<u32> = (0..9).map(|i| i * 97 + 5).collect();
+    let (got, want) = (
+        B::sum_nll(logits.clone(), &targets),
+        generic::sum_nll(logits, &targets),
+    );
+    assert!(
+        (got - want).abs() < 1e-4 * want.abs(),
+        "nll {got} vs {want}"
+    );
+}
