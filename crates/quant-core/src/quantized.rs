@@ -193,16 +193,37 @@ pub fn transpose<T: Copy + Default + Send + Sync>(data: &[T], rows: usize, cols:
         .for_each(|(band, out)| {
             let c0 = band * TILE;
             let c1 = (c0 + TILE).min(cols);
-            // Each input row contributes one short contiguous run; the TILE output rows being
-            // written stay in cache across consecutive input rows.
-            for r in 0..rows {
-                let src = &data[r * cols + c0..r * cols + c1];
-                for (dc, &v) in src.iter().enumerate() {
-                    out[dc * rows + r] = v;
-                }
-            }
+            transpose_into(&data[c0..], cols, rows, c1 - c0, out, rows);
         });
     out
+}
+
+/// Writes the transpose of the `rows × cols` block at the start of `src` (row stride `src_stride`)
+/// into `dst` (row stride `dst_stride`): `dst[c · dst_stride + r] = src[r · src_stride + c]`.
+///
+/// Works in `B × B` squares so that both sides touch only `B` cache lines at a time, and each
+/// source row is read sequentially (which the hardware prefetcher follows).
+pub(crate) fn transpose_into<T: Copy>(
+    src: &[T],
+    src_stride: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut [T],
+    dst_stride: usize,
+) {
+    const B: usize = 16;
+    for r0 in (0..rows).step_by(B) {
+        let r1 = (r0 + B).min(rows);
+        for c0 in (0..cols).step_by(B) {
+            let c1 = (c0 + B).min(cols);
+            for r in r0..r1 {
+                let run = &src[r * src_stride + c0..r * src_stride + c1];
+                for (c, &v) in (c0..).zip(run) {
+                    dst[c * dst_stride + r] = v;
+                }
+            }
+        }
+    }
 }
 
 /// `W [out, in]` → grouped layout.
@@ -218,5 +239,49 @@ pub fn from_grouped(dim: QuantDim, rows: usize, cols: usize, g: Vec<f32>) -> Vec
     match dim {
         QuantDim::Oc => g,
         QuantDim::Ic => transpose(&g, rows, cols),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_matches_the_definition_on_shapes_that_cut_its_blocks() {
+        for (rows, cols) in [
+            (1, 1),
+            (1, 37),
+            (37, 1),
+            (17, 33),
+            (33, 17),
+            (100, 70),
+            (64, 48),
+        ] {
+            let data: Vec<u32> = (0..(rows * cols) as u32).collect();
+            let t = transpose(&data, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        t[c * rows + r],
+                        data[r * cols + c],
+                        "{rows}x{cols} ({r}, {c})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_into_reads_and_writes_only_its_block() {
+        // A 19 × 23 block at offset 5 of a 40-wide source, into a destination of stride 30.
+        let src: Vec<i32> = (0..40 * 25).collect();
+        let mut dst = vec![-1; 23 * 30];
+        transpose_into(&src[5..], 40, 19, 23, &mut dst, 30);
+        for c in 0..23 {
+            for r in 0..30 {
+                let want = if r < 19 { src[5 + r * 40 + c] } else { -1 };
+                assert_eq!(dst[c * 30 + r], want, "({r}, {c})");
+            }
+        }
     }
 }

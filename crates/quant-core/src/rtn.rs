@@ -5,8 +5,11 @@
 
 use rayon::prelude::*;
 
-use crate::quantized::transpose;
+use crate::quantized::transpose_into;
 use crate::{QuantConfig, QuantError, Quantized};
+
+/// 2²³: from here on, consecutive f32 values are 1 apart.
+const TWO_23: f32 = 8_388_608.0;
 
 /// Smallest range a group may have; keeps `scale` finite for constant groups (SPEC §2).
 const MIN_RANGE: f32 = 1e-5;
@@ -31,6 +34,7 @@ impl GroupParams {
     }
 
     /// SPEC §2 parameters of the group `w` (its own min and max).
+    #[inline(always)]
     pub fn of_group(w: &[f32], maxq: u32) -> Self {
         let (min, max) = min_max(w);
         Self::from_range(min, max, maxq)
@@ -46,9 +50,13 @@ impl GroupParams {
     /// The code of `w`: `clamp(round(w / scale) + zero, 0, maxq)`.
     ///
     /// A true division (not a multiplication by `1/scale`) so ties round exactly as the reference.
-    #[inline]
+    #[inline(always)]
     pub fn code(&self, w: f32, maxq: u32) -> u8 {
-        (round_half_even(w / self.scale) + self.zero).clamp(0.0, maxq as f32) as u8
+        let q = (round_half_even(w / self.scale) + self.zero).clamp(0.0, maxq as f32);
+        // `q` is an integer in 0..=maxq, so after adding 2²³ its low mantissa byte is `q`. This
+        // vectorizes; `as u8` (a saturating conversion) stays scalar on x86 and made this step
+        // the slowest of RTN.
+        (q + TWO_23).to_bits() as u8
     }
 
     /// The dequantized value of `code`.
@@ -66,7 +74,6 @@ impl GroupParams {
 /// magnitudes are already integers.
 #[inline]
 pub fn round_half_even(x: f32) -> f32 {
-    const TWO_23: f32 = 8_388_608.0;
     let a = x.abs();
     let r = if a < TWO_23 { (a + TWO_23) - TWO_23 } else { a };
     // copysign keeps −0.0 and NaN as `round_ties_even` does.
@@ -74,6 +81,7 @@ pub fn round_half_even(x: f32) -> f32 {
 }
 
 /// Min and max of a group, with eight independent lanes so the loop vectorizes.
+#[inline(always)]
 fn min_max(w: &[f32]) -> (f32, f32) {
     const L: usize = 8;
     let mut lo = [f32::INFINITY; L];
@@ -97,6 +105,7 @@ fn min_max(w: &[f32]) -> (f32, f32) {
 }
 
 /// Quantizes one group with its own SPEC §2 parameters, writing codes and returning the parameters.
+#[inline(always)]
 pub(crate) fn quantize_group(w: &[f32], maxq: u32, codes: &mut [u8]) -> GroupParams {
     let p = GroupParams::of_group(w, maxq);
     for (c, &x) in codes.iter_mut().zip(w) {
@@ -113,11 +122,56 @@ pub(crate) fn check_finite(w: &[f32]) -> Result<(), QuantError> {
     }
 }
 
+/// Whether `w` has no NaN/Inf: a branch-free fold, so it vectorizes where `check_finite`'s early
+/// exit does not. RTN runs it on each group while the group is in cache instead of making a
+/// separate pass over the whole weight.
+#[inline(always)]
+fn all_finite(w: &[f32]) -> bool {
+    w.iter().fold(true, |ok, x| ok & x.is_finite())
+}
+
+/// The per-group step of RTN in both layouts: checks `w` for NaN/Inf (`None`), else quantizes it
+/// into `codes` and returns its parameters.
+///
+/// On AVX-512 CPUs this runs a build of the same code for AVX-512, about 1.5× faster than the
+/// x86-64 baseline (SSE2) build on 16-lane divisions and narrowing stores. (An AVX2 build was
+/// slower than SSE2: LLVM left `min_max` scalar there.) Every step is an exact IEEE operation, so
+/// both builds give the same bits.
+#[inline]
+fn rtn_group(w: &[f32], maxq: u32, codes: &mut [u8]) -> Option<GroupParams> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { rtn_group_avx512(w, maxq, codes) };
+        }
+    }
+    rtn_group_portable(w, maxq, codes)
+}
+
+#[inline(always)]
+fn rtn_group_portable(w: &[f32], maxq: u32, codes: &mut [u8]) -> Option<GroupParams> {
+    // A plain `if`: `bool::then` stays an outlined call, compiled without the caller's features.
+    if all_finite(w) {
+        Some(quantize_group(w, maxq, codes))
+    } else {
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn rtn_group_avx512(w: &[f32], maxq: u32, codes: &mut [u8]) -> Option<GroupParams> {
+    rtn_group_portable(w, maxq, codes)
+}
+
 /// RTN of a weight `W [out_features, in_features]` (row-major, HF layout) with `config`.
 ///
-/// Per-IC transposes `W` into the grouped layout first and then runs the very same per-row code as
-/// per-OC. Errors on a wrong length, an empty shape, a group size that does not divide the grouped
-/// dimension, or a NaN/Inf weight.
+/// Both dims run the same per-group step on the grouped layout; per-IC gathers `Wᵀ` one small
+/// tile at a time instead of transposing the whole weight first. Errors on a wrong length, an
+/// empty shape, a group size that does not divide the grouped dimension, or a NaN/Inf weight
+/// (reporting the first one in `w`).
 pub fn quantize_rtn(
     w: &[f32],
     out_features: usize,
@@ -132,17 +186,26 @@ pub fn quantize_rtn(
             w.len()
         )));
     }
-    check_finite(w)?;
     let (rows, cols) = config.dim.grouped_shape(out_features, in_features);
-    let transposed;
-    let grouped: &[f32] = match config.dim {
-        crate::QuantDim::Oc => w,
-        crate::QuantDim::Ic => {
-            transposed = transpose(w, out_features, in_features);
-            &transposed
-        }
+    let groups = rows * (cols / group_size);
+    let mut codes = vec![0u8; rows * cols];
+    let mut scales = vec![0f32; groups];
+    let mut zeros = vec![0f32; groups];
+    let out = GroupedOut {
+        codes: &mut codes,
+        scales: &mut scales,
+        zeros: &mut zeros,
     };
-    let (codes, scales, zeros) = quantize_grouped(grouped, rows, cols, group_size, config.maxq());
+    let maxq = config.maxq();
+    let finite = match config.dim {
+        crate::QuantDim::Oc => quantize_rows(w, group_size, maxq, out),
+        crate::QuantDim::Ic => quantize_columns(w, in_features, group_size, maxq, out),
+    };
+    if !finite {
+        // Rare, so the index of the first NaN/Inf comes from a second, scalar pass.
+        check_finite(w)?;
+        unreachable!("RTN saw a non-finite group in a finite weight");
+    }
     Ok(Quantized {
         config,
         out_features,
@@ -154,37 +217,154 @@ pub fn quantize_rtn(
     })
 }
 
-/// RTN of a matrix already in the grouped layout: `(codes [rows, cols], scales, zeros [rows, cols/g])`.
-fn quantize_grouped(
-    grouped: &[f32],
-    rows: usize,
-    cols: usize,
-    group_size: usize,
-    maxq: u32,
-) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
-    let groups = rows * (cols / group_size);
-    debug_assert_eq!(grouped.len(), rows * cols);
-    let mut codes = vec![0u8; rows * cols];
-    let mut scales = vec![0f32; groups];
-    let mut zeros = vec![0f32; groups];
+/// Outputs for some grouped rows: `codes [rows, cols]`, `scales` and `zeros [rows, cols / g]`.
+struct GroupedOut<'a> {
+    codes: &'a mut [u8],
+    scales: &'a mut [f32],
+    zeros: &'a mut [f32],
+}
+
+/// Writes a group's parameters; `false` for a non-finite group.
+fn store(p: Option<GroupParams>, scale: &mut f32, zero: &mut f32) -> bool {
+    let Some(p) = p else { return false };
+    (*scale, *zero) = (p.scale, p.zero);
+    true
+}
+
+/// Per-OC: `w` is already the grouped layout, so its groups are consecutive runs of `g`.
+/// Returns `false` if some group holds a NaN/Inf.
+fn quantize_rows(w: &[f32], g: usize, maxq: u32, out: GroupedOut) -> bool {
     // Groups are independent; a parallel chunk of ≥ 64 KiB of weights keeps rayon's overhead small.
-    let per_task = (16 * 1024 / group_size).max(1);
-    codes
-        .par_chunks_mut(group_size * per_task)
-        .zip(grouped.par_chunks(group_size * per_task))
-        .zip(scales.par_chunks_mut(per_task))
-        .zip(zeros.par_chunks_mut(per_task))
-        .for_each(|(((codes, w), scales), zeros)| {
-            for (((c, w), s), z) in codes
-                .chunks_mut(group_size)
-                .zip(w.chunks(group_size))
+    let per_task = (16 * 1024 / g).max(1);
+    out.codes
+        .par_chunks_mut(g * per_task)
+        .zip(w.par_chunks(g * per_task))
+        .zip(out.scales.par_chunks_mut(per_task))
+        .zip(out.zeros.par_chunks_mut(per_task))
+        .all(|(((codes, w), scales), zeros)| {
+            codes
+                .chunks_mut(g)
+                .zip(w.chunks(g))
                 .zip(scales.iter_mut())
                 .zip(zeros.iter_mut())
-            {
-                let p = quantize_group(w, maxq, c);
-                *s = p.scale;
-                *z = p.zero;
+                .all(|(((c, w), s), z)| store(rtn_group(w, maxq, c), s, z))
+        })
+}
+
+/// Per-IC: grouped row `k` is column `k` of `w [cols, rows]` (`rows` = in_features).
+/// Returns `false` if some group holds a NaN/Inf.
+///
+/// A task owns a few grouped rows (so its outputs are contiguous) and walks down their columns of
+/// `w` one group at a time, transposing each `g × k` tile into a small buffer that stays in
+/// cache. This reads `w` once, where transposing it whole would write and reread 4 bytes more
+/// per weight.
+fn quantize_columns(w: &[f32], rows: usize, g: usize, maxq: u32, out: GroupedOut) -> bool {
+    let cols = w.len() / rows;
+    let groups_per_row = cols / g;
+    // Long runs of each row of `w` (up to 2 KiB) keep the hardware prefetcher busy; ≥ 16 reads
+    // whole cache lines; about 64 Ki weights (256 KiB) keeps the tile in L2 for g ≤ 4096.
+    let tile_rows = (64 * 1024 / g).clamp(16, 512);
+    // An odd number of cache lines between tile rows: a power-of-two stride would put the
+    // transpose's writes in a few L1 sets.
+    let stride = g.next_multiple_of(32) + 16;
+    out.codes
+        .par_chunks_mut(tile_rows * cols)
+        .zip(out.scales.par_chunks_mut(tile_rows * groups_per_row))
+        .zip(out.zeros.par_chunks_mut(tile_rows * groups_per_row))
+        .enumerate()
+        .map_init(
+            || vec![0f32; tile_rows * stride],
+            |tile, (t, ((codes, scales), zeros))| {
+                let k0 = t * tile_rows;
+                let k = codes.len() / cols;
+                (0..groups_per_row).all(|j| {
+                    // Rows j·g .. (j+1)·g, columns k0 .. k0+k of `w` → group j of k grouped rows.
+                    transpose_into(&w[j * g * rows + k0..], rows, g, k, tile, stride);
+                    (0..k).all(|r| {
+                        let i = r * groups_per_row + j;
+                        let c = &mut codes[r * cols + j * g..r * cols + (j + 1) * g];
+                        let p = rtn_group(&tile[r * stride..r * stride + g], maxq, c);
+                        store(p, &mut scales[i], &mut zeros[i])
+                    })
+                })
+            },
+        )
+        .all(|finite| finite)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    /// Groups of many lengths with ties, repeats, constants, outliers and extreme magnitudes.
+    fn groups(rng: &mut StdRng) -> Vec<Vec<f32>> {
+        let mut out = vec![
+            vec![3.0; 16],
+            vec![-2.0; 7],
+            vec![0.0; 8],
+            vec![-0.0, 0.0, 0.5],
+        ];
+        out.push(vec![f32::MAX, -f32::MAX, 1.0, 0.0]);
+        out.push(vec![1e30, 1e30 + 1e24, 1e-30]);
+        for _ in 0..300 {
+            let len = rng.random_range(1..300);
+            let scale = [1e-6f32, 1.0, 1e4][rng.random_range(0..3)];
+            out.push(
+                (0..len)
+                    .map(|_| match rng.random_range(0..10) {
+                        0 => (rng.random_range(-8.0f32..8.0)).round() / 2.0 * scale,
+                        1 => rng.random_range(-30.0f32..30.0) * scale,
+                        _ => rng.random_range(-1.0f32..1.0) * scale,
+                    })
+                    .collect(),
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn code_equals_the_saturating_cast_it_replaces() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for w in groups(&mut rng) {
+            for maxq in [3, 7, 15, 255] {
+                let p = GroupParams::of_group(&w, maxq);
+                for &x in &w {
+                    let q = (round_half_even(x / p.scale) + p.zero).clamp(0.0, maxq as f32);
+                    assert_eq!(p.code(x, maxq), q as u8, "{x} with {p:?}");
+                }
             }
-        });
-    (codes, scales, zeros)
+        }
+    }
+
+    /// Tests run on whatever CPU builds them; the build `rtn_group` does not pick must agree too.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_and_portable_builds_agree() {
+        use std::arch::is_x86_feature_detected as has;
+        if !(has!("avx512f") && has!("avx512bw") && has!("avx512vl")) {
+            eprintln!("no AVX-512 here: only the portable build runs");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(2);
+        let mut all = groups(&mut rng);
+        all.push(vec![1.0, f32::NAN, 2.0]);
+        all.push(vec![f32::NEG_INFINITY; 20]);
+        for w in all {
+            for maxq in [3, 7, 15, 255] {
+                let mut a = vec![0u8; w.len()];
+                let mut b = vec![0u8; w.len()];
+                // SAFETY: the features were detected above.
+                let pa = unsafe { rtn_group_avx512(&w, maxq, &mut a) };
+                let pb = rtn_group_portable(&w, maxq, &mut b);
+                assert_eq!(pa.is_some(), w.iter().all(|x| x.is_finite()));
+                assert_eq!(pa, pb, "{w:?}");
+                if pa.is_some() {
+                    assert_eq!(a, b, "{w:?}");
+                }
+            }
+        }
+    }
 }

@@ -107,6 +107,55 @@ fn rtn_matches_naive_reference_for_random_shapes_bits_and_groups() {
 }
 
 #[test]
+fn rtn_matches_naive_reference_on_shapes_that_cut_the_per_ic_tiles() {
+    // Per-IC gathers tiles of 16..=512 input channels (fewer for bigger groups) and g output
+    // channels; these shapes leave partial tiles, odd group lengths and whole-column groups.
+    let mut rng = StdRng::seed_from_u64(13);
+    let mut cases = 0;
+    for (out, inp, g) in [
+        (256, 531, 128),
+        (96, 1040, 16),
+        (130, 37, 13),
+        (1024, 45, -1),
+        (640, 1100, -1),
+        (48, 2000, 16),
+        (21, 7, 3),
+    ] {
+        let w = random_weight(&mut rng, out * inp);
+        for dim in QuantDim::ALL {
+            let len = dim.grouped_shape(out, inp).1;
+            if g != -1 && len % g as usize != 0 {
+                continue;
+            }
+            let config = QuantConfig::new(3, g, dim).unwrap();
+            let q = quantize_rtn(&w, out, inp, config).unwrap();
+            let (deq, codes) = naive_rtn(&w, out, inp, 3, g, dim);
+            assert_eq!(dequant_codes_hf(&q), codes, "codes: {out}x{inp} g{g} {dim}");
+            assert_eq!(q.dequantize(), deq, "dequantized: {out}x{inp} g{g} {dim}");
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 11);
+}
+
+#[test]
+fn the_first_non_finite_weight_of_w_is_reported_in_both_dims() {
+    // Groups are checked as they are quantized, in parallel and (per-IC) column by column; the
+    // error still names the first bad weight in `w`'s own order.
+    let (out, inp) = (64, 600);
+    let mut w = vec![0.25f32; out * inp];
+    w[40 * inp + 3] = f32::INFINITY;
+    w[inp + 550] = f32::NAN;
+    for dim in QuantDim::ALL {
+        assert_eq!(
+            quantize_rtn(&w, out, inp, QuantConfig::new(4, 8, dim).unwrap()),
+            Err(QuantError::NonFiniteWeight { index: inp + 550 }),
+            "{dim}"
+        );
+    }
+}
+
+#[test]
 fn ties_round_half_to_even() {
     // One 4-bit group spanning [0, 15]: scale = 1, zero = 0, so w / scale is w itself.
     let w = [0.0f32, 0.5, 1.5, 2.5, 3.5, 14.5, 7.0, 15.0];
