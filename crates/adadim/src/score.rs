@@ -11,9 +11,9 @@ use model_llama::{DecoderLayer, LayerInputs, LayerTrace, Linear, LinearKind};
 
 /// Cached intermediate tensors of the layer's current (partly quantized) state.
 pub struct SubBlockState<B: QuantBackend> {
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
     attn_out: Tensor<B, 3>,
     gate: Tensor<B, 3>,
     up: Tensor<B, 3>,
@@ -29,7 +29,7 @@ pub struct Scored<B: QuantBackend> {
 
 enum Update<B: QuantBackend> {
     Attention {
-        proj: Tensor<B, 4>,
+        proj: Tensor<B, 3>,
         out: Tensor<B, 3>,
     },
     Mlp {

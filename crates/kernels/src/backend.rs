@@ -30,28 +30,41 @@ pub trait QuantBackend: Backend {
     /// `(out_features, in_features)` of an uploaded weight.
     fn packed_shape(w: &Self::Packed) -> (usize, usize);
 
-    /// `x [M, K] · w_t [K, N]`: a dense linear layer.
-    fn dense_matmul(x: Tensor<Self, 2>, w_t: Tensor<Self, 2>) -> Tensor<Self, 2> {
-        x.matmul(w_t)
+    /// `x [.., IC] · Ŵᵀ → [.., OC]`: [`Self::quant_matmul`] over `x`'s leading dims.
+    fn quant_linear<const D: usize>(x: Tensor<Self, D>, w: &Self::Packed) -> Tensor<Self, D> {
+        crate::generic::quant_linear(x, w)
     }
 
-    /// Causal grouped-query attention `softmax(q·kᵀ/√d + mask)·v`, heads concatenated:
-    /// `q [b, heads, t_q, d]`, `k, v [b, kv_heads, t_k, d]` → `[b, t_q, heads·d]`.
+    /// `x [.., K] · w_t [K, N] → [.., N]`: a dense linear layer.
+    fn dense_linear<const D: usize>(x: Tensor<Self, D>, w_t: Tensor<Self, 2>) -> Tensor<Self, D> {
+        crate::generic::dense_linear(x, w_t)
+    }
+
+    /// Causal grouped-query attention `softmax(q·kᵀ/√d + mask)·v` on projection outputs:
+    /// `q [b, t_q, heads·d]`, `k, v [b, t_k, kv_heads·d]` → `[b, t_q, heads·d]` (heads
+    /// concatenated, the input of `o_proj`).
     ///
     /// The queries are the last `t_q` of the `t_k` positions (a decode step over a KV cache has
     /// `t_q < t_k`), and query head `h` reads key/value head `h / (heads / kv_heads)`.
     fn causal_attention(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        heads: usize,
+        kv_heads: usize,
     ) -> Tensor<Self, 3> {
-        crate::generic::causal_attention(q, k, v)
+        crate::generic::causal_attention(q, k, v, heads, kv_heads)
     }
 
-    /// Rotary position embedding ("rotate half"): `x [b, heads, t, d]` with the tables
-    /// `cos, sin [t, d]` of its positions.
-    fn rotary(x: Tensor<Self, 4>, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>) -> Tensor<Self, 4> {
-        crate::generic::rotary(x, cos, sin)
+    /// Rotary position embedding ("rotate half") of every head of `x [b, t, heads·d]`, with
+    /// the tables `cos, sin [t, d]` of its positions.
+    fn rotary(
+        x: Tensor<Self, 3>,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        heads: usize,
+    ) -> Tensor<Self, 3> {
+        crate::generic::rotary(x, cos, sin, heads)
     }
 
     /// SwiGLU's gating `silu(gate) ⊙ up`.

@@ -3,20 +3,70 @@
 //! against.
 
 use burn::prelude::*;
+use burn::tensor::TensorPrimitive;
 use burn::tensor::activation::{silu, softmax};
+
+use crate::QuantBackend;
 
 /// Queries processed together; keys beyond a chunk's last position are never touched, so causal
 /// attention does about half the work of a full `T × T` product (and needs `chunk × T` memory).
 const QUERY_CHUNK: usize = 512;
 
+/// `[b, t, heads·d]` → `[b, heads, t, d]`.
+fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+    let [b, t, hd] = x.dims();
+    x.reshape([b, t, heads, hd / heads]).swap_dims(1, 2)
+}
+
+/// `[.., K]` as `[rows, K]`, and the function that restores the leading dims of a result.
+fn flatten<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+) -> (Tensor<B, 2>, impl Fn(Tensor<B, 2>) -> Tensor<B, D>) {
+    let dims = x.dims();
+    let k = dims[D - 1];
+    let rows = dims[..D - 1].iter().product();
+    let restore = move |y: Tensor<B, 2>| {
+        let mut out = dims;
+        out[D - 1] = y.dims()[1];
+        y.reshape(out)
+    };
+    (x.reshape([rows, k]), restore)
+}
+
+/// See [`crate::QuantBackend::dense_linear`].
+pub fn dense_linear<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    w_t: Tensor<B, 2>,
+) -> Tensor<B, D> {
+    let (x, restore) = flatten(x);
+    restore(x.matmul(w_t))
+}
+
+/// See [`crate::QuantBackend::quant_linear`].
+pub fn quant_linear<B: QuantBackend, const D: usize>(
+    x: Tensor<B, D>,
+    w: &B::Packed,
+) -> Tensor<B, D> {
+    let (x, restore) = flatten(x);
+    let y = B::quant_matmul(x.into_primitive().tensor(), w);
+    restore(Tensor::from_primitive(TensorPrimitive::Float(y)))
+}
+
 /// See [`crate::QuantBackend::causal_attention`].
 pub fn causal_attention<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    kv_heads: usize,
 ) -> Tensor<B, 3> {
-    let [b, heads, t_q, d] = q.dims();
-    let [_, kv_heads, k_len, _] = k.dims();
+    let (q, k, v) = (
+        split_heads(q, heads),
+        split_heads(k, kv_heads),
+        split_heads(v, kv_heads),
+    );
+    let [b, _, t_q, d] = q.dims();
+    let k_len = k.dims()[2];
     let offset = k_len - t_q;
     let rep = heads / kv_heads;
     let scale = 1.0 / (d as f64).sqrt();
@@ -64,13 +114,23 @@ fn causal_bias<B: Backend>(
 }
 
 /// See [`crate::QuantBackend::rotary`].
-pub fn rotary<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
-    let half = x.dims()[3] / 2;
+pub fn rotary<B: Backend>(
+    x: Tensor<B, 3>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+    heads: usize,
+) -> Tensor<B, 3> {
+    let [b, t, hd] = x.dims();
+    let d = hd / heads;
+    let x = x.reshape([b, t, heads, d]);
+    let half = d / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x.mul(cos.unsqueeze::<4>())
-        .add(rotated.mul(sin.unsqueeze::<4>()))
+    let table = |m: Tensor<B, 2>| m.reshape([1, t, 1, d]);
+    x.mul(table(cos))
+        .add(rotated.mul(table(sin)))
+        .reshape([b, t, hd])
 }
 
 /// See [`crate::QuantBackend::swiglu`].

@@ -11,7 +11,7 @@ use quant_core::PackedLinear;
 
 use crate::cpu::attention::{HeadsView, causal_attention, rotate_half};
 use crate::cpu::dense::{MatMut, MatRef, matmul};
-use crate::quant_linear::{check_input, dense_transposed};
+use crate::quant_linear::dense_transposed;
 use crate::{QuantBackend, QuantLinearError, cpu};
 
 type B = NdArray<f32>;
@@ -29,59 +29,89 @@ pub struct NdArrayPacked {
 /// An f32 tensor's elements with its dims and element strides, borrowed when its memory is
 /// laid out with non-negative strides (contiguous in some axis order: fresh results, reshapes,
 /// swapped axes), copied into row-major order otherwise.
+///
+/// burn-ndarray 0.21 copies on every `reshape` (even of a contiguous tensor), so the host ops
+/// take tensors in whatever shape the model has them and read them through their strides.
 struct Host<'a> {
     data: Cow<'a, [f32]>,
     dims: Vec<usize>,
     strides: Vec<usize>,
 }
 
-/// `None` for a tensor that is not f32 (the caller then takes the generic path).
-fn host(t: &NdArrayTensor) -> Option<Host<'_>> {
-    let NdArrayTensor::F32(storage) = t else {
-        return None;
-    };
-    let view = storage.view();
-    let dims = view.shape().to_vec();
-    if view.strides().iter().all(|&s| s >= 0)
-        && let Some(data) = view.to_slice_memory_order()
-    {
-        let strides = view.strides().iter().map(|&s| s as usize).collect();
-        return Some(Host {
-            data: Cow::Borrowed(data),
-            dims,
-            strides,
-        });
-    }
-    let owned = view.as_standard_layout().into_owned();
+fn row_major_strides(dims: &[usize]) -> Vec<usize> {
     let mut strides = vec![1; dims.len()];
     for i in (0..dims.len().saturating_sub(1)).rev() {
         strides[i] = strides[i + 1] * dims[i + 1];
     }
-    Some(Host {
-        data: Cow::Owned(owned.into_raw_vec_and_offset().0),
-        dims,
-        strides,
-    })
+    strides
 }
 
-fn is_row_major(h: &Host<'_>) -> bool {
-    let mut expected = 1;
-    for (&d, &s) in h.dims.iter().zip(&h.strides).rev() {
-        if d > 1 && s != expected {
-            return false;
+impl<'a> Host<'a> {
+    /// `None` for a tensor that is not f32 (the caller then takes the generic path).
+    fn of(t: &'a NdArrayTensor) -> Option<Self> {
+        let NdArrayTensor::F32(storage) = t else {
+            return None;
+        };
+        let view = storage.view();
+        let dims = view.shape().to_vec();
+        if view.strides().iter().all(|&s| s >= 0)
+            && let Some(data) = view.to_slice_memory_order()
+        {
+            let strides = view.strides().iter().map(|&s| s as usize).collect();
+            return Some(Self {
+                data: Cow::Borrowed(data),
+                dims,
+                strides,
+            });
         }
-        expected *= d;
+        let owned = view.as_standard_layout().into_owned();
+        Some(Self {
+            data: Cow::Owned(owned.into_raw_vec_and_offset().0),
+            strides: row_major_strides(&dims),
+            dims,
+        })
     }
-    true
-}
 
-fn heads_view<'a>(h: &'a Host<'_>) -> HeadsView<'a> {
-    let four = |v: &[usize]| -> [usize; 4] { v.try_into().expect("a 4-D tensor") };
-    HeadsView::new(&h.data, four(&h.dims), four(&h.strides))
-}
+    fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
 
-fn mat_ref<'a>(h: &'a Host<'_>) -> MatRef<'a> {
-    MatRef::new(&h.data, h.dims[0], h.dims[1], h.strides[0], h.strides[1])
+    fn is_row_major(&self) -> bool {
+        self.dims
+            .iter()
+            .zip(&self.strides)
+            .zip(row_major_strides(&self.dims))
+            .all(|((&d, &s), want)| d <= 1 || s == want)
+    }
+
+    /// The elements in row-major order (borrowed when they already are).
+    fn row_major(&self) -> Cow<'_, [f32]> {
+        if self.is_row_major() {
+            return Cow::Borrowed(&self.data[..self.len()]);
+        }
+        let mut out = Vec::with_capacity(self.len());
+        let mut index = vec![0usize; self.dims.len()];
+        for _ in 0..self.len() {
+            let at: usize = index.iter().zip(&self.strides).map(|(i, s)| i * s).sum();
+            out.push(self.data[at]);
+            for (i, &d) in index.iter_mut().zip(&self.dims).rev() {
+                *i += 1;
+                if *i < d {
+                    break;
+                }
+                *i = 0;
+            }
+        }
+        Cow::Owned(out)
+    }
+
+    /// A `[b, t, heads·d]` tensor read as `[b, heads, t, d]`.
+    fn heads(&self, heads: usize) -> HeadsView<'_> {
+        let [b, t, hd]: [usize; 3] = self.dims.as_slice().try_into().expect("a 3-D tensor");
+        let [s0, s1, s2]: [usize; 3] = self.strides.as_slice().try_into().expect("3 strides");
+        let d = hd / heads;
+        HeadsView::new(&self.data, [b, heads, t, d], [s0, d * s2, s1, s2])
+    }
 }
 
 fn tensor<const D: usize>(data: Vec<f32>, dims: [usize; D]) -> Tensor<B, D> {
@@ -94,20 +124,22 @@ fn primitive<const D: usize>(t: &Tensor<B, D>) -> FloatTensor<B> {
     t.clone().into_primitive().tensor()
 }
 
-/// `x [M, K] · w_t [K, N]` on the host, or `None` when either is not f32.
-fn host_matmul(x: &Tensor<B, 2>, w_t: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
-    let (xp, wp) = (primitive(x), primitive(w_t));
-    let (xh, wh) = (host(&xp)?, host(&wp)?);
-    let (m, n) = (xh.dims[0], wh.dims[1]);
-    let mut y = vec![0f32; m * n];
+/// `x [.., K] · w_t [K, N]` on the host (`x`'s leading dims are rows).
+fn host_linear<const D: usize>(x: &Host<'_>, dims: [usize; D], w_t: &Host<'_>) -> Tensor<B, D> {
+    let (k, n) = (w_t.dims[0], w_t.dims[1]);
+    let rows = x.len() / k.max(1);
+    let xs = x.row_major();
+    let mut y = vec![0f32; rows * n];
     matmul(
-        MatMut::row_major(&mut y, m, n),
-        mat_ref(&xh),
-        mat_ref(&wh),
+        MatMut::row_major(&mut y, rows, n),
+        MatRef::row_major(&xs, rows, k),
+        MatRef::new(&w_t.data, k, n, w_t.strides[0], w_t.strides[1]),
         1.0,
         true,
     );
-    Some(tensor(y, [m, n]))
+    let mut out = dims;
+    out[D - 1] = n;
+    tensor(y, out)
 }
 
 impl QuantBackend for B {
@@ -131,90 +163,106 @@ impl QuantBackend for B {
     }
 
     fn quant_matmul(x: FloatTensor<Self>, w: &Self::Packed) -> FloatTensor<Self> {
-        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
-        if let Err(e) = check_input(&x.dims(), w.in_features) {
-            panic!("{e}");
-        }
-        let m = x.dims()[0];
+        Self::quant_linear(
+            Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x)),
+            w,
+        )
+        .into_primitive()
+        .tensor()
+    }
+
+    fn quant_linear<const D: usize>(x: Tensor<Self, D>, w: &Self::Packed) -> Tensor<Self, D> {
+        let dims = x.dims();
+        assert_eq!(
+            dims[D - 1],
+            w.in_features,
+            "input features of a quantized linear"
+        );
+        let (xp, wp) = (primitive(&x), primitive(&w.weight_t));
+        let (Some(xh), Some(wh)) = (Host::of(&xp), Host::of(&wp)) else {
+            return crate::generic::quant_linear(x, w);
+        };
+        let m = xh.len() / w.in_features.max(1);
         // Decode-sized M reads the packed codes once (SIMD kernel); larger M re-reads them per
         // 8 rows, where the dense product on the dequantized weight wins.
-        if let Some(simd) = w.simd.as_ref().filter(|_| m <= cpu::MAX_M_PER_PASS)
-            && let Some(xh) = host(&primitive(&x))
-        {
-            let xs = match (xh.strides.as_slice(), &xh.data) {
-                ([s, 1], data) if *s == w.in_features => Cow::Borrowed(&data[..m * s]),
-                _ => Cow::Owned(x.clone().into_data().into_vec::<f32>().expect("f32 tensor")),
-            };
+        if let Some(simd) = w.simd.as_ref().filter(|_| m <= cpu::MAX_M_PER_PASS) {
             let mut y = vec![0f32; m * w.out_features];
-            if cpu::gemm(&xs, m, simd, &mut y).is_ok() {
-                return tensor(y, [m, w.out_features]).into_primitive().tensor();
+            if cpu::gemm(&xh.row_major(), m, simd, &mut y).is_ok() {
+                let mut out = dims;
+                out[D - 1] = w.out_features;
+                return tensor(y, out);
             }
         }
-        Self::dense_matmul(x, w.weight_t.clone())
-            .into_primitive()
-            .tensor()
+        host_linear(&xh, dims, &wh)
     }
 
     fn packed_shape(w: &Self::Packed) -> (usize, usize) {
         (w.out_features, w.in_features)
     }
 
-    fn dense_matmul(x: Tensor<Self, 2>, w_t: Tensor<Self, 2>) -> Tensor<Self, 2> {
-        host_matmul(&x, &w_t).unwrap_or_else(|| x.matmul(w_t))
+    fn dense_linear<const D: usize>(x: Tensor<Self, D>, w_t: Tensor<Self, 2>) -> Tensor<Self, D> {
+        let (xp, wp) = (primitive(&x), primitive(&w_t));
+        match (Host::of(&xp), Host::of(&wp)) {
+            (Some(xh), Some(wh)) => host_linear(&xh, x.dims(), &wh),
+            _ => crate::generic::dense_linear(x, w_t),
+        }
     }
 
     fn causal_attention(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        heads: usize,
+        kv_heads: usize,
     ) -> Tensor<Self, 3> {
         let (qp, kp, vp) = (primitive(&q), primitive(&k), primitive(&v));
-        let (Some(qh), Some(kh), Some(vh)) = (host(&qp), host(&kp), host(&vp)) else {
-            return crate::generic::causal_attention(q, k, v);
+        let (Some(qh), Some(kh), Some(vh)) = (Host::of(&qp), Host::of(&kp), Host::of(&vp)) else {
+            return crate::generic::causal_attention(q, k, v, heads, kv_heads);
         };
-        let [b, heads, t_q, d] = q.dims();
-        let mut out = vec![0f32; b * t_q * heads * d];
-        causal_attention(heads_view(&qh), heads_view(&kh), heads_view(&vh), &mut out);
-        tensor(out, [b, t_q, heads * d])
+        let dims = q.dims();
+        let mut out = vec![0f32; dims.iter().product()];
+        causal_attention(
+            qh.heads(heads),
+            kh.heads(kv_heads),
+            vh.heads(kv_heads),
+            &mut out,
+        );
+        tensor(out, dims)
     }
 
-    fn rotary(x: Tensor<Self, 4>, cos: Tensor<Self, 2>, sin: Tensor<Self, 2>) -> Tensor<Self, 4> {
+    fn rotary(
+        x: Tensor<Self, 3>,
+        cos: Tensor<Self, 2>,
+        sin: Tensor<Self, 2>,
+        heads: usize,
+    ) -> Tensor<Self, 3> {
         let (xp, cp, sp) = (primitive(&x), primitive(&cos), primitive(&sin));
-        if let (Some(xh), Some(c), Some(s)) = (host(&xp), host(&cp), host(&sp))
-            && is_row_major(&c)
-            && is_row_major(&s)
-        {
-            let dims = x.dims();
-            let n = c.dims.iter().product();
-            let mut out = vec![0f32; dims.iter().product()];
-            rotate_half(heads_view(&xh), &c.data[..n], &s.data[..n], &mut out);
-            return tensor(out, dims);
-        }
-        crate::generic::rotary(x, cos, sin)
+        let (Some(xh), Some(c), Some(s)) = (Host::of(&xp), Host::of(&cp), Host::of(&sp)) else {
+            return crate::generic::rotary(x, cos, sin, heads);
+        };
+        let dims = x.dims();
+        let mut out = vec![0f32; dims.iter().product()];
+        rotate_half(xh.heads(heads), &c.row_major(), &s.row_major(), &mut out);
+        tensor(out, dims)
     }
 
     fn swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
         let (gp, up_p) = (primitive(&gate), primitive(&up));
-        if let (Some(g), Some(u)) = (host(&gp), host(&up_p))
-            && g.dims == u.dims
-            && is_row_major(&g)
-            && is_row_major(&u)
-        {
-            let n = g.dims.iter().product();
-            let mut out = vec![0f32; n];
-            cpu::activation::swiglu(&g.data[..n], &u.data[..n], &mut out);
-            return tensor(out, gate.dims());
+        match (Host::of(&gp), Host::of(&up_p)) {
+            (Some(g), Some(u)) if g.dims == u.dims => {
+                let mut out = vec![0f32; g.len()];
+                cpu::activation::swiglu(&g.row_major(), &u.row_major(), &mut out);
+                tensor(out, gate.dims())
+            }
+            _ => crate::generic::swiglu(gate, up),
         }
-        crate::generic::swiglu(gate, up)
     }
 
     fn sum_nll(logits: Tensor<Self, 2>, targets: &[u32]) -> f64 {
         let p = primitive(&logits);
-        match host(&p) {
-            Some(h) if is_row_major(&h) => {
-                cpu::activation::sum_nll(&h.data[..h.dims[0] * h.dims[1]], h.dims[1], targets)
-            }
-            _ => crate::generic::sum_nll(logits, targets),
+        match Host::of(&p) {
+            Some(h) => cpu::activation::sum_nll(&h.row_major(), h.dims[1], targets),
+            None => crate::generic::sum_nll(logits, targets),
         }
     }
 }

@@ -2,7 +2,6 @@
 //! through [`QuantBackend::quant_matmul`].
 
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
 use quant_core::{PackedLinear, QuantError};
 use thiserror::Error;
 
@@ -18,6 +17,7 @@ pub enum QuantLinearError {
 }
 
 /// Checks that `shape` is `[M, in_features]`.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub(crate) fn check_input(shape: &[usize], in_features: usize) -> Result<(), QuantLinearError> {
     match shape {
         [_, k] if *k == in_features => Ok(()),
@@ -82,14 +82,6 @@ impl<B: QuantBackend> QuantLinear<B> {
                 shape: dims.to_vec(),
             });
         }
-        let m: usize = dims[..D - 1].iter().product();
-        let x2 = x.reshape([m, k]).into_primitive().tensor();
-        let y = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::quant_matmul(
-            x2,
-            &self.weight,
-        )));
-        let mut out = dims;
-        out[D - 1] = self.out_features();
-        Ok(y.reshape(out))
+        Ok(B::quant_linear(x, &self.weight))
     }
 }

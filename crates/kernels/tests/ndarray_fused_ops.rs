@@ -16,10 +16,13 @@ fn random<const D: usize>(rng: &mut StdRng, dims: [usize; D], scale: f32) -> Ten
     Tensor::from_data(TensorData::new(v, dims), &Default::default())
 }
 
-/// `[b, t, heads, d]` storage read as `[b, heads, t, d]`: the layout a projection split into
-/// heads has.
-fn heads_swapped(rng: &mut StdRng, [b, h, t, d]: [usize; 4], scale: f32) -> Tensor<B, 4> {
-    random(rng, [b, t, h, d], scale).swap_dims(1, 2)
+/// A `[b, t, n]` tensor stored as `[b, n, t]` (strided), or contiguous.
+fn projection(rng: &mut StdRng, [b, t, n]: [usize; 3], scale: f32, strided: bool) -> Tensor<B, 3> {
+    if strided {
+        random(rng, [b, n, t], scale).swap_dims(1, 2)
+    } else {
+        random(rng, [b, t, n], scale)
+    }
 }
 
 fn assert_close<const D: usize>(what: &str, got: Tensor<B, D>, want: Tensor<B, D>, tol: f32) {
@@ -38,15 +41,19 @@ fn assert_close<const D: usize>(what: &str, got: Tensor<B, D>, want: Tensor<B, D
 fn causal_attention_matches_generic() {
     let mut rng = StdRng::seed_from_u64(1);
     // Prefill over several query blocks, a decode step, a chunk continuing a cache.
-    for (heads, kv, t_q, t_k) in [(6, 2, 300, 300), (4, 4, 1, 50), (3, 1, 40, 170)] {
+    for (b, heads, kv, t_q, t_k, strided) in [
+        (1, 6, 2, 300, 300, false),
+        (2, 4, 4, 1, 50, true),
+        (1, 3, 1, 40, 170, true),
+    ] {
         let d = 16;
-        let q = heads_swapped(&mut rng, [1, heads, t_q, d], 2.0);
-        let k = heads_swapped(&mut rng, [1, kv, t_k, d], 2.0);
-        let v = random(&mut rng, [1, kv, t_k, d], 1.0);
+        let q = projection(&mut rng, [b, t_q, heads * d], 2.0, strided);
+        let k = projection(&mut rng, [b, t_k, kv * d], 2.0, strided);
+        let v = projection(&mut rng, [b, t_k, kv * d], 1.0, false);
         assert_close(
-            &format!("attention h{heads} kv{kv} {t_q}/{t_k}"),
-            B::causal_attention(q.clone(), k.clone(), v.clone()),
-            generic::causal_attention(q, k, v),
+            &format!("attention b{b} h{heads} kv{kv} {t_q}/{t_k}"),
+            B::causal_attention(q.clone(), k.clone(), v.clone(), heads, kv),
+            generic::causal_attention(q, k, v, heads, kv),
             1e-4,
         );
     }
@@ -58,21 +65,19 @@ fn rotary_matches_generic() {
     let (t, d) = (7, 8);
     let cos = random(&mut rng, [t + 3, d], 1.0).narrow(0, 3, t);
     let sin = random(&mut rng, [t + 3, d], 1.0).narrow(0, 3, t);
-    for x in [
-        random(&mut rng, [2, 3, t, d], 1.0),
-        heads_swapped(&mut rng, [2, 3, t, d], 1.0),
-    ] {
+    for strided in [false, true] {
+        let x = projection(&mut rng, [2, t, 3 * d], 1.0, strided);
         assert_close(
             "rotary",
-            B::rotary(x.clone(), cos.clone(), sin.clone()),
-            generic::rotary(x, cos.clone(), sin.clone()),
+            B::rotary(x.clone(), cos.clone(), sin.clone(), 3),
+            generic::rotary(x, cos.clone(), sin.clone(), 3),
             1e-6,
         );
     }
 }
 
 #[test]
-fn swiglu_dense_matmul_and_nll_match_generic() {
+fn swiglu_dense_linear_and_nll_match_generic() {
     let mut rng = StdRng::seed_from_u64(3);
     let (gate, up) = (
         random(&mut rng, [3, 5, 100], 8.0),
@@ -87,9 +92,16 @@ fn swiglu_dense_matmul_and_nll_match_generic() {
 
     let x = random(&mut rng, [37, 70], 1.0);
     let w_t = random(&mut rng, [70, 45], 1.0);
+    let x3 = projection(&mut rng, [2, 9, 70], 1.0, true);
+    assert_close(
+        "dense, 3-D strided x",
+        B::dense_linear(x3.clone(), w_t.clone()),
+        generic::dense_linear(x3, w_t.clone()),
+        1e-5,
+    );
     assert_close(
         "dense",
-        B::dense_matmul(x.clone(), w_t.clone()),
+        B::dense_linear(x.clone(), w_t.clone()),
         x.clone().matmul(w_t.clone()),
         1e-5,
     );
@@ -97,7 +109,7 @@ fn swiglu_dense_matmul_and_nll_match_generic() {
     let xt = random(&mut rng, [70, 37], 1.0).transpose();
     assert_close(
         "dense, strided x",
-        B::dense_matmul(xt.clone(), w_t.clone()),
+        B::dense_linear(xt.clone(), w_t.clone()),
         xt.matmul(w_t),
         1e-5,
     );

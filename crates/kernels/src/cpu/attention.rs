@@ -145,10 +145,10 @@ pub fn causal_attention(q: HeadsView, k: HeadsView, v: HeadsView, out: &mut [f32
 
 /// Rotary position embedding in the "rotate half" convention: for each `d`-vector of `x`
 /// (`[b, heads, t, d]`) at position `i`, `x·cosᵢ + (−x₂ ‖ x₁)·sinᵢ` with `x₁, x₂` its halves.
-/// `cos, sin: [t, d]` row-major (already cut to the positions of `x`); `out` is `x`'s shape,
-/// row-major.
+/// `cos, sin: [t, d]` row-major (already cut to the positions of `x`); `out` is
+/// `[b, t, heads·d]` row-major, the layout of the projection it came from.
 pub fn rotate_half(x: HeadsView, cos: &[f32], sin: &[f32], out: &mut [f32]) {
-    let [b, heads, t, d] = x.dims;
+    let [_, heads, t, d] = x.dims;
     assert!(d % 2 == 0, "head_dim {d} is odd");
     assert!(
         cos.len() == t * d && sin.len() == t * d,
@@ -156,7 +156,7 @@ pub fn rotate_half(x: HeadsView, cos: &[f32], sin: &[f32], out: &mut [f32]) {
     );
     assert_eq!(
         out.len(),
-        b * heads * t * d,
+        x.dims.iter().product::<usize>(),
         "output buffer has the wrong size"
     );
     if out.is_empty() {
@@ -164,18 +164,21 @@ pub fn rotate_half(x: HeadsView, cos: &[f32], sin: &[f32], out: &mut [f32]) {
     }
     let half = d / 2;
     let [s0, s1, s2, s3] = x.strides;
-    out.par_chunks_mut(t * d).enumerate().for_each(|(bh, out)| {
-        let base = (bh / heads) * s0 + (bh % heads) * s1;
-        for (i, o) in out.chunks_exact_mut(d).enumerate() {
-            let at = |c: usize| x.data[base + i * s2 + c * s3];
+    out.par_chunks_mut(heads * d)
+        .enumerate()
+        .for_each(|(bt, out)| {
+            let (batch, i) = (bt / t, bt % t);
             let (c, s) = (&cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
-            for j in 0..half {
-                let (x1, x2) = (at(j), at(j + half));
-                o[j] = x1 * c[j] - x2 * s[j];
-                o[j + half] = x2 * c[j + half] + x1 * s[j + half];
+            for (h, o) in out.chunks_exact_mut(d).enumerate() {
+                let base = batch * s0 + h * s1 + i * s2;
+                let at = |j: usize| x.data[base + j * s3];
+                for j in 0..half {
+                    let (x1, x2) = (at(j), at(j + half));
+                    o[j] = x1 * c[j] - x2 * s[j];
+                    o[j + half] = x2 * c[j + half] + x1 * s[j + half];
+                }
             }
-        }
-    });
+        });
 }
 
 #[cfg(test)]

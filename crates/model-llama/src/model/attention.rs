@@ -20,23 +20,23 @@ pub struct Attention<B: QuantBackend> {
 /// Keys and values of the positions seen so far, per layer.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache<B: QuantBackend> {
-    /// `[batch, kv_heads, len, head_dim]`
-    pub k: Option<Tensor<B, 4>>,
-    pub v: Option<Tensor<B, 4>>,
+    /// `[batch, len, kv_heads·head_dim]`
+    pub k: Option<Tensor<B, 3>>,
+    pub v: Option<Tensor<B, 3>>,
 }
 
 impl<B: QuantBackend> KvCache<B> {
     pub fn len(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dims()[2])
+        self.k.as_ref().map_or(0, |k| k.dims()[1])
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let cat = |old: Option<Tensor<B, 4>>, new: Tensor<B, 4>| match old {
-            Some(old) => Tensor::cat(vec![old, new], 2),
+    fn append(&mut self, k: Tensor<B, 3>, v: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let cat = |old: Option<Tensor<B, 3>>, new: Tensor<B, 3>| match old {
+            Some(old) => Tensor::cat(vec![old, new], 1),
             None => new,
         };
         let k = cat(self.k.take(), k);
@@ -48,13 +48,8 @@ impl<B: QuantBackend> KvCache<B> {
 }
 
 impl<B: QuantBackend> Attention<B> {
-    fn split_heads(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
-        let [b, t, _] = x.dims();
-        x.reshape([b, t, heads, self.head_dim]).swap_dims(1, 2)
-    }
-
-    /// One projection of `x` (q, k or v) split into heads, rotated for q and k, for inputs at
-    /// positions `start..`: `[b, heads, t, head_dim]`.
+    /// One projection of `x` (q, k or v), rotated for q and k, for inputs at positions
+    /// `start..`: `[b, t, heads·head_dim]`.
     pub fn project(
         &self,
         kind: LinearKind,
@@ -62,27 +57,27 @@ impl<B: QuantBackend> Attention<B> {
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         start: usize,
-    ) -> Tensor<B, 4> {
+    ) -> Tensor<B, 3> {
         let heads = match kind {
             LinearKind::Q => self.n_heads,
             LinearKind::K | LinearKind::V => self.n_kv_heads,
             other => panic!("{other:?} is not an attention input projection"),
         };
-        let h = self.split_heads(linear.forward(x), heads);
+        let h = linear.forward(x);
         match kind {
             LinearKind::V => h,
-            _ => rope.apply(h, start),
+            _ => rope.apply(h, heads, start),
         }
     }
 
-    /// Projected and rotated `q: [b, heads, t, d]`, `k, v: [b, kv_heads, t, d]` for inputs at
+    /// Projected and rotated `q: [b, t, heads·d]`, `k, v: [b, t, kv_heads·d]` for inputs at
     /// positions `start..start + t`.
     pub fn qkv(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         start: usize,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         let p = |kind, linear| self.project(kind, linear, x.clone(), rope, start);
         (
             p(LinearKind::Q, &self.q_proj),
@@ -94,8 +89,8 @@ impl<B: QuantBackend> Attention<B> {
     /// Causal attention of queries at positions `k_len − t_q .. k_len` over all `k_len` keys
     /// (see [`QuantBackend::causal_attention`]). Returns the context `[b, t_q, hidden]` (the
     /// input of `o_proj`).
-    pub fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 3> {
-        B::causal_attention(q, k, v)
+    pub fn attend(&self, q: Tensor<B, 3>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Tensor<B, 3> {
+        B::causal_attention(q, k, v, self.n_heads, self.n_kv_heads)
     }
 
     /// The attention sub-block: `o_proj(attend(qkv(x)))`, with an optional KV cache.

@@ -191,10 +191,10 @@ impl<B: QuantBackend> DecoderLayer<B> {
 #[derive(Clone, Debug)]
 pub struct LayerTrace<B: QuantBackend> {
     pub inputs: LayerInputs<B>,
-    /// Rotated queries `[b, heads, t, d]`, keys and values `[b, kv_heads, t, d]`.
-    pub q: Tensor<B, 4>,
-    pub k: Tensor<B, 4>,
-    pub v: Tensor<B, 4>,
+    /// Rotated queries `[b, t, heads·d]`, keys and values `[b, t, kv_heads·d]`.
+    pub q: Tensor<B, 3>,
+    pub k: Tensor<B, 3>,
+    pub v: Tensor<B, 3>,
     /// Attention sub-block output (`o_proj`'s output).
     pub attn_out: Tensor<B, 3>,
     /// `gate_proj` and `up_proj` outputs (before the activation).

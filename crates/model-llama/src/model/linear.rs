@@ -60,14 +60,7 @@ impl<B: QuantBackend> Linear<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Self::Quant(q) => q.forward(x),
-            Self::Dense { weight_t } => {
-                let dims = x.dims();
-                let rows: usize = dims[..D - 1].iter().product();
-                let y = B::dense_matmul(x.reshape([rows, dims[D - 1]]), weight_t.clone());
-                let mut out = dims;
-                out[D - 1] = self.out_features();
-                y.reshape(out)
-            }
+            Self::Dense { weight_t } => B::dense_linear(x, weight_t.clone()),
         }
     }
 }

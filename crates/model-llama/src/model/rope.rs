@@ -66,9 +66,9 @@ impl<B: QuantBackend> Rope<B> {
         self.cos.dims()[0]
     }
 
-    /// Rotates `x: [batch, heads, seq, head_dim]` whose first position is `start`.
-    pub fn apply(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
-        let seq = x.dims()[2];
+    /// Rotates every head of `x: [batch, seq, heads·head_dim]` whose first position is `start`.
+    pub fn apply(&self, x: Tensor<B, 3>, heads: usize, start: usize) -> Tensor<B, 3> {
+        let seq = x.dims()[1];
         assert!(
             start + seq <= self.max_positions(),
             "sequence of {} tokens exceeds the rotary table ({} positions)",
@@ -77,6 +77,6 @@ impl<B: QuantBackend> Rope<B> {
         );
         let cos = self.cos.clone().narrow(0, start, seq);
         let sin = self.sin.clone().narrow(0, start, seq);
-        B::rotary(x, cos, sin)
+        B::rotary(x, cos, sin, heads)
     }
 }
