@@ -10,7 +10,7 @@ use burn::tensor::{TensorPrimitive, ops::FloatTensor};
 use quant_core::PackedLinear;
 
 use crate::cpu::attention::{HeadsView, causal_attention, rotate_half};
-use crate::cpu::dense::{MatMut, MatRef, matmul};
+use crate::cpu::dense::{MatRef, matmul_new};
 use crate::quant_linear::dense_transposed;
 use crate::{QuantBackend, QuantLinearError, cpu};
 
@@ -129,9 +129,7 @@ fn host_linear<const D: usize>(x: &Host<'_>, dims: [usize; D], w_t: &Host<'_>) -
     let (k, n) = (w_t.dims[0], w_t.dims[1]);
     let rows = x.len() / k.max(1);
     let xs = x.row_major();
-    let mut y = vec![0f32; rows * n];
-    matmul(
-        MatMut::row_major(&mut y, rows, n),
+    let y = matmul_new(
         MatRef::row_major(&xs, rows, k),
         MatRef::new(&w_t.data, k, n, w_t.strides[0], w_t.strides[1]),
         1.0,
