@@ -2,6 +2,7 @@
 //! tensors' own memory.
 
 use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
 
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayTensor;
@@ -16,14 +17,26 @@ use crate::{QuantBackend, QuantLinearError, cpu};
 
 type B = NdArray<f32>;
 
-/// The ndarray weight: `Ŵᵀ [IC, OC]`, dequantized at upload.
+/// The ndarray weight: the SIMD kernel's layout, and `Ŵᵀ [IC, OC]` dequantized on first use.
 #[derive(Clone, Debug)]
 pub struct NdArrayPacked {
-    weight_t: Tensor<B, 2>,
+    packed: Arc<PackedLinear>,
+    /// Built by the first product with more rows than the SIMD kernel takes (or at all, when
+    /// the kernel does not support the layer): decoding never pays 4 bytes a weight for it.
+    weight_t: Arc<OnceLock<Tensor<B, 2>>>,
     /// The SIMD kernel's layout, when it supports the layer (group size a multiple of 32).
     simd: Option<cpu::CpuPacked>,
-    out_features: usize,
-    in_features: usize,
+    device: burn::backend::ndarray::NdArrayDevice,
+}
+
+impl NdArrayPacked {
+    fn weight_t(&self) -> &Tensor<B, 2> {
+        self.weight_t.get_or_init(|| {
+            let p = &self.packed;
+            let data = TensorData::new(dense_transposed(p), [p.in_features, p.out_features]);
+            Tensor::from_data(data, &self.device)
+        })
+    }
 }
 
 /// An f32 tensor's elements with its dims and element strides, borrowed when its memory is
@@ -148,15 +161,11 @@ impl QuantBackend for B {
         device: &Self::Device,
     ) -> Result<Self::Packed, QuantLinearError> {
         packed.validate()?;
-        let data = TensorData::new(
-            dense_transposed(packed),
-            [packed.in_features, packed.out_features],
-        );
         Ok(NdArrayPacked {
-            weight_t: Tensor::from_data(data, device),
+            packed: Arc::new(packed.clone()),
+            weight_t: Arc::default(),
             simd: cpu::CpuPacked::new(packed).ok(),
-            out_features: packed.out_features,
-            in_features: packed.in_features,
+            device: *device,
         })
     }
 
@@ -171,31 +180,34 @@ impl QuantBackend for B {
 
     fn quant_linear<const D: usize>(x: Tensor<Self, D>, w: &Self::Packed) -> Tensor<Self, D> {
         let dims = x.dims();
+        let (out_features, in_features) = Self::packed_shape(w);
         assert_eq!(
             dims[D - 1],
-            w.in_features,
+            in_features,
             "input features of a quantized linear"
         );
-        let (xp, wp) = (primitive(&x), primitive(&w.weight_t));
-        let (Some(xh), Some(wh)) = (Host::of(&xp), Host::of(&wp)) else {
+        let xp = primitive(&x);
+        let Some(xh) = Host::of(&xp) else {
             return crate::generic::quant_linear(x, w);
         };
-        let m = xh.len() / w.in_features.max(1);
+        let m = xh.len() / in_features.max(1);
         // Decode-sized M reads the packed codes once (SIMD kernel); larger M re-reads them per
         // 8 rows, where the dense product on the dequantized weight wins.
         if let Some(simd) = w.simd.as_ref().filter(|_| m <= cpu::MAX_M_PER_PASS) {
-            let mut y = vec![0f32; m * w.out_features];
+            let mut y = vec![0f32; m * out_features];
             if cpu::gemm(&xh.row_major(), m, simd, &mut y).is_ok() {
                 let mut out = dims;
-                out[D - 1] = w.out_features;
+                out[D - 1] = out_features;
                 return tensor(y, out);
             }
         }
+        let wp = primitive(w.weight_t());
+        let wh = Host::of(&wp).expect("the dequantized weight is f32");
         host_linear(&xh, dims, &wh)
     }
 
     fn packed_shape(w: &Self::Packed) -> (usize, usize) {
-        (w.out_features, w.in_features)
+        (w.packed.out_features, w.packed.in_features)
     }
 
     fn dense_linear<const D: usize>(x: Tensor<Self, D>, w_t: Tensor<Self, 2>) -> Tensor<Self, D> {

@@ -1,4 +1,8 @@
-//! CPU kernel: `y = x · Ŵᵀ` for decode-sized `M`, straight from AdaDim's packed weights.
+//! CPU kernels. The main one, in this module: `y = x · Ŵᵀ` for decode-sized `M`, straight from
+//! AdaDim's packed weights. Beside it, the host ops that make the f32 forward fast on the ndarray
+//! backend ([`crate::QuantBackend`]'s fused ops): [`attention`] (causal GQA attention and rotary
+//! embedding on strided head views), [`activation`] (softmax, log-sum-exp, cross-entropy and
+//! SwiGLU with a vectorised `exp`) and [`dense`] (strided f32 products through `gemm`).
 //!
 //! # Use
 //! Re-lay out a [`quant_core::PackedLinear`] once with [`CpuPacked::new`], then call
