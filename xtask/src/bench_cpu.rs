@@ -1,5 +1,5 @@
-//! `cargo xtask bench-kernels --backend cpu`: the CPU dequant GEMV/GEMM against an f32
-//! GEMV through Burn's NdArray matmul, with the machine's read bandwidth measured in the
+//! `cargo xtask bench-kernels --backend cpu`: the CPU dequant GEMV/GEMM against the f32
+//! GEMV of the model's dense path, with the machine's read bandwidth measured in the
 //! same run.
 //!
 //! Every timed product reads weights from DRAM, not cache: each case cycles through enough
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
+use kernels::QuantBackend;
 use kernels::cpu::{CpuPacked, SimdPath, gemm_with};
 use quant_core::{PackedLinear, QuantConfig, QuantDim, Quantized};
 
@@ -39,8 +40,8 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
          {threads} threads, measured read bandwidth **{bw:.2} GB/s** (sum of a 1 GiB buffer). \
          Weights are cycled through ≥ {} MiB of copies so reads come from DRAM; \
          `hot` repeats one copy (cache-resident). GB/s counts packed weight bytes (codes + f16 \
-         scales + zeros); the f32 baseline is Burn NdArray `[M,K]×[K,N]` on pre-transposed weights \
-         (also cycled). Group size {}.\n",
+         scales + zeros); the f32 baseline is the model's dense path (`QuantBackend::dense_linear`, AVX-512 `gemm`) \
+         `[M,K]×[K,N]` on pre-transposed weights (also cycled). Group size {}.\n",
         COLD_BYTES >> 20,
         args.group_size
     )?;
@@ -182,7 +183,8 @@ fn read_bandwidth(threads: usize) -> f64 {
 
 type B = NdArray<f32>;
 
-/// `[M, K] × [K, N]` in f32 through Burn, on enough copies of the weight to defeat the cache.
+/// `[M, K] × [K, N]` in f32 through the model's dense path (`QuantBackend::dense_linear`:
+/// the `gemm` crate on ndarray), on enough copies of the weight to defeat the cache.
 struct F32Baseline {
     k: usize,
     weights: Vec<Tensor<B, 2>>,
@@ -206,7 +208,8 @@ impl F32Baseline {
             &device,
         );
         time_cycled(args, self.weights.len(), |i| {
-            let y = x.clone().matmul(self.weights[i].clone()).into_data();
+            let y =
+                <B as QuantBackend>::dense_linear(x.clone(), self.weights[i].clone()).into_data();
             std::hint::black_box(y);
             Ok::<(), std::convert::Infallible>(())
         })

@@ -136,32 +136,37 @@ path!(avx2, "avx2,fma");
 #[cfg(target_arch = "aarch64")]
 path!(neon, "neon");
 
+/// Calls `$f` of the best compiled path for this CPU.
+macro_rules! dispatch {
+    ($f:ident($($arg:expr),*)) => {
+        // SAFETY (each arm): `SimdPath::best` returns only paths whose features this CPU has.
+        match SimdPath::best() {
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Avx512 => unsafe { avx512::$f($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            SimdPath::Avx2 => unsafe { avx2::$f($($arg),*) },
+            #[cfg(target_arch = "aarch64")]
+            SimdPath::Neon => unsafe { neon::$f($($arg),*) },
+            _ => generic::$f($($arg),*),
+        }
+    };
+}
+
+/// The portable build, under the names `dispatch!` calls.
+mod generic {
+    pub(super) use super::{
+        logsumexp_generic as logsumexp, softmax_generic as softmax, swiglu_generic as swiglu,
+    };
+}
+
 /// `xᵢ ← e^(xᵢ) / Σⱼ e^(xⱼ)`, in place (an empty row stays empty).
 pub fn softmax_in_place(x: &mut [f32]) {
-    // SAFETY (each arm): `SimdPath::best` returns only paths whose features this CPU has.
-    match SimdPath::best() {
-        #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx512 => unsafe { avx512::softmax(x) },
-        #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx2 => unsafe { avx2::softmax(x) },
-        #[cfg(target_arch = "aarch64")]
-        SimdPath::Neon => unsafe { neon::softmax(x) },
-        _ => softmax_generic(x),
-    }
+    dispatch!(softmax(x))
 }
 
 /// `log Σᵢ e^(xᵢ)`, computed around the row maximum so it does not overflow.
 pub fn logsumexp(x: &[f32]) -> f32 {
-    // SAFETY (each arm): `SimdPath::best` returns only paths whose features this CPU has.
-    match SimdPath::best() {
-        #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx512 => unsafe { avx512::logsumexp(x) },
-        #[cfg(target_arch = "x86_64")]
-        SimdPath::Avx2 => unsafe { avx2::logsumexp(x) },
-        #[cfg(target_arch = "aarch64")]
-        SimdPath::Neon => unsafe { neon::logsumexp(x) },
-        _ => logsumexp_generic(x),
-    }
+    dispatch!(logsumexp(x))
 }
 
 /// `outᵢ = silu(gateᵢ)·upᵢ` (SwiGLU's gating), over threads.
@@ -172,19 +177,9 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
         "swiglu operands differ in length"
     );
     const CHUNK: usize = 1 << 14;
-    let path = SimdPath::best();
     out.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .for_each(|(o, (g, u))| match path {
-            // SAFETY (each arm): `SimdPath::best` returns only paths whose features this CPU has.
-            #[cfg(target_arch = "x86_64")]
-            SimdPath::Avx512 => unsafe { avx512::swiglu(g, u, o) },
-            #[cfg(target_arch = "x86_64")]
-            SimdPath::Avx2 => unsafe { avx2::swiglu(g, u, o) },
-            #[cfg(target_arch = "aarch64")]
-            SimdPath::Neon => unsafe { neon::swiglu(g, u, o) },
-            _ => swiglu_generic(g, u, o),
-        });
+        .for_each(|(o, (g, u))| dispatch!(swiglu(g, u, o)));
 }
 
 /// `Σᵣ −log softmax(logitsᵣ)[targetᵣ]` over the rows of `logits: [targets.len(), vocab]`:

@@ -25,23 +25,23 @@ pub struct MatMut<'a> {
     cs: usize,
 }
 
-/// Elements spanned by a `rows × cols` matrix with strides `rs`, `cs` (0 when empty).
-fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
-    if rows == 0 || cols == 0 {
+/// Panics unless a `rows × cols` matrix with strides `rs`, `cs` fits in `len` elements.
+fn check_fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) {
+    let span = if rows == 0 || cols == 0 {
         0
     } else {
         (rows - 1) * rs + (cols - 1) * cs + 1
-    }
+    };
+    assert!(
+        span <= len,
+        "a {rows}×{cols} matrix with strides ({rs}, {cs}) does not fit in {len} elements"
+    );
 }
 
 impl<'a> MatRef<'a> {
     /// Panics if the strided matrix reaches past the end of `data`.
     pub fn new(data: &'a [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
-        assert!(
-            span(rows, cols, rs, cs) <= data.len(),
-            "a {rows}×{cols} matrix with strides ({rs}, {cs}) does not fit in {} elements",
-            data.len()
-        );
+        check_fits(data.len(), rows, cols, rs, cs);
         Self {
             data,
             rows,
@@ -59,11 +59,7 @@ impl<'a> MatRef<'a> {
 impl<'a> MatMut<'a> {
     /// Panics if the strided matrix reaches past the end of `data`.
     pub fn new(data: &'a mut [f32], rows: usize, cols: usize, rs: usize, cs: usize) -> Self {
-        assert!(
-            span(rows, cols, rs, cs) <= data.len(),
-            "a {rows}×{cols} matrix with strides ({rs}, {cs}) does not fit in {} elements",
-            data.len()
-        );
+        check_fits(data.len(), rows, cols, rs, cs);
         Self {
             data,
             rows,
