@@ -229,7 +229,11 @@ pub fn quantize_model<B: QuantBackend>(
                             .map_err(quant_err(format!("GPTQ of {module} ({dim})")))?;
                     let packed = result.quantized.pack();
                     let lin = upload::<B>(packed.dequantize(), shape, device);
-                    if let Some(state) = &mut state {
+                    // The GPTQ weights replace the RTN candidate in the state (greedy), which
+                    // costs one more sub-block pass, skipped where nothing later reads it.
+                    if let Some(state) =
+                        state.as_mut().filter(|_| SubBlockState::<B>::carries(kind))
+                    {
                         let scored = state.score(&layer, inputs, &rope, kind, &lin);
                         state.commit(kind, scored);
                     }

@@ -107,6 +107,12 @@ impl<B: QuantBackend> SubBlockState<B> {
         }
     }
 
+    /// Whether the quantized state of `kind` changes a later score. o and down are scored on
+    /// their own output, which no later linear of the layer reads.
+    pub fn carries(kind: LinearKind) -> bool {
+        !matches!(kind, LinearKind::O | LinearKind::Down)
+    }
+
     /// Makes a scored candidate part of the current state.
     pub fn commit(&mut self, kind: LinearKind, scored: Scored<B>) {
         match (kind, scored.update) {
