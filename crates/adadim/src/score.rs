@@ -97,7 +97,9 @@ impl<B: QuantBackend> SubBlockState<B> {
             }
             LinearKind::O | LinearKind::Down => {
                 // The linear's own output: mean((X·(Ŵ − W)ᵀ)²), one product instead of two.
-                let delta = Linear::from_weight(dense(candidate).sub(dense(layer.linear(kind))));
+                let delta = Linear::Dense {
+                    weight_t: dense_t(candidate).sub(dense_t(layer.linear(kind))),
+                };
                 let diff = delta.forward(inputs.of(kind).clone());
                 Scored {
                     error: mean_square(diff),
@@ -135,8 +137,11 @@ impl<B: QuantBackend> SubBlockState<B> {
 }
 
 /// The pipeline quantizes a dense copy of each layer, so every linear it scores is dense.
-fn dense<B: QuantBackend>(linear: &Linear<B>) -> Tensor<B, 2> {
-    linear
-        .dense_weight()
-        .expect("the pipeline scores dense layers only")
+/// `Wᵀ` of a dense layer: differences of candidates are taken in the stored layout, so no
+/// weight is transposed to score them.
+fn dense_t<B: QuantBackend>(linear: &Linear<B>) -> Tensor<B, 2> {
+    match linear {
+        Linear::Dense { weight_t } => weight_t.clone(),
+        Linear::Quant(_) => panic!("the pipeline scores dense layers only"),
+    }
 }

@@ -8,27 +8,16 @@ use burn::backend::NdArray;
 use kernels::QuantLinear;
 use model_llama::generate::{GenerateOptions, generate};
 use model_llama::load::{assemble, load_layer_with, load_model, load_periphery};
-use model_llama::{HostTensor, Linear, Llama, LlamaConfig, MemorySource, TensorSource};
+use model_llama::{HostTensor, Linear, Llama, MemorySource, TensorSource};
+
+mod common;
+
+use common::tiny_config;
 
 type B = NdArray<f32>;
 
 fn source() -> MemorySource {
-    let config = LlamaConfig {
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        num_hidden_layers: 2,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        max_position_embeddings: 128,
-        vocab_size: 97,
-        tie_word_embeddings: true,
-        bos_token_id: None,
-        eos_token_id: None,
-    };
-    MemorySource::random(config, 11)
+    MemorySource::random(tiny_config(2), 11)
 }
 
 #[test]

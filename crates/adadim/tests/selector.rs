@@ -11,25 +11,11 @@ use quant_core::QuantDim;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-type B = NdArray<f32>;
+mod common;
 
-fn config(layers: usize) -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 64,
-        intermediate_size: 128,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        num_hidden_layers: layers,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        max_position_embeddings: 128,
-        vocab_size: 97,
-        tie_word_embeddings: true,
-        bos_token_id: None,
-        eos_token_id: None,
-    }
-}
+use common::tiny_config;
+
+type B = NdArray<f32>;
 
 #[derive(Clone, Copy)]
 enum Outliers {
@@ -205,7 +191,7 @@ fn mse(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn column_outliers_choose_ic() {
-    let src = source(config(1), 1, &|_| Some(Outliers::Columns));
+    let src = source(tiny_config(1), 1, &|_| Some(Outliers::Columns));
     let q = run(&src, DimPolicy::Ada);
     assert_eq!(q.quantization.dims.len(), 7);
     for r in &q.records {
@@ -228,7 +214,7 @@ fn column_outliers_choose_ic() {
 #[test]
 fn row_outliers_choose_oc() {
     let linear_path = [LinearKind::V, LinearKind::O, LinearKind::Down];
-    let src = source(config(1), 1, &|k| {
+    let src = source(tiny_config(1), 1, &|k| {
         linear_path.contains(&k).then_some(Outliers::Rows)
     });
     let q = run(&src, DimPolicy::Ada);
@@ -251,7 +237,7 @@ fn ada_reconstructs_the_model_better_than_either_fixed_dim() {
         LinearKind::Q | LinearKind::Gate | LinearKind::O => Some(Outliers::Rows),
         LinearKind::K => None,
     };
-    let src = source(config(2), 2, &plant);
+    let src = source(tiny_config(2), 2, &plant);
     let tokens = calib(97, 9);
     let reference = logits(&src, &tokens);
     let err = |policy: DimPolicy| {
@@ -270,7 +256,7 @@ fn ada_reconstructs_the_model_better_than_either_fixed_dim() {
 
 #[test]
 fn fixed_policies_quantize_in_their_dim() {
-    let src = source(config(1), 3, &|_| None);
+    let src = source(tiny_config(1), 3, &|_| None);
     let q = run(&src, "ic:qkv,down".parse().unwrap());
     for r in &q.records {
         let ic = matches!(
@@ -294,7 +280,7 @@ fn gptq_ada_beats_rtn_ada() {
         LinearKind::V | LinearKind::Down => Some(Outliers::Columns),
         _ => None,
     };
-    let src = source(config(2), 4, &plant);
+    let src = source(tiny_config(2), 4, &plant);
     let tokens = calib(97, 9);
     let reference = logits(&src, &tokens);
     let err = |method| {
@@ -318,7 +304,7 @@ fn gptq_ada_beats_rtn_ada() {
 
 #[test]
 fn bad_options_are_typed_errors() {
-    let src = source(config(1), 5, &|_| None);
+    let src = source(tiny_config(1), 5, &|_| None);
     let run_with = |bits, group_size| {
         let o = QuantizeOptions {
             bits,

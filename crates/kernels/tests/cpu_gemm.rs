@@ -1,52 +1,14 @@
-//! The CPU kernel against `PackedLinear::dequantize()` + a naive f32 matmul, on every SIMD
+//! The CPU kernel against `PackedLinear::dequantize()` + a naive matmul (f64 accumulation), on every SIMD
 //! path this machine supports.
 
+#[path = "cube_common/mod.rs"]
+mod cube_common;
+
+use cube_common::{random_packed, reference};
 use kernels::cpu::{CpuKernelError, CpuPacked, SimdPath, gemm, gemm_with};
-use quant_core::{PackedLinear, QuantConfig, QuantDim, Quantized};
+use quant_core::QuantDim;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn random_packed(
-    rng: &mut StdRng,
-    dim: QuantDim,
-    bits: u32,
-    group_size: usize,
-    out_features: usize,
-    in_features: usize,
-) -> PackedLinear {
-    let config = QuantConfig::new(bits, group_size as i64, dim).unwrap();
-    let (rows, cols) = dim.grouped_shape(out_features, in_features);
-    let maxq = (1u32 << bits) - 1;
-    let groups = rows * cols / group_size;
-    Quantized {
-        config,
-        out_features,
-        in_features,
-        group_size,
-        codes: (0..rows * cols)
-            .map(|_| rng.random_range(0..=maxq) as u8)
-            .collect(),
-        scales: (0..groups).map(|_| rng.random_range(0.001..0.05)).collect(),
-        zeros: (0..groups)
-            .map(|_| rng.random_range(0..=maxq) as f32)
-            .collect(),
-    }
-    .pack()
-}
-
-/// `x [m, in] · Wᵀ` with `W [out, in]`, accumulated in f64.
-fn naive_matmul(x: &[f32], m: usize, w: &[f32], out: usize, inp: usize) -> Vec<f32> {
-    let mut y = vec![0f32; m * out];
-    for i in 0..m {
-        for o in 0..out {
-            let dot: f64 = (0..inp)
-                .map(|k| x[i * inp + k] as f64 * w[o * inp + k] as f64)
-                .sum();
-            y[i * out + o] = dot as f32;
-        }
-    }
-    y
-}
 
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -70,11 +32,10 @@ fn check(
 ) {
     let mut rng = StdRng::seed_from_u64((out * 31 + inp * 7 + bits as usize * 3 + group) as u64);
     let packed = random_packed(&mut rng, dim, bits, group, out, inp);
-    let w = packed.dequantize();
     let cpu = CpuPacked::new(&packed).unwrap();
     for &m in ms {
         let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let want = naive_matmul(&x, m, &w, out, inp);
+        let (want, _) = reference(&packed, &x, m);
         let mut y = vec![f32::NAN; m * out];
         gemm_with(path, &x, m, &cpu, &mut y).unwrap();
         assert_close(

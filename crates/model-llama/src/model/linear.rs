@@ -11,18 +11,6 @@ pub enum Linear<B: QuantBackend> {
 }
 
 impl<B: QuantBackend> Linear<B> {
-    /// From a Hugging Face weight `W: [out, in]`.
-    pub fn from_weight(weight: Tensor<B, 2>) -> Self {
-        let device = weight.device();
-        let shape = weight.dims();
-        let w = weight
-            .into_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .expect("a float tensor converts to f32");
-        Self::from_host_weight(&w, shape, &device)
-    }
-
     /// From a row-major `W: [out, in]` in host memory.
     pub fn from_host_weight(w: &[f32], [out, inp]: [usize; 2], device: &B::Device) -> Self {
         // Stored transposed and contiguous: a strided `transpose` view would be copied by every
@@ -31,14 +19,6 @@ impl<B: QuantBackend> Linear<B> {
         let w_t = quant_core::transpose(w, out, inp);
         Self::Dense {
             weight_t: Tensor::from_data(TensorData::new(w_t, [inp, out]), device),
-        }
-    }
-
-    /// `W: [out, in]` of a dense layer (`None` for a packed one).
-    pub fn dense_weight(&self) -> Option<Tensor<B, 2>> {
-        match self {
-            Self::Dense { weight_t } => Some(weight_t.clone().transpose()),
-            Self::Quant(_) => None,
         }
     }
 
