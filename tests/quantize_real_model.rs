@@ -1,13 +1,24 @@
 //! The main job end to end on the shipped model, with a short calibration: quantize with
-//! RTN-AdaDim, write the packed checkpoint and the fake-quant export, load both back.
+//! RTN-AdaDim, write the packed checkpoint and the fake-quant export, load both back, on the CPU
+//! and (feature `wgpu`) through the CubeCL kernels on wgpu.
+
+use std::path::Path;
 
 use adadim::{DimPolicy, Method, RunSpec};
 use adadim_e2e::{Cpu, eval_tokens, smollm2};
 use model_llama::assets::repo_asset;
 use model_llama::perplexity::perplexity;
 
+/// Windows and their length for the wgpu comparison: lavapipe runs the model on the CPU.
+#[cfg(feature = "wgpu")]
+const WGPU_WINDOWS: (usize, usize) = (2, 256);
+
 #[test]
 fn quantized_model_is_worse_than_fp_and_packed_matches_fake_quant() {
+    // Fail before the quantization when the wgpu half cannot run.
+    #[cfg(feature = "wgpu")]
+    let gpu = adadim_e2e::wgpu_device();
+
     let dir = tempfile::tempdir().unwrap();
     let spec = RunSpec {
         model: smollm2(),
@@ -30,18 +41,19 @@ fn quantized_model_is_worse_than_fp_and_packed_matches_fake_quant() {
         ic > 0 && ic < 210,
         "AdaDim picks IC for some linears, not all"
     );
+    let fake_quant = spec.fake_quant.as_ref().unwrap();
 
     let device = Default::default();
-    let ppl = |path: &std::path::Path| {
+    let ppl = |path: &Path, seqlen, windows| {
         let m = model_llama::open_model(path).unwrap();
         let model = m.load::<Cpu>(&device).unwrap();
-        perplexity(&model, &eval_tokens(&m.tokenizer), 2048, Some(2))
+        perplexity(&model, &eval_tokens(&m.tokenizer), seqlen, Some(windows))
             .unwrap()
             .perplexity
     };
-    let fp = ppl(&spec.model);
-    let packed = ppl(&spec.out);
-    let fake = ppl(spec.fake_quant.as_ref().unwrap());
+    let fp = ppl(&spec.model, 2048, 2);
+    let packed = ppl(&spec.out, 2048, 2);
+    let fake = ppl(fake_quant, 2048, 2);
     eprintln!("perplexity over 2 windows: FP {fp:.3}, packed {packed:.3}, fake-quant {fake:.3}");
     assert!(
         packed.is_finite() && packed > fp,
@@ -51,5 +63,76 @@ fn quantized_model_is_worse_than_fp_and_packed_matches_fake_quant() {
     assert!(
         (packed - fake).abs() / fake < 1e-3,
         "packed {packed} vs fake-quant {fake}"
+    );
+
+    #[cfg(feature = "wgpu")]
+    {
+        let (windows, seqlen) = WGPU_WINDOWS;
+        let fake_cpu = ppl(fake_quant, seqlen, windows);
+        packed_matches_fake_quant_on_wgpu(&spec.out, fake_quant, fake_cpu, &gpu);
+    }
+}
+
+/// The packed checkpoint through the CubeCL kernels (`QuantLinear` on wgpu) against its
+/// fake-quant export on the same backend, and that export against the CPU (`fake_cpu`, the same
+/// windows): the wgpu model computes the same function, and its kernels the same products.
+#[cfg(feature = "wgpu")]
+fn packed_matches_fake_quant_on_wgpu(
+    packed_dir: &Path,
+    fake_dir: &Path,
+    fake_cpu: f64,
+    device: &burn::backend::wgpu::WgpuDevice,
+) {
+    use adadim_e2e::Gpu;
+    use model_llama::Linear;
+
+    let (windows, seqlen) = WGPU_WINDOWS;
+    let ppl = |path: &Path, packed: bool| {
+        let start = std::time::Instant::now();
+        let m = model_llama::open_model(path).unwrap();
+        let model = m.load::<Gpu>(device).unwrap();
+        if packed {
+            let linears = model.layers.iter().flat_map(|l| {
+                let (a, f) = (&l.self_attn, &l.mlp);
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &f.gate_proj,
+                    &f.up_proj,
+                    &f.down_proj,
+                ]
+            });
+            for (i, linear) in linears.enumerate() {
+                assert!(
+                    matches!(linear, Linear::Quant(q) if q.packed().is_packed()),
+                    "linear {i} of the packed model does not run on the packed kernels"
+                );
+            }
+        }
+        let report = perplexity(&model, &eval_tokens(&m.tokenizer), seqlen, Some(windows));
+        let ppl = report.unwrap().perplexity;
+        eprintln!(
+            "wgpu {}: perplexity {ppl:.4} ({windows} × {seqlen} tokens, {:.1} s with loading)",
+            path.display(),
+            start.elapsed().as_secs_f64()
+        );
+        ppl
+    };
+    let packed = ppl(packed_dir, true);
+    let fake = ppl(fake_dir, false);
+    eprintln!(
+        "perplexity over {windows} windows of {seqlen}: wgpu packed {packed:.4}, wgpu fake-quant \
+         {fake:.4}, CPU fake-quant {fake_cpu:.4}"
+    );
+    assert!(packed.is_finite(), "wgpu packed perplexity {packed}");
+    assert!(
+        (packed - fake).abs() / fake < 1e-3,
+        "wgpu: packed {packed} vs fake-quant {fake}"
+    );
+    assert!(
+        (fake - fake_cpu).abs() / fake_cpu < 1e-3,
+        "fake-quant: wgpu {fake} vs CPU {fake_cpu}"
     );
 }

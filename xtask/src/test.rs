@@ -2,7 +2,8 @@
 //!
 //! Installs what the tests need and the project cannot ship (Mesa's lavapipe Vulkan driver, so
 //! the CubeCL kernels run on the CPU through wgpu), fetches the test model, runs every test in
-//! release mode with the wgpu kernels enabled, and checks that the CUDA build compiles.
+//! release mode with the wgpu kernels enabled (the kernels' own tests and the end-to-end checks
+//! of the root package on wgpu), and checks that the CUDA build compiles.
 
 use std::process::Command;
 
@@ -59,7 +60,7 @@ pub fn test() -> Result<()> {
         "--release",
         "--workspace",
         "--features",
-        "kernels/wgpu",
+        "kernels/wgpu,adadim-e2e/wgpu",
     ]))?;
     run(Command::new(&cargo).args(["build", "--release", "-p", "kernels", "--features", "cuda"]))
 }

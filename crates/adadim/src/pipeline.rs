@@ -14,13 +14,12 @@ use kernels::QuantBackend;
 use model_llama::load::{linear_shape, load_layer, load_periphery};
 use model_llama::packed::QuantizationConfig;
 use model_llama::{Linear, LinearKind, TensorSource};
-use quant_core::burn_ext::HessianAccumulator;
 use quant_core::{GptqOptions, Hessian, PackedLinear, QuantConfig, QuantDim, Quantized};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AdadimError, Result};
 use crate::policy::DimPolicy;
-use crate::score::SubBlockState;
+use crate::score::{SubBlockState, gram};
 
 /// How each linear's weights are rounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,17 +108,24 @@ fn upload<B: QuantBackend>(w: Vec<f32>, shape: [usize; 2], device: &B::Device) -
     Linear::from_host_weight(&w, shape, device)
 }
 
-/// `H = (2/N)·XᵀX` of a linear's input over the `N` calibration blocks: the product on the
-/// device (the one large matmul of GPTQ), the solve on the host.
-fn hessian<B: QuantBackend>(x: &Tensor<B, 3>) -> Result<Hessian> {
-    let [blocks, t, features] = x.dims();
-    let mut acc = HessianAccumulator::new(features);
-    acc.add_samples(x.clone().reshape([blocks * t, features]), blocks)
-        .and_then(|()| acc.finish())
-        .map_err(quant_err("Hessian".into()))
+/// GPTQ's `H = (2/N)·XᵀX` from the Gram matrix of a linear's input over `N` calibration blocks.
+fn hessian<B: QuantBackend>(gram: &Tensor<B, 2>, blocks: usize) -> Result<Hessian> {
+    let features = gram.dims()[0];
+    let h = gram.clone().mul_scalar(2.0 / blocks as f64);
+    let h = h
+        .into_data()
+        .into_vec::<f32>()
+        .map_err(|e| quant_err("Hessian".into())(quant_core::QuantError::Backend(e.to_string())))?;
+    Hessian::from_matrix(h, features, blocks).map_err(quant_err("Hessian".into()))
 }
 
-/// Which captured input a Hessian belongs to (q, k, v share one; gate and up share one).
+/// Whether RTN scores o/down candidates through the Gram matrix of their input: it costs
+/// `N·IC²` once, the two candidates' direct products `2·N·IC·OC`. (GPTQ builds it anyway.)
+fn gram_is_cheaper([out, inp]: [usize; 2]) -> bool {
+    inp <= 2 * out
+}
+
+/// Which captured input a linear reads (q, k, v share one; gate and up share one).
 fn input_site(kind: LinearKind) -> u8 {
     match kind {
         LinearKind::Q | LinearKind::K | LinearKind::V => 0,
@@ -171,7 +177,10 @@ pub fn quantize_model<B: QuantBackend>(
             .policy
             .is_adaptive()
             .then(|| SubBlockState::new(&trace));
+        // Gram matrices (device) and Hessians (host) of the captured inputs, built on first use.
+        let mut grams: HashMap<u8, Tensor<B, 2>> = HashMap::new();
         let mut hessians: HashMap<u8, Hessian> = HashMap::new();
+        let blocks = calib.len();
         for kind in LinearKind::ALL {
             bar.set_message(format!("layer {i} {}", kind.short_name()));
             let t0 = Instant::now();
@@ -187,11 +196,23 @@ pub fn quantize_model<B: QuantBackend>(
             let mut chosen: Option<(QuantDim, Quantized, Linear<B>, crate::score::Scored<B>)> =
                 None;
             let mut errors = [None, None];
+            let needs_gram = match opts.method {
+                Method::Gptq => true,
+                Method::Rtn => {
+                    state.is_some() && !SubBlockState::<B>::carries(kind) && gram_is_cheaper(shape)
+                }
+            };
+            let g = needs_gram.then(|| {
+                grams
+                    .entry(input_site(kind))
+                    .or_insert_with(|| gram(inputs.of(kind)))
+                    .clone()
+            });
             if let Some(state) = &state {
                 for dim in opts.policy.candidates(kind) {
                     let q = rtn(dim)?;
                     let lin = upload::<B>(q.pack().dequantize(), shape, device);
-                    let scored = state.score(&layer, inputs, &rope, kind, &lin);
+                    let scored = state.score(&layer, inputs, &rope, kind, &lin, g.as_ref());
                     errors[dim as usize] = Some(scored.error);
                     if chosen.as_ref().is_none_or(|c| scored.error < c.3.error) {
                         chosen = Some((dim, q, lin, scored));
@@ -222,20 +243,18 @@ pub fn quantize_model<B: QuantBackend>(
                 Method::Gptq => {
                     let h = match hessians.entry(input_site(kind)) {
                         Entry::Occupied(e) => e.into_mut(),
-                        Entry::Vacant(e) => e.insert(hessian(inputs.of(kind))?),
+                        Entry::Vacant(e) => {
+                            e.insert(hessian(g.as_ref().expect("GPTQ builds the Gram"), blocks)?)
+                        }
                     };
                     let result =
                         quant_core::gptq(&w, shape[0], shape[1], h, base.with_dim(dim), opts.gptq)
                             .map_err(quant_err(format!("GPTQ of {module} ({dim})")))?;
                     let packed = result.quantized.pack();
                     let lin = upload::<B>(packed.dequantize(), shape, device);
-                    // The GPTQ weights replace the RTN candidate in the state (greedy), which
-                    // costs one more sub-block pass, skipped where nothing later reads it.
-                    if let Some(state) =
-                        state.as_mut().filter(|_| SubBlockState::<B>::carries(kind))
-                    {
-                        let scored = state.score(&layer, inputs, &rope, kind, &lin);
-                        state.commit(kind, scored);
+                    // The GPTQ weights replace the RTN candidate in the state (greedy).
+                    if let Some(state) = &mut state {
+                        state.adopt(&layer, inputs, &rope, kind, &lin);
                     }
                     (packed, lin, Some(result.loss as f64))
                 }

@@ -1,47 +1,54 @@
 //! Output errors of candidate weights, measured where SPEC §4 says: q, k, v on the attention
 //! sub-block output, gate and up on the MLP sub-block output, o and down on their own output.
 //!
-//! The projections of the current layer state are cached, so scoring a candidate recomputes only
-//! what depends on it (one projection and what lies downstream), never the whole block.
+//! The layer's current (partly quantized) state is cached up to the input of the sub-block's
+//! last linear, so scoring a candidate recomputes only what depends on it. Since that last
+//! linear is applied unchanged to both sides, the error is taken on the difference of its
+//! inputs, `mean(((c − c_ref)·Wᵀ)²)`: one product per candidate, none for the reference, and no
+//! cancellation between two large outputs.
 
 use burn::prelude::*;
 use kernels::QuantBackend;
 use model_llama::model::Rope;
 use model_llama::{DecoderLayer, LayerInputs, LayerTrace, Linear, LinearKind};
 
-/// Cached intermediate tensors of the layer's current (partly quantized) state.
+/// Cached intermediate tensors of the layer's current state.
 pub struct SubBlockState<B: QuantBackend> {
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
     v: Tensor<B, 3>,
-    attn_out: Tensor<B, 3>,
+    /// Input of `o_proj`.
+    context: Tensor<B, 3>,
     gate: Tensor<B, 3>,
     up: Tensor<B, 3>,
-    mlp_out: Tensor<B, 3>,
+    /// Input of `down_proj`.
+    down_in: Tensor<B, 3>,
 }
 
-/// A candidate's error and what it changes in the cached state (kept so that the winner need
-/// not be recomputed).
+/// A candidate's error and the state it leads to (kept so that the winner need not be
+/// recomputed).
 pub struct Scored<B: QuantBackend> {
     pub error: f64,
-    update: Update<B>,
+    update: Option<Update<B>>,
 }
 
-enum Update<B: QuantBackend> {
-    Attention {
-        proj: Tensor<B, 3>,
-        out: Tensor<B, 3>,
-    },
-    Mlp {
-        proj: Tensor<B, 3>,
-        out: Tensor<B, 3>,
-    },
-    Nothing,
+/// A changed projection and the changed input of its sub-block's last linear.
+struct Update<B: QuantBackend> {
+    proj: Tensor<B, 3>,
+    last_in: Tensor<B, 3>,
 }
 
 fn mean_square<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
     let v: f32 = t.square().mean().into_scalar().elem();
     v as f64
+}
+
+/// `Xᵀ·X` of a captured input `[blocks, t, features]`: what the error of a change of the
+/// linear reading `X` depends on, and (scaled) GPTQ's Hessian.
+pub fn gram<B: QuantBackend>(x: &Tensor<B, 3>) -> Tensor<B, 2> {
+    let [blocks, t, features] = x.dims();
+    let x = x.clone().reshape([blocks * t, features]);
+    B::dense_linear(x.clone().transpose(), x)
 }
 
 impl<B: QuantBackend> SubBlockState<B> {
@@ -52,14 +59,53 @@ impl<B: QuantBackend> SubBlockState<B> {
             q: t.q,
             k: t.k,
             v: t.v,
-            attn_out: t.attn_out,
+            context: t.inputs.o_in,
             gate: t.gate,
             up: t.up,
-            mlp_out: t.mlp_out,
+            down_in: t.inputs.down_in,
         }
     }
 
-    /// Output error of replacing `kind` by `candidate` in the current state of `layer`.
+    /// The state after replacing the projection `kind` (q, k, v, gate or up) by `linear`.
+    fn update(
+        &self,
+        layer: &DecoderLayer<B>,
+        inputs: &LayerInputs<B>,
+        rope: &Rope<B>,
+        kind: LinearKind,
+        linear: &Linear<B>,
+    ) -> Update<B> {
+        let attn = &layer.self_attn;
+        match kind {
+            LinearKind::Q | LinearKind::K | LinearKind::V => {
+                let p = attn.project(kind, linear, inputs.attn_in.clone(), rope, 0);
+                let (q, k, v) = match kind {
+                    LinearKind::Q => (p.clone(), self.k.clone(), self.v.clone()),
+                    LinearKind::K => (self.q.clone(), p.clone(), self.v.clone()),
+                    _ => (self.q.clone(), self.k.clone(), p.clone()),
+                };
+                Update {
+                    last_in: attn.attend(q, k, v),
+                    proj: p,
+                }
+            }
+            LinearKind::Gate | LinearKind::Up => {
+                let p = linear.forward(inputs.mlp_in.clone());
+                let (g, u) = match kind {
+                    LinearKind::Gate => (p.clone(), self.up.clone()),
+                    _ => (self.gate.clone(), p.clone()),
+                };
+                Update {
+                    last_in: B::swiglu(g, u),
+                    proj: p,
+                }
+            }
+            other => panic!("{other:?} is the last linear of its sub-block"),
+        }
+    }
+
+    /// Output error of replacing `kind` by `candidate` in the current state of `layer`. For o
+    /// and down, `gram` is `XᵀX` of their input when the caller has it (see [`gram`]).
     pub fn score(
         &self,
         layer: &DecoderLayer<B>,
@@ -67,45 +113,22 @@ impl<B: QuantBackend> SubBlockState<B> {
         rope: &Rope<B>,
         kind: LinearKind,
         candidate: &Linear<B>,
+        gram: Option<&Tensor<B, 2>>,
     ) -> Scored<B> {
-        let attn = &layer.self_attn;
-        match kind {
-            LinearKind::Q | LinearKind::K | LinearKind::V => {
-                let p = attn.project(kind, candidate, inputs.attn_in.clone(), rope, 0);
-                let (q, k, v) = match kind {
-                    LinearKind::Q => (p.clone(), self.k.clone(), self.v.clone()),
-                    LinearKind::K => (self.q.clone(), p.clone(), self.v.clone()),
-                    _ => (self.q.clone(), self.k.clone(), p.clone()),
-                };
-                let out = attn.o_proj.forward(attn.attend(q, k, v));
-                Scored {
-                    error: mean_square(out.clone().sub(self.attn_out.clone())),
-                    update: Update::Attention { proj: p, out },
-                }
-            }
-            LinearKind::Gate | LinearKind::Up => {
-                let p = candidate.forward(inputs.mlp_in.clone());
-                let (g, u) = match kind {
-                    LinearKind::Gate => (p.clone(), self.up.clone()),
-                    _ => (self.gate.clone(), p.clone()),
-                };
-                let out = layer.mlp.down_proj.forward(B::swiglu(g, u));
-                Scored {
-                    error: mean_square(out.clone().sub(self.mlp_out.clone())),
-                    update: Update::Mlp { proj: p, out },
-                }
-            }
-            LinearKind::O | LinearKind::Down => {
-                // The linear's own output: mean((X·(Ŵ − W)ᵀ)²), one product instead of two.
-                let delta = Linear::Dense {
-                    weight_t: dense_t(candidate).sub(dense_t(layer.linear(kind))),
-                };
-                let diff = delta.forward(inputs.of(kind).clone());
-                Scored {
-                    error: mean_square(diff),
-                    update: Update::Nothing,
-                }
-            }
+        if !Self::carries(kind) {
+            return Scored {
+                error: own_output_error(layer.linear(kind), candidate, inputs.of(kind), gram),
+                update: None,
+            };
+        }
+        let update = self.update(layer, inputs, rope, kind, candidate);
+        let (reference, last) = match kind {
+            LinearKind::Gate | LinearKind::Up => (&self.down_in, &layer.mlp.down_proj),
+            _ => (&self.context, &layer.self_attn.o_proj),
+        };
+        Scored {
+            error: mean_square(last.forward(update.last_in.clone().sub(reference.clone()))),
+            update: Some(update),
         }
     }
 
@@ -117,31 +140,90 @@ impl<B: QuantBackend> SubBlockState<B> {
 
     /// Makes a scored candidate part of the current state.
     pub fn commit(&mut self, kind: LinearKind, scored: Scored<B>) {
-        match (kind, scored.update) {
-            (LinearKind::Q, Update::Attention { proj, out }) => {
-                (self.q, self.attn_out) = (proj, out)
-            }
-            (LinearKind::K, Update::Attention { proj, out }) => {
-                (self.k, self.attn_out) = (proj, out)
-            }
-            (LinearKind::V, Update::Attention { proj, out }) => {
-                (self.v, self.attn_out) = (proj, out)
-            }
-            (LinearKind::Gate, Update::Mlp { proj, out }) => {
-                (self.gate, self.mlp_out) = (proj, out)
-            }
-            (LinearKind::Up, Update::Mlp { proj, out }) => (self.up, self.mlp_out) = (proj, out),
-            _ => {}
+        let Some(Update { proj, last_in }) = scored.update else {
+            return;
+        };
+        match kind {
+            LinearKind::Q => (self.q, self.context) = (proj, last_in),
+            LinearKind::K => (self.k, self.context) = (proj, last_in),
+            LinearKind::V => (self.v, self.context) = (proj, last_in),
+            LinearKind::Gate => (self.gate, self.down_in) = (proj, last_in),
+            LinearKind::Up => (self.up, self.down_in) = (proj, last_in),
+            LinearKind::O | LinearKind::Down => {}
+        }
+    }
+
+    /// Makes `linear` (a weight that was not scored, e.g. GPTQ's) the state of `kind`.
+    pub fn adopt(
+        &mut self,
+        layer: &DecoderLayer<B>,
+        inputs: &LayerInputs<B>,
+        rope: &Rope<B>,
+        kind: LinearKind,
+        linear: &Linear<B>,
+    ) {
+        if Self::carries(kind) {
+            let update = Some(self.update(layer, inputs, rope, kind, linear));
+            self.commit(kind, Scored { error: 0.0, update });
         }
     }
 }
 
+/// `mean((X·(Ŵ − W)ᵀ)²)` over the `N × OC` outputs. With `G = XᵀX` it is
+/// `Σ(G·ΔWᵀ ⊙ ΔWᵀ)/(N·OC)`, which costs `IC²·OC` instead of `N·IC·OC`.
+fn own_output_error<B: QuantBackend>(
+    original: &Linear<B>,
+    candidate: &Linear<B>,
+    x: &Tensor<B, 3>,
+    gram: Option<&Tensor<B, 2>>,
+) -> f64 {
+    // Differences are taken on the stored `Wᵀ`, so no weight is transposed.
+    let delta_t = dense_t(candidate).sub(dense_t(original));
+    match gram {
+        Some(g) => {
+            let [blocks, t, _] = x.dims();
+            let out = delta_t.dims()[1];
+            let quad: f32 = B::dense_linear(g.clone(), delta_t.clone())
+                .mul(delta_t)
+                .sum()
+                .into_scalar()
+                .elem();
+            quad as f64 / (blocks * t * out) as f64
+        }
+        None => mean_square(B::dense_linear(x.clone(), delta_t)),
+    }
+}
+
 /// The pipeline quantizes a dense copy of each layer, so every linear it scores is dense.
-/// `Wᵀ` of a dense layer: differences of candidates are taken in the stored layout, so no
-/// weight is transposed to score them.
 fn dense_t<B: QuantBackend>(linear: &Linear<B>) -> Tensor<B, 2> {
     match linear {
         Linear::Dense { weight_t } => weight_t.clone(),
         Linear::Quant(_) => panic!("the pipeline scores dense layers only"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::tensor::Distribution;
+
+    type B = NdArray<f32>;
+
+    #[test]
+    fn own_output_error_through_the_gram_matches_the_direct_product() {
+        let device = Default::default();
+        let dense = |t: Tensor<B, 2>| Linear::Dense { weight_t: t };
+        let w_t = Tensor::<B, 2>::random([48, 20], Distribution::Normal(0.0, 1.0), &device);
+        let noise = Tensor::<B, 2>::random([48, 20], Distribution::Normal(0.0, 0.05), &device);
+        let x = Tensor::<B, 3>::random([3, 7, 48], Distribution::Normal(0.0, 2.0), &device);
+        let (w, c) = (dense(w_t.clone()), dense(w_t.add(noise)));
+        let direct = own_output_error(&w, &c, &x, None);
+        let via_gram = own_output_error(&w, &c, &x, Some(&gram(&x)));
+        assert!(direct > 0.0);
+        assert!(
+            (direct - via_gram).abs() <= 1e-4 * direct,
+            "{direct} vs {via_gram}"
+        );
     }
 }

@@ -8,6 +8,7 @@
 
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensor;
+use half::f16;
 use quant_core::PackedLinear;
 
 use crate::QuantLinearError;
@@ -20,6 +21,13 @@ pub trait QuantBackend: Backend {
     /// Uploads (and validates) a packed weight.
     fn upload(
         packed: &PackedLinear,
+        device: &Self::Device,
+    ) -> Result<Self::Packed, QuantLinearError>;
+
+    /// Uploads a dense `W [out, in]` whose values are f16 (see [`crate::QuantLinear::from_f16`]).
+    fn upload_f16(
+        w: &[f16],
+        shape: [usize; 2],
         device: &Self::Device,
     ) -> Result<Self::Packed, QuantLinearError>;
 

@@ -8,34 +8,68 @@ use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayTensor;
 use burn::prelude::*;
 use burn::tensor::{TensorPrimitive, ops::FloatTensor};
+use half::f16;
 use quant_core::PackedLinear;
 
 use crate::cpu::attention::{HeadsView, causal_attention, rotate_half};
 use crate::cpu::dense::{MatRef, matmul_new};
-use crate::quant_linear::dense_transposed;
+use crate::quant_linear::{check_f16_shape, dense_transposed, widened_transposed};
 use crate::{QuantBackend, QuantLinearError, cpu};
 
 type B = NdArray<f32>;
 
-/// The ndarray weight: the SIMD kernel's layout, and `Ŵᵀ [IC, OC]` dequantized on first use.
+/// The ndarray weight: what decode-sized products read, and `Ŵᵀ [IC, OC]` in f32 built on the
+/// first larger product.
 #[derive(Clone, Debug)]
 pub struct NdArrayPacked {
-    packed: Arc<PackedLinear>,
-    /// Built by the first product with more rows than the SIMD kernel takes (or at all, when
-    /// the kernel does not support the layer): decoding never pays 4 bytes a weight for it.
+    stored: Arc<Stored>,
+    out_features: usize,
+    in_features: usize,
+    /// Built by the first product with more rows than the host kernels take (or at all, when
+    /// they do not support the layer): decoding never pays 4 bytes a weight for it.
     weight_t: Arc<OnceLock<Tensor<B, 2>>>,
-    /// The SIMD kernel's layout, when it supports the layer (group size a multiple of 32).
-    simd: Option<cpu::CpuPacked>,
     device: burn::backend::ndarray::NdArrayDevice,
+}
+
+#[derive(Debug)]
+enum Stored {
+    /// Packed codes, with the SIMD kernel's layout when it supports the layer (group size a
+    /// multiple of 32).
+    Packed {
+        packed: PackedLinear,
+        simd: Option<cpu::CpuPacked>,
+    },
+    /// A dense `W [out, in]` in f16.
+    F16(Vec<f16>),
 }
 
 impl NdArrayPacked {
     fn weight_t(&self) -> &Tensor<B, 2> {
         self.weight_t.get_or_init(|| {
-            let p = &self.packed;
-            let data = TensorData::new(dense_transposed(p), [p.in_features, p.out_features]);
+            let w_t = match &*self.stored {
+                Stored::Packed { packed, .. } => dense_transposed(packed),
+                Stored::F16(w) => widened_transposed(w, [self.out_features, self.in_features]),
+            };
+            let data = TensorData::new(w_t, [self.in_features, self.out_features]);
             Tensor::from_data(data, &self.device)
         })
+    }
+
+    /// `y [m, out] = x [m, in] · Ŵᵀ` by a host kernel that reads the stored weight, when one
+    /// applies (`m` up to [`cpu::MAX_M_PER_PASS`], a supported layout).
+    fn decode_product(&self, x: &[f32], m: usize) -> Option<Vec<f32>> {
+        if m > cpu::MAX_M_PER_PASS {
+            return None;
+        }
+        let mut y = vec![0f32; m * self.out_features];
+        let done = match &*self.stored {
+            Stored::Packed {
+                simd: Some(simd), ..
+            } => cpu::gemm(x, m, simd, &mut y).is_ok(),
+            Stored::Packed { simd: None, .. } => false,
+            Stored::F16(w) => cpu::dense_f16::gemm_f16(x, m, w, self.out_features, &mut y).is_ok(),
+        };
+        done.then_some(y)
     }
 }
 
@@ -141,13 +175,15 @@ fn primitive<const D: usize>(t: &Tensor<B, D>) -> FloatTensor<B> {
 fn host_linear<const D: usize>(x: &Host<'_>, dims: [usize; D], w_t: &Host<'_>) -> Tensor<B, D> {
     let (k, n) = (w_t.dims[0], w_t.dims[1]);
     let rows = x.len() / k.max(1);
-    let xs = x.row_major();
-    let y = matmul_new(
-        MatRef::row_major(&xs, rows, k),
-        MatRef::new(&w_t.data, k, n, w_t.strides[0], w_t.strides[1]),
-        1.0,
-        true,
-    );
+    let w = MatRef::new(&w_t.data, k, n, w_t.strides[0], w_t.strides[1]);
+    // A matrix is read through its strides (a transposed view, as in `Xᵀ·X`, costs no copy);
+    // more dims are flattened into rows, which needs them row-major.
+    let y = if let [_, _] = x.dims[..] {
+        let x = MatRef::new(&x.data, rows, k, x.strides[0], x.strides[1]);
+        matmul_new(x, w, 1.0, true)
+    } else {
+        matmul_new(MatRef::row_major(&x.row_major(), rows, k), w, 1.0, true)
+    };
     let mut out = dims;
     out[D - 1] = n;
     tensor(y, out)
@@ -162,9 +198,28 @@ impl QuantBackend for B {
     ) -> Result<Self::Packed, QuantLinearError> {
         packed.validate()?;
         Ok(NdArrayPacked {
-            packed: Arc::new(packed.clone()),
+            out_features: packed.out_features,
+            in_features: packed.in_features,
+            stored: Arc::new(Stored::Packed {
+                simd: cpu::CpuPacked::new(packed).ok(),
+                packed: packed.clone(),
+            }),
             weight_t: Arc::default(),
-            simd: cpu::CpuPacked::new(packed).ok(),
+            device: *device,
+        })
+    }
+
+    fn upload_f16(
+        w: &[f16],
+        [out_features, in_features]: [usize; 2],
+        device: &Self::Device,
+    ) -> Result<Self::Packed, QuantLinearError> {
+        check_f16_shape(w, [out_features, in_features])?;
+        Ok(NdArrayPacked {
+            out_features,
+            in_features,
+            stored: Arc::new(Stored::F16(w.to_vec())),
+            weight_t: Arc::default(),
             device: *device,
         })
     }
@@ -191,23 +246,20 @@ impl QuantBackend for B {
             return crate::generic::quant_linear(x, w);
         };
         let m = xh.len() / in_features.max(1);
-        // Decode-sized M reads the packed codes once (SIMD kernel); larger M re-reads them per
-        // 8 rows, where the dense product on the dequantized weight wins.
-        if let Some(simd) = w.simd.as_ref().filter(|_| m <= cpu::MAX_M_PER_PASS) {
-            let mut y = vec![0f32; m * out_features];
-            if cpu::gemm(&xh.row_major(), m, simd, &mut y).is_ok() {
-                let mut out = dims;
-                out[D - 1] = out_features;
-                return tensor(y, out);
-            }
+        // Decode-sized M reads the stored weight once (host kernels); larger M would re-read it
+        // per 8 rows, where the dense product on the widened weight wins.
+        if let Some(y) = w.decode_product(&xh.row_major(), m) {
+            let mut out = dims;
+            out[D - 1] = out_features;
+            return tensor(y, out);
         }
         let wp = primitive(w.weight_t());
-        let wh = Host::of(&wp).expect("the dequantized weight is f32");
+        let wh = Host::of(&wp).expect("the widened weight is f32");
         host_linear(&xh, dims, &wh)
     }
 
     fn packed_shape(w: &Self::Packed) -> (usize, usize) {
-        (w.packed.out_features, w.packed.in_features)
+        (w.out_features, w.in_features)
     }
 
     fn dense_linear<const D: usize>(x: Tensor<Self, D>, w_t: Tensor<Self, 2>) -> Tensor<Self, D> {

@@ -1,7 +1,8 @@
-//! [`QuantLinear`]: a linear layer whose weight stays packed on the device and is multiplied
-//! through [`QuantBackend::quant_matmul`].
+//! [`QuantLinear`]: a linear layer whose weight stays in its compact form on the device (packed
+//! codes, or f16) and is multiplied through [`QuantBackend::quant_matmul`].
 
 use burn::prelude::*;
+use half::f16;
 use quant_core::{PackedLinear, QuantError};
 use thiserror::Error;
 
@@ -12,6 +13,12 @@ use crate::QuantBackend;
 pub enum QuantLinearError {
     #[error("invalid packed linear: {0}")]
     Packed(#[from] QuantError),
+    #[error("an f16 weight of {len} values is not [{out_features}, {in_features}]")]
+    F16Shape {
+        len: usize,
+        out_features: usize,
+        in_features: usize,
+    },
     #[error("quantized linear expects {expected} input features, the input has shape {shape:?}")]
     InputShape { expected: usize, shape: Vec<usize> },
 }
@@ -28,6 +35,28 @@ pub(crate) fn check_input(shape: &[usize], in_features: usize) -> Result<(), Qua
     }
 }
 
+/// Checks that `w` holds `out_features × in_features` values.
+pub(crate) fn check_f16_shape(
+    w: &[f16],
+    [out_features, in_features]: [usize; 2],
+) -> Result<(), QuantLinearError> {
+    if w.len() == out_features * in_features {
+        Ok(())
+    } else {
+        Err(QuantLinearError::F16Shape {
+            len: w.len(),
+            out_features,
+            in_features,
+        })
+    }
+}
+
+/// `Wᵀ [in, out]` in f32 of a dense f16 `W [out, in]`: the right operand of the dense paths.
+pub(crate) fn widened_transposed(w: &[f16], [out_features, in_features]: [usize; 2]) -> Vec<f32> {
+    let w: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+    quant_core::transpose(&w, out_features, in_features)
+}
+
 /// `Ŵᵀ [IC, OC]`: the right operand of `x · Ŵᵀ` for the dense paths.
 pub(crate) fn dense_transposed(packed: &PackedLinear) -> Vec<f32> {
     quant_core::transpose(
@@ -37,7 +66,8 @@ pub(crate) fn dense_transposed(packed: &PackedLinear) -> Vec<f32> {
     )
 }
 
-/// A linear layer `y = x · Ŵᵀ` (no bias, as in LLaMA) on a packed weight.
+/// A linear layer `y = x · Ŵᵀ` (no bias, as in LLaMA) on a packed weight, or on a dense
+/// weight kept in f16.
 #[derive(Clone, Debug)]
 pub struct QuantLinear<B: QuantBackend> {
     weight: B::Packed,
@@ -48,6 +78,18 @@ impl<B: QuantBackend> QuantLinear<B> {
     pub fn new(packed: &PackedLinear, device: &B::Device) -> Result<Self, QuantLinearError> {
         Ok(Self {
             weight: B::upload(packed, device)?,
+        })
+    }
+
+    /// Uploads a dense `W [out, in]` given in f16: backends that multiply it in 16 bits keep it
+    /// so (a decode step then reads half the bytes of its f32 copy), others widen it.
+    pub fn from_f16(
+        w: &[f16],
+        shape: [usize; 2],
+        device: &B::Device,
+    ) -> Result<Self, QuantLinearError> {
+        Ok(Self {
+            weight: B::upload_f16(w, shape, device)?,
         })
     }
 

@@ -6,7 +6,7 @@ mod cube_common;
 
 use cube_common::{random_packed, reference};
 use kernels::cpu::{CpuKernelError, CpuPacked, SimdPath, gemm, gemm_with};
-use quant_core::QuantDim;
+use quant_core::{QuantConfig, QuantDim, Quantized};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -73,7 +73,7 @@ fn every_path_dim_bits_group_matches_dequantize_matmul() {
                         if cols % group != 0 || rows == 0 {
                             continue;
                         }
-                        check(path, dim, bits, group, out, inp, &[1, 2, 3, 8]);
+                        check(path, dim, bits, group, out, inp, &[1, 2, 3, 4, 8]);
                     }
                 }
             }
@@ -97,6 +97,66 @@ fn bits_2_and_8_and_group_32() {
         for dim in [QuantDim::Oc, QuantDim::Ic] {
             for bits in [2, 8] {
                 check(path, dim, bits, 32, 96, 160, &[1, 3]);
+            }
+        }
+    }
+}
+
+/// One-hot rows of `x` read back single columns of `Ŵ`: every code value at every position
+/// of a 32-code block (so every shift, mask and word straddle of the decode), for every
+/// width, through the M = 8 and M = 4 kernels, with almost no rounding to hide an error
+/// (products of f16 scales and small integers are exact in f32).
+#[test]
+fn one_hot_x_reads_back_every_code_at_every_block_position() {
+    for path in paths() {
+        for dim in [QuantDim::Oc, QuantDim::Ic] {
+            for bits in [2, 3, 4, 8] {
+                let (out, inp, group) = (256, 96, 32);
+                let levels = 1usize << bits;
+                let config = QuantConfig::new(bits, group as i64, dim).unwrap();
+                let (rows, cols) = dim.grouped_shape(out, inp);
+                let groups = rows * cols / group;
+                // Code of output o at input k: (o + 3k) mod 2^b, all values at every k.
+                let code = |r: usize, c: usize| {
+                    let (o, k) = match dim {
+                        QuantDim::Oc => (r, c),
+                        QuantDim::Ic => (c, r),
+                    };
+                    ((o + 3 * k) % levels) as u8
+                };
+                let packed = Quantized {
+                    config,
+                    out_features: out,
+                    in_features: inp,
+                    group_size: group,
+                    codes: (0..rows * cols).map(|i| code(i / cols, i % cols)).collect(),
+                    // f16-exact scales, one an f16 subnormal.
+                    scales: (0..groups)
+                        .map(|g| match g % 11 {
+                            5 => 2f32.powi(-20),
+                            r => (1.0 + r as f32 / 8.0) / 64.0,
+                        })
+                        .collect(),
+                    zeros: (0..groups).map(|g| ((g * 5) % levels) as f32).collect(),
+                }
+                .pack();
+                let w = packed.dequantize();
+                let cpu = CpuPacked::new(&packed).unwrap();
+                let mut x = vec![0f32; inp * inp];
+                for k in 0..inp {
+                    x[k * inp + k] = 1.0;
+                }
+                let mut y = vec![f32::NAN; inp * out];
+                gemm_with(path, &x, inp, &cpu, &mut y).unwrap();
+                for k in 0..inp {
+                    for o in 0..out {
+                        let (got, want) = (y[k * out + o], w[o * inp + k]);
+                        assert!(
+                            (got - want).abs() <= 1e-6 * want.abs() + 1e-9,
+                            "{path:?} {dim:?} b{bits}: y[{k}, {o}] = {got}, Ŵ[{o}, {k}] = {want}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -9,7 +9,7 @@ use burn::backend::wgpu::WgpuDevice;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use cube_common::{assert_close, random_packed, random_x, reference, rng};
-use kernels::cube::{MIN_ROWS_PER_SPLIT, TARGET_UNITS, ic_splits, m_tile, oc_splits};
+use kernels::cube::{MIN_OC_LANES, MIN_ROWS_PER_SPLIT, TARGET_UNITS, ic_splits, m_tile, oc_lanes};
 use kernels::{QuantBackend, QuantLinear};
 use quant_core::{PackedLinear, QuantDim};
 
@@ -125,6 +125,45 @@ fn unaligned_groups_fall_back_to_dense() {
     }
 }
 
+/// Per-OC rows of every lane count (1 to 64 lanes a row group, so 64 to 1 groups a cube), with
+/// row counts that are not a multiple of the rows a cube or a unit holds, and token counts
+/// around the M-tile.
+#[test]
+fn oc_lane_counts_and_partial_cubes() {
+    let device = device();
+    let mut rng = rng(6);
+    // (out, in): in = 32 (1 lane), 64 (2), 96 (4 lanes, one idle), 640 (8), 2048 (16 lanes at
+    // N = 33), 8192 (64 lanes at N ≤ 4); N = 1 (one row in a unit of two), 129 (two cubes of
+    // 128 rows at one lane).
+    for (n, k, bits) in [
+        (1, 640, 8),
+        (65, 32, 4),
+        (129, 32, 2),
+        (3, 64, 3),
+        (70, 96, 2),
+        (9, 640, 3),
+        (33, 2048, 4),
+        (3, 8192, 3),
+    ] {
+        let packed = random_packed(&mut rng, QuantDim::Oc, bits, 32, n, k);
+        let w = B::upload(&packed, &device).unwrap();
+        assert!(w.is_packed());
+        for m in [1, 5, 9] {
+            let x = random_x(&mut rng, m * k, false);
+            let (want, bound) = reference(&packed, &x, m);
+            let lanes = oc_lanes(k / 32, n, m.div_ceil(m_tile(QuantDim::Oc, m)));
+            assert_close(
+                &format!("oc b{bits} {n}x{k} M={m} ({lanes} lanes)"),
+                &run(&w, &x, m, k, DType::F32),
+                &want,
+                &bound,
+                2e-5,
+                0.0,
+            );
+        }
+    }
+}
+
 #[test]
 fn quant_linear_forward_any_leading_dims() {
     let device = device();
@@ -170,8 +209,22 @@ fn split_heuristics_cover_k_exactly() {
             assert!(splits == 1 || n_blocks * m_tiles * (splits - 1) < TARGET_UNITS);
         }
     }
-    assert_eq!(oc_splits(128, 4096, 1), 4);
-    assert_eq!(oc_splits(2, 10, 1), 1);
+    for k_blocks in [1, 2, 3, 5, 18, 128, 256, 344, 1024] {
+        for (n, m_tiles) in [(1, 1), (10, 1), (576, 1), (4096, 1), (4096, 8)] {
+            let lanes = oc_lanes(k_blocks, n, m_tiles);
+            assert!(
+                lanes.is_power_of_two() && 64 % lanes == 0,
+                "{k_blocks} blocks: {lanes} lanes"
+            );
+            // Never more lanes than blocks (rounded up), at least MIN_OC_LANES if it has them.
+            assert!(lanes < 2 * k_blocks, "{k_blocks} blocks: {lanes} lanes");
+            assert!(lanes >= MIN_OC_LANES.min(k_blocks), "{k_blocks}: {lanes}");
+        }
+    }
+    assert_eq!(oc_lanes(128, 4096, 1), 8);
+    assert_eq!(oc_lanes(1024, 1, 1), 64);
+    assert_eq!(oc_lanes(2, 10, 1), 2);
+    assert_eq!(oc_lanes(18, 576, 1), 8);
     assert_eq!(m_tile(QuantDim::Ic, 3), 4);
     assert_eq!(m_tile(QuantDim::Ic, 64), 4);
     assert_eq!(m_tile(QuantDim::Oc, 64), 8);

@@ -1,7 +1,8 @@
 //! Building the Burn model from a [`TensorSource`], whole or one layer at a time.
 
 use burn::prelude::*;
-use kernels::QuantBackend;
+use half::f16;
+use kernels::{QuantBackend, QuantLinear};
 
 use crate::checkpoint::TensorSource;
 use crate::error::{ModelError, Result};
@@ -130,6 +131,34 @@ pub struct Periphery<B: QuantBackend> {
     pub rope: Rope<B>,
 }
 
+/// The head, kept in f16 when every weight is exactly an f16 (checkpoints stored in f16, such as
+/// our packed ones): lossless, and a decode step, which streams the whole head for one token,
+/// reads half the bytes. Only the head: for the linears, large products would need a widened
+/// f32 copy beside the f16 one.
+fn head_linear<B: QuantBackend>(
+    src: &dyn TensorSource,
+    w: &[f32],
+    shape: [usize; 2],
+    device: &B::Device,
+) -> Result<Linear<B>> {
+    let Some(w16) = exact_f16(w) else {
+        return Ok(Linear::from_host_weight(w, shape, device));
+    };
+    let head = QuantLinear::from_f16(&w16, shape, device)
+        .map_err(|e| ModelError::malformed(src.path(), format!("language-model head: {e}")))?;
+    Ok(Linear::Quant(head))
+}
+
+/// `w` in f16, if no value changes.
+fn exact_f16(w: &[f32]) -> Option<Vec<f16>> {
+    w.iter()
+        .map(|&v| {
+            let h = f16::from_f32(v);
+            (h.to_f32() == v).then_some(h)
+        })
+        .collect()
+}
+
 pub fn load_periphery<B: QuantBackend>(
     src: &dyn TensorSource,
     device: &B::Device,
@@ -141,9 +170,14 @@ pub fn load_periphery<B: QuantBackend>(
     let shape = [config.vocab_size, config.hidden_size];
     let embed = load_host(src, "model.embed_tokens.weight", &shape)?;
     let lm_head = if src.contains("lm_head.weight") && !config.tie_word_embeddings {
-        load_linear(src, "lm_head.weight", shape, device)?
+        head_linear(
+            src,
+            &load_host(src, "lm_head.weight", &shape)?,
+            shape,
+            device,
+        )?
     } else {
-        Linear::from_host_weight(&embed, shape, device)
+        head_linear(src, &embed, shape, device)?
     };
     let embed_tokens = Tensor::from_data(TensorData::new(embed, shape), device);
     Ok(Periphery {

@@ -2,7 +2,8 @@
 //! AdaDim's packed weights. Beside it, the host ops that make the f32 forward fast on the ndarray
 //! backend ([`crate::QuantBackend`]'s fused ops): [`attention`] (causal GQA attention and rotary
 //! embedding on strided head views), [`activation`] (softmax, log-sum-exp, cross-entropy and
-//! SwiGLU with a vectorised `exp`) and [`dense`] (strided f32 products through `gemm`).
+//! SwiGLU with a vectorised `exp`), [`dense`] (strided f32 products through `gemm`) and
+//! [`dense_f16`] (decode-sized products on f16 weights, widened in registers).
 //!
 //! # Use
 //! Re-lay out a [`quant_core::PackedLinear`] once with [`CpuPacked::new`], then call
@@ -14,8 +15,11 @@
 //! # Loop structure
 //! Both dims are computed by the same tiles: 16 consecutive output channels (one 512-bit
 //! vector of f32, two of 256 bits on AVX2) and, per reduction step `k`, one vector of 16
-//! codes, unpacked from interleaved bit streams (see [`CpuPacked`]). Where the scale and
-//! zero sit is what differs:
+//! codes, unpacked from interleaved bit streams (see [`CpuPacked`]). A code `q` is decoded
+//! not to the float `q` but to `q̃ = 1 + q/2^b`, by moving its bits into the top of the
+//! mantissa of 1.0 (a shift and an and-or, no int→float conversion); since
+//! `s(q − z) = s̃(q̃ − z̃)` with `s̃ = 2^b·s`, `z̃ = 1 + z/2^b`, the formulas below hold with
+//! `q̃, s̃, z̃` in place of `q, s, z`. Where the scale and zero sit is what differs:
 //!
 //! * **per-OC** (groups along `k`, rows of `W`): *dot-product-like*. A tile walks its 16
 //!   rows along `k`; within a group the scale/zero are one 16-wide vector, so
@@ -26,7 +30,10 @@
 //!   holds one scale/zero per `group_size` outputs, so a whole group of outputs
 //!   (`group_size/16` tiles) shares the scalar `s_{k,g}` at each `k`: it folds into the
 //!   activation once per group (`c_k = x_k·s_{k,g}`), the zero term `Σ_k x_k z_{k,g} s_{k,g}`
-//!   is one number per group, and the inner loop is `acc += c_k · q[k, 16 outputs]`.
+//!   is one number per group, and the inner loop is `acc += c_k · q[k, 16 outputs]`. The
+//!   `c_k` and the zero term come from one vectorised pass over `k` per group (f16 scales
+//!   and zeros widened 16 at a time), whose output, `k` floats per row of `x`, the group's
+//!   tiles then read from L1/L2; it costs `1/(tiles per group)` of a tile's work.
 //!
 //! Threads (rayon) split the outputs: per-OC over tiles of 16 rows, per-IC over groups of
 //! `group_size` output columns, so both cores are busy at `M = 1`.
@@ -35,13 +42,17 @@
 //! The tile code is portable Rust over `[f32; 16]` lane arrays, compiled once per
 //! [`SimdPath`] inside `#[target_feature]` functions and picked at run time
 //! (`is_x86_feature_detected!`). No SIMD crate or intrinsic is needed: LLVM vectorises the
-//! fixed-size lane loops fully (codes → shifts/masks → `vcvtdq2ps` → `vfmadd`), and the
+//! fixed-size lane loops fully (per 16 codes on AVX-512: `vpsrld`/`vpslld` → `vpternlogd`
+//! (mask and or 1.0) → `vfmadd` with the coefficient broadcast from memory), and the
 //! bit-unpacking of straddling 3-bit codes, which SIMD-crate abstractions do not cover
-//! better, is written once for every width.
+//! better, is written once for every width. Keep slice accesses in the tile code provably
+//! in bounds (fixed-size arrays, `as_chunks`): a bounds check LLVM cannot hoist stops it
+//! vectorising the loop around it.
 
 pub mod activation;
 pub mod attention;
 pub mod dense;
+pub mod dense_f16;
 mod f16;
 mod layout;
 mod simd;

@@ -73,32 +73,39 @@ pub(crate) type OcFn = unsafe fn(&CpuPacked, &[f32], &[f32], usize, &mut [[f32; 
 pub(crate) type IcFn = unsafe fn(&CpuPacked, &[f32], usize, &mut Vec<f32>, &mut [[f32; LANES]]);
 
 /// Monomorphises `$f::<B, M, S>` for the runtime `bits` and `m` (1..=8), with `S`
-/// accumulator sets so that about 4 independent FMA chains are in flight.
+/// accumulator sets so that enough independent FMA chains are in flight: an FMA has a
+/// latency of about 4 cycles and two issue per cycle, and each code vector adds one FMA to
+/// `M` of the `M·S` chains. `$regs` is how many 16-lane vectors the path's register file
+/// holds: where that is 32 (AVX-512's 32 zmm), `M = 4` takes 2 sets, 8 chains instead of
+/// 4, which otherwise bound it to 4 cycles per 16 codes; smaller files (AVX2's 16 ymm hold
+/// 8 vectors) keep `M·S ≤ 8` accumulators.
 macro_rules! select {
-    ($f:ident, $bits:expr, $m:expr) => {
+    ($f:ident, $bits:expr, $m:expr, $regs:tt) => {
         match $bits {
-            2 => select!(@m $f, 2, $m),
-            3 => select!(@m $f, 3, $m),
-            4 => select!(@m $f, 4, $m),
-            _ => select!(@m $f, 8, $m),
+            2 => select!(@m $f, 2, $m, $regs),
+            3 => select!(@m $f, 3, $m, $regs),
+            4 => select!(@m $f, 4, $m, $regs),
+            _ => select!(@m $f, 8, $m, $regs),
         }
     };
-    (@m $f:ident, $b:literal, $m:expr) => {
+    (@m $f:ident, $b:literal, $m:expr, $regs:tt) => {
         match $m {
             1 => $f::<$b, 1, 4> as _,
             2 => $f::<$b, 2, 2> as _,
             3 => $f::<$b, 3, 2> as _,
-            4 => $f::<$b, 4, 1> as _,
+            4 => $f::<$b, 4, { select!(@sets4 $regs) }> as _,
             5 => $f::<$b, 5, 1> as _,
             6 => $f::<$b, 6, 1> as _,
             7 => $f::<$b, 7, 1> as _,
             _ => $f::<$b, 8, 1> as _,
         }
     };
+    (@sets4 32) => { 2 };
+    (@sets4 $regs:tt) => { 1 };
 }
 
 macro_rules! simd_path {
-    ($module:ident, $arith:ty $(, $feature:literal)?) => {
+    ($module:ident, $arith:ty, $regs:tt $(, $feature:literal)?) => {
         pub(crate) mod $module {
             use super::super::layout::{CpuPacked, LANES};
             #[allow(unused_imports)]
@@ -128,23 +135,30 @@ macro_rules! simd_path {
             }
 
             pub(crate) fn oc_fn(bits: u32, m: usize) -> OcFn {
-                select!(oc, bits, m)
+                select!(oc, bits, m, $regs)
             }
 
             pub(crate) fn ic_fn(bits: u32, m: usize) -> IcFn {
-                select!(ic, bits, m)
+                select!(ic, bits, m, $regs)
             }
         }
     };
 }
 
-simd_path!(scalar, Unfused);
+// The register file of each path in 16-lane vectors (see `select!`): x86-64's baseline has
+// 16 xmm (4 vectors), AVX2 16 ymm (8), AVX-512 32 zmm (32), NEON 32 q registers (8).
+simd_path!(scalar, Unfused, 4);
 #[cfg(target_arch = "x86_64")]
-simd_path!(avx2, Fused, "avx2,fma");
+simd_path!(avx2, Fused, 8, "avx2,fma");
 #[cfg(target_arch = "x86_64")]
-simd_path!(avx512, Fused, "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma");
+simd_path!(
+    avx512,
+    Fused,
+    32,
+    "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"
+);
 #[cfg(target_arch = "aarch64")]
-simd_path!(neon, Fused, "neon");
+simd_path!(neon, Fused, 8, "neon");
 
 /// The kernels of `path`, or `None` when this build has no such path.
 pub(crate) fn kernels(path: SimdPath, bits: u32, m: usize) -> Option<(OcFn, IcFn)> {

@@ -1,11 +1,14 @@
-//! The CubeCL kernels. Shared pieces (block decode, parameter decode, split reduction) are
-//! written once; the per-IC and per-OC kernels differ only in which axis of the packed block is
-//! the output axis (see the module docs of [`super`]).
+//! The CubeCL kernels. Shared pieces (block decode, parameter decode) are written once; the
+//! per-IC and per-OC kernels differ in which axis of the packed block is the output axis, and so
+//! in how K is split: over cubes with f32 partials for per-IC, over the lanes of a cube with a
+//! shared-memory reduction for per-OC (see the module docs of [`super`]).
 
 use cubecl::prelude::*;
 
 /// Codes in one packed block: 32 codes of `b` bits fill exactly `b` words for every `b`.
 pub const BLOCK: usize = 32;
+/// Units per cube (1-D) of both kernels.
+pub const CUBE_UNITS: usize = 64;
 
 /// Loads the `bits` words of one 32-code block (`Vector` loads of `vec = N` words, `vec | bits`)
 /// and unpacks it into 32 codes as f32, so the hot loops below work on registers only.
@@ -138,81 +141,134 @@ pub fn quant_matmul_ic<F: Float, N: Size>(
     }
 }
 
-/// Per-OC: the packed matrix is `Ŵ [N, K]`, packed along K. Unit `(lane, row n, m-tile)` owns
-/// output channel `n` and the packed blocks `lane, lane + splits, …` of its row: adjacent lanes
-/// read adjacent blocks (coalesced), and each block is a dot product with 32 inputs sharing one
-/// scale and zero: `s · (Σ x·q − z · Σ x)`.
+/// Per-OC: the packed matrix is `Ŵ [N, K]`, packed along K. A cube of [`CUBE_UNITS`] units
+/// holds `CUBE_UNITS / lanes` groups of `ru` adjacent output rows; the `lanes` adjacent units of
+/// a group take the packed blocks `lane, lane + lanes, …` of each of its rows, so at every step
+/// they read `lanes` adjacent blocks of a row (coalesced). Each block is dequantized once in
+/// registers (32 codes sharing one scale and zero) and multiplied into the `tm` tokens of the
+/// tile, each activation load serving the `ru` rows; the lanes' sums are then added in shared
+/// memory (a tree over the lanes of each group) and written to `y` in the activation type, so no
+/// partial sums leave the cube.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn quant_matmul_oc<F: Float, N: Size>(
     x: &Array<F>,
     qweight: &Array<Vector<u32, N>>,
     params: &Array<u32>,
-    partial: &mut Array<f32>,
+    y: &mut Array<F>,
     m_total: usize,
     k_total: usize,
     n_total: usize,
-    splits: usize,
+    #[comptime] lanes: usize,
+    #[comptime] ru: usize,
     #[comptime] bits: u32,
     #[comptime] vec: usize,
     #[comptime] group_blocks: usize,
     #[comptime] tm: usize,
 ) {
-    let unit = ABSOLUTE_POS_X as usize;
-    let split = unit % splits;
-    let n = unit / splits;
-    if n >= n_total {
-        terminate!();
-    }
+    let unit = UNIT_POS_X as usize;
+    let lane = unit % lanes;
+    // The unit's rows: `ru` adjacent ones, sharing every `x` load.
+    let n0 = (CUBE_POS_X as usize * comptime!(CUBE_UNITS / lanes) + unit / lanes) * ru;
     let m0 = CUBE_POS_Z as usize * tm;
     let k_blocks = k_total / BLOCK;
     let vectors_per_row = k_blocks * comptime!(bits as usize / vec);
     let groups_per_row = k_blocks / group_blocks;
 
-    let mut acc = Array::<f32>::new(tm);
+    // Offsets of the tile's tokens in `x` and of the unit's rows; tokens past `m_total` and rows
+    // past `n_total` repeat the last one (their sums are never written), so the hot loop needs
+    // no bounds test.
+    let mut acc = Array::<f32>::new(comptime!(ru * tm));
+    let mut x_row = Array::<usize>::new(tm);
+    let mut w_row = Array::<usize>::new(ru);
+    let mut p_row = Array::<usize>::new(ru);
+    #[unroll]
+    for i in 0..comptime!(ru * tm) {
+        acc[i] = 0.0;
+    }
     #[unroll]
     for mi in 0..tm {
-        acc[mi] = 0.0;
+        x_row[mi] = (m0 + mi).min(m_total - 1) * k_total;
+    }
+    #[unroll]
+    for r in 0..ru {
+        let n = (n0 + r).min(n_total - 1);
+        w_row[r] = n * vectors_per_row;
+        p_row[r] = n * groups_per_row;
     }
 
-    let mut blk = split;
-    while blk < k_blocks {
-        let (scale, zero) = decode_params(params[n * groups_per_row + blk / group_blocks]);
-        let codes = decode_block::<N>(
-            qweight,
-            n * vectors_per_row + blk * comptime!(bits as usize / vec),
-            bits,
-            vec,
-        );
-        #[unroll]
-        for mi in 0..tm {
-            let m = m0 + mi;
-            if m < m_total {
-                let xbase = m * k_total + blk * BLOCK;
-                let mut dot = 0.0f32;
-                let mut xsum = 0.0f32;
+    // No early exit: every unit of the cube must reach the barriers below.
+    if n0 < n_total {
+        let mut blk = lane;
+        while blk < k_blocks {
+            // Dequantized once for all `tm` tokens; the `ru · tm` sums are independent chains.
+            let mut w = Array::<f32>::new(comptime!(ru * BLOCK));
+            #[unroll]
+            for r in 0..ru {
+                let (scale, zero) = decode_params(params[p_row[r] + blk / group_blocks]);
+                let codes = decode_block::<N>(
+                    qweight,
+                    w_row[r] + blk * comptime!(bits as usize / vec),
+                    bits,
+                    vec,
+                );
                 #[unroll]
                 for j in 0..BLOCK {
-                    let xv = f32::cast_from(x[xbase + j]);
-                    dot += xv * codes[j];
-                    xsum += xv;
+                    w[r * BLOCK + j] = scale * (codes[j] - zero);
                 }
-                acc[mi] += scale * (dot - zero * xsum);
             }
+            let x0 = blk * BLOCK;
+            #[unroll]
+            for j in 0..BLOCK {
+                #[unroll]
+                for mi in 0..tm {
+                    let xv = f32::cast_from(x[x_row[mi] + x0 + j]);
+                    #[unroll]
+                    for r in 0..ru {
+                        acc[r * tm + mi] += xv * w[r * BLOCK + j];
+                    }
+                }
+            }
+            blk += lanes;
         }
-        blk += splits;
     }
 
+    // sums[i · CUBE_UNITS + unit] for the unit's sums i = r · tm + mi: halve the active lanes of
+    // every row group until lane 0 holds the totals (readers and writers of one step touch
+    // disjoint lanes).
+    let mut sums = SharedMemory::<f32>::new(comptime!(ru * tm * CUBE_UNITS));
     #[unroll]
-    for mi in 0..tm {
-        let m = m0 + mi;
-        if m < m_total {
-            partial[(split * m_total + m) * n_total + n] = acc[mi];
+    for i in 0..comptime!(ru * tm) {
+        sums[i * CUBE_UNITS + unit] = acc[i];
+    }
+    sync_cube();
+    #[unroll]
+    for step in 0..comptime!(lanes.trailing_zeros() as usize) {
+        let stride = lanes >> (step + 1);
+        if lane < stride {
+            #[unroll]
+            for i in 0..comptime!(ru * tm) {
+                let s = i * CUBE_UNITS + unit;
+                sums[s] += sums[s + stride];
+            }
         }
+        sync_cube();
+    }
+
+    // Lane `l` writes the sums `l, l + lanes, …` of its group.
+    let first = unit - lane;
+    let mut i = lane;
+    while i < comptime!(ru * tm) {
+        let n = n0 + i / tm;
+        let m = m0 + i % tm;
+        if n < n_total && m < m_total {
+            y[m * n_total + n] = F::cast_from(sums[i * CUBE_UNITS + first]);
+        }
+        i += lanes;
     }
 }
 
-/// `y[i] = Σ_s partial[s, i]`, cast to the activation type: the split-K reduction of both kernels.
+/// `y[i] = Σ_s partial[s, i]`, cast to the activation type: the split-K reduction of per-IC.
 #[cube(launch_unchecked)]
 pub fn reduce_splits<F: Float>(partial: &Array<f32>, y: &mut Array<F>, len: usize, splits: usize) {
     let i = ABSOLUTE_POS;

@@ -14,23 +14,30 @@
 //!   the input rows of its K-split, accumulating an outer product in `32 · tm` registers; its
 //!   32 columns share one group, so a row costs one parameter load and the zero point becomes
 //!   one correction per token. Adjacent units read adjacent blocks of the same row: coalesced.
-//! * **Per-OC** (`Ŵ [N, K]` packed along K): a unit owns one output channel and the blocks
-//!   `lane, lane + splits, …` of its row (adjacent lanes read adjacent blocks: coalesced); each
-//!   block is a 32-long dot product sharing one scale and zero.
-//! * **Split-K.** At M = 1 there are too few output blocks to fill a GPU, so K is split: per-IC
-//!   over cubes along Y (each split at least [`MIN_ROWS_PER_SPLIT`] rows, so the f32 partials
-//!   stay a small fraction of the weight traffic), per-OC over lanes. Both kernels write f32
-//!   partials `[splits, M, N]` that one shared kernel sums and casts to the activation type;
-//!   the number of splits shrinks as M grows, since M-tiles fill the device instead.
+//! * **Per-OC** (`Ŵ [N, K]` packed along K): `lanes` adjacent units of a cube share one group
+//!   of [`OC_ROWS_PER_UNIT`] output rows; lane `l` takes the blocks `l, l + lanes, …` of each
+//!   row, so at every step the lanes read `lanes` adjacent blocks of a row (coalesced at any M).
+//!   A block is dequantized once in registers (32 codes sharing one scale and zero) and
+//!   multiplied into the `tm` tokens of the tile; every activation load serves the unit's rows.
+//!   The lanes' sums are then added inside the cube (below), which writes the finished outputs.
+//!   `lanes` is a power of two from [`MIN_OC_LANES`] to the 64 units of a cube (fewer only for
+//!   rows of fewer blocks), so a cube holds whole row groups; it grows at small M·N to launch
+//!   enough units ([`oc_lanes`]).
+//! * **In-cube reduction** (per-OC): each unit stores its `rows · tm` sums in shared memory and
+//!   a tree over the lanes of each row group halves the active lanes per step (`log₂ lanes`
+//!   barriers; no unit returns early, so all reach them). Not `plane_sum`: cubecl 0.10 turns plane ops off on
+//!   CPU adapters (lavapipe, where the tests run), plane widths differ between devices (8 to
+//!   64) while a row's lanes must not straddle a plane, and shared memory works everywhere.
+//! * **Split-K** (per-IC): at M = 1 there are too few output blocks to fill a GPU, so K is split
+//!   over cubes along Y, each split at least [`MIN_ROWS_PER_SPLIT`] rows, so the f32 partials
+//!   `[splits, M, N]` stay a small fraction of the weight traffic; a second kernel sums them and
+//!   casts to the activation type. The splits shrink as M grows, since M-tiles fill the device
+//!   instead. (Per-IC cannot reduce in the cube the same way: a unit holds `32 · tm` sums, which
+//!   would need up to 32 KiB of shared memory per cube.)
 //! * **Parameters.** Scale (f16 bits) and zero (integer) of a group are packed in one `u32`
 //!   at upload and decoded in the kernel, so a group costs 4 bytes, as in SPEC §8's ideal, and
 //!   the kernels need no f16 device support for the weights. Activations may be f32, f16 or
 //!   bf16; accumulation is always f32.
-//!
-//! Known limit: per-OC lanes of one row are adjacent only when the row has several splits;
-//! at larger M the splits drop to 1–2 and a plane then reads 16–32 different rows (strided).
-//! An in-cube reduction (shared memory or `plane_sum`) over lanes of one row would keep the
-//! reads coalesced without the partial-sum traffic; per-IC does not have this problem.
 //!
 //! Device-side re-layout: `qweight` is uploaded unchanged (the on-disk [`PackedLinear`] layout);
 //! only scales and zeros are fused into the parameter words. Layers whose row length or group
@@ -49,20 +56,29 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 use cubecl::server::Handle;
+use half::f16;
 use quant_core::{PackedLinear, QuantDim};
 
 use crate::QuantBackend;
-use crate::quant_linear::{QuantLinearError, check_input, dense_transposed};
-use kernel::BLOCK;
+use crate::quant_linear::{
+    QuantLinearError, check_f16_shape, check_input, dense_transposed, widened_transposed,
+};
+use kernel::{BLOCK, CUBE_UNITS};
 
 /// Units the split-K heuristic aims to launch: enough loads in flight to saturate a GPU's
 /// memory system at M = 1.
 pub const TARGET_UNITS: usize = 16_384;
 /// Fewest input rows a per-IC split handles, so partial sums cost ≤ ~10 % of the weight bytes.
 pub const MIN_ROWS_PER_SPLIT: usize = 128;
-/// Fewest packed blocks a per-OC lane handles.
+/// Fewest packed blocks a per-OC lane handles (when the row has enough blocks for
+/// [`MIN_OC_LANES`] lanes).
 const MIN_BLOCKS_PER_LANE: usize = 4;
-const CUBE_UNITS: u32 = 64;
+/// Output rows of one per-OC unit: they share every activation load (2 halves the loads per
+/// multiply-add and keeps the dequantized blocks at 64 registers).
+pub const OC_ROWS_PER_UNIT: usize = 2;
+/// Lanes a per-OC row gets at least (when it has that many blocks): adjacent blocks read
+/// together, 64–256 contiguous bytes of the row per step for 2–8 bits.
+pub const MIN_OC_LANES: usize = 8;
 
 /// A packed linear layer resident on a CubeCL device.
 #[derive(Clone)]
@@ -149,10 +165,22 @@ pub fn ic_splits(k: usize, n_blocks: usize, m_tiles: usize) -> (usize, usize) {
     (k.div_ceil(per), per)
 }
 
-/// Lanes (splits) per output channel for per-OC.
-pub fn oc_splits(k_blocks: usize, n: usize, m_tiles: usize) -> usize {
-    let want = TARGET_UNITS.div_ceil(n * m_tiles);
-    want.clamp(1, (k_blocks / MIN_BLOCKS_PER_LANE).max(1))
+/// Lanes per output row for per-OC: a power of two dividing the cube, so a cube holds whole
+/// rows. As many as it takes to launch [`TARGET_UNITS`] units, at least [`MIN_OC_LANES`] (so
+/// the reads of a row stay coalesced), at most what gives every lane
+/// [`MIN_BLOCKS_PER_LANE`] blocks, and never more than the row has blocks.
+pub fn oc_lanes(k_blocks: usize, n: usize, m_tiles: usize) -> usize {
+    let want = TARGET_UNITS
+        .div_ceil(n.div_ceil(OC_ROWS_PER_UNIT) * m_tiles)
+        .next_power_of_two();
+    let most = prev_power_of_two(k_blocks / MIN_BLOCKS_PER_LANE).clamp(MIN_OC_LANES, CUBE_UNITS);
+    want.clamp(MIN_OC_LANES, most)
+        .min(k_blocks.max(1).next_power_of_two())
+}
+
+/// The largest power of two `≤ v` (1 for 0).
+fn prev_power_of_two(v: usize) -> usize {
+    if v == 0 { 1 } else { 1 << v.ilog2() }
 }
 
 /// Tokens per unit: per-IC keeps `32 · tm` accumulators, so it stops at 4.
@@ -187,18 +215,12 @@ pub fn upload<R: CubeRuntime>(
                 packed.dim,
                 packed.group_size
             );
-            let data = TensorData::new(
-                dense_transposed(packed),
-                [packed.in_features, packed.out_features],
-            );
-            let handle = client.create_from_slice(data.as_bytes());
-            DeviceWeight::Dense(CubeTensor::new_contiguous(
+            dense_weight(
                 client,
-                device.clone(),
-                Shape::new([packed.in_features, packed.out_features]),
-                handle,
-                DType::F32,
-            ))
+                device,
+                dense_transposed(packed),
+                [packed.out_features, packed.in_features],
+            )
         }
     };
     Ok(CubePackedLinear {
@@ -208,6 +230,45 @@ pub fn upload<R: CubeRuntime>(
         out_features: packed.out_features,
         in_features: packed.in_features,
         weight,
+    })
+}
+
+/// `Ŵᵀ [in, out]` (f32, row-major) as a dense device weight.
+fn dense_weight<R: CubeRuntime>(
+    client: ComputeClient<R>,
+    device: &R::Device,
+    w_t: Vec<f32>,
+    [out_features, in_features]: [usize; 2],
+) -> DeviceWeight<R> {
+    let data = TensorData::new(w_t, [in_features, out_features]);
+    let handle = client.create_from_slice(data.as_bytes());
+    DeviceWeight::Dense(CubeTensor::new_contiguous(
+        client,
+        device.clone(),
+        Shape::new([in_features, out_features]),
+        handle,
+        DType::F32,
+    ))
+}
+
+/// A dense `W [out, in]` given in f16 (see [`QuantBackend::upload_f16`]), widened to f32: it is
+/// multiplied by Burn's matmul like the dense fallback. `dim`/`bits`/`group_size` then describe
+/// it as one 16-bit group per row; only the packed kernels read them.
+pub fn upload_f16<R: CubeRuntime>(
+    w: &[f16],
+    shape: [usize; 2],
+    device: &R::Device,
+) -> Result<CubePackedLinear<R>, QuantLinearError> {
+    check_f16_shape(w, shape)?;
+    let [out_features, in_features] = shape;
+    let w_t = widened_transposed(w, shape);
+    Ok(CubePackedLinear {
+        dim: QuantDim::Oc,
+        bits: 16,
+        group_size: in_features,
+        out_features,
+        in_features,
+        weight: dense_weight(R::client(device), device, w_t, shape),
     })
 }
 
@@ -284,54 +345,51 @@ where
     };
     let params_arg =
         unsafe { ArrayArg::from_raw_parts(params.clone(), rows * cols / w.group_size) };
-    let x_arg = || unsafe { ArrayArg::from_raw_parts(x.handle.clone(), m * k) };
+    let x_arg = unsafe { ArrayArg::from_raw_parts(x.handle.clone(), m * k) };
     let len = m * n;
-    let partial_arg = |splits: usize, handle: &Handle| unsafe {
-        ArrayArg::from_raw_parts(handle.clone(), splits * len)
-    };
-    let cube_dim = CubeDim::new_1d(CUBE_UNITS);
+    let y_arg = unsafe { ArrayArg::from_raw_parts(y.handle.clone(), len) };
+    let cube_dim = CubeDim::new_1d(CUBE_UNITS as u32);
 
-    let (splits, partial) = match w.dim {
+    match w.dim {
         QuantDim::Ic => {
             let n_blocks = n / BLOCK;
             let (splits, per) = ic_splits(k, n_blocks, m_tiles);
             let partial = client.empty(splits * len * size_of::<f32>());
+            let partial_arg = || unsafe { ArrayArg::from_raw_parts(partial.clone(), splits * len) };
             let count = CubeCount::Static(
-                (n_blocks as u32).div_ceil(CUBE_UNITS),
+                n_blocks.div_ceil(CUBE_UNITS) as u32,
                 splits as u32,
                 m_tiles as u32,
             );
             dispatch_float!(x.dtype, E => unsafe {
                 kernel::quant_matmul_ic::launch_unchecked::<E, R>(
-                    client, count, cube_dim, vec, x_arg(), qweight_arg, params_arg,
-                    partial_arg(splits, &partial), m, k, n, per, w.bits, vec, group_blocks, tm,
+                    client, count, cube_dim, vec, x_arg, qweight_arg, params_arg,
+                    partial_arg(), m, k, n, per, w.bits, vec, group_blocks, tm,
                 )
             });
-            (splits, partial)
+            let count = CubeCount::Static((len as u32).div_ceil(256), 1, 1);
+            dispatch_float!(y.dtype, E => unsafe {
+                kernel::reduce_splits::launch_unchecked::<E, R>(
+                    client, count, CubeDim::new_1d(256), partial_arg(), y_arg, len, splits,
+                )
+            });
         }
         QuantDim::Oc => {
-            let splits = oc_splits(k / BLOCK, n, m_tiles);
-            let partial = client.empty(splits * len * size_of::<f32>());
-            let units = (n * splits) as u32;
-            let count = CubeCount::Static(units.div_ceil(CUBE_UNITS), 1, m_tiles as u32);
+            let lanes = oc_lanes(k / BLOCK, n, m_tiles);
+            let ru = OC_ROWS_PER_UNIT;
+            let count = CubeCount::Static(
+                n.div_ceil(CUBE_UNITS / lanes * ru) as u32,
+                1,
+                m_tiles as u32,
+            );
             dispatch_float!(x.dtype, E => unsafe {
                 kernel::quant_matmul_oc::launch_unchecked::<E, R>(
-                    client, count, cube_dim, vec, x_arg(), qweight_arg, params_arg,
-                    partial_arg(splits, &partial), m, k, n, splits, w.bits, vec, group_blocks, tm,
+                    client, count, cube_dim, vec, x_arg, qweight_arg, params_arg, y_arg,
+                    m, k, n, lanes, ru, w.bits, vec, group_blocks, tm,
                 )
             });
-            (splits, partial)
         }
-    };
-
-    let count = CubeCount::Static((len as u32).div_ceil(256), 1, 1);
-    let y_arg = unsafe { ArrayArg::from_raw_parts(y.handle.clone(), len) };
-    let partial_arg = partial_arg(splits, &partial);
-    dispatch_float!(y.dtype, E => unsafe {
-        kernel::reduce_splits::launch_unchecked::<E, R>(
-            client, count, CubeDim::new_1d(256), partial_arg, y_arg, len, splits,
-        )
-    });
+    }
     y
 }
 
@@ -349,6 +407,14 @@ where
         device: &Self::Device,
     ) -> Result<Self::Packed, QuantLinearError> {
         upload::<R>(packed, device)
+    }
+
+    fn upload_f16(
+        w: &[f16],
+        shape: [usize; 2],
+        device: &Self::Device,
+    ) -> Result<Self::Packed, QuantLinearError> {
+        upload_f16::<R>(w, shape, device)
     }
 
     fn quant_matmul(x: FloatTensor<Self>, w: &Self::Packed) -> FloatTensor<Self> {
