@@ -111,12 +111,14 @@ fn upload<B: QuantBackend>(w: Vec<f32>, shape: [usize; 2], device: &B::Device) -
 /// GPTQ's `H = (2/N)·XᵀX` from the Gram matrix of a linear's input over `N` calibration blocks.
 fn hessian<B: QuantBackend>(gram: &Tensor<B, 2>, blocks: usize) -> Result<Hessian> {
     let features = gram.dims()[0];
-    let h = gram.clone().mul_scalar(2.0 / blocks as f64);
-    let h = h
+    let h = gram
+        .clone()
+        .mul_scalar(2.0 / blocks as f64)
         .into_data()
-        .into_vec::<f32>()
-        .map_err(|e| quant_err("Hessian".into())(quant_core::QuantError::Backend(e.to_string())))?;
-    Hessian::from_matrix(h, features, blocks).map_err(quant_err("Hessian".into()))
+        .into_vec::<f32>();
+    h.map_err(|e| quant_core::QuantError::Backend(e.to_string()))
+        .and_then(|h| Hessian::from_matrix(h, features, blocks))
+        .map_err(quant_err("Hessian".into()))
 }
 
 /// Whether RTN scores o/down candidates through the Gram matrix of their input: it costs

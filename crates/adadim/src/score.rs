@@ -140,16 +140,8 @@ impl<B: QuantBackend> SubBlockState<B> {
 
     /// Makes a scored candidate part of the current state.
     pub fn commit(&mut self, kind: LinearKind, scored: Scored<B>) {
-        let Some(Update { proj, last_in }) = scored.update else {
-            return;
-        };
-        match kind {
-            LinearKind::Q => (self.q, self.context) = (proj, last_in),
-            LinearKind::K => (self.k, self.context) = (proj, last_in),
-            LinearKind::V => (self.v, self.context) = (proj, last_in),
-            LinearKind::Gate => (self.gate, self.down_in) = (proj, last_in),
-            LinearKind::Up => (self.up, self.down_in) = (proj, last_in),
-            LinearKind::O | LinearKind::Down => {}
+        if let Some(update) = scored.update {
+            self.apply(kind, update);
         }
     }
 
@@ -163,8 +155,19 @@ impl<B: QuantBackend> SubBlockState<B> {
         linear: &Linear<B>,
     ) {
         if Self::carries(kind) {
-            let update = Some(self.update(layer, inputs, rope, kind, linear));
-            self.commit(kind, Scored { error: 0.0, update });
+            let update = self.update(layer, inputs, rope, kind, linear);
+            self.apply(kind, update);
+        }
+    }
+
+    fn apply(&mut self, kind: LinearKind, Update { proj, last_in }: Update<B>) {
+        match kind {
+            LinearKind::Q => (self.q, self.context) = (proj, last_in),
+            LinearKind::K => (self.k, self.context) = (proj, last_in),
+            LinearKind::V => (self.v, self.context) = (proj, last_in),
+            LinearKind::Gate => (self.gate, self.down_in) = (proj, last_in),
+            LinearKind::Up => (self.up, self.down_in) = (proj, last_in),
+            LinearKind::O | LinearKind::Down => {}
         }
     }
 }

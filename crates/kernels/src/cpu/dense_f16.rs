@@ -14,7 +14,7 @@ use super::f16::h2f;
 use super::layout::LANES;
 use super::simd::SimdPath;
 use super::tile::{Fused, Madd, Unfused};
-use super::{CpuKernelError, MAX_M_PER_PASS};
+use super::{CpuKernelError, MAX_M_PER_PASS, check_call};
 
 /// Output rows per rayon task (a 576-wide row is 1.1 KiB of f16): enough work to amortise the
 /// scheduling, and enough tasks to balance the cores on a 32 000-row head.
@@ -150,23 +150,14 @@ pub fn gemm_f16_with(
     y: &mut [f32],
 ) -> Result<(), CpuKernelError> {
     let k = w.len().checked_div(n).unwrap_or(0);
-    if w.len() != n * k || x.len() != m * k {
+    if w.len() != n * k {
         return Err(CpuKernelError::XShape {
             got: x.len(),
             m,
             in_features: k,
         });
     }
-    if y.len() != m * n {
-        return Err(CpuKernelError::YShape {
-            got: y.len(),
-            m,
-            out_features: n,
-        });
-    }
-    if !path.is_supported() {
-        return Err(CpuKernelError::Unsupported(path));
-    }
+    check_call(path, x, m, k, y, n)?;
     let w: &[u16] = bytemuck::cast_slice(w);
     for (xc, yc) in x
         .chunks(MAX_M_PER_PASS * k.max(1))

@@ -106,6 +106,30 @@ pub fn gemm_with(
     y: &mut [f32],
 ) -> Result<(), CpuKernelError> {
     let (k, n) = (w.in_features, w.out_features);
+    check_call(path, x, m, k, y, n)?;
+    for (xc, yc) in x
+        .chunks(MAX_M_PER_PASS * k)
+        .zip(y.chunks_mut(MAX_M_PER_PASS * n))
+    {
+        let (oc, ic) = simd::kernels(path, w.bits, xc.len() / k.max(1))
+            .ok_or(CpuKernelError::Unsupported(path))?;
+        match w.dim {
+            QuantDim::Oc => pass_oc(oc, xc, w, yc),
+            QuantDim::Ic => pass_ic(ic, xc, w, yc),
+        }
+    }
+    Ok(())
+}
+
+/// The checks every product makes before it runs: `x [m, k]`, `y [m, n]`, a supported path.
+fn check_call(
+    path: SimdPath,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    y: &[f32],
+    n: usize,
+) -> Result<(), CpuKernelError> {
     if x.len() != m * k {
         return Err(CpuKernelError::XShape {
             got: x.len(),
@@ -122,17 +146,6 @@ pub fn gemm_with(
     }
     if !path.is_supported() {
         return Err(CpuKernelError::Unsupported(path));
-    }
-    for (xc, yc) in x
-        .chunks(MAX_M_PER_PASS * k)
-        .zip(y.chunks_mut(MAX_M_PER_PASS * n))
-    {
-        let (oc, ic) = simd::kernels(path, w.bits, xc.len() / k.max(1))
-            .ok_or(CpuKernelError::Unsupported(path))?;
-        match w.dim {
-            QuantDim::Oc => pass_oc(oc, xc, w, yc),
-            QuantDim::Ic => pass_ic(ic, xc, w, yc),
-        }
     }
     Ok(())
 }
