@@ -19,18 +19,21 @@ use kernels::QuantBackend;
 use kernels::cpu::{CpuPacked, SimdPath, gemm_with};
 use quant_core::{PackedLinear, QuantConfig, QuantDim, Quantized};
 
-use crate::{BenchKernelsArgs, write_report_section};
+use crate::{BenchKernelsArgs, bench_decode, write_report_section};
 
 /// Weight bytes cycled through per case so that reads come from DRAM.
 const COLD_BYTES: usize = 768 << 20;
 /// Buffer summed to measure the read bandwidth.
 const BANDWIDTH_BYTES: usize = 1 << 30;
+/// Rounds per case, each against its own bandwidth measurement.
+const ROUNDS: usize = 5;
 
 pub fn run(args: &BenchKernelsArgs) -> Result<()> {
     let paths = paths()?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!("measuring read bandwidth ({threads} threads, 1 GiB)...");
-    let bw = read_bandwidth(threads);
+    let probe = ReadProbe::new(threads);
+    let bw = probe.gbps(5);
     eprintln!("read bandwidth: {bw:.2} GB/s");
 
     let mut md = String::new();
@@ -38,6 +41,8 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
         md,
         "## CPU (SIMD dequant GEMV/GEMM, `kernels::cpu`)\n\n\
          {threads} threads, measured read bandwidth **{bw:.2} GB/s** (sum of a 1 GiB buffer). \
+         Each case is timed in {ROUNDS} rounds, each right after its own bandwidth measurement; \
+         `µs` is the median time and `% of bw` the median of the rounds' fractions. \
          Weights are cycled through ≥ {} MiB of copies so reads come from DRAM; \
          `hot` repeats one copy (cache-resident). GB/s counts packed weight bytes (codes + f16 \
          scales + zeros); the f32 baseline is the model's dense path (`QuantBackend::dense_linear`, AVX-512 `gemm`) \
@@ -69,9 +74,19 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
                     let x = pseudo_random(m * inp, 1);
                     let mut y = vec![0f32; m * out];
                     for &path in &paths {
-                        let cold = time_cycled(args, copies.len(), |i| {
-                            gemm_with(path, &x, m, &copies[i], &mut y)
-                        })?;
+                        // Other tenants of this VM's host change the bandwidth from one
+                        // second to the next, so each round is set against a bandwidth
+                        // measured just before it.
+                        let mut rounds = Vec::new();
+                        for _ in 0..ROUNDS {
+                            let bw_now = probe.gbps(2);
+                            let t = time_cycled(args, copies.len(), |i| {
+                                gemm_with(path, &x, m, &copies[i], &mut y)
+                            })?;
+                            rounds.push((t, bytes as f64 / t.as_secs_f64() / 1e9 / bw_now));
+                        }
+                        let cold = median_by(&mut rounds, |r| r.0).0;
+                        let frac = median_by(&mut rounds, |r| r.1).1;
                         let hot = time_cycled(args, 1, |_| gemm_with(path, &x, m, &cpu, &mut y))?;
                         let (us, hot_us, f32_us) = (micros(cold), micros(hot), micros(f32_time));
                         let gbps = bytes as f64 / cold.as_secs_f64() / 1e9;
@@ -80,24 +95,27 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
                         println!(
                             "{name:>14} {dim_s} b{bits} m{m} {path:?}: {us:8.1} µs  {gbps:6.2} GB/s \
                              ({:4.1}% bw)  hot {hot_us:8.1} µs  f32 {f32_us:9.1} µs  ×{speedup:.2}",
-                            100.0 * gbps / bw
+                            100.0 * frac
                         );
                         writeln!(
                             md,
                             "| {name} | {dim_s} | {bits} | {m} | {path:?} | {:.1} | {us:.1} | {gbps:.2} | {:.0}% | {hot_us:.1} | {f32_us:.1} | {speedup:.2}× |",
                             bytes as f64 / 1e6,
-                            100.0 * gbps / bw
+                            100.0 * frac
                         )?;
                         writeln!(
                             csv,
                             "{name},{out},{inp},{dim_s},{bits},{},{m},{path:?},{bytes},{us:.2},{gbps:.3},{:.4},{hot_us:.2},{f32_us:.2},{speedup:.3},{bw:.3}",
-                            args.group_size,
-                            gbps / bw
+                            args.group_size, frac
                         )?;
                     }
                 }
             }
         }
+    }
+    if args.decode_rounds > 0 {
+        md.push('\n');
+        md.push_str(&bench_decode::run(args.decode_rounds, args.decode_tokens)?);
     }
     print!("\n{md}");
     write_report_section(&args.out, "cpu", &md)?;
@@ -133,6 +151,12 @@ fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// The element of `v` with the median `key`.
+fn median_by<T: Copy, K: PartialOrd>(v: &mut [T], key: impl Fn(&T) -> K) -> T {
+    v.sort_by(|a, b| key(a).partial_cmp(&key(b)).expect("no NaN"));
+    v[v.len() / 2]
+}
+
 /// Median time of one call, over `args.iters` passes through `n` weight copies.
 fn time_cycled<E: std::error::Error + Send + Sync + 'static>(
     args: &BenchKernelsArgs,
@@ -156,29 +180,40 @@ fn time_cycled<E: std::error::Error + Send + Sync + 'static>(
     Ok(times[times.len() / 2])
 }
 
-/// Best of 5 parallel sums of a 1 GiB buffer, in GB/s.
-fn read_bandwidth(threads: usize) -> f64 {
-    let buf: Vec<u64> = (0..BANDWIDTH_BYTES / 8).map(|i| i as u64).collect();
-    let chunk = buf.len().div_ceil(threads);
-    let mut best = f64::INFINITY;
-    let mut check = 0u64;
-    for _ in 0..5 {
-        let start = Instant::now();
-        let total = std::thread::scope(|s| {
-            let handles: Vec<_> = buf
-                .chunks(chunk)
-                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &b| a.wrapping_add(b))))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or(0))
-                .fold(0u64, u64::wrapping_add)
-        });
-        best = best.min(start.elapsed().as_secs_f64());
-        check = check.wrapping_add(std::hint::black_box(total));
+/// A 1 GiB buffer whose parallel sum measures the read bandwidth.
+struct ReadProbe {
+    buf: Vec<u64>,
+    threads: usize,
+}
+
+impl ReadProbe {
+    fn new(threads: usize) -> Self {
+        let buf = (0..BANDWIDTH_BYTES / 8).map(|i| i as u64).collect();
+        Self { buf, threads }
     }
-    std::hint::black_box(check);
-    BANDWIDTH_BYTES as f64 / best / 1e9
+
+    /// Best of `passes` sums, in GB/s.
+    fn gbps(&self, passes: usize) -> f64 {
+        let chunk = self.buf.len().div_ceil(self.threads);
+        let mut best = f64::INFINITY;
+        for _ in 0..passes {
+            let start = Instant::now();
+            let total = std::thread::scope(|s| {
+                let handles: Vec<_> = self
+                    .buf
+                    .chunks(chunk)
+                    .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &b| a.wrapping_add(b))))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or(0))
+                    .fold(0u64, u64::wrapping_add)
+            });
+            best = best.min(start.elapsed().as_secs_f64());
+            std::hint::black_box(total);
+        }
+        BANDWIDTH_BYTES as f64 / best / 1e9
+    }
 }
 
 type B = NdArray<f32>;

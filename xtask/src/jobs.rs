@@ -21,7 +21,7 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn resolve(path: &Path) -> Result<PathBuf> {
+pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path == Path::new("smollm2") {
         return Ok(model_llama::assets::smollm2_gguf()?);
     }
@@ -87,12 +87,21 @@ pub fn evaluate(model: &Path, eval: &EvalSpec) -> Result<PerplexityReport> {
     Ok(perplexity(&llama, &tokens, eval.seqlen, eval.windows)?)
 }
 
-pub fn quantize(config: &Path) -> Result<()> {
+/// A job config with its paths resolved.
+pub fn load_job(config: &Path) -> Result<JobConfig> {
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("cannot read {}", config.display()))?;
     let job: JobConfig = toml::from_str(&text)
         .with_context(|| format!("{}: invalid job config", config.display()))?;
-    let spec = resolved(job.quantize)?;
+    Ok(JobConfig {
+        quantize: resolved(job.quantize)?,
+        ..job
+    })
+}
+
+pub fn quantize(config: &Path) -> Result<()> {
+    let job = load_job(config)?;
+    let spec = job.quantize;
     let report = adadim::run::<B>(&spec, &Default::default())?;
     println!(
         "{}: {} {} w{}g{} in {:.1} s, peak RSS {:.0} MiB; per-IC: {}",

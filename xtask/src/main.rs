@@ -1,6 +1,7 @@
 //! Project chores: `cargo xtask <command>`.
 
 mod bench_cpu;
+mod bench_decode;
 mod bench_kernels;
 mod jobs;
 mod test;
@@ -76,6 +77,12 @@ pub struct BenchKernelsArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
+    /// CPU only: rounds of the decode benchmark (FP32, w4g64 and w3g64 packed); 0 skips it.
+    #[arg(long, default_value_t = 7)]
+    pub decode_rounds: usize,
+    /// CPU only: new tokens per decode run.
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
     /// Markdown report; this backend's section is replaced, others are kept.
     #[arg(long, default_value = "docs/bench-kernels.md")]
     pub out: PathBuf,

@@ -1,3 +1,5 @@
+use std::ops::Range;
+
 use burn::prelude::*;
 use kernels::QuantBackend;
 
@@ -18,33 +20,69 @@ pub struct Attention<B: QuantBackend> {
 }
 
 /// Keys and values of the positions seen so far, per layer.
+///
+/// The buffers grow geometrically and new positions are written in place, so a decode step
+/// copies one row per layer instead of the whole history (which concatenation would).
 #[derive(Clone, Debug, Default)]
 pub struct KvCache<B: QuantBackend> {
-    /// `[batch, len, kv_heads·head_dim]`
-    pub k: Option<Tensor<B, 3>>,
-    pub v: Option<Tensor<B, 3>>,
+    /// `[batch, capacity, kv_heads·head_dim]`; rows `len..` are unused.
+    k: Option<Tensor<B, 3>>,
+    v: Option<Tensor<B, 3>>,
+    len: usize,
 }
 
 impl<B: QuantBackend> KvCache<B> {
     pub fn len(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dims()[1])
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
+    /// Appends `k, v: [b, t, kv_heads·head_dim]` and returns all keys and values so far.
     fn append(&mut self, k: Tensor<B, 3>, v: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        let cat = |old: Option<Tensor<B, 3>>, new: Tensor<B, 3>| match old {
-            Some(old) => Tensor::cat(vec![old, new], 1),
-            None => new,
-        };
-        let k = cat(self.k.take(), k);
-        let v = cat(self.v.take(), v);
-        self.k = Some(k.clone());
-        self.v = Some(v.clone());
-        (k, v)
+        let rows = self.len..self.len + k.dims()[1];
+        self.len = rows.end;
+        (
+            write_rows(&mut self.k, k, rows.clone()),
+            write_rows(&mut self.v, v, rows),
+        )
     }
+}
+
+/// Writes `new` into rows `rows` of `buf` (growing it if needed) and returns a view of rows
+/// `..rows.end`.
+fn write_rows<B: QuantBackend>(
+    buf: &mut Option<Tensor<B, 3>>,
+    new: Tensor<B, 3>,
+    rows: Range<usize>,
+) -> Tensor<B, 3> {
+    let [b, _, d] = new.dims();
+    let kept = 0..rows.start;
+    let full = match buf.take() {
+        Some(old) if old.dims()[1] >= rows.end => old,
+        old => {
+            // At least doubling keeps the total copying linear in the sequence length.
+            let capacity = rows
+                .end
+                .max(2 * old.as_ref().map_or(0, |o| o.dims()[1]))
+                .max(64);
+            let grown = Tensor::zeros([b, capacity, d], &new.device());
+            match old {
+                Some(old) => {
+                    grown.slice_assign([0..b, kept.clone(), 0..d], old.slice([0..b, kept, 0..d]))
+                }
+                None => grown,
+            }
+        }
+    };
+    // The views handed out at earlier steps are gone, so this is the only handle and the
+    // backends write in place.
+    let full = full.slice_assign([0..b, rows.clone(), 0..d], new);
+    let view = full.clone().slice([0..b, 0..rows.end, 0..d]);
+    *buf = Some(full);
+    view
 }
 
 impl<B: QuantBackend> Attention<B> {
@@ -117,5 +155,35 @@ impl<B: QuantBackend> Attention<B> {
             None => (k, v),
         };
         self.attend(q, k, v)
+    }
+}
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    use burn::backend::NdArray;
+    use burn::tensor::Distribution;
+
+    use super::*;
+
+    /// Appending in chunks (a prefill, single tokens, a chunk that forces a growth) returns
+    /// exactly the concatenation of everything appended so far.
+    #[test]
+    fn cache_matches_concatenation() {
+        let device = Default::default();
+        let mut cache = KvCache::<NdArray>::default();
+        let (mut all_k, mut all_v) = (Vec::new(), Vec::new());
+        for t in [5, 1, 1, 70, 1, 60, 1] {
+            let k = Tensor::<NdArray, 3>::random([1, t, 6], Distribution::Default, &device);
+            let v = Tensor::<NdArray, 3>::random([1, t, 6], Distribution::Default, &device);
+            all_k.push(k.clone());
+            all_v.push(v.clone());
+            let (ck, cv) = cache.append(k, v);
+            assert_eq!(cache.len(), ck.dims()[1]);
+            ck.into_data()
+                .assert_eq(&Tensor::cat(all_k.clone(), 1).into_data(), true);
+            cv.into_data()
+                .assert_eq(&Tensor::cat(all_v.clone(), 1).into_data(), true);
+        }
+        assert_eq!(cache.len(), 139);
     }
 }
