@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{AdadimError, Result};
 use crate::policy::DimPolicy;
-use crate::score::{SubBlockState, gram};
+use crate::score::{SubBlockState, gram, gram_is_cheaper};
 
 /// How each linear's weights are rounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,12 +121,6 @@ fn hessian<B: QuantBackend>(gram: &Tensor<B, 2>, blocks: usize) -> Result<Hessia
         .map_err(quant_err("Hessian".into()))
 }
 
-/// Whether RTN scores o/down candidates through the Gram matrix of their input: it costs
-/// `N·IC²` once, the two candidates' direct products `2·N·IC·OC`. (GPTQ builds it anyway.)
-fn gram_is_cheaper([out, inp]: [usize; 2]) -> bool {
-    inp <= 2 * out
-}
-
 /// Which captured input a linear reads (q, k, v share one; gate and up share one).
 fn input_site(kind: LinearKind) -> u8 {
     match kind {
@@ -178,7 +172,7 @@ pub fn quantize_model<B: QuantBackend>(
         let mut state = opts
             .policy
             .is_adaptive()
-            .then(|| SubBlockState::new(&trace));
+            .then(|| SubBlockState::new(&trace, &layer));
         // Gram matrices (device) and Hessians (host) of the captured inputs, built on first use.
         let mut grams: HashMap<u8, Tensor<B, 2>> = HashMap::new();
         let mut hessians: HashMap<u8, Hessian> = HashMap::new();
@@ -201,7 +195,10 @@ pub fn quantize_model<B: QuantBackend>(
             let needs_gram = match opts.method {
                 Method::Gptq => true,
                 Method::Rtn => {
-                    state.is_some() && !SubBlockState::<B>::carries(kind) && gram_is_cheaper(shape)
+                    // The two candidates share the Gram of their input.
+                    state.is_some()
+                        && !SubBlockState::<B>::carries(kind)
+                        && gram_is_cheaper(shape, 2)
                 }
             };
             let g = needs_gram.then(|| {

@@ -48,6 +48,12 @@ pub trait QuantBackend: Backend {
         crate::generic::dense_linear(x, w_t)
     }
 
+    /// `xᵀ·x` of `x [n, f]` → `[f, f]`: the Gram matrix that output errors and GPTQ's Hessian
+    /// are built from. Backends may use its symmetry.
+    fn gram(x: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        Self::dense_linear(x.clone().transpose(), x)
+    }
+
     /// Causal grouped-query attention `softmax(q·kᵀ/√d + mask)·v` on projection outputs:
     /// `q [b, t_q, heads·d]`, `k, v [b, t_k, kv_heads·d]` → `[b, t_q, heads·d]` (heads
     /// concatenated, the input of `o_proj`).

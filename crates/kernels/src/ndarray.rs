@@ -12,7 +12,7 @@ use half::f16;
 use quant_core::PackedLinear;
 
 use crate::cpu::attention::{HeadsView, causal_attention, rotate_half};
-use crate::cpu::dense::{MatRef, matmul_new};
+use crate::cpu::dense::{MatRef, gram, matmul_new};
 use crate::quant_linear::{check_f16_shape, dense_transposed, widened_transposed};
 use crate::{QuantBackend, QuantLinearError, cpu};
 
@@ -268,6 +268,16 @@ impl QuantBackend for B {
             (Some(xh), Some(wh)) => host_linear(&xh, x.dims(), &wh),
             _ => crate::generic::dense_linear(x, w_t),
         }
+    }
+
+    fn gram(x: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let xp = primitive(&x);
+        let Some(h) = Host::of(&xp) else {
+            return crate::generic::dense_linear(x.clone().transpose(), x);
+        };
+        let [n, f] = [h.dims[0], h.dims[1]];
+        let x = MatRef::new(&h.data, n, f, h.strides[0], h.strides[1]);
+        tensor(gram(x), [f, f])
     }
 
     fn causal_attention(

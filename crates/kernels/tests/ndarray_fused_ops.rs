@@ -125,3 +125,40 @@ fn swiglu_dense_linear_and_nll_match_generic() {
         "nll {got} vs {want}"
     );
 }
+
+/// The symmetric block product against a naive f64 `xᵀx`, around the block size (96) and on a
+/// transposed (strided) input; the result must be exactly symmetric.
+#[test]
+fn gram_matches_naive() {
+    let mut rng = StdRng::seed_from_u64(4);
+    for (n, f, strided) in [
+        (7, 1, false),
+        (50, 95, false),
+        (33, 96, true),
+        (40, 97, false),
+        (129, 200, true),
+        (0, 5, false),
+    ] {
+        let x = if strided {
+            random(&mut rng, [f, n], 1.0).transpose()
+        } else {
+            random(&mut rng, [n, f], 1.0)
+        };
+        let v = x.clone().into_data().to_vec::<f32>().unwrap();
+        let got = B::gram(x).into_data().to_vec::<f32>().unwrap();
+        assert_eq!(got.len(), f * f);
+        for i in 0..f {
+            for j in 0..f {
+                let want: f64 = (0..n)
+                    .map(|r| v[r * f + i] as f64 * v[r * f + j] as f64)
+                    .sum();
+                let g = got[i * f + j];
+                assert!(
+                    (g as f64 - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{n}×{f} ({i}, {j}): {g} vs {want}"
+                );
+                assert_eq!(g, got[j * f + i], "{n}×{f}: not symmetric at ({i}, {j})");
+            }
+        }
+    }
+}
