@@ -152,7 +152,7 @@ fn micros(d: Duration) -> f64 {
 }
 
 /// The element of `v` with the median `key`.
-fn median_by<T: Copy, K: PartialOrd>(v: &mut [T], key: impl Fn(&T) -> K) -> T {
+pub fn median_by<T: Copy, K: PartialOrd>(v: &mut [T], key: impl Fn(&T) -> K) -> T {
     v.sort_by(|a, b| key(a).partial_cmp(&key(b)).expect("no NaN"));
     v[v.len() / 2]
 }

@@ -13,6 +13,7 @@ use burn::backend::NdArray;
 use model_llama::generate::{GenerateOptions, generate};
 use model_llama::model::Llama;
 
+use crate::bench_cpu::median_by;
 use crate::jobs::{load_job, repo_root, resolve};
 
 type B = NdArray<f32>;
@@ -114,11 +115,5 @@ fn range(xs: impl Iterator<Item = f64>) -> (f64, f64) {
 }
 
 fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
-    }
+    median_by(&mut xs.to_vec(), |&x| x)
 }

@@ -59,14 +59,6 @@ impl<'a> MatRef<'a> {
         Self::new(data, rows, cols, cols, 1)
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// Columns `range` (a view, no copy).
     fn columns(self, range: Range<usize>) -> Self {
         let start = if self.rows == 0 || range.is_empty() {
