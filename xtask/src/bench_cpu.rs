@@ -176,8 +176,7 @@ fn time_cycled<E: std::error::Error + Send + Sync + 'static>(
     };
     passes(args.warmup.max(1), &mut call)?;
     let mut times = passes(args.iters.max(1), &mut call)?;
-    times.sort();
-    Ok(times[times.len() / 2])
+    Ok(median_by(&mut times, |&t| t))
 }
 
 /// A 1 GiB buffer whose parallel sum measures the read bandwidth.

@@ -151,10 +151,9 @@ pub fn gemm_f16_with(
 ) -> Result<(), CpuKernelError> {
     let k = w.len().checked_div(n).unwrap_or(0);
     if w.len() != n * k {
-        return Err(CpuKernelError::XShape {
-            got: x.len(),
-            m,
-            in_features: k,
+        return Err(CpuKernelError::WShape {
+            got: w.len(),
+            out_features: n,
         });
     }
     check_call(path, x, m, k, y, n)?;
@@ -233,5 +232,16 @@ mod tests {
         let mut y = vec![0f32; 2];
         assert!(gemm_f16(&[0.0; 4], 1, &w, 2, &mut y).is_err());
         assert!(gemm_f16(&[0.0; 3], 1, &w, 2, &mut y[..1]).is_err());
+        let err = gemm_f16(&[0.0; 3], 1, &w, 4, &mut [0.0; 4]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CpuKernelError::WShape {
+                    got: 6,
+                    out_features: 4
+                }
+            ),
+            "{err}"
+        );
     }
 }

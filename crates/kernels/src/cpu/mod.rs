@@ -82,6 +82,8 @@ pub enum CpuKernelError {
         m: usize,
         in_features: usize,
     },
+    #[error("a dense weight of {got} elements is not [{out_features}, in_features]")]
+    WShape { got: usize, out_features: usize },
     #[error("y has {got} elements, expected m × out_features = {m} × {out_features}")]
     YShape {
         got: usize,
