@@ -72,6 +72,7 @@ pub fn run<B: QuantBackend>(spec: &RunSpec, device: &B::Device) -> Result<RunRep
         method: spec.method,
         policy: spec.dim.clone(),
         gptq: Default::default(),
+        max_memory: None,
     };
     opts.validate(m.source.config())?;
     let calib = calibration_from_file(

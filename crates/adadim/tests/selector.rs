@@ -147,6 +147,7 @@ fn opts(policy: DimPolicy) -> QuantizeOptions {
         method: Method::Rtn,
         policy,
         gptq: Default::default(),
+        max_memory: None,
     }
 }
 
