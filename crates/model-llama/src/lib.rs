@@ -5,6 +5,8 @@
 //! * [`open::open_model`] reads any supported checkpoint as a [`TensorSource`] plus its tokenizer;
 //! * [`load::load_model`] builds the Burn [`Llama`] from it (or [`load::load_layer`], one layer);
 //! * [`perplexity::perplexity`] and [`generate::generate`] run it.
+//!
+//! [`shards::ShardWriter`] streams (resumably) a sharded safetensors checkpoint to disk.
 
 pub mod assets;
 pub mod checkpoint;
@@ -19,6 +21,7 @@ pub mod model;
 pub mod open;
 pub mod packed;
 pub mod perplexity;
+pub mod shards;
 pub mod staging;
 pub mod tokenizer;
 
@@ -28,4 +31,5 @@ pub use error::{ModelError, Result};
 pub use gguf::{GgufCheckpoint, GgufFile};
 pub use model::{DecoderLayer, LayerInputs, LayerTrace, Linear, LinearKind, Llama};
 pub use open::{OpenModel, open_checkpoint, open_model};
+pub use shards::{ShardState, ShardWriter};
 pub use tokenizer::LlamaTokenizer;
