@@ -205,6 +205,9 @@ pub fn ablation(args: &AblationArgs) -> Result<()> {
                 dim,
                 out: out.clone(),
                 fake_quant: None,
+                overwrite: true,
+                resume: false,
+                max_memory_gib: None,
             };
             let report = adadim::run::<B>(&spec, &Default::default())?;
             let r = evaluate(&out, &eval)?;

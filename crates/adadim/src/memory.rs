@@ -19,6 +19,8 @@
 use model_llama::LlamaConfig;
 use model_llama::load::linear_shape;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{AdadimError, Result};
 use crate::pipeline::Method;
 
@@ -32,8 +34,11 @@ const BASE_BYTES: u64 = 256 << 20;
 const F32: u64 = 4;
 
 /// How the calibration set is held, and the peak that follows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryPlan {
+    /// Calibration blocks, and tokens per block.
+    pub blocks: usize,
+    pub seqlen: usize,
     /// Calibration blocks per chunk (all of them when resident).
     pub chunk_blocks: usize,
     pub resident: bool,
@@ -128,6 +133,8 @@ pub fn plan(
     let resident = footprint(config, blocks, seqlen, method, true, blocks).peak();
     if resident <= limit / 2 {
         return Ok(MemoryPlan {
+            blocks,
+            seqlen,
             chunk_blocks: blocks,
             resident: true,
             peak: resident,
@@ -139,6 +146,8 @@ pub fn plan(
         let peak = footprint(config, blocks, seqlen, method, false, chunk_blocks).peak();
         if peak <= limit {
             return Ok(MemoryPlan {
+                blocks,
+                seqlen,
                 chunk_blocks,
                 resident: false,
                 peak,

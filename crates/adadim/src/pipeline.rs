@@ -271,7 +271,8 @@ pub fn quantize_model<B: QuantBackend>(
         }
     }
     let mut sink = Collect(Vec::new(), Vec::new());
-    quantize_layers::<B>(src, calib, opts, None, device, &mut sink)?;
+    let plan = opts.memory_plan(src.config(), calib.len(), calibration_seqlen(calib)?)?;
+    quantize_layers::<B>(src, calib, opts, plan, None, device, &mut sink)?;
     let dims = sink.0.iter().map(|(m, p)| (m.clone(), p.dim)).collect();
     Ok(QuantizedModel {
         quantization: opts.quantization_config(dims),
@@ -281,11 +282,12 @@ pub fn quantize_model<B: QuantBackend>(
 }
 
 /// Quantizes every linear of `src`, layer by layer on `device` (from `resume.layer` on, when
-/// given), handing each finished layer to `sink`.
+/// given), holding the calibration data as `plan` says, handing each finished layer to `sink`.
 pub fn quantize_layers<B: QuantBackend>(
     src: &dyn TensorSource,
     calib: &[Vec<u32>],
     opts: &QuantizeOptions,
+    plan: MemoryPlan,
     resume: Option<ResumePoint<B>>,
     device: &B::Device,
     sink: &mut dyn LayerSink<B>,
@@ -296,7 +298,14 @@ pub fn quantize_layers<B: QuantBackend>(
         .map_err(|msg| model_llama::ModelError::malformed(src.path(), msg))?;
     let base = opts.validate(&config)?;
     let seqlen = calibration_seqlen(calib)?;
-    let plan = opts.memory_plan(&config, calib.len(), seqlen)?;
+    if (plan.blocks, plan.seqlen) != (calib.len(), seqlen) {
+        return Err(AdadimError::Invalid(format!(
+            "the memory plan is for {} blocks of {} tokens, the calibration set has {} of {seqlen}",
+            plan.blocks,
+            plan.seqlen,
+            calib.len()
+        )));
+    }
     tracing::info!(
         predicted_peak = %gib(plan.peak),
         limit = %gib(plan.limit),

@@ -49,6 +49,9 @@ enum Cmd {
         gguf: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Replace this tool's files in a non-empty --out (other files are kept).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Perplexity on a text (SPEC §5): non-overlapping windows of `seqlen` tokens.
     Eval {
@@ -116,6 +119,17 @@ struct QuantizeArgs {
     /// Also write a fake-quant (dense f16) export here.
     #[arg(long)]
     fake_quant: Option<PathBuf>,
+    /// Replace this tool's files in a non-empty --out / --fake-quant (other files are kept).
+    #[arg(long)]
+    overwrite: bool,
+    /// Continue an interrupted run (kept in <out>.adadim-partial) from its last finished layer;
+    /// the model, calibration text and options must be the same.
+    #[arg(long)]
+    resume: bool,
+    /// Memory the run may use, in GiB (default: 90% of the available memory). The run predicts
+    /// its peak before starting and says what to change if it does not fit.
+    #[arg(long, value_name = "GIB")]
+    max_memory: Option<f64>,
 }
 
 impl From<QuantizeArgs> for RunSpec {
@@ -132,6 +146,9 @@ impl From<QuantizeArgs> for RunSpec {
             dim: a.dim,
             out: a.out,
             fake_quant: a.fake_quant,
+            overwrite: a.overwrite,
+            resume: a.resume,
+            max_memory_gib: a.max_memory,
         }
     }
 }
@@ -157,8 +174,12 @@ fn open(path: &Path) -> Result<OpenModel> {
 fn run(cli: Cli) -> Result<()> {
     let device = Default::default();
     match cli.cmd {
-        Cmd::Convert { gguf, out } => {
-            let dir = model_llama::export::write_hf_dir(&open(&gguf)?, &out)?;
+        Cmd::Convert {
+            gguf,
+            out,
+            overwrite,
+        } => {
+            let dir = model_llama::export::write_hf_dir(&open(&gguf)?, &out, overwrite)?;
             println!("wrote {}", dir.display());
         }
         Cmd::Eval {

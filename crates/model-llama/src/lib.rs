@@ -17,6 +17,7 @@ pub mod generate;
 pub mod gguf;
 pub mod hf_dir;
 pub mod load;
+mod mapped;
 pub mod model;
 pub mod open;
 pub mod packed;
