@@ -4,8 +4,9 @@
 //! They let the quantization pipeline and the kernels run at LLaMA-2-7B/13B or Llama-3.2-1B scale
 //! where the real weights cannot be downloaded. The vocabulary is the shipped SmolLM2 tokenizer's
 //! (49,152 tokens), since that is the `tokenizer.json` written beside the weights, so the
-//! embedding and head are smaller than the real models' (32,000 × hidden for LLaMA-2 is larger
-//! only by 17k rows; 128,256 × 2048 for Llama-3.2-1B is 2.6× ours).
+//! embedding and head differ from the real models': larger than LLaMA-2's 32,000 rows (the 7B
+//! shape has 6.88 B parameters, not 6.74 B), smaller than Llama-3.2-1B's 128,256 (1.07 B, not
+//! 1.24 B).
 //!
 //! Weights are uniform: linears in ±1/√in_features, norms near 1, the embedding with a standard
 //! deviation of 0.02. In every decoder linear, [`OUTLIER_CHANNELS`] input channels drawn by the
