@@ -6,7 +6,8 @@
 //! * [`load::load_model`] builds the Burn [`Llama`] from it (or [`load::load_layer`], one layer);
 //! * [`perplexity::perplexity`] and [`generate::generate`] run it.
 //!
-//! [`shards::ShardWriter`] streams (resumably) a sharded safetensors checkpoint to disk.
+//! [`shards::ShardWriter`] streams (resumably) a sharded safetensors checkpoint to disk;
+//! [`synth`] writes random-weight checkpoints of real model shapes, for time and memory tests.
 
 pub mod assets;
 pub mod checkpoint;
@@ -24,6 +25,7 @@ pub mod packed;
 pub mod perplexity;
 pub mod shards;
 pub mod staging;
+pub mod synth;
 pub mod tokenizer;
 
 pub use checkpoint::{HostTensor, MemorySource, TensorSource};
