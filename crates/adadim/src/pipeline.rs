@@ -398,12 +398,18 @@ impl DimErrors {
     }
 }
 
-/// The dim chosen for a linear; when candidates were scored, the winner's RTN weight, its
-/// layer and the chunk states it leads to.
+/// The dim chosen for a linear, with the winning candidate when candidates were scored.
 struct Choice<B: QuantBackend> {
     dim: QuantDim,
-    scored: Option<(Quantized, Linear<B>, Vec<Option<Update<B>>>)>,
+    scored: Option<Winner<B>>,
     errors: DimErrors,
+}
+
+/// The winning RTN candidate: its weight, its layer and the chunk states it leads to.
+struct Winner<B: QuantBackend> {
+    quantized: Quantized,
+    linear: Linear<B>,
+    updates: Vec<Option<Update<B>>>,
 }
 
 type LayerOutput<B> = (
@@ -480,7 +486,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         let streamed: &[Site] = match (self.plan.resident, self.opts.method, adaptive) {
             (true, _, _) => &[],
             (false, Method::Gptq, _) => &Site::ALL,
-            (false, Method::Rtn, true) => &[Site::OIn, Site::DownIn],
+            (false, Method::Rtn, true) => &[Site::Context, Site::Gated],
             (false, Method::Rtn, false) => &[],
         };
         let mut chunks = Vec::with_capacity(x.chunks.len());
@@ -539,21 +545,29 @@ impl<B: QuantBackend> LayerRun<'_, B> {
             self.score_own_output(layer, chunks, stats, t, &linears)
         };
         let mut errors = DimErrors::default();
-        let mut best: Option<(QuantDim, Quantized, Linear<B>, Scored<B>)> = None;
+        let mut best: Option<(f64, Choice<B>)> = None;
         for ((dim, q, linear), s) in candidates.into_iter().zip(scored) {
             let error = s.error.mean();
             errors.set(dim, error);
             // Ties keep the earlier candidate (OC).
-            if best.as_ref().is_none_or(|b| error < b.3.error.mean()) {
-                best = Some((dim, q, linear, s));
+            if best.as_ref().is_none_or(|b| error < b.0) {
+                let scored = Some(Winner {
+                    quantized: q,
+                    linear,
+                    updates: s.updates,
+                });
+                best = Some((
+                    error,
+                    Choice {
+                        dim,
+                        scored,
+                        errors,
+                    },
+                ));
             }
         }
-        let (dim, q, linear, s) = best.expect("at least one candidate");
-        Ok(Choice {
-            dim,
-            scored: Some((q, linear, s.updates)),
-            errors,
-        })
+        let (_, choice) = best.expect("at least one candidate");
+        Ok(Choice { errors, ..choice })
     }
 
     /// q, k, v, gate and up: the error of each candidate on their sub-block's output, chunk by
@@ -656,12 +670,20 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         let dim = choice.dim;
         match self.opts.method {
             Method::Rtn => {
-                let (q, linear, updates) = match choice.scored {
-                    Some(scored) => scored,
+                let Winner {
+                    quantized: q,
+                    linear,
+                    updates,
+                } = match choice.scored {
+                    Some(winner) => winner,
                     None => {
                         let q = self.rtn(t, dim)?;
                         let linear = upload::<B>(q.pack().dequantize(), t.shape, self.device);
-                        (q, linear, Vec::new())
+                        Winner {
+                            quantized: q,
+                            linear,
+                            updates: Vec::new(),
+                        }
                     }
                 };
                 for (chunk, update) in chunks.iter_mut().zip(updates) {

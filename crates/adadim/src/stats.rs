@@ -13,35 +13,35 @@ use crate::score::gram;
 /// Where a linear reads its input: q, k and v share one site, gate and up another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Site {
-    /// `norm₁(x)`: q, k, v.
-    AttnIn,
-    /// The attention context: o.
-    OIn,
-    /// `norm₂(h)`: gate, up.
-    MlpIn,
-    /// `silu(gate) ⊙ up`: down.
-    DownIn,
+    /// `norm₁(x)`, read by q, k, v.
+    AttnNorm,
+    /// The attention context, read by o.
+    Context,
+    /// `norm₂(h)`, read by gate and up.
+    MlpNorm,
+    /// `silu(gate) ⊙ up`, read by down.
+    Gated,
 }
 
 impl Site {
-    pub const ALL: [Site; 4] = [Site::AttnIn, Site::OIn, Site::MlpIn, Site::DownIn];
+    pub const ALL: [Site; 4] = [Site::AttnNorm, Site::Context, Site::MlpNorm, Site::Gated];
 
     pub fn of(kind: LinearKind) -> Site {
         match kind {
-            LinearKind::Q | LinearKind::K | LinearKind::V => Site::AttnIn,
-            LinearKind::O => Site::OIn,
-            LinearKind::Gate | LinearKind::Up => Site::MlpIn,
-            LinearKind::Down => Site::DownIn,
+            LinearKind::Q | LinearKind::K | LinearKind::V => Site::AttnNorm,
+            LinearKind::O => Site::Context,
+            LinearKind::Gate | LinearKind::Up => Site::MlpNorm,
+            LinearKind::Down => Site::Gated,
         }
     }
 
     /// The captured input of this site.
     pub fn input<B: QuantBackend>(self, inputs: &LayerInputs<B>) -> &Tensor<B, 3> {
         match self {
-            Site::AttnIn => &inputs.attn_in,
-            Site::OIn => &inputs.o_in,
-            Site::MlpIn => &inputs.mlp_in,
-            Site::DownIn => &inputs.down_in,
+            Site::AttnNorm => &inputs.attn_in,
+            Site::Context => &inputs.o_in,
+            Site::MlpNorm => &inputs.mlp_in,
+            Site::Gated => &inputs.down_in,
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 /// GPTQ-ada w3g64 on 8 samples of 256 tokens, `extra` overriding or adding options.
 fn quantize(out: &Path, extra: &[&str]) -> Command {
-    let mut args = vec![
+    let mut args = [
         ("--calib-samples", "8"),
         ("--calib-seqlen", "256"),
         ("--bits", "3"),

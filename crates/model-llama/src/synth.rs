@@ -29,13 +29,12 @@ use safetensors::Dtype;
 
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
+use crate::export::MAX_SHARD_BYTES;
 use crate::model::LinearKind;
 use crate::shards::ShardWriter;
 use crate::staging::{StagingDir, write_atomic};
 use crate::tokenizer::LlamaTokenizer;
 
-/// Shard size limit of the written checkpoints (Hugging Face's "2GB").
-pub const MAX_SHARD_BYTES: u64 = 2_000_000_000;
 /// Input channels per decoder linear whose weights are [`OUTLIER_GAIN`]× larger.
 pub const OUTLIER_CHANNELS: usize = 8;
 pub const OUTLIER_GAIN: f32 = 20.0;
@@ -328,19 +327,7 @@ pub fn write_synth_model(
     tokenizer: &LlamaTokenizer,
     opts: &SynthOptions,
 ) -> Result<PathBuf> {
-    if out.exists() {
-        let occupied = !out.is_dir()
-            || std::fs::read_dir(out)
-                .map_err(|e| ModelError::io(out, e))?
-                .next()
-                .is_some();
-        if occupied {
-            return Err(ModelError::Invalid(format!(
-                "{}: already exists and is not an empty directory; refusing to overwrite it",
-                out.display()
-            )));
-        }
-    }
+    crate::staging::check_destination(out, false)?;
     config
         .validate()
         .map_err(|msg| ModelError::Invalid(format!("{}: bad config: {msg}", out.display())))?;
@@ -368,7 +355,7 @@ pub fn write_synth_model(
         opts.dtype
     );
     let started = Instant::now();
-    let staging = StagingDir::new(out)?;
+    let staging = StagingDir::new(out, false)?;
 
     let mut json = config.to_hf_json();
     let obj = json.as_object_mut().expect("the config is an object");
@@ -608,7 +595,7 @@ mod tests {
         let config = tiny(SynthShape::Llama2_7b, tok.vocab_size());
         let err = write_synth_model(&out, &config, &tok, &SynthOptions::default()).unwrap_err();
         assert!(
-            err.to_string().contains("out") && err.to_string().contains("refusing"),
+            err.to_string().contains("out") && err.to_string().contains("not empty"),
             "{err}"
         );
         assert_eq!(std::fs::read(out.join("keep.txt")).unwrap(), b"mine");
