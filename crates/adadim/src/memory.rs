@@ -13,8 +13,9 @@
 //!   tokens for every linear. Slower, but the calibration set costs 12 bytes per token and
 //!   hidden unit.
 //!
-//! Resident is chosen when its peak takes at most half of the memory limit (the rest stays for
-//! the page cache and the rest of the machine); otherwise streaming.
+//! Resident is chosen when its peak takes at most a third of the memory limit (the rest stays
+//! for the page cache, which holds the checkpoint being read, and the rest of the machine);
+//! otherwise streaming.
 
 use model_llama::LlamaConfig;
 use model_llama::load::linear_shape;
@@ -131,7 +132,7 @@ pub fn plan(
     limit: u64,
 ) -> Result<MemoryPlan> {
     let resident = footprint(config, blocks, seqlen, method, true, blocks).peak();
-    if resident <= limit / 2 {
+    if resident <= limit / 3 {
         return Ok(MemoryPlan {
             blocks,
             seqlen,

@@ -1,7 +1,7 @@
 //! `adadim quantize` on the shipped model: a run killed after some layers and resumed writes
-//! the same bytes as an uninterrupted one; resuming with other options is refused; output
-//! directories holding a user's files are refused, and `--overwrite` replaces only this tool's
-//! files.
+//! the same bytes as an uninterrupted one, and so do runs on 1 and 2 threads; resuming with
+//! other options is refused; output directories holding a user's files are refused, and
+//! `--overwrite` replaces only this tool's files.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -141,4 +141,30 @@ fn output_directories_keep_user_files() {
     let config = std::fs::read_to_string(out.join("config.json")).unwrap();
     assert!(config.contains("quantization_config"), "{config}");
     assert!(out.join("model.safetensors").is_file());
+}
+
+#[test]
+fn one_and_two_threads_write_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    for method in ["rtn", "gptq"] {
+        let outs: Vec<PathBuf> = ["1", "2"]
+            .iter()
+            .map(|threads| {
+                let out = dir.path().join(format!("{method}-{threads}"));
+                let mut c = quantize(
+                    &out,
+                    &["--method", method, "--calib-samples", "4", "--calib-seqlen", "128"],
+                );
+                c.env("RAYON_NUM_THREADS", threads);
+                let (ok, err) = run(c);
+                assert!(ok, "{err}");
+                out
+            })
+            .collect();
+        let (a, b) = (files(&outs[0]), files(&outs[1]));
+        assert_eq!(a.len(), b.len());
+        for ((name, x), (_, y)) in a.iter().zip(&b) {
+            assert!(x == y, "{method}: {name} differs between 1 and 2 threads");
+        }
+    }
 }
