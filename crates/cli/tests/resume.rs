@@ -153,7 +153,14 @@ fn one_and_two_threads_write_the_same_bytes() {
                 let out = dir.path().join(format!("{method}-{threads}"));
                 let mut c = quantize(
                     &out,
-                    &["--method", method, "--calib-samples", "4", "--calib-seqlen", "128"],
+                    &[
+                        "--method",
+                        method,
+                        "--calib-samples",
+                        "4",
+                        "--calib-seqlen",
+                        "128",
+                    ],
                 );
                 c.env("RAYON_NUM_THREADS", threads);
                 let (ok, err) = run(c);
