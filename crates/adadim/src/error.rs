@@ -24,6 +24,8 @@ pub enum AdadimError {
     EmptyCalibration(String),
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    InvalidOption(#[from] model_llama::InvalidOption),
 }
 
 pub type Result<T, E = AdadimError> = std::result::Result<T, E>;

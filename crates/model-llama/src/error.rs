@@ -42,6 +42,24 @@ pub enum ModelError {
     Quant(#[from] quant_core::QuantError),
 }
 
+/// An option value that cannot work, caught before any work starts. `option` is the field's
+/// name; a front end may show it under its own spelling (a command-line flag).
+#[derive(Clone, Debug, Error, PartialEq)]
+#[error("invalid {option}: {reason}")]
+pub struct InvalidOption {
+    pub option: &'static str,
+    pub reason: String,
+}
+
+impl InvalidOption {
+    pub fn new(option: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            option,
+            reason: reason.into(),
+        }
+    }
+}
+
 impl ModelError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
