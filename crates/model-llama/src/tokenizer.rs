@@ -151,8 +151,18 @@ impl LlamaTokenizer {
     /// Reads a Hugging Face `tokenizer.json`. The BOS/EOS ids come from a
     /// `tokenizer_config.json` next to it (`bos_token`/`eos_token`), when there is one.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = Tokenizer::from_file(path)
-            .map_err(|e| ModelError::malformed(path, format!("not a tokenizer.json: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let malformed = |e: &dyn std::fmt::Display| {
+            ModelError::malformed(path, format!("not a tokenizer.json: {e}"))
+        };
+        // `tokenizers` 0.22 panics instead of failing on some bad input: on JSON that does not
+        // parse (its decoder section is read with an `expect`), and on some sections that parse
+        // but are wrong (a `Precompiled` normalizer's charsmap). Checking the syntax first
+        // avoids the common case; catching the panic covers the rest.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| malformed(&e))?;
+        let inner = std::panic::catch_unwind(|| text.parse::<Tokenizer>())
+            .map_err(|_| malformed(&"the tokenizers library panicked reading it"))?
+            .map_err(|e| malformed(&e))?;
         let mut tok = Self {
             inner,
             bos: None,
