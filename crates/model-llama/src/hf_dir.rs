@@ -217,9 +217,18 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<String> = map
         .values()
         .map(|v| {
-            v.as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| ModelError::malformed(&index_path, "non-string shard name"))
+            let name = v
+                .as_str()
+                .ok_or_else(|| ModelError::malformed(&index_path, "non-string shard name"))?;
+            // A shard lives in the directory: an absolute path or `..` would read any file.
+            let mut parts = Path::new(name).components();
+            match (parts.next(), parts.next()) {
+                (Some(std::path::Component::Normal(_)), None) => Ok(name.to_owned()),
+                _ => Err(ModelError::malformed(
+                    &index_path,
+                    format!("shard name {name:?} is not a file name in the directory"),
+                )),
+            }
         })
         .collect::<Result<_>>()?;
     files.sort();

@@ -30,7 +30,7 @@ pub mod tokenizer;
 
 pub use checkpoint::{HostTensor, MemorySource, TensorSource};
 pub use config::{LlamaConfig, RopeScaling};
-pub use error::{ModelError, Result};
+pub use error::{InvalidOption, ModelError, Result};
 pub use gguf::{GgufCheckpoint, GgufFile};
 pub use model::{DecoderLayer, LayerInputs, LayerTrace, Linear, LinearKind, Llama};
 pub use open::{OpenModel, open_checkpoint, open_model};

@@ -168,6 +168,10 @@ impl PackedDir {
         check("qweight", qweight.dtype, Dtype::U32)?;
         check("scales", scales.dtype, Dtype::F16)?;
         check("zeros", zeros.dtype, Dtype::F16)?;
+        // The quantization settings may not fit the config's shapes: a file error, named.
+        let group_size = quant_core::QuantConfig::new(self.quant.bits, self.quant.group_size, dim)
+            .and_then(|c| c.check_shape(kind_shape[0], kind_shape[1]))
+            .map_err(|e| ModelError::malformed(&path, format!("`{module}`: {e}")))?;
         let p = PackedLinear {
             dim,
             bits: self.quant.bits,
