@@ -46,7 +46,7 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// The SPEC §4 ablation grid on the shipped model; writes docs/results.md.
+    /// The docs/method.md §4 ablation grid on the shipped model; writes docs/results.md.
     Ablation(jobs::AblationArgs),
     /// Benchmark the dequantizing kernels against the f16 (GPU) / f32 (CPU) dense baseline.
     BenchKernels(BenchKernelsArgs),

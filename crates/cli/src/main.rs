@@ -53,7 +53,7 @@ enum Cmd {
         #[arg(long)]
         overwrite: bool,
     },
-    /// Perplexity on a text (SPEC §5): non-overlapping windows of `seqlen` tokens.
+    /// Perplexity on a text (docs/method.md §5): non-overlapping windows of `seqlen` tokens.
     Eval {
         /// GGUF file, Hugging Face directory or packed AdaDim directory.
         #[arg(long)]

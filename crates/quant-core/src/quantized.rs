@@ -69,7 +69,7 @@ impl Quantized {
     }
 }
 
-/// The packed, on-disk and in-kernel form of one quantized linear layer (SPEC §7).
+/// The packed, on-disk and in-kernel form of one quantized linear layer (docs/method.md §6).
 ///
 /// In the grouped layout (`rows × cols`: `W` for OC, `Wᵀ` for IC, groups along `cols`):
 /// * `qweight`: `[rows, words_per_row]`, each row one bit stream (see [`crate::packing`]);
