@@ -49,12 +49,17 @@ impl Quantized {
         let (rows, cols) = self.rows_cols();
         let wpr = words_for(cols, self.config.bits);
         let mut qweight = vec![0u32; rows * wpr];
-        for r in 0..rows {
-            pack_row(
-                &self.codes[r * cols..(r + 1) * cols],
-                self.config.bits,
-                &mut qweight[r * wpr..(r + 1) * wpr],
-            );
+        if wpr > 0 {
+            qweight
+                .par_chunks_mut(wpr)
+                .enumerate()
+                .for_each(|(r, words)| {
+                    pack_row(
+                        &self.codes[r * cols..(r + 1) * cols],
+                        self.config.bits,
+                        words,
+                    );
+                });
         }
         PackedLinear {
             dim: self.config.dim,
@@ -140,12 +145,10 @@ impl PackedLinear {
         let (rows, cols) = self.rows_cols();
         let wpr = self.words_per_row();
         let mut codes = vec![0u8; rows * cols];
-        for r in 0..rows {
-            unpack_row(
-                &self.qweight[r * wpr..(r + 1) * wpr],
-                self.bits,
-                &mut codes[r * cols..(r + 1) * cols],
-            );
+        if cols > 0 {
+            codes.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+                unpack_row(&self.qweight[r * wpr..(r + 1) * wpr], self.bits, row);
+            });
         }
         codes
     }
@@ -167,22 +170,27 @@ impl PackedLinear {
     }
 }
 
+/// Rows in parallel: a 7B-shape pipeline dequantizes two candidates per linear, and this was
+/// its largest serial step.
 fn dequantize_grouped(
     rows: usize,
     cols: usize,
     group_size: usize,
-    code: impl Fn(usize, usize) -> u8,
-    scale: impl Fn(usize) -> f32,
-    zero: impl Fn(usize) -> f32,
+    code: impl Fn(usize, usize) -> u8 + Sync,
+    scale: impl Fn(usize) -> f32 + Sync,
+    zero: impl Fn(usize) -> f32 + Sync,
 ) -> Vec<f32> {
     let gpr = cols / group_size;
     let mut out = vec![0f32; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            let gi = r * gpr + c / group_size;
-            out[r * cols + c] = (code(r, c) as f32 - zero(gi)) * scale(gi);
-        }
+    if cols == 0 {
+        return out;
     }
+    out.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+        for (c, v) in row.iter_mut().enumerate() {
+            let gi = r * gpr + c / group_size;
+            *v = (code(r, c) as f32 - zero(gi)) * scale(gi);
+        }
+    });
     out
 }
 
