@@ -456,6 +456,9 @@ impl<B: QuantBackend> LayerRun<'_, B> {
             let (packed, linear, gptq_loss) =
                 self.commit(&layer, &mut chunks, &mut stats, &target, choice)?;
             *layer.linear_mut(kind) = linear;
+            if Site::is_last_reader(kind) {
+                stats.release(Site::of(kind));
+            }
             linears.push((target.module, packed));
             let record = LinearRecord {
                 layer: i,
@@ -697,8 +700,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
             }
             Method::Gptq => {
                 let site = Site::of(t.kind);
-                stats.gram_or(site, || resident_input(chunks, site));
-                let h = stats.hessian(site)?;
+                let h = stats.hessian(site, || resident_input(chunks, site))?;
                 let result = quant_core::gptq(
                     t.w,
                     t.shape[0],

@@ -26,6 +26,14 @@ pub enum Site {
 impl Site {
     pub const ALL: [Site; 4] = [Site::AttnNorm, Site::Context, Site::MlpNorm, Site::Gated];
 
+    /// Whether `kind` is the last linear (in visiting order) that reads its site.
+    pub fn is_last_reader(kind: LinearKind) -> bool {
+        matches!(
+            kind,
+            LinearKind::V | LinearKind::O | LinearKind::Up | LinearKind::Down
+        )
+    }
+
     pub fn of(kind: LinearKind) -> Site {
         match kind {
             LinearKind::Q | LinearKind::K | LinearKind::V => Site::AttnNorm,
@@ -100,16 +108,25 @@ impl<B: QuantBackend> InputStats<B> {
     }
 
     /// GPTQ's `H = (2/N)·XᵀX` of `site` over the `N` calibration blocks, built on first use from
-    /// the site's Gram matrix.
-    pub fn hessian(&mut self, site: Site) -> Result<&Hessian> {
+    /// the site's Gram matrix (computed from `x`, its whole input, if it was not accumulated),
+    /// which it replaces: no Gram-form score of the site comes after its first commit.
+    pub fn hessian(&mut self, site: Site, x: impl FnOnce() -> Tensor<B, 3>) -> Result<&Hessian> {
         let slot = &mut self.hessians[site.index()];
         if slot.is_none() {
-            let gram = self.grams[site.index()]
-                .as_ref()
-                .expect("the Gram matrix of a GPTQ site is built before its Hessian");
-            *slot = Some(hessian(gram, self.blocks)?);
+            let gram = match self.grams[site.index()].take() {
+                Some(g) => g,
+                None => gram(&x()),
+            };
+            *slot = Some(hessian(&gram, self.blocks)?);
         }
         Ok(slot.as_ref().expect("just built"))
+    }
+
+    /// Frees what was kept for `site` once its last linear is done: on 7B shapes the
+    /// statistics of the other sites would otherwise sit beside GPTQ's work on the widest one.
+    pub fn release(&mut self, site: Site) {
+        self.grams[site.index()] = None;
+        self.hessians[site.index()] = None;
     }
 }
 
