@@ -178,15 +178,24 @@ pub fn plan(
     }
 }
 
-/// The default limit: 90% of the memory the kernel reports available (`MemAvailable`), or
-/// 8 GiB where that cannot be read.
+/// The default limit: 90% of the machine's memory (`MemTotal`), or 8 GiB where that cannot be
+/// read. The machine's total rather than what is free right now, so that the plan, which
+/// decides how sums are chunked, and hence the output's bytes, does not depend on what else
+/// happens to be running.
 pub fn default_limit() -> u64 {
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
-    });
-    available.map_or(8 << 30, |a| a / 10 * 9)
+    meminfo("MemTotal:").map_or(8 << 30, |total| total / 10 * 9)
+}
+
+/// Memory the kernel reports available now (`MemAvailable`), bytes.
+pub fn available() -> Option<u64> {
+    meminfo("MemAvailable:")
+}
+
+fn meminfo(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Bytes as GiB with one decimal.

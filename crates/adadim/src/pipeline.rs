@@ -306,6 +306,13 @@ pub fn quantize_layers<B: QuantBackend>(
             calib.len()
         )));
     }
+    if let Some(free) = crate::memory::available().filter(|&free| free < plan.peak) {
+        tracing::warn!(
+            "the run is predicted to peak at {}, more than the {} available now",
+            gib(plan.peak),
+            gib(free)
+        );
+    }
     tracing::info!(
         predicted_peak = %gib(plan.peak),
         limit = %gib(plan.limit),

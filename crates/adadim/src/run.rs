@@ -71,7 +71,7 @@ pub struct RunSpec {
     /// Continue the interrupted run staged beside `out` (`<out>.adadim-partial`).
     #[serde(default)]
     pub resume: bool,
-    /// Memory the run may use, in GiB (default: 90% of the available memory).
+    /// Memory the run may use, in GiB (default: 90% of the machine's memory).
     #[serde(default)]
     pub max_memory_gib: Option<f64>,
 }

@@ -126,7 +126,7 @@ struct QuantizeArgs {
     /// the model, calibration text and options must be the same.
     #[arg(long)]
     resume: bool,
-    /// Memory the run may use, in GiB (default: 90% of the available memory). The run predicts
+    /// Memory the run may use, in GiB (default: 90% of the machine's memory). The run predicts
     /// its peak before starting and says what to change if it does not fit.
     #[arg(long, value_name = "GIB")]
     max_memory: Option<f64>,
