@@ -142,8 +142,10 @@ impl PackedDir {
         })?;
         let kind_shape = shape_of_module(self.inner.config(), module)
             .ok_or_else(|| ModelError::malformed(&path, format!("unknown linear `{module}`")))?;
-        let group_size = quant_core::QuantConfig::new(self.quant.bits, self.quant.group_size, dim)?
-            .check_shape(kind_shape[0], kind_shape[1])?;
+        // The quantization settings may not fit the config's shapes: a file error, named.
+        let group_size = quant_core::QuantConfig::new(self.quant.bits, self.quant.group_size, dim)
+            .and_then(|c| c.check_shape(kind_shape[0], kind_shape[1]))
+            .map_err(|e| ModelError::malformed(&path, format!("`{module}`: {e}")))?;
         let expected = PackedLayout {
             format_version: LAYOUT_VERSION,
             dim,
@@ -168,10 +170,6 @@ impl PackedDir {
         check("qweight", qweight.dtype, Dtype::U32)?;
         check("scales", scales.dtype, Dtype::F16)?;
         check("zeros", zeros.dtype, Dtype::F16)?;
-        // The quantization settings may not fit the config's shapes: a file error, named.
-        let group_size = quant_core::QuantConfig::new(self.quant.bits, self.quant.group_size, dim)
-            .and_then(|c| c.check_shape(kind_shape[0], kind_shape[1]))
-            .map_err(|e| ModelError::malformed(&path, format!("`{module}`: {e}")))?;
         let p = PackedLinear {
             dim,
             bits: self.quant.bits,
@@ -219,7 +217,7 @@ impl PackedDir {
             serde_json::from_value(value).map_err(|e| malformed(format!("layout record: {e}")))?;
         if &stored != expected {
             return Err(malformed(format!(
-                "the layout stored with the tensors ({}) disagrees with config.json and the                  model's shape ({})",
+                "the layout stored with the tensors ({}) disagrees with config.json and the model's shape ({})",
                 serde_json::to_string(&stored).expect("serializes"),
                 serde_json::to_string(expected).expect("serializes")
             )));

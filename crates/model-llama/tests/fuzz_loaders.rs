@@ -19,12 +19,12 @@ use gguf_support::{GgufWriter, Val, str_arr};
 use model_llama::export::OwnedTensor;
 use model_llama::gguf::{GgufCheckpoint, GgufFile};
 use model_llama::hf_dir::SafetensorsDir;
-use model_llama::packed::{PackedDir, QuantizationConfig, packed_tensors};
+use model_llama::packed::{PackedDir, QuantizationConfig, packed_layout_metadata, packed_tensors};
 use model_llama::{LinearKind, LlamaConfig, LlamaTokenizer, TensorSource};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use quant_core::{QuantConfig, QuantDim, quantize_rtn};
-use safetensors::tensor::Dtype;
+use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------------
@@ -564,9 +564,25 @@ fn tiny_config(hidden: usize, intermediate: usize) -> LlamaConfig {
 }
 
 fn safetensors_bytes(tensors: &[(String, OwnedTensor)]) -> Vec<u8> {
+    safetensors_bytes_with(tensors, &[])
+}
+
+/// A safetensors file with `extra` entries in its `__metadata__`.
+fn safetensors_bytes_with(
+    tensors: &[(String, OwnedTensor)],
+    extra: &[(String, String)],
+) -> Vec<u8> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta)).unwrap()
+    meta.extend(extra.iter().cloned());
+    let views: Vec<(&str, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let view = TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap();
+            (n.as_str(), view)
+        })
+        .collect();
+    safetensors::serialize(views.iter().map(|(n, v)| (*n, v)), Some(meta)).unwrap()
 }
 
 /// A safetensors file's header JSON and data.
@@ -700,6 +716,7 @@ fn packed_dir() -> DirFiles {
         tensors.push((name.into(), OwnedTensor::f16_from_f32(vec![32], &[1.0; 32])));
     }
     let mut dims = BTreeMap::new();
+    let mut layouts = Vec::new();
     for (i, kind) in LinearKind::ALL.into_iter().enumerate() {
         let module = kind.hf_prefix(0);
         let [out, inp] = model_llama::load::linear_shape(&config, kind);
@@ -716,6 +733,7 @@ fn packed_dir() -> DirFiles {
         )
         .unwrap();
         tensors.extend(packed_tensors(&module, &q.pack()));
+        layouts.push(packed_layout_metadata(&module, &q.pack()));
         dims.insert(module, dim);
     }
     let mut config_json = config.to_hf_json();
@@ -736,7 +754,7 @@ fn packed_dir() -> DirFiles {
         (
             "model.safetensors",
             Kind::Safetensors,
-            Some(safetensors_bytes(&tensors)),
+            Some(safetensors_bytes_with(&tensors, &layouts)),
         ),
     ])
 }
@@ -1167,7 +1185,15 @@ fn regression_packed_shape_overflow() {
         (format!("{module}.scales"), empty(Dtype::F16)),
         (format!("{module}.zeros"), empty(Dtype::F16)),
     ];
-    *file_mut(&mut files, "model.safetensors") = Some(safetensors_bytes(&tensors));
+    // A layout record that agrees with the config, so the shape check is what is reached.
+    let layout = json!({
+        "format_version": model_llama::packed::LAYOUT_VERSION,
+        "dim": "oc", "bits": 8, "group_size": 16, "shape": [1u64 << 34, 1u64 << 34],
+    });
+    *file_mut(&mut files, "model.safetensors") = Some(safetensors_bytes_with(
+        &tensors,
+        &[(module.to_string(), layout.to_string())],
+    ));
     let errors = run_dir(&files, read_packed_dir).unwrap();
     assert!(
         errors
@@ -1223,4 +1249,39 @@ fn allocation_accounting_sees_large_requests() {
     assert!(largest >= 3 << 20, "{largest}");
     let (_, largest) = largest_allocation(|| 1 + 1);
     assert_eq!(largest, 0);
+}
+
+/// A linear's dim changed in config.json (the layout its tensors carry says otherwise) is an
+/// error naming that linear, not a silently misread weight.
+#[test]
+fn a_dim_that_disagrees_with_the_tensors_layout_is_refused() {
+    let mut files = PACKED.clone();
+    let module = "model.layers.0.self_attn.q_proj";
+    edit_json(file_mut(&mut files, "config.json"), |doc| {
+        doc["quantization_config"]["dims"][module] = json!("ic");
+    });
+    let errors = run_dir(&files, read_packed_dir).unwrap();
+    assert!(!errors.is_empty());
+    for e in &errors {
+        assert!(e.contains(module) && e.contains("disagrees"), "{e}");
+    }
+}
+
+/// A layout record of another format version is refused, naming the linear and the version.
+#[test]
+fn an_unknown_layout_version_is_refused() {
+    let mut files = PACKED.clone();
+    let module = "model.layers.0.mlp.down_proj";
+    let bytes = file_mut(&mut files, "model.safetensors");
+    let (mut header, data) = split_safetensors(bytes.as_ref().unwrap()).unwrap();
+    let record = header["__metadata__"][module].as_str().unwrap().to_string();
+    let mut layout: Value = serde_json::from_str(&record).unwrap();
+    layout["format_version"] = json!(99);
+    header["__metadata__"][module] = json!(layout.to_string());
+    *bytes = Some(join_safetensors(&header, &data));
+    let errors = run_dir(&files, read_packed_dir).unwrap();
+    assert!(!errors.is_empty());
+    for e in &errors {
+        assert!(e.contains(module) && e.contains("99"), "{e}");
+    }
 }
