@@ -117,7 +117,7 @@ impl<B: QuantBackend> InputStats<B> {
                 Some(g) => g,
                 None => gram(&x()),
             };
-            *slot = Some(hessian(&gram, self.blocks)?);
+            *slot = Some(hessian(gram, self.blocks)?);
         }
         Ok(slot.as_ref().expect("just built"))
     }
@@ -130,16 +130,18 @@ impl<B: QuantBackend> InputStats<B> {
     }
 }
 
-/// `H = (2/N)·G` on the host.
-fn hessian<B: QuantBackend>(gram: &Tensor<B, 2>, blocks: usize) -> Result<Hessian> {
+/// `H = (2/N)·G` on the host, scaled in place (no second device copy of a matrix that is a
+/// GB on 7B shapes).
+fn hessian<B: QuantBackend>(gram: Tensor<B, 2>, blocks: usize) -> Result<Hessian> {
     let features = gram.dims()[0];
-    let h = gram
-        .clone()
-        .mul_scalar(2.0 / blocks as f64)
-        .into_data()
-        .into_vec::<f32>();
-    h.map_err(|e| quant_core::QuantError::Backend(e.to_string()))
-        .and_then(|h| Hessian::from_matrix(h, features, blocks))
+    let scale = (2.0 / blocks as f64) as f32;
+    gram.into_data()
+        .into_vec::<f32>()
+        .map_err(|e| quant_core::QuantError::Backend(e.to_string()))
+        .and_then(|mut h| {
+            h.iter_mut().for_each(|v| *v *= scale);
+            Hessian::from_matrix(h, features, blocks)
+        })
         .map_err(|source| AdadimError::Quant {
             context: "Hessian".into(),
             source,

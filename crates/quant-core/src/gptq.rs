@@ -253,23 +253,27 @@ fn inverse_factor(
     perm: &[usize],
     percdamp: f32,
 ) -> Result<(Vec<f32>, f32), QuantError> {
-    let mut base = vec![0f64; n * n];
-    base.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-        let src = &h[perm[i] * n..(perm[i] + 1) * n];
-        for (dst, &j) in row.iter_mut().zip(perm) {
-            *dst = src[j] as f64;
-        }
-        if row[i] == 0.0 {
-            row[i] = 1.0;
-        }
-    });
-    let mean_diag = (0..n).map(|i| base[i * n + i]).sum::<f64>() / n as f64;
+    // Dead inputs (zero diagonal) get a 1 there.
+    let diag: Vec<f64> = perm
+        .iter()
+        .map(|&p| match h[p * n + p] as f64 {
+            0.0 => 1.0,
+            d => d,
+        })
+        .collect();
+    let mean_diag = diag.iter().sum::<f64>() / n as f64;
     let mut damp = percdamp;
     for attempt in 0..=MAX_DAMP_RETRIES {
-        let mut a = base.clone();
-        for i in 0..n {
-            a[i * n + i] += damp as f64 * mean_diag;
-        }
+        // Rebuilt from `h` for every attempt rather than cloned from a kept f64 copy: on a
+        // 7B model's down_proj that copy is another GB beside the factorisation.
+        let mut a = vec![0f64; n * n];
+        a.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+            let src = &h[perm[i] * n..(perm[i] + 1) * n];
+            for (dst, &j) in row.iter_mut().zip(perm) {
+                *dst = src[j] as f64;
+            }
+            row[i] = diag[i] + damp as f64 * mean_diag;
+        });
         if let Some(u) = upper_cholesky_of_inverse(a, n) {
             return Ok((u.into_iter().map(|v| v as f32).collect(), damp));
         }
