@@ -6,7 +6,6 @@ use adadim::{DimPolicy, Method, RunReport, RunSpec};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use model_llama::generate::{GenerateOptions, generate};
-use model_llama::perplexity::perplexity;
 use model_llama::{OpenModel, open_model};
 
 /// Tensor ops allocate a fresh buffer per result; mimalloc reuses freed pages where glibc maps
@@ -171,8 +170,9 @@ fn run(cli: Cli) -> Result<()> {
             let text_str = std::fs::read_to_string(&text)
                 .with_context(|| format!("cannot read {}", text.display()))?;
             let tokens = m.tokenizer.encode(&text_str)?;
-            let llama = m.load::<Backend>(&device)?;
-            let r = perplexity(&llama, &tokens, seqlen, windows)?;
+            // Layer by layer: memory is one decoder layer and the windows' hidden states, not
+            // the model.
+            let r = m.perplexity::<Backend>(&tokens, seqlen, windows, &device)?;
             println!(
                 "perplexity {:.4}  ({} windows × {} tokens of {}, {} tokens in the text)  {:.1} s, {:.0} tokens/s",
                 r.perplexity,
