@@ -32,6 +32,9 @@ fn quantized_model_is_worse_than_fp_and_packed_matches_fake_quant() {
         dim: DimPolicy::Ada,
         out: dir.path().join("packed"),
         fake_quant: Some(dir.path().join("fake")),
+        overwrite: false,
+        resume: false,
+        max_memory_gib: None,
     };
     let report = adadim::run::<Cpu>(&spec, &Default::default()).unwrap();
     assert_eq!(report.linears.len(), 30 * 7);

@@ -205,6 +205,9 @@ pub fn ablation(args: &AblationArgs) -> Result<()> {
                 dim,
                 out: out.clone(),
                 fake_quant: None,
+                overwrite: true,
+                resume: false,
+                max_memory_gib: None,
             };
             let report = adadim::run::<B>(&spec, &Default::default())?;
             let r = evaluate(&out, &eval)?;
@@ -230,7 +233,7 @@ pub fn ablation(args: &AblationArgs) -> Result<()> {
 fn write_results(path: &Path, rows: &[Row], eval: &EvalSpec, calib_samples: usize) -> Result<()> {
     let mut md = format!(
         "## Ablation on SmolLM2-135M-Instruct (`cargo xtask ablation`)\n\n\
-         Protocol (SPEC §9): calibration = first {calib_samples} lines of `assets/lee-news.txt` \
+         Protocol (docs/method.md §5): calibration = first {calib_samples} lines of `assets/lee-news.txt` \
          that tokenize to ≤ 512 tokens, concatenated, 512-token blocks; perplexity on \
          `assets/wiki-eval.txt`, windows of {} tokens, first {} windows. CPU (ndarray backend), \
          2-core Xeon. Note: the shipped model's weights were stored as GGUF Q4_1 (4-bit blocks of \

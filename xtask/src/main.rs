@@ -4,6 +4,7 @@ mod bench_cpu;
 mod bench_decode;
 mod bench_kernels;
 mod jobs;
+mod synth;
 mod test;
 
 use std::path::{Path, PathBuf};
@@ -45,10 +46,14 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// The SPEC §4 ablation grid on the shipped model; writes docs/results.md.
+    /// The docs/method.md §4 ablation grid on the shipped model; writes docs/results.md.
     Ablation(jobs::AblationArgs),
     /// Benchmark the dequantizing kernels against the f16 (GPU) / f32 (CPU) dense baseline.
     BenchKernels(BenchKernelsArgs),
+    /// Write a checkpoint of random weights with a real model's shape, FOR TIME AND MEMORY
+    /// TESTS ONLY (its outputs are meaningless): config.json, the shipped tokenizer.json and
+    /// safetensors shards of at most 2 GB.
+    SynthModel(synth::SynthModelArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -149,5 +154,6 @@ fn main() -> Result<()> {
             BenchBackend::Cpu => bench_cpu::run(&args),
             BenchBackend::Wgpu | BenchBackend::Cuda => bench_kernels::run(&args),
         },
+        Cmd::SynthModel(args) => synth::run(&args),
     }
 }

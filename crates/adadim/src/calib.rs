@@ -5,6 +5,8 @@ use std::path::Path;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
+use model_llama::InvalidOption;
+
 use crate::error::{AdadimError, Result};
 
 #[derive(Clone, Debug)]
@@ -17,6 +19,25 @@ pub struct CalibOptions {
     pub shuffle_seed: Option<u64>,
 }
 
+impl CalibOptions {
+    /// Checks that the options can give a calibration set at all, before any text is read.
+    pub fn validate(&self) -> std::result::Result<(), InvalidOption> {
+        if self.n_samples == 0 {
+            return Err(InvalidOption::new(
+                "n_samples",
+                "0 samples give no calibration data; need at least 1",
+            ));
+        }
+        if self.seqlen == 0 {
+            return Err(InvalidOption::new(
+                "seqlen",
+                "blocks of 0 tokens hold no calibration data; need at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Builds the calibration blocks from `text` (one sample per non-empty line): the first
 /// `n_samples` lines that tokenize to at most `seqlen` tokens, concatenated and cut into blocks
 /// of `seqlen` tokens (the remainder is dropped).
@@ -25,6 +46,7 @@ pub fn calibration_blocks(
     encode: impl Fn(&str) -> Result<Vec<u32>>,
     opts: &CalibOptions,
 ) -> Result<Vec<Vec<u32>>> {
+    opts.validate()?;
     let mut lines: Vec<&str> = text
         .lines()
         .map(str::trim)
@@ -71,6 +93,7 @@ pub fn calibration_from_file(
     encode: impl Fn(&str) -> Result<Vec<u32>>,
     opts: &CalibOptions,
 ) -> Result<Vec<Vec<u32>>> {
+    opts.validate()?;
     let text = std::fs::read_to_string(path).map_err(|e| AdadimError::Io {
         path: path.to_path_buf(),
         source: e,
@@ -110,6 +133,22 @@ mod tests {
             calibration_blocks(text, words, &opts).unwrap(),
             vec![vec![1, 2, 3, 2]]
         );
+    }
+
+    #[test]
+    fn zero_samples_or_length_are_invalid_options() {
+        for (n_samples, seqlen, option) in [(0, 4, "n_samples"), (3, 0, "seqlen")] {
+            let opts = CalibOptions {
+                n_samples,
+                seqlen,
+                shuffle_seed: None,
+            };
+            assert_eq!(opts.validate().unwrap_err().option, option);
+            match calibration_blocks("a b c d e\n", words, &opts) {
+                Err(AdadimError::InvalidOption(e)) => assert_eq!(e.option, option),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //!     method: Method::Rtn,
 //!     policy: DimPolicy::Ada,
 //!     gptq: Default::default(),
+//!     max_memory: None,
 //! };
 //! let q = adadim::quantize_model::<NdArray>(src.as_ref(), &calib, &opts, &Default::default())?;
 //! # Ok(()) }
@@ -26,16 +27,22 @@
 
 mod calib;
 mod error;
+pub mod memory;
 pub mod output;
 mod pipeline;
 mod policy;
 pub mod report;
 mod run;
 mod score;
+mod stats;
 
 pub use calib::{CalibOptions, calibration_blocks, calibration_from_file};
 pub use error::{AdadimError, Result};
-pub use pipeline::{LinearRecord, Method, QuantizeOptions, QuantizedModel, quantize_model};
+pub use memory::MemoryPlan;
+pub use pipeline::{
+    Activations, LayerSink, LinearRecord, Method, QuantizeOptions, QuantizedModel, ResumePoint,
+    quantize_layers, quantize_model,
+};
 pub use policy::DimPolicy;
 pub use report::RunReport;
 pub use run::{RunSpec, run};

@@ -1,81 +1,373 @@
-//! Writing a run's results: the packed checkpoint (SPEC §7) and the fake-quant export (dense
-//! dequantized weights any LLaMA loader reads). Both are staged and renamed into place at the end.
+//! Writing a run's results as its layers finish: the packed checkpoint (docs/method.md §6) and
+//! optionally the fake-quant export (dense dequantized weights any LLaMA loader reads), each
+//! streamed into sharded safetensors in a staging directory beside its destination.
+//!
+//! After every layer the staging directory holds a progress record: the shards written so far,
+//! the records of the finished layers, and the calibration activations the next layer starts
+//! from. A run that was killed resumes from it (`--resume`) and writes exactly the bytes an
+//! uninterrupted run would: the activations are saved bit for bit and the memory plan, which
+//! decides how sums are chunked, is the interrupted run's.
 
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
+use kernels::QuantBackend;
 use model_llama::TensorSource;
-use model_llama::export::{OwnedTensor, hf_tensor_names, stage_hf_dir};
-use model_llama::packed::packed_tensors;
-use model_llama::staging::write_atomic;
+use model_llama::export::{MAX_SHARD_BYTES, OwnedTensor, write_config};
+use model_llama::packed::{packed_layout_metadata, packed_tensors};
+use model_llama::shards::{ShardState, ShardWriter};
+use model_llama::staging::{StagingDir, sync_path, write_atomic};
 use model_llama::tokenizer::LlamaTokenizer;
+use quant_core::{PackedLinear, QuantDim};
+use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
-use crate::pipeline::QuantizedModel;
+use crate::error::{AdadimError, Result};
+use crate::memory::MemoryPlan;
+use crate::pipeline::{Activations, LayerSink, LinearRecord, QuantizeOptions};
 use crate::report::RunReport;
 
-/// Non-linear tensors (embedding, norms, untied head) in f16, as HF checkpoints ship them.
-fn dense_tensors(
-    src: &dyn TensorSource,
-    q: &QuantizedModel,
-    mut linear: impl FnMut(&str, &quant_core::PackedLinear) -> Vec<(String, OwnedTensor)>,
-) -> Result<Vec<(String, OwnedTensor)>> {
-    let mut out = Vec::new();
-    for name in hf_tensor_names(src) {
-        let module = name.strip_suffix(".weight").unwrap_or(&name);
-        match q.linears.iter().find(|(m, _)| m == module) {
-            Some((m, packed)) => out.extend(linear(m, packed)),
-            None => {
-                let t = src.load(&name)?;
-                out.push((name, OwnedTensor::f16_from_f32(t.shape, &t.data)));
+const PROGRESS_FILE: &str = "adadim_progress.json";
+/// Bumped when the progress record changes meaning: an older run is then not resumed.
+const PROGRESS_FORMAT: u32 = 1;
+
+/// What an interrupted run had finished.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Progress {
+    format: u32,
+    /// The options, model and calibration text the run was started with.
+    fingerprint: BTreeMap<String, serde_json::Value>,
+    pub plan: MemoryPlan,
+    pub layers_done: usize,
+    packed: ShardState,
+    fake_quant: Option<ShardState>,
+    pub records: Vec<LinearRecord>,
+    dims: BTreeMap<String, QuantDim>,
+    /// `[blocks, seqlen, hidden]` f32 activations entering layer `layers_done`.
+    activations: Option<String>,
+    /// Wall time spent by the earlier attempts.
+    pub seconds: f64,
+}
+
+/// One output directory being written.
+struct Staged {
+    staging: StagingDir,
+    writer: ShardWriter,
+}
+
+impl Staged {
+    fn add(&mut self, name: &str, t: &OwnedTensor, metadata: &[(String, String)]) -> Result<()> {
+        Ok(self
+            .writer
+            .add(name, t.dtype, &t.shape, &t.bytes, metadata)?)
+    }
+
+    /// A tensor of the source, in f16 as Hugging Face checkpoints ship them.
+    fn add_source(&mut self, src: &dyn TensorSource, name: &str) -> Result<()> {
+        let t = src.load(name)?;
+        self.add(name, &OwnedTensor::f16_from_f32(t.shape, &t.data), &[])
+    }
+}
+
+/// The packed checkpoint and the optional fake-quant export, written as layers finish.
+pub struct Outputs<'a> {
+    src: &'a dyn TensorSource,
+    packed: Staged,
+    fake_quant: Option<Staged>,
+    progress: Progress,
+}
+
+impl<'a> Outputs<'a> {
+    /// Starts a run's outputs (destinations checked, staging directories created) and writes
+    /// what precedes the first layer.
+    pub fn create(
+        src: &'a dyn TensorSource,
+        out: &Path,
+        fake_quant: Option<&Path>,
+        overwrite: bool,
+        fingerprint: BTreeMap<String, serde_json::Value>,
+        plan: MemoryPlan,
+    ) -> Result<Self> {
+        let open = |dest: &Path| -> Result<Staged> {
+            let staging = StagingDir::resumable(dest, overwrite, false)?;
+            let writer = ShardWriter::new(staging.path(), MAX_SHARD_BYTES)?;
+            Ok(Staged { staging, writer })
+        };
+        let mut packed = open(out)?;
+        let mut fake = fake_quant.map(open).transpose()?;
+        for s in std::iter::once(&mut packed).chain(fake.as_mut()) {
+            s.add_source(src, "model.embed_tokens.weight")?;
+        }
+        let outputs = Self {
+            src,
+            progress: Progress {
+                format: PROGRESS_FORMAT,
+                fingerprint,
+                plan,
+                layers_done: 0,
+                packed: packed.writer.checkpoint()?,
+                fake_quant: fake.as_mut().map(|f| f.writer.checkpoint()).transpose()?,
+                records: Vec::new(),
+                dims: BTreeMap::new(),
+                activations: None,
+                seconds: 0.0,
+            },
+            packed,
+            fake_quant: fake,
+        };
+        outputs.save_progress()?;
+        Ok(outputs)
+    }
+
+    /// Reopens an interrupted run's outputs; its options, model and calibration text must be
+    /// the ones given now. Returns the activations the next layer starts from.
+    pub fn resume<B: QuantBackend>(
+        src: &'a dyn TensorSource,
+        out: &Path,
+        fake_quant: Option<&Path>,
+        overwrite: bool,
+        fingerprint: &BTreeMap<String, serde_json::Value>,
+        device: &B::Device,
+    ) -> Result<(Self, Option<Activations<B>>)> {
+        let staging = StagingDir::resumable(out, overwrite, true)?;
+        let path = staging.join(PROGRESS_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| AdadimError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        let progress: Progress = serde_json::from_str(&text)
+            .map_err(|e| AdadimError::Invalid(format!("{}: {e}", path.display())))?;
+        if progress.format != PROGRESS_FORMAT {
+            return Err(AdadimError::Invalid(format!(
+                "{}: written by another version of this tool (progress format {}); remove {} \
+                 to start over",
+                path.display(),
+                progress.format,
+                staging.path().display()
+            )));
+        }
+        check_fingerprint(&progress.fingerprint, fingerprint, staging.path())?;
+        let writer = ShardWriter::resume(staging.path(), MAX_SHARD_BYTES, &progress.packed)?;
+        let packed = Staged { staging, writer };
+        let fake = match (fake_quant, &progress.fake_quant) {
+            (Some(dest), Some(state)) => {
+                let staging = StagingDir::resumable(dest, overwrite, true)?;
+                let writer = ShardWriter::resume(staging.path(), MAX_SHARD_BYTES, state)?;
+                Some(Staged { staging, writer })
+            }
+            (None, None) => None,
+            _ => unreachable!("the fingerprint records whether a fake-quant export is written"),
+        };
+        let activations = match &progress.activations {
+            Some(name) => {
+                let config = src.config();
+                let file = packed.staging.join(name);
+                let data = read_f32(&file)?;
+                let block = progress.plan.seqlen * config.hidden_size;
+                if data.len() != progress.plan.blocks * block {
+                    return Err(AdadimError::Invalid(format!(
+                        "{}: {} values, expected {} blocks of {block}",
+                        file.display(),
+                        data.len(),
+                        progress.plan.blocks
+                    )));
+                }
+                Some(Activations::from_host(
+                    &data,
+                    [
+                        progress.plan.blocks,
+                        progress.plan.seqlen,
+                        config.hidden_size,
+                    ],
+                    progress.plan.chunk_blocks,
+                    device,
+                ))
+            }
+            None => None,
+        };
+        tracing::info!(
+            layers_done = progress.layers_done,
+            dir = %packed.staging.path().display(),
+            "resuming"
+        );
+        Ok((
+            Self {
+                src,
+                packed,
+                fake_quant: fake,
+                progress,
+            },
+            activations,
+        ))
+    }
+
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    fn save_progress(&self) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&self.progress).expect("progress serializes");
+        write_atomic(&self.packed.staging.join(PROGRESS_FILE), &json)?;
+        Ok(sync_path(self.packed.staging.path())?)
+    }
+
+    /// Writes the rest of the checkpoint (final norm, an untied head, config, tokenizer,
+    /// report) and moves the outputs into place.
+    pub fn finish(
+        self,
+        opts: &QuantizeOptions,
+        tokenizer: &LlamaTokenizer,
+        report: &RunReport,
+    ) -> Result<PathBuf> {
+        let src = self.src;
+        let config = src.config();
+        let mut tail = vec!["model.norm.weight"];
+        if src.contains("lm_head.weight") && !config.tie_word_embeddings {
+            tail.push("lm_head.weight");
+        }
+        let report_json = serde_json::to_vec_pretty(report).expect("report serializes");
+        let mut packed_config = config.to_hf_json();
+        packed_config["quantization_config"] =
+            serde_json::to_value(opts.quantization_config(self.progress.dims.clone()))
+                .expect("quantization config serializes");
+        let staging_dir = self.packed.staging.path().to_path_buf();
+        let mut dests = Vec::new();
+        for (staged, config_json) in std::iter::once((self.packed, packed_config))
+            .chain(self.fake_quant.map(|f| (f, config.to_hf_json())))
+        {
+            let mut staged = staged;
+            for name in &tail {
+                staged.add_source(src, name)?;
+            }
+            staged.writer.finish()?;
+            let dir = staged.staging.path();
+            write_config(dir, &config_json)?;
+            tokenizer.save(&staged.staging.join("tokenizer.json"))?;
+            write_atomic(&staged.staging.join("adadim_report.json"), &report_json)?;
+            dests.push(staged.staging);
+        }
+        // The progress record and activations are the run's own scratch files.
+        for name in std::iter::once(PROGRESS_FILE.to_string()).chain(self.progress.activations) {
+            let path = staging_dir.join(name);
+            std::fs::remove_file(&path).map_err(|e| AdadimError::Io { path, source: e })?;
+        }
+        let mut out = None;
+        for staging in dests {
+            let dest = staging.commit()?;
+            out.get_or_insert(dest);
+        }
+        Ok(out.expect("the packed checkpoint is written"))
+    }
+}
+
+impl<B: QuantBackend> LayerSink<B> for Outputs<'_> {
+    fn layer_done(
+        &mut self,
+        index: usize,
+        linears: Vec<(String, PackedLinear)>,
+        records: &[LinearRecord],
+        next_input: &Activations<B>,
+    ) -> Result<()> {
+        let src = self.src;
+        let norms = [
+            format!("model.layers.{index}.input_layernorm.weight"),
+            format!("model.layers.{index}.post_attention_layernorm.weight"),
+        ];
+        for s in std::iter::once(&mut self.packed).chain(self.fake_quant.as_mut()) {
+            for name in &norms {
+                s.add_source(src, name)?;
             }
         }
+        for (module, p) in &linears {
+            let layout = packed_layout_metadata(module, p);
+            for (name, t) in packed_tensors(module, p) {
+                self.packed.add(&name, &t, std::slice::from_ref(&layout))?;
+            }
+            if let Some(fake) = &mut self.fake_quant {
+                let w =
+                    OwnedTensor::f16_from_f32(vec![p.out_features, p.in_features], &p.dequantize());
+                fake.add(&format!("{module}.weight"), &w, &[])?;
+            }
+            self.progress.dims.insert(module.clone(), p.dim);
+        }
+        let dir = self.packed.staging.path().to_path_buf();
+        let name = format!("adadim_activations-{}.bin", index + 1);
+        write_activations(&dir.join(&name), next_input)?;
+        let previous = self.progress.activations.replace(name);
+        self.progress.packed = self.packed.writer.checkpoint()?;
+        if let Some(fake) = &mut self.fake_quant {
+            self.progress.fake_quant = Some(fake.writer.checkpoint()?);
+        }
+        self.progress.layers_done = index + 1;
+        self.progress.records.extend_from_slice(records);
+        self.save_progress()?;
+        if let Some(old) = previous {
+            let path = dir.join(old);
+            std::fs::remove_file(&path).map_err(|e| AdadimError::Io { path, source: e })?;
+        }
+        Ok(())
     }
-    Ok(out)
 }
 
-fn finish(
-    staging: model_llama::staging::StagingDir,
-    tokenizer: &LlamaTokenizer,
-    report: &RunReport,
-) -> Result<PathBuf> {
-    tokenizer.save(&staging.join("tokenizer.json"))?;
-    let json = serde_json::to_vec_pretty(report).expect("report serializes");
-    write_atomic(&staging.join("adadim_report.json"), &json)?;
-    Ok(staging.commit()?)
+/// Writes the activations as raw little-endian f32, durably, under `path`.
+fn write_activations<B: QuantBackend>(path: &Path, a: &Activations<B>) -> Result<()> {
+    let io = |e| AdadimError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut w = BufWriter::new(File::create(&tmp).map_err(io)?);
+    a.for_each_host_chunk(|values| w.write_all(bytemuck::cast_slice(values)).map_err(io))?;
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
-/// The packed checkpoint: codes, scales and zeros per linear, `quantization_config` in config.json.
-pub fn write_packed(
-    src: &dyn TensorSource,
-    tokenizer: &LlamaTokenizer,
-    q: &QuantizedModel,
-    report: &RunReport,
-    out: &Path,
-) -> Result<PathBuf> {
-    let tensors = dense_tensors(src, q, packed_tensors)?;
-    let mut config = src.config().to_hf_json();
-    config["quantization_config"] =
-        serde_json::to_value(&q.quantization).expect("quantization config serializes");
-    finish(stage_hf_dir(out, &config, &tensors)?, tokenizer, report)
+fn read_f32(path: &Path) -> Result<Vec<f32>> {
+    let io = |e| AdadimError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(io)?;
+    if bytes.len() % 4 != 0 {
+        return Err(AdadimError::Invalid(format!(
+            "{}: not a whole number of f32 values",
+            path.display()
+        )));
+    }
+    Ok(bytemuck::pod_collect_to_vec(&bytes))
 }
 
-/// The fake-quant export: an ordinary f16 HF directory whose linears hold the dequantized weights.
-pub fn write_fake_quant(
-    src: &dyn TensorSource,
-    tokenizer: &LlamaTokenizer,
-    q: &QuantizedModel,
-    report: &RunReport,
-    out: &Path,
-) -> Result<PathBuf> {
-    let tensors = dense_tensors(src, q, |m, p| {
-        vec![(
-            format!("{m}.weight"),
-            OwnedTensor::f16_from_f32(vec![p.out_features, p.in_features], &p.dequantize()),
-        )]
-    })?;
-    finish(
-        stage_hf_dir(out, &src.config().to_hf_json(), &tensors)?,
-        tokenizer,
-        report,
-    )
+/// Errors unless an interrupted run's fingerprint equals this run's, naming what differs.
+fn check_fingerprint(
+    saved: &BTreeMap<String, serde_json::Value>,
+    now: &BTreeMap<String, serde_json::Value>,
+    dir: &Path,
+) -> Result<()> {
+    let keys: std::collections::BTreeSet<&String> = saved.keys().chain(now.keys()).collect();
+    let differ: Vec<String> = keys
+        .into_iter()
+        .filter(|k| saved.get(*k) != now.get(*k))
+        .map(|k| {
+            let show = |v: Option<&serde_json::Value>| v.map_or("none".into(), |v| v.to_string());
+            format!(
+                "{k} (interrupted run: {}, now: {})",
+                show(saved.get(k)),
+                show(now.get(k))
+            )
+        })
+        .collect();
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(AdadimError::Invalid(format!(
+        "{}: the interrupted run used a different {}; resume with the same model, \
+         calibration text and options, or remove the directory to start over",
+        dir.display(),
+        differ.join(", ")
+    )))
 }

@@ -1,25 +1,31 @@
-//! The layer-by-layer pipeline (SPEC §4): calibration activations propagate through the
-//! full-precision model; in each decoder layer the seven linears are visited in order, their dim
-//! chosen (greedily, against the layer's current partly quantized state) and quantized.
+//! The layer-by-layer pipeline (docs/method.md §4): calibration activations propagate through
+//! the full-precision model; in each decoder layer the seven linears are visited in order, their
+//! dim chosen (greedily, against the layer's current partly quantized state) and quantized.
 //!
-//! Only one decoder layer's weights are on the device at a time: they stream from the checkpoint.
+//! Only one decoder layer's weights are in memory at a time: they stream from the checkpoint,
+//! and each finished layer goes to a [`LayerSink`] (the packed checkpoint on disk), so memory
+//! does not grow with the number of layers (see [`crate::memory`]).
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::time::Instant;
 
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use kernels::QuantBackend;
-use model_llama::load::{linear_shape, load_layer, load_periphery};
+use model_llama::load::{linear_shape, load_host, load_layer};
+use model_llama::model::Rope;
 use model_llama::packed::QuantizationConfig;
-use model_llama::{Linear, LinearKind, TensorSource};
-use quant_core::{GptqOptions, Hessian, PackedLinear, QuantConfig, QuantDim, Quantized};
+use model_llama::{DecoderLayer, LayerInputs, Linear, LinearKind, TensorSource};
+use quant_core::{GptqOptions, PackedLinear, QuantConfig, QuantDim, Quantized};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AdadimError, Result};
+use crate::memory::{MemoryPlan, gib};
 use crate::policy::DimPolicy;
-use crate::score::{SubBlockState, gram, gram_is_cheaper};
+use crate::score::{
+    AttnState, ChunkState, ErrorSum, MlpState, Update, attn_error, carries, delta_t, mlp_error,
+    o_proj_gram, own_output_error_direct, own_output_error_gram, sub_block_error,
+};
+use crate::stats::{InputStats, Site, SubBlockInputs};
 
 /// How each linear's weights are rounded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +62,8 @@ pub struct QuantizeOptions {
     pub method: Method,
     pub policy: DimPolicy,
     pub gptq: GptqOptions,
+    /// Memory the run may use, bytes (`None`: [`crate::memory::default_limit`]).
+    pub max_memory: Option<u64>,
 }
 
 impl QuantizeOptions {
@@ -77,6 +85,31 @@ impl QuantizeOptions {
         }
         Ok(base)
     }
+
+    /// The `quantization_config` block of the packed checkpoint, with the dims chosen.
+    pub fn quantization_config(
+        &self,
+        dims: std::collections::BTreeMap<String, QuantDim>,
+    ) -> QuantizationConfig {
+        QuantizationConfig {
+            quant_method: "adadim".into(),
+            algorithm: self.method.to_string(),
+            bits: self.bits,
+            group_size: self.group_size,
+            dims,
+        }
+    }
+
+    /// The memory plan for `blocks × seqlen` calibration tokens on a model of `config`.
+    pub fn memory_plan(
+        &self,
+        config: &model_llama::LlamaConfig,
+        blocks: usize,
+        seqlen: usize,
+    ) -> Result<MemoryPlan> {
+        let limit = self.max_memory.unwrap_or_else(crate::memory::default_limit);
+        crate::memory::plan(config, blocks, seqlen, self.method, limit)
+    }
 }
 
 /// What happened to one linear.
@@ -93,7 +126,99 @@ pub struct LinearRecord {
     pub seconds: f64,
 }
 
-/// The result of a run: every linear packed, in checkpoint order, and what was done to it.
+/// The calibration hidden states at a layer boundary, in chunks of whole blocks.
+pub struct Activations<B: QuantBackend> {
+    pub chunks: Vec<Tensor<B, 3>>,
+}
+
+impl<B: QuantBackend> Activations<B> {
+    /// Embeds `calib` on the host (the embedding is needed only here, so it never goes to the
+    /// device) into chunks of `chunk_blocks` blocks.
+    fn embed(
+        src: &dyn TensorSource,
+        calib: &[Vec<u32>],
+        chunk_blocks: usize,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let config = src.config();
+        let (vocab, h) = (config.vocab_size, config.hidden_size);
+        let table = load_host(src, "model.embed_tokens.weight", &[vocab, h])?;
+        let seqlen = calib[0].len();
+        let chunks = calib
+            .chunks(chunk_blocks)
+            .map(|blocks| {
+                let mut x = Vec::with_capacity(blocks.len() * seqlen * h);
+                for &t in blocks.iter().flatten() {
+                    let row = t as usize;
+                    if row >= vocab {
+                        return Err(AdadimError::Invalid(format!(
+                            "calibration token {t} is outside the model's vocabulary of {vocab}"
+                        )));
+                    }
+                    x.extend_from_slice(&table[row * h..(row + 1) * h]);
+                }
+                Ok(Tensor::from_data(
+                    TensorData::new(x, [blocks.len(), seqlen, h]),
+                    device,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { chunks })
+    }
+
+    /// Rebuilds saved activations (`[blocks, seqlen, hidden]` row-major) in chunks.
+    pub fn from_host(
+        data: &[f32],
+        [blocks, seqlen, hidden]: [usize; 3],
+        chunk_blocks: usize,
+        device: &B::Device,
+    ) -> Self {
+        let block_len = seqlen * hidden;
+        let chunks = data[..blocks * block_len]
+            .chunks(chunk_blocks * block_len)
+            .map(|c| {
+                let n = c.len() / block_len;
+                Tensor::from_data(TensorData::new(c.to_vec(), [n, seqlen, hidden]), device)
+            })
+            .collect();
+        Self { chunks }
+    }
+
+    /// Every chunk's values on the host, in order (for saving a resumable run).
+    pub fn for_each_host_chunk(&self, mut f: impl FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        for c in &self.chunks {
+            let v = c
+                .clone()
+                .into_data()
+                .into_vec::<f32>()
+                .map_err(|e| AdadimError::Invalid(format!("activations: {e:?}")))?;
+            f(&v)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a run resumes: the first layer still to do and its input activations.
+pub struct ResumePoint<B: QuantBackend> {
+    pub layer: usize,
+    pub input: Activations<B>,
+}
+
+/// Receives each layer as it finishes, in order.
+pub trait LayerSink<B: QuantBackend> {
+    /// Layer `index` is done: its packed linears in checkpoint order, what happened to them,
+    /// and the calibration activations the next layer starts from.
+    fn layer_done(
+        &mut self,
+        index: usize,
+        linears: Vec<(String, PackedLinear)>,
+        records: &[LinearRecord],
+        next_input: &Activations<B>,
+    ) -> Result<()>;
+}
+
+/// The result of a run kept in memory: every linear packed, in checkpoint order, and what was
+/// done to it. For small models and tests; [`quantize_layers`] streams instead.
 pub struct QuantizedModel {
     pub quantization: QuantizationConfig,
     pub linears: Vec<(String, PackedLinear)>,
@@ -108,192 +233,514 @@ fn upload<B: QuantBackend>(w: Vec<f32>, shape: [usize; 2], device: &B::Device) -
     Linear::from_host_weight(&w, shape, device)
 }
 
-/// GPTQ's `H = (2/N)·XᵀX` from the Gram matrix of a linear's input over `N` calibration blocks.
-fn hessian<B: QuantBackend>(gram: &Tensor<B, 2>, blocks: usize) -> Result<Hessian> {
-    let features = gram.dims()[0];
-    let h = gram
-        .clone()
-        .mul_scalar(2.0 / blocks as f64)
-        .into_data()
-        .into_vec::<f32>();
-    h.map_err(|e| quant_core::QuantError::Backend(e.to_string()))
-        .and_then(|h| Hessian::from_matrix(h, features, blocks))
-        .map_err(quant_err("Hessian".into()))
-}
-
-/// Which captured input a linear reads (q, k, v share one; gate and up share one).
-fn input_site(kind: LinearKind) -> u8 {
-    match kind {
-        LinearKind::Q | LinearKind::K | LinearKind::V => 0,
-        LinearKind::O => 1,
-        LinearKind::Gate | LinearKind::Up => 2,
-        LinearKind::Down => 3,
-    }
-}
-
 fn progress(len: usize, template: &str) -> ProgressBar {
     ProgressBar::new(len as u64)
         .with_style(ProgressStyle::with_template(template).expect("valid template"))
 }
 
-/// Quantizes every linear of `src`, layer by layer, on `device`.
-pub fn quantize_model<B: QuantBackend>(
-    src: &dyn TensorSource,
-    calib: &[Vec<u32>],
-    opts: &QuantizeOptions,
-    device: &B::Device,
-) -> Result<QuantizedModel> {
-    let config = src.config().clone();
-    let base = opts.validate(&config)?;
+/// Checks the calibration blocks: non-empty, all of one length.
+pub fn calibration_seqlen(calib: &[Vec<u32>]) -> Result<usize> {
     let seqlen = calib.first().map_or(0, Vec::len);
     if seqlen == 0 || calib.iter().any(|b| b.len() != seqlen) {
         return Err(AdadimError::EmptyCalibration(
             "calibration blocks must be non-empty and of equal length".into(),
         ));
     }
-    let periphery = load_periphery::<B>(src, device)?;
-    let ids: Vec<i64> = calib.iter().flatten().map(|&t| t as i64).collect();
-    let tokens =
-        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [calib.len(), seqlen]), device);
-    let mut x = burn::tensor::module::embedding(periphery.embed_tokens.clone(), tokens);
-    let rope = periphery.rope;
+    Ok(seqlen)
+}
 
+/// Quantizes every linear of `src` into memory (see [`quantize_layers`]).
+pub fn quantize_model<B: QuantBackend>(
+    src: &dyn TensorSource,
+    calib: &[Vec<u32>],
+    opts: &QuantizeOptions,
+    device: &B::Device,
+) -> Result<QuantizedModel> {
+    struct Collect(Vec<(String, PackedLinear)>, Vec<LinearRecord>);
+    impl<B: QuantBackend> LayerSink<B> for Collect {
+        fn layer_done(
+            &mut self,
+            _: usize,
+            linears: Vec<(String, PackedLinear)>,
+            records: &[LinearRecord],
+            _: &Activations<B>,
+        ) -> Result<()> {
+            self.0.extend(linears);
+            self.1.extend_from_slice(records);
+            Ok(())
+        }
+    }
+    let mut sink = Collect(Vec::new(), Vec::new());
+    let plan = opts.memory_plan(src.config(), calib.len(), calibration_seqlen(calib)?)?;
+    quantize_layers::<B>(src, calib, opts, plan, None, device, &mut sink)?;
+    let dims = sink.0.iter().map(|(m, p)| (m.clone(), p.dim)).collect();
+    Ok(QuantizedModel {
+        quantization: opts.quantization_config(dims),
+        linears: sink.0,
+        records: sink.1,
+    })
+}
+
+/// Quantizes every linear of `src`, layer by layer on `device` (from `resume.layer` on, when
+/// given), holding the calibration data as `plan` says, handing each finished layer to `sink`.
+pub fn quantize_layers<B: QuantBackend>(
+    src: &dyn TensorSource,
+    calib: &[Vec<u32>],
+    opts: &QuantizeOptions,
+    plan: MemoryPlan,
+    resume: Option<ResumePoint<B>>,
+    device: &B::Device,
+    sink: &mut dyn LayerSink<B>,
+) -> Result<()> {
+    let config = src.config().clone();
+    config
+        .validate()
+        .map_err(|msg| model_llama::ModelError::malformed(src.path(), msg))?;
+    let base = opts.validate(&config)?;
+    let seqlen = calibration_seqlen(calib)?;
+    if (plan.blocks, plan.seqlen) != (calib.len(), seqlen) {
+        return Err(AdadimError::Invalid(format!(
+            "the memory plan is for {} blocks of {} tokens, the calibration set has {} of {seqlen}",
+            plan.blocks,
+            plan.seqlen,
+            calib.len()
+        )));
+    }
+    tracing::info!(
+        predicted_peak = %gib(plan.peak),
+        limit = %gib(plan.limit),
+        resident = plan.resident,
+        chunk_blocks = plan.chunk_blocks,
+        "memory plan"
+    );
+    let (first, mut x) = match resume {
+        Some(r) => (r.layer, r.input),
+        None => (
+            0,
+            Activations::embed(src, calib, plan.chunk_blocks, device)?,
+        ),
+    };
+    let rope = Rope::new(&config, seqlen, device);
     let layers = config.num_hidden_layers;
     let bar = progress(
-        layers * LinearKind::ALL.len(),
+        (layers - first) * LinearKind::ALL.len(),
         "quantize {bar:30} {pos}/{len} linears  {msg}  {elapsed} (eta {eta})",
     );
-    let mut linears = Vec::new();
-    let mut records = Vec::new();
-    for i in 0..layers {
-        let mut layer = load_layer::<B>(src, i, device)?;
-        let (next, trace) = layer.forward_captured(x, &rope);
-        let inputs = &trace.inputs;
-        let mut state = opts
-            .policy
-            .is_adaptive()
-            .then(|| SubBlockState::new(&trace, &layer));
-        // Gram matrices (device) and Hessians (host) of the captured inputs, built on first use.
-        let mut grams: HashMap<u8, Tensor<B, 2>> = HashMap::new();
-        let mut hessians: HashMap<u8, Hessian> = HashMap::new();
-        let blocks = calib.len();
+    let run = LayerRun {
+        src,
+        opts,
+        base,
+        plan,
+        rope: &rope,
+        blocks: calib.len(),
+        device,
+        bar: &bar,
+    };
+    for i in first..layers {
+        let (linears, records, next) = run.layer(i, x)?;
+        tracing::info!(
+            layer = i,
+            ic = records.iter().filter(|r| r.dim == QuantDim::Ic).count(),
+            "layer done"
+        );
+        sink.layer_done(i, linears, &records, &next)?;
+        x = next;
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// What one layer's quantization reads.
+struct LayerRun<'a, B: QuantBackend> {
+    src: &'a dyn TensorSource,
+    opts: &'a QuantizeOptions,
+    base: QuantConfig,
+    plan: MemoryPlan,
+    rope: &'a Rope<B>,
+    blocks: usize,
+    device: &'a B::Device,
+    bar: &'a ProgressBar,
+}
+
+/// One chunk of a layer's calibration data.
+struct Chunk<B: QuantBackend> {
+    tokens: usize,
+    inputs: SubBlockInputs<B>,
+    /// Kept when the plan is resident: every full-precision input, and the sub-blocks' current
+    /// state (AdaDim only).
+    resident: Option<Resident<B>>,
+}
+
+struct Resident<B: QuantBackend> {
+    inputs: LayerInputs<B>,
+    state: Option<ChunkState<B>>,
+}
+
+/// A candidate's error and, on resident chunks, the states it leads to.
+struct Scored<B: QuantBackend> {
+    error: ErrorSum,
+    updates: Vec<Option<Update<B>>>,
+}
+
+/// The output errors of a linear's OC and IC candidates.
+#[derive(Clone, Copy, Debug, Default)]
+struct DimErrors {
+    oc: Option<f64>,
+    ic: Option<f64>,
+}
+
+impl DimErrors {
+    fn set(&mut self, dim: QuantDim, error: f64) {
+        match dim {
+            QuantDim::Oc => self.oc = Some(error),
+            QuantDim::Ic => self.ic = Some(error),
+        }
+    }
+}
+
+/// The dim chosen for a linear, with the winning candidate when candidates were scored.
+struct Choice<B: QuantBackend> {
+    dim: QuantDim,
+    scored: Option<Winner<B>>,
+    errors: DimErrors,
+}
+
+/// The winning RTN candidate: its weight, its layer and the chunk states it leads to.
+struct Winner<B: QuantBackend> {
+    quantized: Quantized,
+    linear: Linear<B>,
+    updates: Vec<Option<Update<B>>>,
+}
+
+type LayerOutput<B> = (
+    Vec<(String, PackedLinear)>,
+    Vec<LinearRecord>,
+    Activations<B>,
+);
+
+/// A linear being quantized: its kind, module path and full-precision weight.
+struct Target<'w> {
+    kind: LinearKind,
+    module: String,
+    shape: [usize; 2],
+    w: &'w [f32],
+}
+
+impl<B: QuantBackend> LayerRun<'_, B> {
+    /// Quantizes layer `i` whose calibration input is `x`.
+    fn layer(&self, i: usize, x: Activations<B>) -> Result<LayerOutput<B>> {
+        let mut layer = load_layer::<B>(self.src, i, self.device)?;
+        let o_gram = if self.opts.policy.is_adaptive() {
+            o_proj_gram(&layer)
+        } else {
+            None
+        };
+        let mut stats = InputStats::new(self.blocks);
+        let (mut chunks, next) = self.forward(&layer, x, &mut stats);
+        let mut linears = Vec::new();
+        let mut records = Vec::new();
         for kind in LinearKind::ALL {
-            bar.set_message(format!("layer {i} {}", kind.short_name()));
+            self.bar
+                .set_message(format!("layer {i} {}", kind.short_name()));
             let t0 = Instant::now();
             let module = kind.hf_prefix(i);
-            let shape = linear_shape(&config, kind);
-            let w = src.load(&format!("{module}.weight"))?.data;
-            let rtn = |dim| {
-                quant_core::quantize_rtn(&w, shape[0], shape[1], base.with_dim(dim))
-                    .map_err(quant_err(format!("{module} ({dim})")))
+            let w = self.src.load(&format!("{module}.weight"))?.data;
+            let target = Target {
+                kind,
+                shape: linear_shape(self.src.config(), kind),
+                module,
+                w: &w,
             };
-
-            // AdaDim: score the RTN candidates; fixed policies have a single candidate.
-            let mut chosen: Option<(QuantDim, Quantized, Linear<B>, crate::score::Scored<B>)> =
-                None;
-            let mut errors = [None, None];
-            let needs_gram = match opts.method {
-                Method::Gptq => true,
-                Method::Rtn => {
-                    // The two candidates share the Gram of their input.
-                    state.is_some()
-                        && !SubBlockState::<B>::carries(kind)
-                        && gram_is_cheaper(shape, 2)
-                }
-            };
-            let g = needs_gram.then(|| {
-                grams
-                    .entry(input_site(kind))
-                    .or_insert_with(|| gram(inputs.of(kind)))
-                    .clone()
-            });
-            if let Some(state) = &state {
-                for dim in opts.policy.candidates(kind) {
-                    let q = rtn(dim)?;
-                    let lin = upload::<B>(q.pack().dequantize(), shape, device);
-                    let scored = state.score(&layer, inputs, &rope, kind, &lin, g.as_ref());
-                    errors[dim as usize] = Some(scored.error);
-                    if chosen.as_ref().is_none_or(|c| scored.error < c.3.error) {
-                        chosen = Some((dim, q, lin, scored));
-                    }
-                }
-            }
-            let dim = chosen
-                .as_ref()
-                .map_or_else(|| opts.policy.candidates(kind)[0], |c| c.0);
-
-            let (packed, linear, gptq_loss) = match opts.method {
-                Method::Rtn => {
-                    let (q, lin) = match chosen.take() {
-                        Some((_, q, lin, scored)) => {
-                            if let Some(state) = &mut state {
-                                state.commit(kind, scored);
-                            }
-                            (q, lin)
-                        }
-                        None => {
-                            let q = rtn(dim)?;
-                            let lin = upload::<B>(q.pack().dequantize(), shape, device);
-                            (q, lin)
-                        }
-                    };
-                    (q.pack(), lin, None)
-                }
-                Method::Gptq => {
-                    let h = match hessians.entry(input_site(kind)) {
-                        Entry::Occupied(e) => e.into_mut(),
-                        Entry::Vacant(e) => {
-                            e.insert(hessian(g.as_ref().expect("GPTQ builds the Gram"), blocks)?)
-                        }
-                    };
-                    let result =
-                        quant_core::gptq(&w, shape[0], shape[1], h, base.with_dim(dim), opts.gptq)
-                            .map_err(quant_err(format!("GPTQ of {module} ({dim})")))?;
-                    let packed = result.quantized.pack();
-                    let lin = upload::<B>(packed.dequantize(), shape, device);
-                    // The GPTQ weights replace the RTN candidate in the state (greedy).
-                    if let Some(state) = &mut state {
-                        state.adopt(&layer, inputs, &rope, kind, &lin);
-                    }
-                    (packed, lin, Some(result.loss as f64))
-                }
-            };
+            let choice = self.choose(&layer, &chunks, &mut stats, &target, o_gram.as_ref())?;
+            let (dim, errors) = (choice.dim, choice.errors);
+            let (packed, linear, gptq_loss) =
+                self.commit(&layer, &mut chunks, &mut stats, &target, choice)?;
             *layer.linear_mut(kind) = linear;
-            linears.push((module, packed));
+            linears.push((target.module, packed));
             let record = LinearRecord {
                 layer: i,
                 linear: kind,
                 dim,
-                error_oc: errors[QuantDim::Oc as usize],
-                error_ic: errors[QuantDim::Ic as usize],
+                error_oc: errors.oc,
+                error_ic: errors.ic,
                 gptq_loss,
                 seconds: t0.elapsed().as_secs_f64(),
             };
             tracing::debug!(?record, "linear quantized");
             records.push(record);
-            bar.inc(1);
+            self.bar.inc(1);
         }
-        x = next;
-        tracing::info!(
-            layer = i,
-            ic = records
-                .iter()
-                .filter(|r| r.layer == i && r.dim == QuantDim::Ic)
-                .count(),
-            "layer done"
-        );
+        Ok((linears, records, next))
     }
-    bar.finish_and_clear();
-    let dims = linears.iter().map(|(m, p)| (m.clone(), p.dim)).collect();
-    Ok(QuantizedModel {
-        quantization: QuantizationConfig {
-            quant_method: "adadim".into(),
-            algorithm: opts.method.to_string(),
-            bits: opts.bits,
-            group_size: opts.group_size,
-            dims,
-        },
-        linears,
-        records,
-    })
+
+    /// The layer's full-precision forward over every chunk: the next layer's input, and what
+    /// the plan keeps of each chunk. Streaming plans sum the Gram matrices they need here,
+    /// since the inputs are not kept.
+    fn forward(
+        &self,
+        layer: &DecoderLayer<B>,
+        x: Activations<B>,
+        stats: &mut InputStats<B>,
+    ) -> (Vec<Chunk<B>>, Activations<B>) {
+        let adaptive = self.opts.policy.is_adaptive();
+        let streamed: &[Site] = match (self.plan.resident, self.opts.method, adaptive) {
+            (true, _, _) => &[],
+            (false, Method::Gptq, _) => &Site::ALL,
+            (false, Method::Rtn, true) => &[Site::Context, Site::Gated],
+            (false, Method::Rtn, false) => &[],
+        };
+        let mut chunks = Vec::with_capacity(x.chunks.len());
+        let mut next = Vec::with_capacity(x.chunks.len());
+        for x_c in x.chunks {
+            let [blocks, t, _] = x_c.dims();
+            let (out, trace) = layer.forward_captured(x_c, self.rope);
+            for &site in streamed {
+                stats.accumulate(site, site.input(&trace.inputs));
+            }
+            chunks.push(Chunk {
+                tokens: blocks * t,
+                inputs: SubBlockInputs::of(&trace.inputs),
+                resident: self.plan.resident.then(|| Resident {
+                    state: adaptive.then(|| ChunkState::from_trace(&trace)),
+                    inputs: trace.inputs.clone(),
+                }),
+            });
+            next.push(out);
+        }
+        (chunks, Activations { chunks: next })
+    }
+
+    fn rtn(&self, t: &Target<'_>, dim: QuantDim) -> Result<Quantized> {
+        quant_core::quantize_rtn(t.w, t.shape[0], t.shape[1], self.base.with_dim(dim))
+            .map_err(quant_err(format!("{} ({dim})", t.module)))
+    }
+
+    /// The dim of `t`: AdaDim scores the RTN candidates of both dims; fixed policies have one.
+    fn choose(
+        &self,
+        layer: &DecoderLayer<B>,
+        chunks: &[Chunk<B>],
+        stats: &mut InputStats<B>,
+        t: &Target<'_>,
+        o_gram: Option<&Tensor<B, 2>>,
+    ) -> Result<Choice<B>> {
+        let dims = self.opts.policy.candidates(t.kind);
+        if !self.opts.policy.is_adaptive() {
+            return Ok(Choice {
+                dim: dims[0],
+                scored: None,
+                errors: DimErrors::default(),
+            });
+        }
+        let mut candidates = Vec::with_capacity(dims.len());
+        for &dim in &dims {
+            let q = self.rtn(t, dim)?;
+            let linear = upload::<B>(q.pack().dequantize(), t.shape, self.device);
+            candidates.push((dim, q, linear));
+        }
+        let linears: Vec<&Linear<B>> = candidates.iter().map(|c| &c.2).collect();
+        let scored = if carries(t.kind) {
+            self.score_sub_block(layer, chunks, t.kind, &linears, o_gram)
+        } else {
+            self.score_own_output(layer, chunks, stats, t, &linears)
+        };
+        let mut errors = DimErrors::default();
+        let mut best: Option<(f64, Choice<B>)> = None;
+        for ((dim, q, linear), s) in candidates.into_iter().zip(scored) {
+            let error = s.error.mean();
+            errors.set(dim, error);
+            // Ties keep the earlier candidate (OC).
+            if best.as_ref().is_none_or(|b| error < b.0) {
+                let scored = Some(Winner {
+                    quantized: q,
+                    linear,
+                    updates: s.updates,
+                });
+                best = Some((
+                    error,
+                    Choice {
+                        dim,
+                        scored,
+                        errors,
+                    },
+                ));
+            }
+        }
+        let (_, choice) = best.expect("at least one candidate");
+        Ok(Choice { errors, ..choice })
+    }
+
+    /// q, k, v, gate and up: the error of each candidate on their sub-block's output, chunk by
+    /// chunk, against each chunk's current state (kept, or recomputed once per chunk).
+    fn score_sub_block(
+        &self,
+        layer: &DecoderLayer<B>,
+        chunks: &[Chunk<B>],
+        kind: LinearKind,
+        candidates: &[&Linear<B>],
+        o_gram: Option<&Tensor<B, 2>>,
+    ) -> Vec<Scored<B>> {
+        let mut scored: Vec<Scored<B>> = candidates
+            .iter()
+            .map(|_| Scored {
+                error: ErrorSum::default(),
+                updates: Vec::with_capacity(chunks.len()),
+            })
+            .collect();
+        for chunk in chunks {
+            let inputs = &chunk.inputs;
+            let kept = chunk.resident.as_ref().and_then(|r| r.state.as_ref());
+            let attn = matches!(kind, LinearKind::Q | LinearKind::K | LinearKind::V);
+            let recomputed_attn = (kept.is_none() && attn)
+                .then(|| AttnState::compute(layer, inputs.attn_in.clone(), self.rope));
+            let recomputed_mlp =
+                (kept.is_none() && !attn).then(|| MlpState::compute(layer, inputs.mlp_in.clone()));
+            for (s, &c) in scored.iter_mut().zip(candidates) {
+                let (error, update) = match (kept, &recomputed_attn, &recomputed_mlp) {
+                    (Some(state), _, _) => {
+                        let (e, u) =
+                            sub_block_error(layer, state, inputs, self.rope, kind, c, o_gram);
+                        (e, Some(u))
+                    }
+                    (None, Some(state), _) => {
+                        let (e, _) =
+                            attn_error(layer, state, &inputs.attn_in, self.rope, kind, c, o_gram);
+                        (e, None)
+                    }
+                    (None, None, Some(state)) => {
+                        (mlp_error(layer, state, &inputs.mlp_in, kind, c).0, None)
+                    }
+                    (None, None, None) => unreachable!("a state is kept or recomputed"),
+                };
+                s.error.add(error, chunk.tokens);
+                s.updates.push(update);
+            }
+        }
+        scored
+    }
+
+    /// o and down: the error of each candidate on its own output, through the Gram matrix of
+    /// its input where that is cheaper (and always when streaming, which keeps no inputs).
+    fn score_own_output(
+        &self,
+        layer: &DecoderLayer<B>,
+        chunks: &[Chunk<B>],
+        stats: &mut InputStats<B>,
+        t: &Target<'_>,
+        candidates: &[&Linear<B>],
+    ) -> Vec<Scored<B>> {
+        let site = Site::of(t.kind);
+        let by_gram = !self.plan.resident
+            || self.opts.method == Method::Gptq
+            || crate::score::gram_is_cheaper(t.shape, candidates.len());
+        let tokens: usize = chunks.iter().map(|c| c.tokens).sum();
+        let gram = by_gram.then(|| stats.gram_or(site, || resident_input(chunks, site)));
+        candidates
+            .iter()
+            .map(|&c| {
+                let delta = delta_t(layer.linear(t.kind), c);
+                let mut error = ErrorSum::default();
+                match gram {
+                    Some(g) => error.add(own_output_error_gram(&delta, g, tokens), tokens),
+                    None => {
+                        for chunk in chunks {
+                            let x = site.input(&resident(chunk).inputs);
+                            error.add(own_output_error_direct(&delta, x), chunk.tokens);
+                        }
+                    }
+                }
+                Scored {
+                    error,
+                    updates: Vec::new(),
+                }
+            })
+            .collect()
+    }
+
+    /// Quantizes `t` in the chosen dim (RTN: the scored candidate; GPTQ: solved against the
+    /// site's Hessian) and makes it part of the chunks' kept states.
+    fn commit(
+        &self,
+        layer: &DecoderLayer<B>,
+        chunks: &mut [Chunk<B>],
+        stats: &mut InputStats<B>,
+        t: &Target<'_>,
+        choice: Choice<B>,
+    ) -> Result<(PackedLinear, Linear<B>, Option<f64>)> {
+        let dim = choice.dim;
+        match self.opts.method {
+            Method::Rtn => {
+                let Winner {
+                    quantized: q,
+                    linear,
+                    updates,
+                } = match choice.scored {
+                    Some(winner) => winner,
+                    None => {
+                        let q = self.rtn(t, dim)?;
+                        let linear = upload::<B>(q.pack().dequantize(), t.shape, self.device);
+                        Winner {
+                            quantized: q,
+                            linear,
+                            updates: Vec::new(),
+                        }
+                    }
+                };
+                for (chunk, update) in chunks.iter_mut().zip(updates) {
+                    if let (Some(Resident { state: Some(s), .. }), Some(u)) =
+                        (&mut chunk.resident, update)
+                    {
+                        s.apply(t.kind, u);
+                    }
+                }
+                Ok((q.pack(), linear, None))
+            }
+            Method::Gptq => {
+                let site = Site::of(t.kind);
+                stats.gram_or(site, || resident_input(chunks, site));
+                let h = stats.hessian(site)?;
+                let result = quant_core::gptq(
+                    t.w,
+                    t.shape[0],
+                    t.shape[1],
+                    h,
+                    self.base.with_dim(dim),
+                    self.opts.gptq,
+                )
+                .map_err(quant_err(format!("GPTQ of {} ({dim})", t.module)))?;
+                let packed = result.quantized.pack();
+                let linear = upload::<B>(packed.dequantize(), t.shape, self.device);
+                // The GPTQ weights replace the RTN candidate in the state (greedy).
+                for Chunk {
+                    inputs, resident, ..
+                } in chunks.iter_mut()
+                {
+                    if let Some(Resident { state: Some(s), .. }) = resident {
+                        s.adopt(layer, inputs, self.rope, t.kind, &linear);
+                    }
+                }
+                Ok((packed, linear, Some(result.loss as f64)))
+            }
+        }
+    }
+}
+
+fn resident<B: QuantBackend>(chunk: &Chunk<B>) -> &Resident<B> {
+    chunk
+        .resident
+        .as_ref()
+        .expect("inputs are read back only when the plan keeps them")
+}
+
+/// The whole input of `site` from resident chunks (no copy when there is one chunk).
+fn resident_input<B: QuantBackend>(chunks: &[Chunk<B>], site: Site) -> Tensor<B, 3> {
+    let mut parts: Vec<Tensor<B, 3>> = chunks
+        .iter()
+        .map(|c| site.input(&resident(c).inputs).clone())
+        .collect();
+    if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        Tensor::cat(parts, 0)
+    }
 }

@@ -2,15 +2,20 @@
 //! the packed checkpoint (and optionally the fake-quant export) with the run's report. The CLI's
 //! `adadim quantize` and `cargo xtask quantize --config` both describe a [`RunSpec`].
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use kernels::QuantBackend;
 use serde::{Deserialize, Serialize};
 
+use model_llama::staging::check_destination;
+use sha2::{Digest, Sha256};
+
 use crate::calib::{CalibOptions, calibration_from_file};
-use crate::error::Result;
-use crate::pipeline::{Method, QuantizeOptions, quantize_model};
+use crate::error::{AdadimError, Result};
+use crate::output::Outputs;
+use crate::pipeline::{Method, QuantizeOptions, ResumePoint, calibration_seqlen, quantize_layers};
 use crate::policy::DimPolicy;
 use crate::report::{RunReport, peak_rss_mib};
 
@@ -60,20 +65,96 @@ pub struct RunSpec {
     /// Optional fake-quant export directory.
     #[serde(default)]
     pub fake_quant: Option<PathBuf>,
+    /// Replace this tool's files in non-empty output directories (other files are kept).
+    #[serde(default)]
+    pub overwrite: bool,
+    /// Continue the interrupted run staged beside `out` (`<out>.adadim-partial`).
+    #[serde(default)]
+    pub resume: bool,
+    /// Memory the run may use, in GiB (default: 90% of the available memory).
+    #[serde(default)]
+    pub max_memory_gib: Option<f64>,
+}
+
+impl RunSpec {
+    fn options(&self) -> QuantizeOptions {
+        QuantizeOptions {
+            bits: self.bits,
+            group_size: self.group_size,
+            method: self.method,
+            policy: self.dim.clone(),
+            gptq: Default::default(),
+            max_memory: self
+                .max_memory_gib
+                .map(|g| (g * (1u64 << 30) as f64) as u64),
+        }
+    }
+
+    /// What a resumed run must share with the interrupted one: the options that change the
+    /// result, the model files (size and modification time) and the calibration text (hash).
+    fn fingerprint(&self) -> Result<BTreeMap<String, serde_json::Value>> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AdadimError::Io { path, source }
+        };
+        let mut files = Vec::new();
+        let entries: Vec<PathBuf> = if self.model.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(&self.model)
+                .map_err(io(&self.model))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            v.sort();
+            v
+        } else {
+            vec![self.model.clone()]
+        };
+        for f in entries {
+            let meta = std::fs::metadata(&f).map_err(io(&f))?;
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            let name = f.file_name().unwrap_or_default().to_string_lossy();
+            files.push(format!("{name}:{}:{mtime}", meta.len()));
+        }
+        let text = std::fs::read(&self.calib).map_err(io(&self.calib))?;
+        let model = std::fs::canonicalize(&self.model).map_err(io(&self.model))?;
+        let v = |x: serde_json::Value| x;
+        Ok(BTreeMap::from([
+            ("model".into(), v(model.display().to_string().into())),
+            ("model files".into(), v(files.into())),
+            (
+                "calibration text".into(),
+                v(format!("{:x}", Sha256::digest(&text)).into()),
+            ),
+            ("calib_samples".into(), v(self.calib_samples.into())),
+            ("calib_seqlen".into(), v(self.calib_seqlen.into())),
+            ("calib_seed".into(), serde_json::json!(self.calib_seed)),
+            ("bits".into(), v(self.bits.into())),
+            ("group_size".into(), v(self.group_size.into())),
+            ("method".into(), v(self.method.to_string().into())),
+            ("dim".into(), v(self.dim.to_string().into())),
+            (
+                "fake-quant export".into(),
+                v(self.fake_quant.is_some().into()),
+            ),
+            ("version".into(), v(env!("CARGO_PKG_VERSION").into())),
+        ]))
+    }
 }
 
 /// Runs `spec` on `device`; returns the report (also written into the output directory).
 pub fn run<B: QuantBackend>(spec: &RunSpec, device: &B::Device) -> Result<RunReport> {
     let start = Instant::now();
     let m = model_llama::open_model(&spec.model)?;
-    let opts = QuantizeOptions {
-        bits: spec.bits,
-        group_size: spec.group_size,
-        method: spec.method,
-        policy: spec.dim.clone(),
-        gptq: Default::default(),
-    };
-    opts.validate(m.source.config())?;
+    let src = m.source.as_ref();
+    let opts = spec.options();
+    opts.validate(src.config())?;
+    for dest in std::iter::once(&spec.out).chain(&spec.fake_quant) {
+        check_destination(dest, spec.overwrite)?;
+    }
     let calib = calibration_from_file(
         &spec.calib,
         |t| Ok(m.tokenizer.encode(t)?),
@@ -83,7 +164,23 @@ pub fn run<B: QuantBackend>(spec: &RunSpec, device: &B::Device) -> Result<RunRep
             shuffle_seed: spec.calib_seed,
         },
     )?;
-    let q = quantize_model::<B>(m.source.as_ref(), &calib, &opts, device)?;
+    let seqlen = calibration_seqlen(&calib)?;
+    let fingerprint = spec.fingerprint()?;
+    let fake = spec.fake_quant.as_deref();
+    let (mut outputs, resume) = if spec.resume {
+        let (outputs, input) =
+            Outputs::resume::<B>(src, &spec.out, fake, spec.overwrite, &fingerprint, device)?;
+        let layer = outputs.progress().layers_done;
+        (outputs, input.map(|input| ResumePoint { layer, input }))
+    } else {
+        let plan = opts.memory_plan(src.config(), calib.len(), seqlen)?;
+        let outputs = Outputs::create(src, &spec.out, fake, spec.overwrite, fingerprint, plan)?;
+        (outputs, None)
+    };
+    let plan = outputs.progress().plan;
+    quantize_layers::<B>(src, &calib, &opts, plan, resume, device, &mut outputs)?;
+    let progress = outputs.progress();
+    let records = progress.records.clone();
     let report = RunReport {
         model: spec.model.display().to_string(),
         method: spec.method.to_string(),
@@ -92,16 +189,13 @@ pub fn run<B: QuantBackend>(spec: &RunSpec, device: &B::Device) -> Result<RunRep
         group_size: spec.group_size,
         calib_blocks: calib.len(),
         calib_seqlen: spec.calib_seqlen,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds: progress.seconds + start.elapsed().as_secs_f64(),
         peak_rss_mib: peak_rss_mib(),
-        ic_count: RunReport::ic_summary(&q.records),
-        layers: m.source.config().num_hidden_layers,
-        linears: q.records.clone(),
+        ic_count: RunReport::ic_summary(&records),
+        layers: src.config().num_hidden_layers,
+        linears: records,
     };
-    crate::output::write_packed(m.source.as_ref(), &m.tokenizer, &q, &report, &spec.out)?;
-    if let Some(fake) = &spec.fake_quant {
-        crate::output::write_fake_quant(m.source.as_ref(), &m.tokenizer, &q, &report, fake)?;
-    }
-    tracing::info!(seconds = report.seconds, out = %spec.out.display(), "quantization done");
+    let out = outputs.finish(&opts, &m.tokenizer, &report)?;
+    tracing::info!(seconds = report.seconds, out = %out.display(), "quantization done");
     Ok(report)
 }

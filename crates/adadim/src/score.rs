@@ -1,48 +1,280 @@
-//! Output errors of candidate weights, measured where SPEC §4 says: q, k, v on the attention
-//! sub-block output, gate and up on the MLP sub-block output, o and down on their own output.
+//! Output errors of candidate weights (docs/method.md §4): q, k, v on the attention sub-block
+//! output, gate and up on the MLP sub-block output, o and down on their own output.
 //!
-//! The layer's current (partly quantized) state is cached up to the input of the sub-block's
-//! last linear, so scoring a candidate recomputes only what depends on it. Since that last
-//! linear is applied unchanged to both sides, the error is taken on the difference of its
-//! inputs, `mean(((c − c_ref)·Wᵀ)²)`: one product per candidate, none for the reference, and no
-//! cancellation between two large outputs.
+//! The state of a sub-block with the layer's current (partly quantized) linears is known up to
+//! the input of its last linear, so scoring a candidate recomputes only what depends on it.
+//! Since that last linear is applied unchanged to both sides, the error is taken on the
+//! difference of its inputs, `mean(((c − c_ref)·Wᵀ)²)`: one product per candidate, none for the
+//! reference, and no cancellation between two large outputs.
 //!
 //! Every such error is a mean square `mean((X·Wᵀ)²) = Σ(XᵀX ⊙ WᵀW)/(N·OC)`. Where one of the two
 //! Gram matrices is shared (o/down's input across their candidates; o_proj's `WᵀW` across the
 //! q, k, v candidates) and the symmetric Gram product is cheaper than `X·Wᵀ`, that form is used.
+//!
+//! Errors are means over one chunk of calibration blocks; [`ErrorSum`] weighs the chunks by
+//! their token counts, so a split calibration set scores the same as a whole one.
 
 use burn::prelude::*;
 use kernels::QuantBackend;
 use model_llama::model::Rope;
-use model_llama::{DecoderLayer, LayerInputs, LayerTrace, Linear, LinearKind};
+use model_llama::{DecoderLayer, LayerTrace, Linear, LinearKind};
 
-/// Cached intermediate tensors of the layer's current state.
-pub struct SubBlockState<B: QuantBackend> {
+use crate::stats::SubBlockInputs;
+
+/// The attention sub-block's state on a chunk: rotated q, k, v and the context (`o_proj`'s input).
+pub struct AttnState<B: QuantBackend> {
     q: Tensor<B, 3>,
     k: Tensor<B, 3>,
     v: Tensor<B, 3>,
-    /// Input of `o_proj`.
     context: Tensor<B, 3>,
-    gate: Tensor<B, 3>,
-    up: Tensor<B, 3>,
-    /// Input of `down_proj`.
-    down_in: Tensor<B, 3>,
-    /// `WᵀW` of `o_proj` (still full precision while q, k, v are scored), when the Gram form of
-    /// their error is the cheaper one.
-    o_gram: Option<Tensor<B, 2>>,
 }
 
-/// A candidate's error and the state it leads to (kept so that the winner need not be
-/// recomputed).
-pub struct Scored<B: QuantBackend> {
-    pub error: f64,
-    update: Option<Update<B>>,
+/// The MLP sub-block's state on a chunk: gate and up outputs and `down_proj`'s input.
+pub struct MlpState<B: QuantBackend> {
+    gate: Tensor<B, 3>,
+    up: Tensor<B, 3>,
+    down_in: Tensor<B, 3>,
+}
+
+/// Both sub-blocks' state on a chunk, kept between linears when memory allows.
+pub struct ChunkState<B: QuantBackend> {
+    pub attn: AttnState<B>,
+    pub mlp: MlpState<B>,
+}
+
+impl<B: QuantBackend> ChunkState<B> {
+    /// The state straight after the layer's full-precision forward.
+    pub fn from_trace(t: &LayerTrace<B>) -> Self {
+        Self {
+            attn: AttnState {
+                q: t.q.clone(),
+                k: t.k.clone(),
+                v: t.v.clone(),
+                context: t.inputs.o_in.clone(),
+            },
+            mlp: MlpState {
+                gate: t.gate.clone(),
+                up: t.up.clone(),
+                down_in: t.inputs.down_in.clone(),
+            },
+        }
+    }
+}
+
+impl<B: QuantBackend> AttnState<B> {
+    /// The state of `layer`'s current linears on the sub-block input `attn_in`.
+    pub fn compute(layer: &DecoderLayer<B>, attn_in: Tensor<B, 3>, rope: &Rope<B>) -> Self {
+        let attn = &layer.self_attn;
+        let (q, k, v) = attn.qkv(attn_in, rope, 0);
+        let context = attn.attend(q.clone(), k.clone(), v.clone());
+        Self { q, k, v, context }
+    }
+}
+
+impl<B: QuantBackend> MlpState<B> {
+    /// The state of `layer`'s current linears on the sub-block input `mlp_in`.
+    pub fn compute(layer: &DecoderLayer<B>, mlp_in: Tensor<B, 3>) -> Self {
+        let gate = layer.mlp.gate_proj.forward(mlp_in.clone());
+        let up = layer.mlp.up_proj.forward(mlp_in);
+        let down_in = B::swiglu(gate.clone(), up.clone());
+        Self { gate, up, down_in }
+    }
 }
 
 /// A changed projection and the changed input of its sub-block's last linear.
-struct Update<B: QuantBackend> {
+pub struct Update<B: QuantBackend> {
     proj: Tensor<B, 3>,
     last_in: Tensor<B, 3>,
+}
+
+/// Whether the quantized state of `kind` changes a later score. o and down are scored on their
+/// own output, which no later linear of the layer reads.
+pub fn carries(kind: LinearKind) -> bool {
+    !matches!(kind, LinearKind::O | LinearKind::Down)
+}
+
+/// `WᵀW` of `o_proj`, shared by every q, k, v candidate of a layer, when the Gram form of their
+/// error is the cheaper one. Taken while o_proj is still full precision.
+pub fn o_proj_gram<B: QuantBackend>(layer: &DecoderLayer<B>) -> Option<Tensor<B, 2>> {
+    let o_t = dense_t(&layer.self_attn.o_proj);
+    let [inp, out] = o_t.dims();
+    gram_is_cheaper([out, inp], 1).then(|| weight_gram(o_t))
+}
+
+/// The attention state with q, k or v replaced by `linear`.
+fn attn_update<B: QuantBackend>(
+    layer: &DecoderLayer<B>,
+    state: &AttnState<B>,
+    attn_in: Tensor<B, 3>,
+    rope: &Rope<B>,
+    kind: LinearKind,
+    linear: &Linear<B>,
+) -> Update<B> {
+    let attn = &layer.self_attn;
+    let p = attn.project(kind, linear, attn_in, rope, 0);
+    let (q, k, v) = match kind {
+        LinearKind::Q => (p.clone(), state.k.clone(), state.v.clone()),
+        LinearKind::K => (state.q.clone(), p.clone(), state.v.clone()),
+        _ => (state.q.clone(), state.k.clone(), p.clone()),
+    };
+    Update {
+        last_in: attn.attend(q, k, v),
+        proj: p,
+    }
+}
+
+/// The MLP state with gate or up replaced by `linear`.
+fn mlp_update<B: QuantBackend>(
+    state: &MlpState<B>,
+    mlp_in: Tensor<B, 3>,
+    kind: LinearKind,
+    linear: &Linear<B>,
+) -> Update<B> {
+    let p = linear.forward(mlp_in);
+    let (g, u) = match kind {
+        LinearKind::Gate => (p.clone(), state.up.clone()),
+        _ => (state.gate.clone(), p.clone()),
+    };
+    Update {
+        last_in: B::swiglu(g, u),
+        proj: p,
+    }
+}
+
+/// The error of an update, measured after the sub-block's last linear `last`: on the difference
+/// of its inputs, through `last`'s `WᵀW` when given.
+fn update_error<B: QuantBackend>(
+    update: &Update<B>,
+    reference: &Tensor<B, 3>,
+    last: &Linear<B>,
+    last_gram: Option<&Tensor<B, 2>>,
+) -> f64 {
+    let diff = update.last_in.clone().sub(reference.clone());
+    match last_gram {
+        Some(w_gram) => {
+            let [blocks, t, _] = diff.dims();
+            let out = dense_t(last).dims()[1];
+            mean_square_from_grams(gram(&diff), w_gram.clone(), blocks * t, out)
+        }
+        None => mean_square(last.forward(diff)),
+    }
+}
+
+/// Mean square error of the attention sub-block's output on one chunk when q, k or v is
+/// replaced by `candidate` in the state `state`; with the state it leads to.
+pub fn attn_error<B: QuantBackend>(
+    layer: &DecoderLayer<B>,
+    state: &AttnState<B>,
+    attn_in: &Tensor<B, 3>,
+    rope: &Rope<B>,
+    kind: LinearKind,
+    candidate: &Linear<B>,
+    o_gram: Option<&Tensor<B, 2>>,
+) -> (f64, Update<B>) {
+    let update = attn_update(layer, state, attn_in.clone(), rope, kind, candidate);
+    let error = update_error(&update, &state.context, &layer.self_attn.o_proj, o_gram);
+    (error, update)
+}
+
+/// Mean square error of the MLP sub-block's output on one chunk when gate or up is replaced by
+/// `candidate` in the state `state`; with the state it leads to.
+pub fn mlp_error<B: QuantBackend>(
+    layer: &DecoderLayer<B>,
+    state: &MlpState<B>,
+    mlp_in: &Tensor<B, 3>,
+    kind: LinearKind,
+    candidate: &Linear<B>,
+) -> (f64, Update<B>) {
+    let update = mlp_update(state, mlp_in.clone(), kind, candidate);
+    let error = update_error(&update, &state.down_in, &layer.mlp.down_proj, None);
+    (error, update)
+}
+
+/// [`attn_error`] or [`mlp_error`], by the sub-block `kind` (q, k, v, gate or up) belongs to.
+pub fn sub_block_error<B: QuantBackend>(
+    layer: &DecoderLayer<B>,
+    state: &ChunkState<B>,
+    inputs: &SubBlockInputs<B>,
+    rope: &Rope<B>,
+    kind: LinearKind,
+    candidate: &Linear<B>,
+    o_gram: Option<&Tensor<B, 2>>,
+) -> (f64, Update<B>) {
+    match kind {
+        LinearKind::Q | LinearKind::K | LinearKind::V => attn_error(
+            layer,
+            &state.attn,
+            &inputs.attn_in,
+            rope,
+            kind,
+            candidate,
+            o_gram,
+        ),
+        LinearKind::Gate | LinearKind::Up => {
+            mlp_error(layer, &state.mlp, &inputs.mlp_in, kind, candidate)
+        }
+        other => panic!("{other:?} is the last linear of its sub-block"),
+    }
+}
+
+impl<B: QuantBackend> ChunkState<B> {
+    /// Makes a scored candidate of `kind` part of the state.
+    pub fn apply(&mut self, kind: LinearKind, Update { proj, last_in }: Update<B>) {
+        match kind {
+            LinearKind::Q => (self.attn.q, self.attn.context) = (proj, last_in),
+            LinearKind::K => (self.attn.k, self.attn.context) = (proj, last_in),
+            LinearKind::V => (self.attn.v, self.attn.context) = (proj, last_in),
+            LinearKind::Gate => (self.mlp.gate, self.mlp.down_in) = (proj, last_in),
+            LinearKind::Up => (self.mlp.up, self.mlp.down_in) = (proj, last_in),
+            LinearKind::O | LinearKind::Down => {}
+        }
+    }
+
+    /// Makes `linear` (a weight that was not scored, e.g. GPTQ's) the state of `kind`.
+    pub fn adopt(
+        &mut self,
+        layer: &DecoderLayer<B>,
+        inputs: &SubBlockInputs<B>,
+        rope: &Rope<B>,
+        kind: LinearKind,
+        linear: &Linear<B>,
+    ) {
+        let update = match kind {
+            LinearKind::Q | LinearKind::K | LinearKind::V => attn_update(
+                layer,
+                &self.attn,
+                inputs.attn_in.clone(),
+                rope,
+                kind,
+                linear,
+            ),
+            LinearKind::Gate | LinearKind::Up => {
+                mlp_update(&self.mlp, inputs.mlp_in.clone(), kind, linear)
+            }
+            LinearKind::O | LinearKind::Down => return,
+        };
+        self.apply(kind, update);
+    }
+}
+
+/// A mean over calibration tokens accumulated chunk by chunk.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ErrorSum {
+    weighted: f64,
+    tokens: usize,
+}
+
+impl ErrorSum {
+    /// Adds a chunk's mean over `tokens` tokens.
+    pub fn add(&mut self, mean: f64, tokens: usize) {
+        self.weighted += mean * tokens as f64;
+        self.tokens += tokens;
+    }
+
+    /// The mean over every token added (exactly the one chunk's mean when there is one).
+    pub fn mean(&self) -> f64 {
+        self.weighted / self.tokens.max(1) as f64
+    }
 }
 
 fn mean_square<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
@@ -82,157 +314,26 @@ pub fn gram_is_cheaper([out, inp]: [usize; 2], outputs: usize) -> bool {
     4 * inp <= 5 * outputs * out
 }
 
-impl<B: QuantBackend> SubBlockState<B> {
-    /// The state of a layer straight after its full-precision forward.
-    pub fn new(trace: &LayerTrace<B>, layer: &DecoderLayer<B>) -> Self {
-        let t = trace.clone();
-        let o_t = dense_t(&layer.self_attn.o_proj);
-        let [inp, out] = o_t.dims();
-        Self {
-            o_gram: gram_is_cheaper([out, inp], 1).then(|| weight_gram(o_t)),
-            q: t.q,
-            k: t.k,
-            v: t.v,
-            context: t.inputs.o_in,
-            gate: t.gate,
-            up: t.up,
-            down_in: t.inputs.down_in,
-        }
-    }
-
-    /// The state after replacing the projection `kind` (q, k, v, gate or up) by `linear`.
-    fn update(
-        &self,
-        layer: &DecoderLayer<B>,
-        inputs: &LayerInputs<B>,
-        rope: &Rope<B>,
-        kind: LinearKind,
-        linear: &Linear<B>,
-    ) -> Update<B> {
-        let attn = &layer.self_attn;
-        match kind {
-            LinearKind::Q | LinearKind::K | LinearKind::V => {
-                let p = attn.project(kind, linear, inputs.attn_in.clone(), rope, 0);
-                let (q, k, v) = match kind {
-                    LinearKind::Q => (p.clone(), self.k.clone(), self.v.clone()),
-                    LinearKind::K => (self.q.clone(), p.clone(), self.v.clone()),
-                    _ => (self.q.clone(), self.k.clone(), p.clone()),
-                };
-                Update {
-                    last_in: attn.attend(q, k, v),
-                    proj: p,
-                }
-            }
-            LinearKind::Gate | LinearKind::Up => {
-                let p = linear.forward(inputs.mlp_in.clone());
-                let (g, u) = match kind {
-                    LinearKind::Gate => (p.clone(), self.up.clone()),
-                    _ => (self.gate.clone(), p.clone()),
-                };
-                Update {
-                    last_in: B::swiglu(g, u),
-                    proj: p,
-                }
-            }
-            other => panic!("{other:?} is the last linear of its sub-block"),
-        }
-    }
-
-    /// Output error of replacing `kind` by `candidate` in the current state of `layer`. For o
-    /// and down, `input_gram` is `XᵀX` of their input when the caller has it (see [`gram`]).
-    pub fn score(
-        &self,
-        layer: &DecoderLayer<B>,
-        inputs: &LayerInputs<B>,
-        rope: &Rope<B>,
-        kind: LinearKind,
-        candidate: &Linear<B>,
-        input_gram: Option<&Tensor<B, 2>>,
-    ) -> Scored<B> {
-        if !Self::carries(kind) {
-            return Scored {
-                error: own_output_error(layer.linear(kind), candidate, inputs.of(kind), input_gram),
-                update: None,
-            };
-        }
-        let update = self.update(layer, inputs, rope, kind, candidate);
-        let (reference, last, last_gram) = match kind {
-            LinearKind::Gate | LinearKind::Up => (&self.down_in, &layer.mlp.down_proj, None),
-            _ => (&self.context, &layer.self_attn.o_proj, self.o_gram.as_ref()),
-        };
-        let diff = update.last_in.clone().sub(reference.clone());
-        let error = match last_gram {
-            Some(w_gram) => {
-                let [blocks, t, _] = diff.dims();
-                let out = dense_t(last).dims()[1];
-                mean_square_from_grams(gram(&diff), w_gram.clone(), blocks * t, out)
-            }
-            None => mean_square(last.forward(diff)),
-        };
-        Scored {
-            error,
-            update: Some(update),
-        }
-    }
-
-    /// Whether the quantized state of `kind` changes a later score. o and down are scored on
-    /// their own output, which no later linear of the layer reads.
-    pub fn carries(kind: LinearKind) -> bool {
-        !matches!(kind, LinearKind::O | LinearKind::Down)
-    }
-
-    /// Makes a scored candidate part of the current state.
-    pub fn commit(&mut self, kind: LinearKind, scored: Scored<B>) {
-        if let Some(update) = scored.update {
-            self.apply(kind, update);
-        }
-    }
-
-    /// Makes `linear` (a weight that was not scored, e.g. GPTQ's) the state of `kind`.
-    pub fn adopt(
-        &mut self,
-        layer: &DecoderLayer<B>,
-        inputs: &LayerInputs<B>,
-        rope: &Rope<B>,
-        kind: LinearKind,
-        linear: &Linear<B>,
-    ) {
-        if Self::carries(kind) {
-            let update = self.update(layer, inputs, rope, kind, linear);
-            self.apply(kind, update);
-        }
-    }
-
-    fn apply(&mut self, kind: LinearKind, Update { proj, last_in }: Update<B>) {
-        match kind {
-            LinearKind::Q => (self.q, self.context) = (proj, last_in),
-            LinearKind::K => (self.k, self.context) = (proj, last_in),
-            LinearKind::V => (self.v, self.context) = (proj, last_in),
-            LinearKind::Gate => (self.gate, self.down_in) = (proj, last_in),
-            LinearKind::Up => (self.up, self.down_in) = (proj, last_in),
-            LinearKind::O | LinearKind::Down => {}
-        }
-    }
+/// `Ŵᵀ − Wᵀ` of a candidate against the layer's linear.
+pub fn delta_t<B: QuantBackend>(original: &Linear<B>, candidate: &Linear<B>) -> Tensor<B, 2> {
+    // Differences are taken on the stored `Wᵀ`, so no weight is transposed.
+    dense_t(candidate).sub(dense_t(original))
 }
 
-/// `mean((X·(Ŵ − W)ᵀ)²)` over the `N × OC` outputs. With `G = XᵀX` it is
+/// `mean((X·ΔWᵀ)²)` over the `N × OC` outputs of one chunk's input `x`.
+pub fn own_output_error_direct<B: QuantBackend>(delta_t: &Tensor<B, 2>, x: &Tensor<B, 3>) -> f64 {
+    mean_square(B::dense_linear(x.clone(), delta_t.clone()))
+}
+
+/// `mean((X·ΔWᵀ)²)` over `tokens × OC` outputs from `G = XᵀX` over those tokens:
 /// `Σ(G ⊙ ΔWᵀΔW)/(N·OC)`, which costs about `IC²·OC/2` instead of `N·IC·OC`.
-fn own_output_error<B: QuantBackend>(
-    original: &Linear<B>,
-    candidate: &Linear<B>,
-    x: &Tensor<B, 3>,
-    gram: Option<&Tensor<B, 2>>,
+pub fn own_output_error_gram<B: QuantBackend>(
+    delta_t: &Tensor<B, 2>,
+    x_gram: &Tensor<B, 2>,
+    tokens: usize,
 ) -> f64 {
-    // Differences are taken on the stored `Wᵀ`, so no weight is transposed.
-    let delta_t = dense_t(candidate).sub(dense_t(original));
-    match gram {
-        Some(g) => {
-            let [blocks, t, _] = x.dims();
-            let out = delta_t.dims()[1];
-            mean_square_from_grams(g.clone(), weight_gram(delta_t), blocks * t, out)
-        }
-        None => mean_square(B::dense_linear(x.clone(), delta_t)),
-    }
+    let out = delta_t.dims()[1];
+    mean_square_from_grams(x_gram.clone(), weight_gram(delta_t.clone()), tokens, out)
 }
 
 /// The pipeline quantizes a dense copy of each layer, so every linear it scores is dense.
@@ -259,7 +360,8 @@ mod tests {
         let noise = Tensor::<B, 2>::random([48, 20], Distribution::Normal(0.0, 0.05), &device);
         let x = Tensor::<B, 3>::random([3, 7, 48], Distribution::Normal(0.0, 2.0), &device);
         let (w, c) = (dense(w_t.clone()), dense(w_t.add(noise.clone())));
-        let direct = own_output_error(&w, &c, &x, None);
+        let d = delta_t(&w, &c);
+        let direct = own_output_error_direct(&d, &x);
         // The form the q, k, v scores take through o_proj's `WᵀW`.
         let from_grams = mean_square_from_grams(gram(&x), weight_gram(noise.clone()), 21, 20);
         let expected = mean_square(B::dense_linear(x.clone(), noise.clone()));
@@ -267,11 +369,22 @@ mod tests {
             (expected - from_grams).abs() <= 1e-4 * expected,
             "{expected} vs {from_grams}"
         );
-        let via_gram = own_output_error(&w, &c, &x, Some(&gram(&x)));
+        let via_gram = own_output_error_gram(&d, &gram(&x), 21);
         assert!(direct > 0.0);
         assert!(
             (direct - via_gram).abs() <= 1e-4 * direct,
             "{direct} vs {via_gram}"
         );
+    }
+
+    #[test]
+    fn chunk_means_weighted_by_tokens_give_the_whole_mean() {
+        let mut s = ErrorSum::default();
+        s.add(2.0, 3);
+        s.add(4.0, 1);
+        assert_eq!(s.mean(), 2.5);
+        let mut one = ErrorSum::default();
+        one.add(0.1f32 as f64, 14_160);
+        assert_eq!(one.mean(), 0.1f32 as f64);
     }
 }

@@ -147,6 +147,7 @@ fn opts(policy: DimPolicy) -> QuantizeOptions {
         method: Method::Rtn,
         policy,
         gptq: Default::default(),
+        max_memory: None,
     }
 }
 
@@ -311,10 +312,17 @@ fn bad_options_are_typed_errors() {
             group_size,
             ..opts(DimPolicy::Ada)
         };
-        quantize_model::<B>(&src, &calib(97, 1), &o, &Default::default())
+        let e = quantize_model::<B>(&src, &calib(97, 1), &o, &Default::default())
             .err()
-            .unwrap()
-            .to_string()
+            .unwrap();
+        // The cause is the error's source, not part of its own message.
+        let mut shown = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            shown = format!("{shown}: {c}");
+            cause = c.source();
+        }
+        shown
     };
     assert!(
         run_with(5, 32).contains("unsupported bit width 5"),

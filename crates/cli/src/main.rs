@@ -2,11 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use adadim::{DimPolicy, Method, RunReport, RunSpec};
-use anyhow::{Context, Result, bail};
+use adadim::{CalibOptions, DimPolicy, Method, RunReport, RunSpec};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use model_llama::generate::{GenerateOptions, generate};
-use model_llama::{OpenModel, open_model};
+use model_llama::{InvalidOption, OpenModel, open_checkpoint, open_model};
 
 /// Tensor ops allocate a fresh buffer per result; mimalloc reuses freed pages where glibc maps
 /// and zeroes every large buffer anew (page faults were ~15% of an evaluation).
@@ -48,8 +48,11 @@ enum Cmd {
         gguf: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Replace this tool's files in a non-empty --out (other files are kept).
+        #[arg(long)]
+        overwrite: bool,
     },
-    /// Perplexity on a text (SPEC §5): non-overlapping windows of `seqlen` tokens.
+    /// Perplexity on a text (docs/method.md §5): non-overlapping windows of `seqlen` tokens.
     Eval {
         /// GGUF file, Hugging Face directory or packed AdaDim directory.
         #[arg(long)]
@@ -115,6 +118,17 @@ struct QuantizeArgs {
     /// Also write a fake-quant (dense f16) export here.
     #[arg(long)]
     fake_quant: Option<PathBuf>,
+    /// Replace this tool's files in a non-empty --out / --fake-quant (other files are kept).
+    #[arg(long)]
+    overwrite: bool,
+    /// Continue an interrupted run (kept in <out>.adadim-partial) from its last finished layer;
+    /// the model, calibration text and options must be the same.
+    #[arg(long)]
+    resume: bool,
+    /// Memory the run may use, in GiB (default: 90% of the available memory). The run predicts
+    /// its peak before starting and says what to change if it does not fit.
+    #[arg(long, value_name = "GIB")]
+    max_memory: Option<f64>,
 }
 
 impl From<QuantizeArgs> for RunSpec {
@@ -131,6 +145,9 @@ impl From<QuantizeArgs> for RunSpec {
             dim: a.dim,
             out: a.out,
             fake_quant: a.fake_quant,
+            overwrite: a.overwrite,
+            resume: a.resume,
+            max_memory_gib: a.max_memory,
         }
     }
 }
@@ -149,15 +166,100 @@ fn main() {
     }
 }
 
+/// Model errors name the file themselves.
 fn open(path: &Path) -> Result<OpenModel> {
-    open_model(path).with_context(|| format!("cannot open model {}", path.display()))
+    open_model(path).context("cannot open the model")
+}
+
+/// A library option error, shown under the command-line flag that set the option.
+fn flag_error(e: InvalidOption, flags: &[(&str, &str)]) -> anyhow::Error {
+    let flag = flags
+        .iter()
+        .find(|(option, _)| *option == e.option)
+        .map_or(e.option, |(_, flag)| flag);
+    anyhow!("invalid {flag}: {}", e.reason)
+}
+
+/// An output directory is created (with its missing parents) only at the end of a run: the
+/// closest existing ancestor must be a directory, or the run's work would be lost.
+fn check_output_dir(flag: &str, out: &Path) -> Result<()> {
+    for ancestor in out.ancestors().skip(1) {
+        if ancestor.as_os_str().is_empty() {
+            break;
+        }
+        match std::fs::metadata(ancestor) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => bail!(
+                "invalid {flag} {}: {} is not a directory",
+                out.display(),
+                ancestor.display()
+            ),
+            // A missing ancestor is created; other errors surface when the output is written.
+            Err(_) => continue,
+        }
+    }
+    Ok(())
+}
+
+/// What perplexity needs of `--seqlen` and `--windows`, whatever the model.
+fn check_eval_options(seqlen: usize, windows: Option<usize>) -> Result<()> {
+    if windows == Some(0) {
+        bail!("invalid --windows: 0 windows evaluate nothing; need at least 1");
+    }
+    if seqlen < 2 {
+        bail!("invalid --seqlen: a window of {seqlen} tokens predicts nothing; need at least 2");
+    }
+    Ok(())
+}
+
+/// A sequence length set by `flag` must fit in the model's context.
+fn check_context(flag: &str, len: usize, config: &model_llama::LlamaConfig) -> Result<()> {
+    let context = config.context_length();
+    if len > context {
+        bail!("invalid {flag}: {len} exceeds the model's context of {context} positions");
+    }
+    Ok(())
+}
+
+/// Everything about a quantization run that can be checked before it starts.
+fn check_quantize_args(args: &QuantizeArgs) -> Result<()> {
+    CalibOptions {
+        n_samples: args.calib_samples,
+        seqlen: args.calib_seqlen,
+        shuffle_seed: args.calib_seed,
+    }
+    .validate()
+    .map_err(|e| {
+        flag_error(
+            e,
+            &[
+                ("n_samples", "--calib-samples"),
+                ("seqlen", "--calib-seqlen"),
+            ],
+        )
+    })?;
+    check_output_dir("--out", &args.out)?;
+    if let Some(fake) = &args.fake_quant {
+        check_output_dir("--fake-quant", fake)?;
+        if fake == &args.out {
+            bail!("invalid --fake-quant: it is the --out directory");
+        }
+    }
+    // The header alone (no weights) gives the context.
+    let src = open_checkpoint(&args.model).context("cannot open the model")?;
+    check_context("--calib-seqlen", args.calib_seqlen, src.config())
 }
 
 fn run(cli: Cli) -> Result<()> {
     let device = Default::default();
     match cli.cmd {
-        Cmd::Convert { gguf, out } => {
-            let dir = model_llama::export::write_hf_dir(&open(&gguf)?, &out)?;
+        Cmd::Convert {
+            gguf,
+            out,
+            overwrite,
+        } => {
+            check_output_dir("--out", &out)?;
+            let dir = model_llama::export::write_hf_dir(&open(&gguf)?, &out, overwrite)?;
             println!("wrote {}", dir.display());
         }
         Cmd::Eval {
@@ -166,10 +268,19 @@ fn run(cli: Cli) -> Result<()> {
             seqlen,
             windows,
         } => {
+            check_eval_options(seqlen, windows)?;
             let m = open(&model)?;
+            check_context("--seqlen", seqlen, m.source.config())?;
             let text_str = std::fs::read_to_string(&text)
                 .with_context(|| format!("cannot read {}", text.display()))?;
             let tokens = m.tokenizer.encode(&text_str)?;
+            if tokens.len() < seqlen {
+                bail!(
+                    "{}: the text has {} tokens, fewer than one window of --seqlen {seqlen}",
+                    text.display(),
+                    tokens.len()
+                );
+            }
             // Layer by layer: memory is one decoder layer and the windows' hidden states, not
             // the model.
             let r = m.perplexity::<Backend>(&tokens, seqlen, windows, &device)?;
@@ -195,10 +306,6 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let m = open(&model)?;
             let ids = m.tokenizer.encode(&prompt)?;
-            if ids.is_empty() {
-                bail!("the prompt is empty");
-            }
-            let llama = m.load::<Backend>(&device)?;
             let opts = GenerateOptions {
                 max_new_tokens: max_tokens,
                 temperature,
@@ -207,6 +314,18 @@ fn run(cli: Cli) -> Result<()> {
                 use_cache: !no_cache,
                 stop_token: m.tokenizer.eos_id(),
             };
+            opts.validate(ids.len(), m.source.config()).map_err(|e| {
+                flag_error(
+                    e,
+                    &[
+                        ("temperature", "--temperature"),
+                        ("top_p", "--top-p"),
+                        ("max_new_tokens", "--max-tokens"),
+                        ("prompt", "--prompt"),
+                    ],
+                )
+            })?;
+            let llama = m.load::<Backend>(&device)?;
             let g = generate(&llama, &ids, &opts);
             println!("{prompt}{}", m.tokenizer.decode(&g.tokens)?);
             eprintln!(
@@ -218,6 +337,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Quantize(args) => {
+            check_quantize_args(&args)?;
             let spec = RunSpec::from(args);
             let report = adadim::run::<Backend>(&spec, &device)?;
             println!("wrote {}", spec.out.display());

@@ -1,25 +1,16 @@
-//! Bad input to `adadim quantize`: a clear error naming the file or problem, a non-zero exit,
-//! and no output left behind.
+//! Bad input to `adadim`: a clear error naming the file, option or problem (each cause stated
+//! once), a non-zero exit, and no output left behind.
 
+use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::path::Path;
 use std::process::Command;
 
-fn quantize(model: &Path, calib: &Path, extra: &[&str], out: &Path) -> (bool, String) {
+/// Runs `adadim args...` in `cwd`; returns success and stderr.
+fn adadim(cwd: &Path, args: &[OsString]) -> (bool, String) {
     let o = Command::new(env!("CARGO_BIN_EXE_adadim"))
-        .arg("quantize")
-        .arg("--model")
-        .arg(model)
-        .arg("--calib")
-        .arg(calib)
-        .args(["--calib-samples", "4", "--calib-seqlen", "512"])
-        .args(if extra.contains(&"--group-size") {
-            &[][..]
-        } else {
-            &["--group-size", "64"][..]
-        })
-        .args(extra)
-        .arg("--out")
-        .arg(out)
+        .current_dir(cwd)
+        .args(args)
         .output()
         .unwrap();
     (
@@ -28,24 +19,67 @@ fn quantize(model: &Path, calib: &Path, extra: &[&str], out: &Path) -> (bool, St
     )
 }
 
-fn leftovers(dir: &Path) -> Vec<String> {
+fn os(items: &[&str]) -> Vec<OsString> {
+    items.iter().map(OsString::from).collect()
+}
+
+/// `adadim quantize` with small defaults for whatever `extra` does not set.
+fn quantize(dir: &Path, model: &Path, calib: &Path, extra: &[&str], out: &Path) -> (bool, String) {
+    let mut args = os(&["quantize", "--model"]);
+    args.extend([model.into(), "--calib".into(), calib.into()]);
+    for (flag, value) in [
+        ("--calib-samples", "4"),
+        ("--calib-seqlen", "512"),
+        ("--group-size", "64"),
+    ] {
+        if !extra.contains(&flag) {
+            args.extend(os(&[flag, value]));
+        }
+    }
+    args.extend(os(extra));
+    if !extra.contains(&"--out") {
+        args.extend(["--out".into(), out.into()]);
+    }
+    adadim(dir, &args)
+}
+
+fn listing(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("out"))
         .collect()
+}
+
+/// Fails, names everything in `expect` exactly once, and leaves `dir` as it was.
+fn check_failure(dir: &Path, what: &str, run: impl FnOnce() -> (bool, String), expect: &[&str]) {
+    let before = listing(dir);
+    let (ok, stderr) = run();
+    assert!(!ok, "{what} succeeded");
+    for e in expect {
+        assert_eq!(
+            stderr.matches(e).count(),
+            1,
+            "{what}: expected `{e}` exactly once in: {stderr}"
+        );
+    }
+    assert_eq!(listing(dir), before, "{what} left files behind");
 }
 
 #[test]
 fn bad_inputs_fail_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
+    let d = dir.path();
+    let out = d.join("out");
     let model = model_llama::assets::smollm2_gguf().unwrap();
     let calib = model_llama::assets::repo_asset("lee-news.txt");
-    let empty = dir.path().join("empty.txt");
+    let empty = d.join("empty.txt");
     std::fs::write(&empty, "\n\n").unwrap();
-    let truncated = dir.path().join("truncated.gguf");
+    let truncated = d.join("truncated.gguf");
     std::fs::write(&truncated, &std::fs::read(&model).unwrap()[..4096]).unwrap();
+    let plain = d.join("plain-file");
+    std::fs::write(&plain, "not a directory").unwrap();
+    let under_file = plain.join("out");
+    let under_file = under_file.to_str().unwrap();
 
     let cases: Vec<(&Path, &Path, Vec<&str>, Vec<&str>)> = vec![
         (
@@ -70,7 +104,7 @@ fn bad_inputs_fail_cleanly() {
             &model,
             &calib,
             vec!["--bits", "5"],
-            vec!["unsupported bit width 5"],
+            vec!["unsupported bit width 5", "expected 2, 3, 4 or 8"],
         ),
         (
             &model,
@@ -84,17 +118,115 @@ fn bad_inputs_fail_cleanly() {
             vec!["--dim", "ic:foo"],
             vec!["unknown linear `foo`"],
         ),
+        (
+            &model,
+            &calib,
+            vec!["--calib-samples", "0"],
+            vec!["invalid --calib-samples"],
+        ),
+        (
+            &model,
+            &calib,
+            vec!["--calib-seqlen", "0"],
+            vec!["invalid --calib-seqlen"],
+        ),
+        (
+            &model,
+            &calib,
+            vec!["--calib-seqlen", "9000"],
+            vec!["invalid --calib-seqlen", "8192"],
+        ),
+        (
+            &model,
+            &calib,
+            vec!["--out", under_file],
+            vec!["invalid --out", "plain-file is not a directory"],
+        ),
+        (
+            &model,
+            &calib,
+            vec!["--fake-quant", under_file],
+            vec!["invalid --fake-quant", "plain-file is not a directory"],
+        ),
     ];
     for (m, c, extra, expect) in cases {
-        let (ok, stderr) = quantize(m, c, &extra, &out);
-        assert!(!ok, "{extra:?} succeeded");
-        for e in expect {
-            assert!(stderr.contains(e), "{extra:?}: expected `{e}` in: {stderr}");
+        let what = format!("quantize {extra:?}");
+        check_failure(d, &what, || quantize(d, m, c, &extra, &out), &expect);
+    }
+}
+
+#[test]
+fn bad_generate_and_eval_options_fail_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = model_llama::assets::smollm2_gguf().unwrap();
+    let text = model_llama::assets::repo_asset("wiki-eval.txt");
+    let short = d.join("short.txt");
+    std::fs::write(&short, "Only a few words.").unwrap();
+    let run = |args: &[&str], model: &Path, text: &Path| {
+        let mut all = os(&args[..1]);
+        all.extend(["--model".into(), model.into()]);
+        if args[0] == "eval" {
+            all.extend(["--text".into(), text.into()]);
+        } else {
+            all.extend(os(&["--prompt", "The capital of France is"]));
         }
-        assert!(
-            leftovers(dir.path()).is_empty(),
-            "{extra:?} left {:?}",
-            leftovers(dir.path())
+        all.extend(os(&args[1..]));
+        adadim(d, &all)
+    };
+    let cases: Vec<(Vec<&str>, &Path, Vec<&str>)> = vec![
+        (
+            vec!["generate", "--top-p", "2"],
+            &text,
+            vec!["invalid --top-p", "(0, 1]"],
+        ),
+        (
+            vec!["generate", "--top-p", "0"],
+            &text,
+            vec!["invalid --top-p"],
+        ),
+        (
+            vec!["generate", "--temperature=-1"],
+            &text,
+            vec!["invalid --temperature"],
+        ),
+        (
+            vec!["generate", "--temperature", "nan"],
+            &text,
+            vec!["invalid --temperature"],
+        ),
+        (
+            vec!["generate", "--max-tokens", "9000"],
+            &text,
+            vec!["invalid --max-tokens", "9000 new tokens", "8192"],
+        ),
+        (
+            vec!["eval", "--windows", "0"],
+            &text,
+            vec!["invalid --windows"],
+        ),
+        (
+            vec!["eval", "--seqlen", "1"],
+            &text,
+            vec!["invalid --seqlen"],
+        ),
+        (
+            vec!["eval", "--seqlen", "9000"],
+            &text,
+            vec!["invalid --seqlen", "8192"],
+        ),
+        (
+            vec!["eval", "--seqlen", "64"],
+            &short,
+            vec!["short.txt", "fewer than one window of --seqlen 64"],
+        ),
+    ];
+    for (args, text, expect) in cases {
+        check_failure(
+            d,
+            &format!("{args:?}"),
+            || run(&args, &model, text),
+            &expect,
         );
     }
 }

@@ -67,6 +67,13 @@ impl LlamaConfig {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// The most positions a loaded model runs: `max_position_embeddings`, capped at the length
+    /// of the rotary table the loader builds.
+    pub fn context_length(&self) -> usize {
+        self.max_position_embeddings
+            .min(crate::model::MAX_ROPE_POSITIONS)
+    }
+
     /// Checks the invariants the model relies on.
     pub fn validate(&self) -> std::result::Result<(), String> {
         let nonzero = [

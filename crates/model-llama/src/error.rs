@@ -3,9 +3,12 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 /// Errors from loading, converting or running a model. Every file error names the file.
+///
+/// A variant with a `#[source]` leaves the cause out of its own message: reporters that walk
+/// the chain (anyhow's `{:#}`) would otherwise print it twice.
 #[derive(Debug, Error)]
 pub enum ModelError {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -39,6 +42,24 @@ pub enum ModelError {
     Quant(#[from] quant_core::QuantError),
 }
 
+/// An option value that cannot work, caught before any work starts. `option` is the field's
+/// name; a front end may show it under its own spelling (a command-line flag).
+#[derive(Clone, Debug, Error, PartialEq)]
+#[error("invalid {option}: {reason}")]
+pub struct InvalidOption {
+    pub option: &'static str,
+    pub reason: String,
+}
+
+impl InvalidOption {
+    pub fn new(option: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            option,
+            reason: reason.into(),
+        }
+    }
+}
+
 impl ModelError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
@@ -56,3 +77,40 @@ impl ModelError {
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The message and its sources joined as anyhow's `{:#}` shows them.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            out.push_str(": ");
+            out.push_str(&s.to_string());
+            cur = s.source();
+        }
+        out
+    }
+
+    #[test]
+    fn io_error_states_its_cause_once() {
+        let e = ModelError::io("/x/out", std::io::Error::from_raw_os_error(20));
+        let cause = std::io::Error::from_raw_os_error(20).to_string();
+        let shown = chain(&e);
+        assert_eq!(shown.matches(&cause).count(), 1, "{shown}");
+        assert!(shown.starts_with("/x/out: "), "{shown}");
+    }
+
+    #[test]
+    fn quant_error_states_its_cause_once() {
+        let e = ModelError::from(quant_core::QuantError::UnsupportedBits(5));
+        let shown = chain(&e);
+        assert_eq!(
+            shown.matches("unsupported bit width 5").count(),
+            1,
+            "{shown}"
+        );
+    }
+}

@@ -1,14 +1,14 @@
-//! Writing Hugging Face directories (`config.json` + `model.safetensors`).
+//! Writing Hugging Face directories (`config.json`, safetensors shards, `tokenizer.json`).
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use half::f16;
-use safetensors::tensor::{Dtype, View};
+use safetensors::tensor::Dtype;
 
 use crate::checkpoint::TensorSource;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::model::LinearKind;
+use crate::shards::ShardWriter;
 use crate::staging::{StagingDir, write_atomic};
 
 /// A tensor ready to be serialized: dtype, shape and little-endian bytes.
@@ -37,33 +37,16 @@ impl OwnedTensor {
             bytes: bytemuck::cast_slice(data).to_vec(),
         }
     }
-}
 
-impl View for &OwnedTensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
+    /// Appends the tensor to `writer` under `name`.
+    pub fn write_to(&self, writer: &mut ShardWriter, name: &str) -> Result<()> {
+        writer.add(name, self.dtype, &self.shape, &self.bytes, &[])
     }
 }
 
-/// Serializes `tensors` into `path` atomically.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, OwnedTensor)],
-    metadata: Option<HashMap<String, String>>,
-) -> Result<()> {
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), metadata)
-        .map_err(|e| ModelError::Invalid(format!("{}: cannot serialize: {e}", path.display())))?;
-    write_atomic(path, &bytes)
-}
+/// Largest shard of the checkpoints this project writes, as Hugging Face's `save_pretrained`
+/// shards (theirs default to a few GB; 2 GB keeps a shard's pages cheap to release).
+pub const MAX_SHARD_BYTES: u64 = 2_000_000_000;
 
 /// Every tensor name of a dense LLaMA checkpoint, in file order.
 pub fn hf_tensor_names(src: &dyn TensorSource) -> Vec<String> {
@@ -83,43 +66,25 @@ pub fn hf_tensor_names(src: &dyn TensorSource) -> Vec<String> {
     names
 }
 
-/// Stages an HF directory holding `config_json` and `model.safetensors` with `tensors`.
-/// The caller may add files (e.g. `tokenizer.json`) before [`StagingDir::commit`].
-pub fn stage_hf_dir(
-    out: &Path,
-    config_json: &serde_json::Value,
-    tensors: &[(String, OwnedTensor)],
-) -> Result<StagingDir> {
-    let staging = StagingDir::new(out)?;
-    let config_bytes = serde_json::to_vec_pretty(config_json).expect("json serializes");
-    write_atomic(&staging.join("config.json"), &config_bytes)?;
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    write_safetensors(&staging.join("model.safetensors"), tensors, Some(meta))?;
-    Ok(staging)
+/// Writes `config.json` into `dir`.
+pub fn write_config(dir: &Path, config_json: &serde_json::Value) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(config_json).expect("json serializes");
+    write_atomic(&dir.join("config.json"), &bytes)
 }
 
-/// Every dense tensor of `src`, converted to `dtype` (F32 or F16).
-pub fn dense_tensors(src: &dyn TensorSource, dtype: Dtype) -> Result<Vec<(String, OwnedTensor)>> {
-    hf_tensor_names(src)
-        .into_iter()
-        .map(|name| {
-            let t = src.load(&name)?;
-            let owned = match dtype {
-                Dtype::F16 => OwnedTensor::f16_from_f32(t.shape, &t.data),
-                _ => OwnedTensor::f32(t.shape, &t.data),
-            };
-            Ok((name, owned))
-        })
-        .collect()
-}
-
-/// Writes `model` as a Hugging Face directory: `config.json`, f32 `model.safetensors` and
-/// `tokenizer.json` (the GGUF → HF converter).
-pub fn write_hf_dir(model: &crate::OpenModel, out: &Path) -> Result<std::path::PathBuf> {
+/// Writes `model` as a Hugging Face directory: `config.json`, f32 safetensors (sharded like
+/// Hugging Face's) and `tokenizer.json` (the GGUF → HF converter). Tensors stream one at a
+/// time, so a model of any size converts in the memory of its largest tensor.
+pub fn write_hf_dir(model: &crate::OpenModel, out: &Path, overwrite: bool) -> Result<PathBuf> {
     let src = model.source.as_ref();
-    let tensors = dense_tensors(src, Dtype::F32)?;
-    let staging = stage_hf_dir(out, &src.config().to_hf_json(), &tensors)?;
+    let staging = StagingDir::new(out, overwrite)?;
+    let mut writer = ShardWriter::new(staging.path(), MAX_SHARD_BYTES)?;
+    for name in hf_tensor_names(src) {
+        let t = src.load(&name)?;
+        OwnedTensor::f32(t.shape, &t.data).write_to(&mut writer, &name)?;
+    }
+    writer.finish()?;
+    write_config(staging.path(), &src.config().to_hf_json())?;
     model.tokenizer.save(&staging.join("tokenizer.json"))?;
     staging.commit()
 }

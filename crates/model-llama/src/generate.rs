@@ -7,6 +7,8 @@ use kernels::QuantBackend;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::config::LlamaConfig;
+use crate::error::InvalidOption;
 use crate::model::Llama;
 
 #[derive(Clone, Debug)]
@@ -20,6 +22,53 @@ pub struct GenerateOptions {
     /// Without the cache every step reruns the whole sequence (a reference for tests).
     pub use_cache: bool,
     pub stop_token: Option<u32>,
+}
+
+impl GenerateOptions {
+    /// Checks the options against a prompt of `prompt_tokens` tokens and the model's `config`,
+    /// before the model is loaded: sampling parameters in range, and the prompt plus every new
+    /// token within the context.
+    pub fn validate(
+        &self,
+        prompt_tokens: usize,
+        config: &LlamaConfig,
+    ) -> Result<(), InvalidOption> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(InvalidOption::new(
+                "temperature",
+                format!("{} is not a finite number ≥ 0", self.temperature),
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(InvalidOption::new(
+                "top_p",
+                format!("{} is outside (0, 1]", self.top_p),
+            ));
+        }
+        if prompt_tokens == 0 {
+            return Err(InvalidOption::new("prompt", "it is empty"));
+        }
+        let context = config.context_length();
+        if prompt_tokens > context {
+            return Err(InvalidOption::new(
+                "prompt",
+                format!(
+                    "its {prompt_tokens} tokens exceed the model's context of {context} positions"
+                ),
+            ));
+        }
+        if prompt_tokens.saturating_add(self.max_new_tokens) > context {
+            return Err(InvalidOption::new(
+                "max_new_tokens",
+                format!(
+                    "the prompt's {prompt_tokens} tokens plus {} new tokens exceed the model's \
+                     context of {context} positions",
+                    self.max_new_tokens
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for GenerateOptions {
@@ -166,5 +215,59 @@ fn generate_in_pool<B: QuantBackend>(
         prefill_seconds,
         decode_seconds: t1.elapsed().as_secs_f64(),
         prompt_tokens: prompt.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(context: usize) -> LlamaConfig {
+        serde_json::from_value(serde_json::json!({
+            "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "num_hidden_layers": 1, "vocab_size": 10,
+            "max_position_embeddings": context,
+        }))
+        .unwrap()
+    }
+
+    fn check(f: impl FnOnce(&mut GenerateOptions), prompt: usize) -> Result<(), InvalidOption> {
+        let mut o = GenerateOptions::default();
+        f(&mut o);
+        o.validate(prompt, &config(100))
+    }
+
+    #[test]
+    fn options_are_checked_against_ranges_and_context() {
+        assert_eq!(check(|_| {}, 36), Ok(()));
+        assert_eq!(check(|o| o.max_new_tokens = 90, 10), Ok(()));
+        assert_eq!(check(|o| (o.top_p, o.temperature) = (1.0, 0.0), 1), Ok(()));
+        let option = |f: fn(&mut GenerateOptions), prompt| check(f, prompt).unwrap_err().option;
+        assert_eq!(option(|o| o.top_p = 2.0, 1), "top_p");
+        assert_eq!(option(|o| o.top_p = 0.0, 1), "top_p");
+        assert_eq!(option(|o| o.top_p = f32::NAN, 1), "top_p");
+        assert_eq!(option(|o| o.temperature = -0.5, 1), "temperature");
+        assert_eq!(option(|o| o.temperature = f32::INFINITY, 1), "temperature");
+        assert_eq!(option(|o| o.temperature = f32::NAN, 1), "temperature");
+        assert_eq!(option(|o| o.max_new_tokens = 91, 10), "max_new_tokens");
+        assert_eq!(
+            option(|o| o.max_new_tokens = usize::MAX, 10),
+            "max_new_tokens"
+        );
+        assert_eq!(option(|_| {}, 0), "prompt");
+        assert_eq!(option(|o| o.max_new_tokens = 0, 101), "prompt");
+        let e = check(|o| o.max_new_tokens = 91, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("10 tokens plus 91") && e.contains("100 positions"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn context_is_capped_at_the_rotary_table() {
+        let c = config(1 << 20);
+        assert_eq!(c.context_length(), crate::model::MAX_ROPE_POSITIONS);
     }
 }

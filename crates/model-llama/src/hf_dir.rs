@@ -103,6 +103,34 @@ impl SafetensorsDir {
         })
     }
 
+    /// Drops tensor `name`'s pages from memory, once it has been copied out (see
+    /// [`crate::mapped`]).
+    pub fn release(&self, name: &str) {
+        if let Ok(shard) = self.shard_of(name)
+            && let Some(info) = shard.metadata.info(name)
+        {
+            let start = shard.header_len + info.data_offsets.0;
+            let end = shard.header_len + info.data_offsets.1;
+            crate::mapped::release(&shard.mmap, start..end);
+        }
+    }
+
+    /// The file holding tensor `name`.
+    pub fn file_of(&self, name: &str) -> Result<PathBuf> {
+        Ok(self.shard_of(name)?.path.clone())
+    }
+
+    /// The `__metadata__` entry `key` of the file holding tensor `name`.
+    pub fn shard_metadata(&self, name: &str, key: &str) -> Result<Option<&str>> {
+        let shard = self.shard_of(name)?;
+        Ok(shard
+            .metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(key))
+            .map(String::as_str))
+    }
+
     fn shard_of(&self, name: &str) -> Result<&Shard> {
         let &i = self
             .index
@@ -138,7 +166,9 @@ impl TensorSource for SafetensorsDir {
             what: "tensor dtype",
             value: format!("{:?} (tensor `{name}`)", raw.dtype),
         })?;
-        Ok(HostTensor::new(raw.shape, data))
+        let shape = raw.shape;
+        self.release(name);
+        Ok(HostTensor::new(shape, data))
     }
 }
 
@@ -187,9 +217,18 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<String> = map
         .values()
         .map(|v| {
-            v.as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| ModelError::malformed(&index_path, "non-string shard name"))
+            let name = v
+                .as_str()
+                .ok_or_else(|| ModelError::malformed(&index_path, "non-string shard name"))?;
+            // A shard lives in the directory: an absolute path or `..` would read any file.
+            let mut parts = Path::new(name).components();
+            match (parts.next(), parts.next()) {
+                (Some(std::path::Component::Normal(_)), None) => Ok(name.to_owned()),
+                _ => Err(ModelError::malformed(
+                    &index_path,
+                    format!("shard name {name:?} is not a file name in the directory"),
+                )),
+            }
         })
         .collect::<Result<_>>()?;
     files.sort();

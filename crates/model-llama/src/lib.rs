@@ -7,6 +7,9 @@
 //!   lossless (or [`load::load_layer`], one layer in f32, for the quantization pipeline);
 //! * [`perplexity::perplexity`] and [`generate::generate`] run it;
 //!   [`OpenModel::perplexity`] evaluates a checkpoint one decoder layer at a time instead.
+//!
+//! [`shards::ShardWriter`] streams (resumably) a sharded safetensors checkpoint to disk;
+//! [`synth`] writes random-weight checkpoints of real model shapes, for time and memory tests.
 
 pub mod assets;
 pub mod checkpoint;
@@ -17,17 +20,21 @@ pub mod generate;
 pub mod gguf;
 pub mod hf_dir;
 pub mod load;
+mod mapped;
 pub mod model;
 pub mod open;
 pub mod packed;
 pub mod perplexity;
+pub mod shards;
 pub mod staging;
+pub mod synth;
 pub mod tokenizer;
 
 pub use checkpoint::{HostTensor, MemorySource, TensorSource};
 pub use config::{LlamaConfig, RopeScaling};
-pub use error::{ModelError, Result};
+pub use error::{InvalidOption, ModelError, Result};
 pub use gguf::{GgufCheckpoint, GgufFile};
 pub use model::{DecoderLayer, LayerInputs, LayerTrace, Linear, LinearKind, Llama};
 pub use open::{OpenModel, open_checkpoint, open_model};
+pub use shards::{ShardState, ShardWriter};
 pub use tokenizer::LlamaTokenizer;

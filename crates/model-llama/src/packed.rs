@@ -1,4 +1,4 @@
-//! AdaDim's packed checkpoint (SPEC §7): a Hugging Face directory whose linears are stored as
+//! AdaDim's packed checkpoint (docs/method.md §6): a Hugging Face directory whose linears are stored as
 //! `{module}.qweight` (u32 `[rows, words_per_row]`), `{module}.scales` and `{module}.zeros`
 //! (f16 `[rows, cols / group_size]`) in the grouped layout of their dim, and whose `config.json`
 //! carries a `quantization_config` block:
@@ -9,6 +9,9 @@
 //!   "dims": { "model.layers.0.self_attn.q_proj": "oc", "model.layers.0.mlp.down_proj": "ic", ... }
 //! }
 //! ```
+//! Each linear's tensors also describe themselves: the `__metadata__` of the file holding them
+//! maps the module path to its [`PackedLayout`] (format version, dim, bits, group length,
+//! original shape), and loading refuses a linear whose record disagrees with `config.json`.
 //! Everything else (embedding, norms, an untied head) is stored densely.
 
 use std::collections::BTreeMap;
@@ -38,6 +41,42 @@ pub struct QuantizationConfig {
     pub group_size: i64,
     /// Linear module path → its quantization dim.
     pub dims: BTreeMap<String, QuantDim>,
+}
+
+/// Version of [`PackedLayout`]; a reader refuses any other.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// How one packed linear is laid out: stored as JSON under its module path in the
+/// `__metadata__` of the shard that holds its tensors, so the tensors describe themselves, and
+/// cross-checked against `config.json` when read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackedLayout {
+    pub format_version: u32,
+    pub dim: QuantDim,
+    pub bits: u32,
+    /// The group length (the whole dimension when the checkpoint says -1).
+    pub group_size: usize,
+    /// `[out_features, in_features]` of the original weight.
+    pub shape: [usize; 2],
+}
+
+impl PackedLayout {
+    pub fn of(p: &PackedLinear) -> Self {
+        Self {
+            format_version: LAYOUT_VERSION,
+            dim: p.dim,
+            bits: p.bits,
+            group_size: p.group_size,
+            shape: [p.out_features, p.in_features],
+        }
+    }
+}
+
+/// The `__metadata__` entry that describes the packed linear `module`.
+pub fn packed_layout_metadata(module: &str, p: &PackedLinear) -> (String, String) {
+    let json = serde_json::to_string(&PackedLayout::of(p)).expect("layout serializes");
+    (module.to_string(), json)
 }
 
 /// The tensors of one packed linear, named after its module path.
@@ -103,6 +142,16 @@ impl PackedDir {
         })?;
         let kind_shape = shape_of_module(self.inner.config(), module)
             .ok_or_else(|| ModelError::malformed(&path, format!("unknown linear `{module}`")))?;
+        let group_size = quant_core::QuantConfig::new(self.quant.bits, self.quant.group_size, dim)?
+            .check_shape(kind_shape[0], kind_shape[1])?;
+        let expected = PackedLayout {
+            format_version: LAYOUT_VERSION,
+            dim,
+            bits: self.quant.bits,
+            group_size,
+            shape: kind_shape,
+        };
+        self.check_layout(module, &expected)?;
         let qweight = self.inner.raw(&format!("{module}.qweight"))?;
         let scales = self.inner.raw(&format!("{module}.scales"))?;
         let zeros = self.inner.raw(&format!("{module}.zeros"))?;
@@ -119,20 +168,63 @@ impl PackedDir {
         check("qweight", qweight.dtype, Dtype::U32)?;
         check("scales", scales.dtype, Dtype::F16)?;
         check("zeros", zeros.dtype, Dtype::F16)?;
+        // The quantization settings may not fit the config's shapes: a file error, named.
+        let group_size = quant_core::QuantConfig::new(self.quant.bits, self.quant.group_size, dim)
+            .and_then(|c| c.check_shape(kind_shape[0], kind_shape[1]))
+            .map_err(|e| ModelError::malformed(&path, format!("`{module}`: {e}")))?;
         let p = PackedLinear {
             dim,
             bits: self.quant.bits,
-            group_size: quant_core::QuantConfig::new(self.quant.bits, self.quant.group_size, dim)?
-                .check_shape(kind_shape[0], kind_shape[1])?,
+            group_size,
             out_features: kind_shape[0],
             in_features: kind_shape[1],
             qweight: bytemuck::pod_collect_to_vec(qweight.data),
             scales: bytemuck::pod_collect_to_vec(scales.data),
             zeros: bytemuck::pod_collect_to_vec(zeros.data),
         };
+        for part in ["qweight", "scales", "zeros"] {
+            self.inner.release(&format!("{module}.{part}"));
+        }
         p.validate()
             .map_err(|e| ModelError::malformed(&path, format!("`{module}`: {e}")))?;
         Ok(p)
+    }
+}
+
+impl PackedDir {
+    /// Errors unless the layout record stored with `module`'s tensors is `expected` (what
+    /// `config.json` and the model's shape say).
+    fn check_layout(&self, module: &str, expected: &PackedLayout) -> Result<()> {
+        let qweight = format!("{module}.qweight");
+        let file = self.inner.file_of(&qweight)?;
+        let malformed = |msg: String| ModelError::malformed(&file, format!("`{module}`: {msg}"));
+        let json = self
+            .inner
+            .shard_metadata(&qweight, module)?
+            .ok_or_else(|| malformed("no layout record in its file's metadata".into()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| malformed(format!("layout record: {e}")))?;
+        let version = value.get("format_version").and_then(|v| v.as_u64());
+        if version != Some(LAYOUT_VERSION as u64) {
+            return Err(ModelError::Unsupported {
+                path: file.clone(),
+                what: "packed layout version",
+                value: format!(
+                    "{} (linear `{module}`; this version reads {LAYOUT_VERSION})",
+                    version.map_or("missing".into(), |v| v.to_string())
+                ),
+            });
+        }
+        let stored: PackedLayout =
+            serde_json::from_value(value).map_err(|e| malformed(format!("layout record: {e}")))?;
+        if &stored != expected {
+            return Err(malformed(format!(
+                "the layout stored with the tensors ({}) disagrees with config.json and the                  model's shape ({})",
+                serde_json::to_string(&stored).expect("serializes"),
+                serde_json::to_string(expected).expect("serializes")
+            )));
+        }
+        Ok(())
     }
 }
 

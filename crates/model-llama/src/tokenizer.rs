@@ -151,8 +151,18 @@ impl LlamaTokenizer {
     /// Reads a Hugging Face `tokenizer.json`. The BOS/EOS ids come from a
     /// `tokenizer_config.json` next to it (`bos_token`/`eos_token`), when there is one.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = Tokenizer::from_file(path)
-            .map_err(|e| ModelError::malformed(path, format!("not a tokenizer.json: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let malformed = |e: &dyn std::fmt::Display| {
+            ModelError::malformed(path, format!("not a tokenizer.json: {e}"))
+        };
+        // `tokenizers` 0.22 panics instead of failing on some bad input: on JSON that does not
+        // parse (its decoder section is read with an `expect`), and on some sections that parse
+        // but are wrong (a `Precompiled` normalizer's charsmap). Checking the syntax first
+        // avoids the common case; catching the panic covers the rest.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| malformed(&e))?;
+        let inner = std::panic::catch_unwind(|| text.parse::<Tokenizer>())
+            .map_err(|_| malformed(&"the tokenizers library panicked reading it"))?
+            .map_err(|e| malformed(&e))?;
         let mut tok = Self {
             inner,
             bos: None,
@@ -181,16 +191,9 @@ impl LlamaTokenizer {
             .inner
             .to_string(true)
             .map_err(|e| ModelError::Tokenizer(format!("cannot serialize: {e}")))?;
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| ModelError::io(dir, e))?;
-        std::io::Write::write_all(&mut tmp, json.as_bytes())
-            .map_err(|e| ModelError::io(tmp.path(), e))?;
-        tmp.persist(path)
-            .map_err(|e| ModelError::io(path, e.error))?;
-        Ok(())
+        // Not a `tempfile` temporary: those are created 0600, and the rename would keep that
+        // mode where every other output file gets the usual 0666 less the umask.
+        crate::staging::write_atomic(path, json.as_bytes())
     }
 
     /// Token ids of `text`, without BOS (these models are trained without it) or any other
@@ -256,4 +259,30 @@ fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
                 .ok_or_else(|| file.wrong_type(key, "an array of strings"))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn saved_file_has_the_usual_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tok = LlamaTokenizer {
+            inner: Tokenizer::new(BPE::default()),
+            bos: None,
+            eos: None,
+        };
+        let path = dir.path().join("tokenizer.json");
+        tok.save(&path).unwrap();
+        // A file written the ordinary way shows what the umask allows.
+        let reference = dir.path().join("reference");
+        std::fs::write(&reference, b"{}").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), mode(&reference));
+        let back = LlamaTokenizer::from_file(&path).unwrap();
+        assert_eq!(back.vocab_size(), 0);
+    }
 }

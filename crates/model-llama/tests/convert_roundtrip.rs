@@ -26,7 +26,7 @@ fn converted_directory_gives_identical_logits() {
     let gguf = smollm2_gguf().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("hf");
-    model_llama::export::write_hf_dir(&open_model(&gguf).unwrap(), &out).unwrap();
+    model_llama::export::write_hf_dir(&open_model(&gguf).unwrap(), &out, false).unwrap();
     let text = "Quantization maps 16-bit weights to 3 bits; per-IC groups isolate outliers.";
     let (ids_a, a) = logits(&gguf, text);
     let (ids_b, b) = logits(&out, text);
@@ -39,7 +39,7 @@ fn broken_safetensors_are_clear_errors() {
     let gguf = smollm2_gguf().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("hf");
-    model_llama::export::write_hf_dir(&open_model(&gguf).unwrap(), &out).unwrap();
+    model_llama::export::write_hf_dir(&open_model(&gguf).unwrap(), &out, false).unwrap();
     let st = out.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
 

@@ -9,7 +9,7 @@ use model_llama::perplexity::perplexity;
 
 type B = NdArray<f32>;
 
-/// SPEC §9: Hugging Face transformers gives 23.54 on the same weights and protocol.
+/// docs/method.md §5: Hugging Face transformers gives 23.54 on the same weights and protocol.
 #[test]
 fn perplexity_matches_the_reference_within_two_percent() {
     let m = open_model(&smollm2_gguf().unwrap()).unwrap();

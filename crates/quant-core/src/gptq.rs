@@ -1,4 +1,4 @@
-//! GPTQ (SPEC §3) for both grouping dimensions, one column loop.
+//! GPTQ (docs/method.md §3) for both grouping dimensions, one column loop.
 //!
 //! GPTQ always walks the *input* channels of `W` (columns), because its error feedback follows the
 //! Hessian over inputs. The two dims differ only in how one column is turned into codes:
@@ -6,7 +6,7 @@
 //! * per-OC: every entry of column `i` belongs to a different group (one per output row); those
 //!   groups' parameters are fixed up front ("static groups") from the original weights, and
 //!   column `i` uses the groups of its original position even under act-order;
-//! * per-IC: the column *is* `OC / g` groups of `g` output channels, quantized with SPEC §2 at the
+//! * per-IC: the column *is* `OC / g` groups of `g` output channels, quantized with docs/method.md §2 at the
 //!   moment the column is reached, from its error-updated values.
 //!
 //! That difference is the [`ColumnQuantizer`]; everything else (dead inputs, act-order, damping,
@@ -323,7 +323,7 @@ enum ColumnQuantizer {
         params: Vec<GroupParams>,
         group_size: usize,
     },
-    /// Per-IC: SPEC §2 groups of `group_size` output channels, from the current values.
+    /// Per-IC: docs/method.md §2 groups of `group_size` output channels, from the current values.
     Dynamic { group_size: usize },
 }
 

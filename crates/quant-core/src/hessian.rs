@@ -1,4 +1,4 @@
-//! The GPTQ Hessian `H = (2/N) Σ XᵀX` of a linear layer's calibration inputs (SPEC §3).
+//! The GPTQ Hessian `H = (2/N) Σ XᵀX` of a linear layer's calibration inputs (docs/method.md §3).
 
 use crate::QuantError;
 use crate::linalg::gemm_f32;

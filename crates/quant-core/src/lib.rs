@@ -14,11 +14,11 @@
 //!  scales/zeros: [OC, IC/g]               scales/zeros: [IC, OC/g]
 //! ```
 //!
-//! [`quantize_rtn`] is SPEC §2 on that layout; [`gptq`] is SPEC §3 given a [`Hessian`] of the
+//! [`quantize_rtn`] is docs/method.md §2 on that layout; [`gptq`] is docs/method.md §3 given a [`Hessian`] of the
 //! layer's calibration inputs. Both return a [`Quantized`] (f32 scales/zeros, `u8` codes) whose
 //! [`Quantized::pack`] gives the on-disk and in-kernel [`PackedLinear`].
 //!
-//! # The packed format (SPEC §7)
+//! # The packed format (docs/method.md §6)
 //!
 //! Each grouped row is one little-endian bit stream of `cols` codes starting on a fresh `u32`
 //! word (`words_per_row = ceil(cols·b/32)`); scales and zeros are f16, `ŵ = (q − zero)·scale`:

@@ -69,7 +69,7 @@ impl Quantized {
     }
 }
 
-/// The packed, on-disk and in-kernel form of one quantized linear layer (SPEC §7).
+/// The packed, on-disk and in-kernel form of one quantized linear layer (docs/method.md §6).
 ///
 /// In the grouped layout (`rows × cols`: `W` for OC, `Wᵀ` for IC, groups along `cols`):
 /// * `qweight`: `[rows, words_per_row]`, each row one bit stream (see [`crate::packing`]);
@@ -107,7 +107,20 @@ impl PackedLinear {
     pub fn validate(&self) -> Result<(), QuantError> {
         let config = QuantConfig::new(self.bits, self.group_size as i64, self.dim)?;
         config.check_shape(self.out_features, self.in_features)?;
-        let (rows, _) = self.rows_cols();
+        let (rows, cols) = self.rows_cols();
+        // The shape comes from a file: a product that wraps around could match empty buffers
+        // and send `codes`/`dequantize` far out of bounds.
+        let fits = cols
+            .checked_mul(self.bits as usize)
+            .and_then(|bits| rows.checked_mul(bits.div_ceil(32)))
+            .and_then(|_| rows.checked_mul(cols))
+            .and_then(|n| n.checked_mul(size_of::<f32>()));
+        if fits.is_none() {
+            return Err(QuantError::Shape(format!(
+                "[{}, {}] is too large to address",
+                self.out_features, self.in_features
+            )));
+        }
         let expect = |what: &str, got: usize, want: usize| {
             if got == want {
                 Ok(())

@@ -1,4 +1,4 @@
-//! Round-to-nearest asymmetric group quantization (SPEC §2).
+//! Round-to-nearest asymmetric group quantization (docs/method.md §2).
 //!
 //! The per-group math lives in [`GroupParams`]; GPTQ reuses it column by column, so RTN and GPTQ
 //! round identically.
@@ -11,7 +11,7 @@ use crate::{QuantConfig, QuantError, Quantized};
 /// 2²³: from here on, consecutive f32 values are 1 apart.
 const TWO_23: f32 = 8_388_608.0;
 
-/// Smallest range a group may have; keeps `scale` finite for constant groups (SPEC §2).
+/// Smallest range a group may have; keeps `scale` finite for constant groups (docs/method.md §2).
 const MIN_RANGE: f32 = 1e-5;
 
 /// Scale and zero point of one group: `ŵ = (q − zero) · scale`.
@@ -23,7 +23,7 @@ pub struct GroupParams {
 }
 
 impl GroupParams {
-    /// SPEC §2 from a group's extremes: `scale = max(max − min, 1e-5) / maxq`,
+    /// docs/method.md §2 from a group's extremes: `scale = max(max − min, 1e-5) / maxq`,
     /// `zero = clamp(−round(min / scale), 0, maxq)`, rounding half to even.
     pub fn from_range(min: f32, max: f32, maxq: u32) -> Self {
         let maxq = maxq as f32;
@@ -33,14 +33,14 @@ impl GroupParams {
         Self { scale, zero }
     }
 
-    /// SPEC §2 parameters of the group `w` (its own min and max).
+    /// docs/method.md §2 parameters of the group `w` (its own min and max).
     #[inline(always)]
     pub fn of_group(w: &[f32], maxq: u32) -> Self {
         let (min, max) = min_max(w);
         Self::from_range(min, max, maxq)
     }
 
-    /// GPTQ's quantizer range: the group's min capped at ≤ 0 and max at ≥ 0 (SPEC §3, per-OC),
+    /// GPTQ's quantizer range: the group's min capped at ≤ 0 and max at ≥ 0 (docs/method.md §3, per-OC),
     /// so that 0 is always representable.
     pub fn of_group_gptq(w: &[f32], maxq: u32) -> Self {
         let (min, max) = min_max(w);
@@ -104,7 +104,7 @@ fn min_max(w: &[f32]) -> (f32, f32) {
     )
 }
 
-/// Quantizes one group with its own SPEC §2 parameters, writing codes and returning the parameters.
+/// Quantizes one group with its own docs/method.md §2 parameters, writing codes and returning the parameters.
 #[inline(always)]
 pub(crate) fn quantize_group(w: &[f32], maxq: u32, codes: &mut [u8]) -> GroupParams {
     let p = GroupParams::of_group(w, maxq);

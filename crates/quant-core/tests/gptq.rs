@@ -65,7 +65,7 @@ fn hessian_of(x: &[f32], n: usize, ic: usize, samples: usize) -> Hessian {
     h
 }
 
-/// GPTQ as SPEC §3 states it, with no blocking, in f64, column by column on `W [oc, ic]`.
+/// GPTQ as docs/method.md §3 states it, with no blocking, in f64, column by column on `W [oc, ic]`.
 /// Returns the dequantized weights.
 #[allow(clippy::too_many_arguments)]
 fn naive_gptq(

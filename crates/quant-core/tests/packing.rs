@@ -100,3 +100,22 @@ fn per_ic_packed_rows_are_input_channels() {
         assert!((a - b).abs() <= 0.125 * (k + 1.0) + 1e-3, "{a} vs {b}");
     }
 }
+
+/// A shape whose buffer sizes wrap around to zero: out 2^32, in 2^34, 8 bits, groups of 4 give
+/// 2^64 words and 2^64 scales, which wrapped to 0 matched empty buffers.
+#[cfg(target_pointer_width = "64")]
+#[test]
+fn shapes_too_large_to_address_are_rejected() {
+    let p = quant_core::PackedLinear {
+        dim: QuantDim::Oc,
+        bits: 8,
+        group_size: 4,
+        out_features: 1 << 32,
+        in_features: 1 << 34,
+        qweight: vec![],
+        scales: vec![],
+        zeros: vec![],
+    };
+    let e = p.validate().unwrap_err().to_string();
+    assert!(e.contains("too large"), "{e}");
+}

@@ -8,7 +8,7 @@ use quant_core::{QuantConfig, QuantDim, QuantError, quantize_rtn, transpose};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// SPEC §2 written out element by element, straight from the formulas, on `W [out, in]`.
+/// docs/method.md §2 written out element by element, straight from the formulas, on `W [out, in]`.
 /// Returns the dequantized weight and the codes, both in the HF layout.
 fn naive_rtn(
     w: &[f32],

@@ -35,7 +35,7 @@
 //!   instead. (Per-IC cannot reduce in the cube the same way: a unit holds `32 · tm` sums, which
 //!   would need up to 32 KiB of shared memory per cube.)
 //! * **Parameters.** Scale (f16 bits) and zero (integer) of a group are packed in one `u32`
-//!   at upload and decoded in the kernel, so a group costs 4 bytes, as in SPEC §8's ideal, and
+//!   at upload and decoded in the kernel, so a group costs 4 bytes, as in docs/method.md §7's ideal, and
 //!   the kernels need no f16 device support for the weights. Activations may be f32, f16 or
 //!   bf16; accumulation is always f32.
 //!

@@ -174,10 +174,13 @@ impl GgufCheckpoint {
     pub fn open(path: &Path) -> Result<Self> {
         let file = GgufFile::open(path)?;
         let config = config_from_gguf(&file)?;
-        let names = hf_names(&config)
-            .filter_map(|hf| {
-                let g = gguf_name(&hf)?;
-                file.tensor_info(&g).is_some().then_some((hf, g))
+        // From the tensors present, not from the config's layer count: that count is
+        // untrusted, and naming 2^40 layers would never finish.
+        let names = file
+            .tensors()
+            .iter()
+            .filter_map(|t| {
+                hf_name(&t.name, config.num_hidden_layers).map(|hf| (hf, t.name.clone()))
             })
             .collect();
         Ok(Self {
@@ -204,15 +207,17 @@ impl GgufCheckpoint {
     }
 }
 
-/// Every HF tensor name a LLaMA with this config can have.
-fn hf_names(config: &LlamaConfig) -> impl Iterator<Item = String> + '_ {
-    let globals = GLOBAL_NAMES.iter().map(|(h, _)| (*h).to_string());
-    let layers = (0..config.num_hidden_layers).flat_map(|i| {
-        LAYER_NAMES
-            .iter()
-            .map(move |(h, _)| format!("model.layers.{i}.{h}"))
-    });
-    globals.chain(layers)
+/// The Hugging Face name of a GGUF tensor of a LLaMA with `layers` layers (`None` if it is
+/// not one); the inverse of [`gguf_name`].
+fn hf_name(gguf: &str, layers: usize) -> Option<String> {
+    if let Some((h, _)) = GLOBAL_NAMES.iter().find(|(_, g)| *g == gguf) {
+        return Some((*h).to_string());
+    }
+    let (digits, suffix) = gguf.strip_prefix("blk.")?.split_once('.')?;
+    let layer: usize = digits.parse().ok()?;
+    let (h, _) = LAYER_NAMES.iter().find(|(_, g)| *g == suffix)?;
+    // Only the spelling `gguf_name` gives (`blk.1`, not `blk.01` or `blk.+1`) names the tensor.
+    (layer < layers && layer.to_string() == digits).then(|| format!("model.layers.{layer}.{h}"))
 }
 
 impl TensorSource for GgufCheckpoint {

@@ -263,6 +263,9 @@ impl GgufFile {
                     ModelError::malformed(&self.path, format!("tensor `{name}`: {e}"))
                 }
             })?;
+        // The values are copied out: the mapped pages are no longer needed.
+        let start = bytes.as_ptr() as usize - self.mmap.as_ptr() as usize;
+        crate::mapped::release(&self.mmap, start..start + bytes.len());
         Ok(HostTensor::new(info.shape(), data))
     }
 

@@ -1,0 +1,257 @@
+//! How much memory a run will take, and how the calibration activations are held so that it
+//! fits (docs/scale.md gives the formula with figures).
+//!
+//! The peak depends on one decoder layer and the calibration set, never on the number of
+//! layers: weights stream from the checkpoint one layer at a time and finished layers stream to
+//! disk. Two ways of holding a layer's calibration data:
+//!
+//! * **resident**: the full-precision forward's intermediate tensors of every calibration token
+//!   stay in memory while the layer's seven linears are chosen, so a candidate costs only what
+//!   depends on it. About `(9h + 2kv + 6f)` floats a token.
+//! * **streaming**: only the layer's input and its two sub-block inputs stay (`3h` floats a
+//!   token); the sub-block states are recomputed chunk by chunk of [`STREAM_CHUNK_TOKENS`]
+//!   tokens for every linear. Slower, but the calibration set costs 12 bytes per token and
+//!   hidden unit.
+//!
+//! Resident is chosen when its peak takes at most a third of the memory limit (the rest stays
+//! for the page cache, which holds the checkpoint being read, and the rest of the machine);
+//! otherwise streaming.
+
+use model_llama::LlamaConfig;
+use model_llama::load::linear_shape;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AdadimError, Result};
+use crate::pipeline::Method;
+
+/// Tokens per chunk when streaming: large enough for efficient products, small enough that the
+/// chunk's intermediate tensors stay a fraction of a 7B model's footprint.
+pub const STREAM_CHUNK_TOKENS: usize = 2048;
+
+/// Process overhead: code, tokenizer, allocator slack.
+const BASE_BYTES: u64 = 256 << 20;
+
+const F32: u64 = 4;
+
+/// How the calibration set is held, and the peak that follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryPlan {
+    /// Calibration blocks, and tokens per block.
+    pub blocks: usize,
+    pub seqlen: usize,
+    /// Calibration blocks per chunk (all of them when resident).
+    pub chunk_blocks: usize,
+    pub resident: bool,
+    /// Predicted peak resident memory, bytes.
+    pub peak: u64,
+    /// The limit it was planned against, bytes.
+    pub limit: u64,
+}
+
+/// The terms of the prediction, bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footprint {
+    /// One layer in f32, the weight being quantized, its candidates and their uploads.
+    pub weights: u64,
+    /// Gram matrices, Hessians and GPTQ's work space.
+    pub stats: u64,
+    /// Calibration activations that stay for the whole layer.
+    pub activations: u64,
+    /// Per-chunk intermediate tensors.
+    pub chunk: u64,
+    /// The embedding while the calibration tokens are embedded (before the first layer).
+    pub embedding: u64,
+}
+
+impl Footprint {
+    /// The peak: the larger of the embedding phase and a layer.
+    pub fn peak(&self) -> u64 {
+        let layer = self.weights + self.stats + self.activations + self.chunk;
+        BASE_BYTES + layer.max(self.embedding + self.activations / 3)
+    }
+}
+
+/// The footprint of quantizing a model of `config` on `blocks × seqlen` calibration tokens,
+/// holding `chunk_blocks` blocks at a time (`resident`: every block's intermediates).
+pub fn footprint(
+    config: &LlamaConfig,
+    blocks: usize,
+    seqlen: usize,
+    method: Method,
+    resident: bool,
+    chunk_blocks: usize,
+) -> Footprint {
+    let h = config.hidden_size as u64;
+    let f = config.intermediate_size as u64;
+    let kv = (config.num_key_value_heads * config.head_dim()) as u64;
+    let tokens = (blocks * seqlen) as u64;
+    let linears: Vec<u64> = model_llama::LinearKind::ALL
+        .into_iter()
+        .map(|k| {
+            let [o, i] = linear_shape(config, k);
+            (o * i) as u64
+        })
+        .collect();
+    let layer: u64 = linears.iter().sum();
+    let largest = linears.iter().copied().max().unwrap_or(0);
+    // The loaded weight, two dequantized candidates and their transposed uploads.
+    let weights = F32 * (layer + 4 * largest);
+    let grams = F32 * (3 * h * h + f * f);
+    let stats = match method {
+        // Hessians beside the Grams, and the factorisation's work space on the widest input.
+        Method::Gptq => 2 * grams + 3 * F32 * f.max(h).pow(2),
+        // o and down's Grams, and o_proj's `WᵀW`.
+        Method::Rtn => F32 * (2 * h * h + f * f),
+    };
+    // Every intermediate of the forward (inputs of the four sites, q, k, v, the two sub-block
+    // outputs, gate, up) plus a candidate's changed tensors.
+    let per_token_state = 9 * h + 2 * kv + 6 * f;
+    let (activations, chunk) = if resident {
+        (F32 * tokens * (2 * h + per_token_state), 0)
+    } else {
+        let chunk_tokens = (chunk_blocks * seqlen) as u64;
+        (F32 * tokens * 3 * h, F32 * chunk_tokens * per_token_state)
+    };
+    Footprint {
+        weights,
+        stats,
+        activations,
+        chunk,
+        embedding: F32 * config.vocab_size as u64 * h,
+    }
+}
+
+/// Chooses resident or streaming for `limit` bytes, or says what to change when even the
+/// smallest streaming plan does not fit.
+pub fn plan(
+    config: &LlamaConfig,
+    blocks: usize,
+    seqlen: usize,
+    method: Method,
+    limit: u64,
+) -> Result<MemoryPlan> {
+    let resident = footprint(config, blocks, seqlen, method, true, blocks).peak();
+    if resident <= limit / 3 {
+        return Ok(MemoryPlan {
+            blocks,
+            seqlen,
+            chunk_blocks: blocks,
+            resident: true,
+            peak: resident,
+            limit,
+        });
+    }
+    let mut chunk_blocks = (STREAM_CHUNK_TOKENS / seqlen.max(1)).clamp(1, blocks.max(1));
+    loop {
+        let peak = footprint(config, blocks, seqlen, method, false, chunk_blocks).peak();
+        if peak <= limit {
+            return Ok(MemoryPlan {
+                blocks,
+                seqlen,
+                chunk_blocks,
+                resident: false,
+                peak,
+                limit,
+            });
+        }
+        if chunk_blocks == 1 {
+            return Err(AdadimError::Invalid(format!(
+                "this run needs about {} of memory (predicted peak with {blocks} calibration \
+                 blocks of {seqlen} tokens), more than the {} it may use: use fewer \
+                 --calib-samples or a shorter --calib-seqlen, or raise --max-memory if the \
+                 machine has more",
+                gib(peak),
+                gib(limit)
+            )));
+        }
+        chunk_blocks = chunk_blocks.div_ceil(2);
+    }
+}
+
+/// The default limit: 90% of the memory the kernel reports available (`MemAvailable`), or
+/// 8 GiB where that cannot be read.
+pub fn default_limit() -> u64 {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    available.map_or(8 << 30, |a| a / 10 * 9)
+}
+
+/// Bytes as GiB with one decimal.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama2_7b() -> LlamaConfig {
+        let mut c = tiny();
+        c.hidden_size = 4096;
+        c.intermediate_size = 11008;
+        c.num_attention_heads = 32;
+        c.num_key_value_heads = 32;
+        c.num_hidden_layers = 32;
+        c.vocab_size = 32000;
+        c
+    }
+
+    fn tiny() -> LlamaConfig {
+        serde_json::from_value(serde_json::json!({
+            "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 100,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 256
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn small_models_stay_resident() {
+        let p = plan(&tiny(), 9, 97, Method::Rtn, 8 << 30).unwrap();
+        assert!(p.resident);
+        assert_eq!(p.chunk_blocks, 9);
+    }
+
+    #[test]
+    fn a_7b_model_with_the_full_calibration_streams_within_8_gib() {
+        for method in [Method::Rtn, Method::Gptq] {
+            let p = plan(&llama2_7b(), 64, 512, method, 20 << 30).unwrap();
+            assert!(!p.resident, "{method}");
+            assert_eq!(p.chunk_blocks, STREAM_CHUNK_TOKENS / 512);
+            assert!(p.peak <= 8 << 30, "{method}: {}", gib(p.peak));
+        }
+    }
+
+    #[test]
+    fn the_peak_does_not_depend_on_the_layer_count() {
+        let mut c = llama2_7b();
+        let a = footprint(&c, 64, 512, Method::Gptq, false, 4).peak();
+        c.num_hidden_layers = 80;
+        assert_eq!(a, footprint(&c, 64, 512, Method::Gptq, false, 4).peak());
+    }
+
+    #[test]
+    fn too_little_memory_says_what_to_change() {
+        let e = plan(&llama2_7b(), 64, 512, Method::Rtn, 1 << 30)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--calib-samples") && e.contains("--max-memory"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn streaming_shrinks_the_chunk_before_giving_up() {
+        let c = llama2_7b();
+        let roomy = plan(&c, 64, 512, Method::Rtn, 20 << 30).unwrap();
+        let single = footprint(&c, 64, 512, Method::Rtn, false, 1).peak();
+        let tight = plan(&c, 64, 512, Method::Rtn, single).unwrap();
+        assert!(tight.chunk_blocks < roomy.chunk_blocks);
+        assert!(tight.peak <= single);
+    }
+}
