@@ -7,16 +7,16 @@ use burn::backend::NdArray;
 use burn::prelude::*;
 use half::{bf16, f16};
 use kernels::QuantLinear;
-use model_llama::export::{OwnedTensor, hf_tensor_names, stage_hf_dir};
+use model_llama::export::{OwnedTensor, hf_tensor_names, write_config};
 use model_llama::load::{
     assemble, linear_shape, load_layer, load_layer_compact, load_layer_with, load_model,
     load_periphery,
 };
-use model_llama::packed::{PackedDir, QuantizationConfig, packed_tensors};
+use model_llama::packed::{PackedDir, QuantizationConfig, packed_layout_metadata, packed_tensors};
 use model_llama::perplexity::{PerplexityReport, perplexity, perplexity_layer_major};
 use model_llama::{
     DecoderLayer, Linear, LinearKind, Llama, LlamaConfig, MemorySource, OpenModel, Result,
-    TensorSource,
+    ShardWriter, TensorSource,
 };
 use quant_core::{PackedLinear, QuantConfig, QuantDim, quantize_rtn};
 
@@ -217,17 +217,30 @@ fn open_model_streams_a_packed_checkpoint() {
         f16::from_f32(v).to_f32()
     });
     let packed = packed_linears(&src);
-    let mut tensors = Vec::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("packed");
+    std::fs::create_dir(&dir).unwrap();
+    let mut writer = ShardWriter::new(&dir, u64::MAX).unwrap();
     for name in hf_tensor_names(&src) {
         let module = name.strip_suffix(".weight").unwrap();
         match packed.get(module) {
-            Some(p) => tensors.extend(packed_tensors(module, p)),
+            Some(p) => {
+                let layout = packed_layout_metadata(module, p);
+                for (name, t) in packed_tensors(module, p) {
+                    let layout = std::slice::from_ref(&layout);
+                    writer
+                        .add(&name, t.dtype, &t.shape, &t.bytes, layout)
+                        .unwrap();
+                }
+            }
             None => {
                 let t = src.load(&name).unwrap();
-                tensors.push((name, OwnedTensor::f16_from_f32(t.shape, &t.data)));
+                let t = OwnedTensor::f16_from_f32(t.shape, &t.data);
+                t.write_to(&mut writer, &name).unwrap();
             }
         }
     }
+    writer.finish().unwrap();
     let mut json = src.config.to_hf_json();
     json["quantization_config"] = serde_json::to_value(QuantizationConfig {
         quant_method: "adadim".into(),
@@ -237,12 +250,7 @@ fn open_model_streams_a_packed_checkpoint() {
         dims: packed.iter().map(|(m, p)| (m.clone(), p.dim)).collect(),
     })
     .unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("packed");
-    stage_hf_dir(&dir, &json, &tensors)
-        .unwrap()
-        .commit()
-        .unwrap();
+    write_config(&dir, &json).unwrap();
     // The evaluation does not use the tokenizer: the shipped model's will do.
     let gguf = model_llama::assets::smollm2_gguf().unwrap();
     let m = OpenModel {
