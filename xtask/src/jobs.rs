@@ -7,7 +7,7 @@ use std::time::Instant;
 use adadim::{DimPolicy, Method, RunReport, RunSpec};
 use anyhow::{Context, Result};
 use burn::backend::NdArray;
-use model_llama::perplexity::{PerplexityReport, perplexity};
+use model_llama::perplexity::PerplexityReport;
 use serde::Deserialize;
 
 type B = NdArray<f32>;
@@ -83,8 +83,8 @@ pub fn evaluate(model: &Path, eval: &EvalSpec) -> Result<PerplexityReport> {
     let text = std::fs::read_to_string(&text_path)
         .with_context(|| format!("cannot read {}", text_path.display()))?;
     let tokens = m.tokenizer.encode(&text)?;
-    let llama = m.load::<B>(&Default::default())?;
-    Ok(perplexity(&llama, &tokens, eval.seqlen, eval.windows)?)
+    // Layer by layer, as `adadim eval` does: a 7B model is never held whole.
+    Ok(m.perplexity::<B>(&tokens, eval.seqlen, eval.windows, &Default::default())?)
 }
 
 /// A job config with its paths resolved.

@@ -6,7 +6,6 @@ use adadim::{CalibOptions, DimPolicy, Method, RunReport, RunSpec};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use model_llama::generate::{GenerateOptions, generate};
-use model_llama::perplexity::perplexity;
 use model_llama::{InvalidOption, OpenModel, open_checkpoint, open_model};
 
 /// Tensor ops allocate a fresh buffer per result; mimalloc reuses freed pages where glibc maps
@@ -282,8 +281,9 @@ fn run(cli: Cli) -> Result<()> {
                     tokens.len()
                 );
             }
-            let llama = m.load::<Backend>(&device)?;
-            let r = perplexity(&llama, &tokens, seqlen, windows)?;
+            // Layer by layer: memory is one decoder layer and the windows' hidden states, not
+            // the model.
+            let r = m.perplexity::<Backend>(&tokens, seqlen, windows, &device)?;
             println!(
                 "perplexity {:.4}  ({} windows × {} tokens of {}, {} tokens in the text)  {:.1} s, {:.0} tokens/s",
                 r.perplexity,

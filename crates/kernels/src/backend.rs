@@ -8,7 +8,7 @@
 
 use burn::prelude::*;
 use burn::tensor::ops::FloatTensor;
-use half::f16;
+use half::{bf16, f16};
 use quant_core::PackedLinear;
 
 use crate::QuantLinearError;
@@ -27,6 +27,14 @@ pub trait QuantBackend: Backend {
     /// Uploads a dense `W [out, in]` whose values are f16 (see [`crate::QuantLinear::from_f16`]).
     fn upload_f16(
         w: &[f16],
+        shape: [usize; 2],
+        device: &Self::Device,
+    ) -> Result<Self::Packed, QuantLinearError>;
+
+    /// Uploads a dense `W [out, in]` whose values are bf16 (see
+    /// [`crate::QuantLinear::from_bf16`]).
+    fn upload_bf16(
+        w: &[bf16],
         shape: [usize; 2],
         device: &Self::Device,
     ) -> Result<Self::Packed, QuantLinearError>;

@@ -2,57 +2,70 @@
 //! tensors' own memory.
 
 use std::borrow::Cow;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayTensor;
 use burn::prelude::*;
 use burn::tensor::{TensorPrimitive, ops::FloatTensor};
-use half::f16;
+use half::{bf16, f16};
 use quant_core::PackedLinear;
 
 use crate::cpu::attention::{HeadsView, causal_attention, rotate_half};
 use crate::cpu::dense::{MatRef, gram, matmul_new};
-use crate::quant_linear::{check_f16_shape, dense_transposed, widened_transposed};
+use crate::quant_linear::{check_bf16_shape, check_f16_shape, dense_transposed};
 use crate::{QuantBackend, QuantLinearError, cpu};
 
 type B = NdArray<f32>;
 
-/// The ndarray weight: what decode-sized products read, and `Ŵᵀ [IC, OC]` in f32 built on the
-/// first larger product.
+/// The ndarray weight, kept compact: decode-sized products read it directly, larger ones
+/// multiply a transient f32 copy that lives for that product only (a model never holds more
+/// than one linear in f32, the one being multiplied).
 #[derive(Clone, Debug)]
 pub struct NdArrayPacked {
     stored: Arc<Stored>,
     out_features: usize,
     in_features: usize,
-    /// Built by the first product with more rows than the host kernels take (or at all, when
-    /// they do not support the layer): decoding never pays 4 bytes a weight for it.
-    weight_t: Arc<OnceLock<Tensor<B, 2>>>,
-    device: burn::backend::ndarray::NdArrayDevice,
 }
 
 #[derive(Debug)]
 enum Stored {
-    /// Packed codes, with the SIMD kernel's layout when it supports the layer (group size a
-    /// multiple of 32).
-    Packed {
-        packed: PackedLinear,
-        simd: Option<cpu::CpuPacked>,
-    },
+    /// Packed codes in the SIMD kernel's layout (group size a multiple of 32, as for every
+    /// checkpoint this project writes). The kernel layout holds the same bits as the packed
+    /// one, so the packed one is not kept beside it.
+    Simd(cpu::CpuPacked),
+    /// Packed codes of a layout the SIMD kernel does not support: every product multiplies
+    /// the dequantized weight.
+    Packed(PackedLinear),
     /// A dense `W [out, in]` in f16.
     F16(Vec<f16>),
+    /// A dense `W [out, in]` in bf16.
+    Bf16(Vec<bf16>),
 }
 
 impl NdArrayPacked {
-    fn weight_t(&self) -> &Tensor<B, 2> {
-        self.weight_t.get_or_init(|| {
-            let w_t = match &*self.stored {
-                Stored::Packed { packed, .. } => dense_transposed(packed),
-                Stored::F16(w) => widened_transposed(w, [self.out_features, self.in_features]),
-            };
-            let data = TensorData::new(w_t, [self.in_features, self.out_features]);
-            Tensor::from_data(data, &self.device)
-        })
+    /// `Ŵᵀ [in, out]` in f32, row-major, built for one product.
+    fn widened(&self) -> Vec<f32> {
+        let (n, k) = (self.out_features, self.in_features);
+        let shape_ok = "the weight's shape was checked at upload";
+        let with_buffer = |fill: &dyn Fn(&mut [f32]) -> Result<(), cpu::CpuKernelError>| {
+            let mut w_t = Vec::<f32>::with_capacity(k * n);
+            let dst = w_t.spare_capacity_mut();
+            // SAFETY: `f32` has no invalid bit patterns and `MaybeUninit<f32>` has its layout;
+            // the widening writes every element (it is given exactly `k · n` of them) before
+            // any is read. Not zero-filled first: that would write the buffer twice.
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), k * n) };
+            fill(dst).expect(shape_ok);
+            // SAFETY: all `k · n` elements were written above.
+            unsafe { w_t.set_len(k * n) };
+            w_t
+        };
+        match &*self.stored {
+            Stored::Simd(w) => with_buffer(&|out| cpu::widen::packed_t(w, out)),
+            Stored::Packed(p) => dense_transposed(p),
+            Stored::F16(w) => with_buffer(&|out| cpu::widen::f16_t(w, n, out)),
+            Stored::Bf16(w) => with_buffer(&|out| cpu::widen::bf16_t(w, n, out)),
+        }
     }
 
     /// `y [m, out] = x [m, in] · Ŵᵀ` by a host kernel that reads the stored weight, when one
@@ -61,13 +74,13 @@ impl NdArrayPacked {
         if m > cpu::MAX_M_PER_PASS {
             return None;
         }
-        let mut y = vec![0f32; m * self.out_features];
+        let n = self.out_features;
+        let mut y = vec![0f32; m * n];
         let done = match &*self.stored {
-            Stored::Packed {
-                simd: Some(simd), ..
-            } => cpu::gemm(x, m, simd, &mut y).is_ok(),
-            Stored::Packed { simd: None, .. } => false,
-            Stored::F16(w) => cpu::dense_f16::gemm_f16(x, m, w, self.out_features, &mut y).is_ok(),
+            Stored::Simd(w) => cpu::gemm(x, m, w, &mut y).is_ok(),
+            Stored::Packed(_) => false,
+            Stored::F16(w) => cpu::dense_f16::gemm_f16(x, m, w, n, &mut y).is_ok(),
+            Stored::Bf16(w) => cpu::dense_f16::gemm_bf16(x, m, w, n, &mut y).is_ok(),
         };
         done.then_some(y)
     }
@@ -174,8 +187,18 @@ fn primitive<const D: usize>(t: &Tensor<B, D>) -> FloatTensor<B> {
 /// `x [.., K] · w_t [K, N]` on the host (`x`'s leading dims are rows).
 fn host_linear<const D: usize>(x: &Host<'_>, dims: [usize; D], w_t: &Host<'_>) -> Tensor<B, D> {
     let (k, n) = (w_t.dims[0], w_t.dims[1]);
-    let rows = x.len() / k.max(1);
     let w = MatRef::new(&w_t.data, k, n, w_t.strides[0], w_t.strides[1]);
+    host_product(x, dims, w, [k, n])
+}
+
+/// `x [.., K] · w [K, N]` on the host.
+fn host_product<const D: usize>(
+    x: &Host<'_>,
+    dims: [usize; D],
+    w: MatRef<'_>,
+    [k, n]: [usize; 2],
+) -> Tensor<B, D> {
+    let rows = x.len() / k.max(1);
     // A matrix is read through its strides (a transposed view, as in `Xᵀ·X`, costs no copy);
     // more dims are flattened into rows, which needs them row-major.
     let y = if let [_, _] = x.dims[..] {
@@ -194,33 +217,43 @@ impl QuantBackend for B {
 
     fn upload(
         packed: &PackedLinear,
-        device: &Self::Device,
+        _device: &Self::Device,
     ) -> Result<Self::Packed, QuantLinearError> {
         packed.validate()?;
+        let stored = match cpu::CpuPacked::new(packed) {
+            Ok(simd) => Stored::Simd(simd),
+            Err(_) => Stored::Packed(packed.clone()),
+        };
         Ok(NdArrayPacked {
             out_features: packed.out_features,
             in_features: packed.in_features,
-            stored: Arc::new(Stored::Packed {
-                simd: cpu::CpuPacked::new(packed).ok(),
-                packed: packed.clone(),
-            }),
-            weight_t: Arc::default(),
-            device: *device,
+            stored: Arc::new(stored),
         })
     }
 
     fn upload_f16(
         w: &[f16],
         [out_features, in_features]: [usize; 2],
-        device: &Self::Device,
+        _device: &Self::Device,
     ) -> Result<Self::Packed, QuantLinearError> {
         check_f16_shape(w, [out_features, in_features])?;
         Ok(NdArrayPacked {
             out_features,
             in_features,
             stored: Arc::new(Stored::F16(w.to_vec())),
-            weight_t: Arc::default(),
-            device: *device,
+        })
+    }
+
+    fn upload_bf16(
+        w: &[bf16],
+        [out_features, in_features]: [usize; 2],
+        _device: &Self::Device,
+    ) -> Result<Self::Packed, QuantLinearError> {
+        check_bf16_shape(w, [out_features, in_features])?;
+        Ok(NdArrayPacked {
+            out_features,
+            in_features,
+            stored: Arc::new(Stored::Bf16(w.to_vec())),
         })
     }
 
@@ -253,9 +286,9 @@ impl QuantBackend for B {
             out[D - 1] = out_features;
             return tensor(y, out);
         }
-        let wp = primitive(w.weight_t());
-        let wh = Host::of(&wp).expect("the widened weight is f32");
-        host_linear(&xh, dims, &wh)
+        let w_t = w.widened();
+        let wm = MatRef::row_major(&w_t, in_features, out_features);
+        host_product(&xh, dims, wm, [in_features, out_features])
     }
 
     fn packed_shape(w: &Self::Packed) -> (usize, usize) {

@@ -1,8 +1,8 @@
 //! [`QuantLinear`]: a linear layer whose weight stays in its compact form on the device (packed
-//! codes, or f16) and is multiplied through [`QuantBackend::quant_matmul`].
+//! codes, f16 or bf16) and is multiplied through [`QuantBackend::quant_matmul`].
 
 use burn::prelude::*;
-use half::f16;
+use half::{bf16, f16};
 use quant_core::{PackedLinear, QuantError};
 use thiserror::Error;
 
@@ -15,6 +15,12 @@ pub enum QuantLinearError {
     Packed(#[from] QuantError),
     #[error("an f16 weight of {len} values is not [{out_features}, {in_features}]")]
     F16Shape {
+        len: usize,
+        out_features: usize,
+        in_features: usize,
+    },
+    #[error("a bf16 weight of {len} values is not [{out_features}, {in_features}]")]
+    Bf16Shape {
         len: usize,
         out_features: usize,
         in_features: usize,
@@ -51,10 +57,42 @@ pub(crate) fn check_f16_shape(
     }
 }
 
-/// `Wᵀ [in, out]` in f32 of a dense f16 `W [out, in]`: the right operand of the dense paths.
+/// Checks that `w` holds `out_features × in_features` values.
+pub(crate) fn check_bf16_shape(
+    w: &[bf16],
+    [out_features, in_features]: [usize; 2],
+) -> Result<(), QuantLinearError> {
+    if w.len() == out_features * in_features {
+        Ok(())
+    } else {
+        Err(QuantLinearError::Bf16Shape {
+            len: w.len(),
+            out_features,
+            in_features,
+        })
+    }
+}
+
+/// `Wᵀ [in, out]` in f32 of a dense f16 `W [out, in]` (shape checked by the caller): the right
+/// operand of the dense paths.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub(crate) fn widened_transposed(w: &[f16], [out_features, in_features]: [usize; 2]) -> Vec<f32> {
-    let w: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
-    quant_core::transpose(&w, out_features, in_features)
+    let mut w_t = vec![0f32; w.len()];
+    crate::cpu::widen::f16_t(w, out_features, &mut w_t).expect("shape checked at upload");
+    debug_assert_eq!(w_t.len(), out_features * in_features);
+    w_t
+}
+
+/// [`widened_transposed`] of a bf16 weight.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub(crate) fn widened_transposed_bf16(
+    w: &[bf16],
+    [out_features, in_features]: [usize; 2],
+) -> Vec<f32> {
+    let mut w_t = vec![0f32; w.len()];
+    crate::cpu::widen::bf16_t(w, out_features, &mut w_t).expect("shape checked at upload");
+    debug_assert_eq!(w_t.len(), out_features * in_features);
+    w_t
 }
 
 /// `Ŵᵀ [IC, OC]`: the right operand of `x · Ŵᵀ` for the dense paths.
@@ -67,7 +105,7 @@ pub(crate) fn dense_transposed(packed: &PackedLinear) -> Vec<f32> {
 }
 
 /// A linear layer `y = x · Ŵᵀ` (no bias, as in LLaMA) on a packed weight, or on a dense
-/// weight kept in f16.
+/// weight kept in f16 or bf16.
 #[derive(Clone, Debug)]
 pub struct QuantLinear<B: QuantBackend> {
     weight: B::Packed,
@@ -90,6 +128,17 @@ impl<B: QuantBackend> QuantLinear<B> {
     ) -> Result<Self, QuantLinearError> {
         Ok(Self {
             weight: B::upload_f16(w, shape, device)?,
+        })
+    }
+
+    /// [`Self::from_f16`] for a weight given in bf16 (LLaMA-3 and later checkpoints).
+    pub fn from_bf16(
+        w: &[bf16],
+        shape: [usize; 2],
+        device: &B::Device,
+    ) -> Result<Self, QuantLinearError> {
+        Ok(Self {
+            weight: B::upload_bf16(w, shape, device)?,
         })
     }
 

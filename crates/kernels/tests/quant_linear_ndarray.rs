@@ -7,7 +7,7 @@ mod cube_common;
 use burn::backend::NdArray;
 use burn::prelude::*;
 use cube_common::{assert_close, random_packed, random_x, reference, rng};
-use kernels::{QuantLinear, QuantLinearError};
+use kernels::{QuantBackend, QuantLinear, QuantLinearError};
 use quant_core::QuantDim;
 
 type B = NdArray<f32>;
@@ -66,19 +66,24 @@ fn invalid_packed_is_an_error() {
     assert!(err.to_string().contains("scales"), "{err}");
 }
 
-#[test]
-fn f16_weight_matches_reference() {
-    use half::f16;
+/// A 16-bit weight (f16 or bf16) through `QuantLinear`: the GEMV at decode sizes and the
+/// dense product on the transient widened copy beyond, against an f64 product on its values.
+fn check_16bit_weight<T: Copy>(
+    seed: u64,
+    from_f32: impl Fn(f32) -> T,
+    to_f64: impl Fn(T) -> f64,
+    upload: impl Fn(&[T], [usize; 2]) -> Result<QuantLinear<B>, QuantLinearError>,
+) {
     use rand::Rng;
     let device = Default::default();
-    let mut rng = rng(14);
+    let mut rng = rng(seed);
     let (n, k) = (200, 75);
-    let w: Vec<f16> = (0..n * k)
-        .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+    let w: Vec<T> = (0..n * k)
+        .map(|_| from_f32(rng.random_range(-1.0..1.0)))
         .collect();
-    let layer = QuantLinear::<B>::from_f16(&w, [n, k], &device).unwrap();
+    let layer = upload(&w, [n, k]).unwrap();
     assert_eq!((layer.out_features(), layer.in_features()), (n, k));
-    // [1, 3]: the f16 GEMV (M ≤ 8); [2, 5]: the dense product on the widened weight.
+    // [1, 3]: the 16-bit GEMV (M ≤ 8); [2, 5]: the dense product on the widened weight.
     for lead in [[1, 3], [2, 5]] {
         let m = lead[0] * lead[1];
         let x = random_x(&mut rng, m * k, false);
@@ -90,7 +95,7 @@ fn f16_weight_matches_reference() {
         for (i, g) in got.iter().enumerate() {
             let (row, o) = (i / n, i % n);
             let want: f64 = (0..k)
-                .map(|j| x[row * k + j] as f64 * w[o * k + j].to_f64())
+                .map(|j| x[row * k + j] as f64 * to_f64(w[o * k + j]))
                 .sum();
             assert!(
                 (*g as f64 - want).abs() < 1e-4,
@@ -98,6 +103,72 @@ fn f16_weight_matches_reference() {
             );
         }
     }
-    let err = QuantLinear::<B>::from_f16(&w[1..], [n, k], &device).unwrap_err();
+}
+
+#[test]
+fn f16_weight_matches_reference() {
+    use half::f16;
+    let device = Default::default();
+    check_16bit_weight(14, f16::from_f32, f16::to_f64, |w, shape| {
+        QuantLinear::<B>::from_f16(w, shape, &device)
+    });
+    let w = [f16::ZERO; 10];
+    let err = QuantLinear::<B>::from_f16(&w[1..], [2, 5], &device).unwrap_err();
     assert!(matches!(err, QuantLinearError::F16Shape { .. }), "{err}");
+}
+
+#[test]
+fn bf16_weight_matches_reference() {
+    use half::bf16;
+    let device = Default::default();
+    check_16bit_weight(15, bf16::from_f32, bf16::to_f64, |w, shape| {
+        QuantLinear::<B>::from_bf16(w, shape, &device)
+    });
+    let w = [bf16::ZERO; 10];
+    let err = QuantLinear::<B>::from_bf16(&w[1..], [2, 5], &device).unwrap_err();
+    assert!(matches!(err, QuantLinearError::Bf16Shape { .. }), "{err}");
+}
+
+/// Beyond decode sizes every compact weight is multiplied as a dense f32 weight of the same
+/// values: the result is bit for bit the dense product's (model outputs do not depend on
+/// whether a linear is stored compact).
+#[test]
+fn large_products_equal_the_dense_product_bit_for_bit() {
+    use half::{bf16, f16};
+    use rand::Rng;
+    let device = Default::default();
+    let mut rng = rng(16);
+    let (m, n, k) = (37, 96, 128);
+    let x = random_x(&mut rng, m * k, false);
+    let x_t = || Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
+    let check = |what: &str, layer: QuantLinear<B>, w: Vec<f32>| {
+        let w_t = quant_core::transpose(&w, n, k);
+        let w_t = Tensor::<B, 2>::from_data(TensorData::new(w_t, [k, n]), &device);
+        let want = B::dense_linear(x_t(), w_t)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let got = layer.forward(x_t()).into_data().to_vec::<f32>().unwrap();
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{what} at {i}: {a} vs {b}");
+        }
+    };
+    for dim in QuantDim::ALL {
+        for bits in [3, 4] {
+            let packed = random_packed(&mut rng, dim, bits, 32, n, k);
+            let layer = QuantLinear::<B>::new(&packed, &device).unwrap();
+            check(&format!("{dim} b{bits}"), layer, packed.dequantize());
+        }
+    }
+    // A group size the SIMD kernel does not take (not a multiple of 32).
+    let packed = random_packed(&mut rng, QuantDim::Oc, 4, 16, n, k);
+    let layer = QuantLinear::<B>::new(&packed, &device).unwrap();
+    check("oc b4 g16", layer, packed.dequantize());
+    let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+    let layer = QuantLinear::<B>::from_f16(&w16, [n, k], &device).unwrap();
+    check("f16", layer, w16.iter().map(|v| v.to_f32()).collect());
+    let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+    let layer = QuantLinear::<B>::from_bf16(&wb, [n, k], &device).unwrap();
+    check("bf16", layer, wb.iter().map(|v| v.to_f32()).collect());
 }

@@ -3,8 +3,10 @@
 //! API for quantization, perplexity and generation.
 //!
 //! * [`open::open_model`] reads any supported checkpoint as a [`TensorSource`] plus its tokenizer;
-//! * [`load::load_model`] builds the Burn [`Llama`] from it (or [`load::load_layer`], one layer);
-//! * [`perplexity::perplexity`] and [`generate::generate`] run it.
+//! * [`load::load_model`] builds the Burn [`Llama`] from it, dense linears kept in f16/bf16 when
+//!   lossless (or [`load::load_layer`], one layer in f32, for the quantization pipeline);
+//! * [`perplexity::perplexity`] and [`generate::generate`] run it;
+//!   [`OpenModel::perplexity`] evaluates a checkpoint one decoder layer at a time instead.
 //!
 //! [`shards::ShardWriter`] streams (resumably) a sharded safetensors checkpoint to disk;
 //! [`synth`] writes random-weight checkpoints of real model shapes, for time and memory tests.

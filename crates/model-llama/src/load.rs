@@ -1,8 +1,11 @@
 //! Building the Burn model from a [`TensorSource`], whole or one layer at a time.
 
+use std::borrow::Cow;
+
 use burn::prelude::*;
-use half::f16;
+use half::{bf16, f16};
 use kernels::{QuantBackend, QuantLinear};
+use rayon::prelude::*;
 
 use crate::checkpoint::TensorSource;
 use crate::error::{ModelError, Result};
@@ -50,6 +53,42 @@ fn load_linear<B: QuantBackend>(
 ) -> Result<Linear<B>> {
     let w = load_host(src, name, &shape)?;
     Ok(Linear::from_host_weight(&w, shape, device))
+}
+
+/// A linear from the checkpoint's `[out, in]` weight `name`, kept in 16 bits when that is
+/// lossless (see [`compact_linear_from`]).
+fn load_compact_linear<B: QuantBackend>(
+    src: &dyn TensorSource,
+    name: &str,
+    shape: [usize; 2],
+    device: &B::Device,
+) -> Result<Linear<B>> {
+    let w = load_host(src, name, &shape)?;
+    compact_linear_from(src, name, &w, shape, device)
+}
+
+/// A linear on `w [out, in]` that stores it in f16 when every value is exactly an f16, else in
+/// bf16 when every value is exactly a bf16 (checkpoints stored in 16 bits, such as our packed
+/// ones' heads, f16 models, LLaMA-3's bf16), else in f32. Lossless: products beyond decode
+/// sizes multiply an f32 copy of the same values, made for that product only, so their results
+/// are those of the f32 weight; decode-sized ones read half the bytes. The model then holds half
+/// the memory of its f32 copy.
+pub fn compact_linear_from<B: QuantBackend>(
+    src: &dyn TensorSource,
+    name: &str,
+    w: &[f32],
+    shape: [usize; 2],
+    device: &B::Device,
+) -> Result<Linear<B>> {
+    let uploaded = if let Some(w16) = exact_f16(w) {
+        QuantLinear::from_f16(&w16, shape, device)
+    } else if let Some(w16) = exact_bf16(w) {
+        QuantLinear::from_bf16(&w16, shape, device)
+    } else {
+        return Ok(Linear::from_host_weight(w, shape, device));
+    };
+    let q = uploaded.map_err(|e| ModelError::malformed(src.path(), format!("`{name}`: {e}")))?;
+    Ok(Linear::Quant(q))
 }
 
 /// `[out, in]` of a linear of the given kind.
@@ -111,7 +150,7 @@ pub fn load_layer_with<B: QuantBackend>(
     })
 }
 
-/// Dense decoder layer `i`.
+/// Dense decoder layer `i`, every linear in f32 (what the quantization pipeline changes).
 pub fn load_layer<B: QuantBackend>(
     src: &dyn TensorSource,
     i: usize,
@@ -123,6 +162,19 @@ pub fn load_layer<B: QuantBackend>(
     })
 }
 
+/// Decoder layer `i` for running the model: each linear kept in 16 bits when that is lossless
+/// ([`compact_linear_from`]), so a 16-bit checkpoint is not held in f32.
+pub fn load_layer_compact<B: QuantBackend>(
+    src: &dyn TensorSource,
+    i: usize,
+    device: &B::Device,
+) -> Result<DecoderLayer<B>> {
+    load_layer_with(src, i, device, &|kind| {
+        let name = format!("{}.weight", kind.hf_prefix(i));
+        load_compact_linear(src, &name, linear_shape(src.config(), kind), device)
+    })
+}
+
 /// The parts of the model outside the decoder layers.
 pub struct Periphery<B: QuantBackend> {
     pub embed_tokens: Tensor<B, 2>,
@@ -131,71 +183,151 @@ pub struct Periphery<B: QuantBackend> {
     pub rope: Rope<B>,
 }
 
-/// The head, kept in f16 when every weight is exactly an f16 (checkpoints stored in f16, such as
-/// our packed ones): lossless, and a decode step, which streams the whole head for one token,
-/// reads half the bytes. Only the head: for the linears, large products would need a widened
-/// f32 copy beside the f16 one.
-fn head_linear<B: QuantBackend>(
-    src: &dyn TensorSource,
-    w: &[f32],
-    shape: [usize; 2],
-    device: &B::Device,
-) -> Result<Linear<B>> {
-    let Some(w16) = exact_f16(w) else {
-        return Ok(Linear::from_host_weight(w, shape, device));
-    };
-    let head = QuantLinear::from_f16(&w16, shape, device)
-        .map_err(|e| ModelError::malformed(src.path(), format!("language-model head: {e}")))?;
-    Ok(Linear::Quant(head))
-}
-
 /// `w` in f16, if no value changes.
 fn exact_f16(w: &[f32]) -> Option<Vec<f16>> {
-    w.iter()
+    w.par_iter()
+        .with_min_len(1 << 16)
+        .map(|&v| f16_bits_exact(v).map(f16::from_bits))
+        .collect()
+}
+
+/// `w` in bf16, if no value changes.
+fn exact_bf16(w: &[f32]) -> Option<Vec<bf16>> {
+    w.par_iter()
+        .with_min_len(1 << 16)
         .map(|&v| {
-            let h = f16::from_f32(v);
-            (h.to_f32() == v).then_some(h)
+            let b = v.to_bits();
+            (b & 0xffff == 0 && v.is_finite()).then_some(bf16::from_bits((b >> 16) as u16))
         })
         .collect()
 }
 
+/// The f16 bits of a finite `v` that f16 represents exactly. On the bits rather than through a
+/// round trip: a 7B model has billions of values to test.
+fn f16_bits_exact(v: f32) -> Option<u16> {
+    let b = v.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let (exp, man) = (((b >> 23) & 0xff) as i32, b & 0x7f_ffff);
+    if exp == 0 && man == 0 {
+        return Some(sign);
+    }
+    let e = exp - 127;
+    if (-14..=15).contains(&e) {
+        // A normal f16: 10 mantissa bits.
+        (man & 0x1fff == 0).then(|| sign | (((e + 15) as u16) << 10) | (man >> 13) as u16)
+    } else if (-24..-14).contains(&e) {
+        // A subnormal f16, `m · 2⁻²⁴`: `m = 1.man · 2^(e+24)` must be an integer.
+        let (full, shift) = (man | 0x80_0000, (-1 - e) as u32);
+        (full & ((1 << shift) - 1) == 0).then(|| sign | (full >> shift) as u16)
+    } else {
+        None
+    }
+}
+
+fn load_embedding_host(src: &dyn TensorSource) -> Result<Vec<f32>> {
+    let config = src.config();
+    let shape = [config.vocab_size, config.hidden_size];
+    load_host(src, "model.embed_tokens.weight", &shape)
+}
+
+/// The embedding table `[vocab, hidden]` (checks the config first, as every model load does).
+pub fn load_embedding<B: QuantBackend>(
+    src: &dyn TensorSource,
+    device: &B::Device,
+) -> Result<Tensor<B, 2>> {
+    check_config(src)?;
+    let config = src.config();
+    let shape = [config.vocab_size, config.hidden_size];
+    Ok(Tensor::from_data(
+        TensorData::new(load_embedding_host(src)?, shape),
+        device,
+    ))
+}
+
+fn check_config(src: &dyn TensorSource) -> Result<()> {
+    src.config()
+        .validate()
+        .map_err(|msg| ModelError::malformed(src.path(), msg))
+}
+
+/// The language-model head's weight `[vocab, hidden]` and its name: its own, or the embedding
+/// when tied (or when the checkpoint has none). `embed` is the embedding if the caller has it.
+fn head_weight<'a>(
+    src: &dyn TensorSource,
+    embed: Option<&'a [f32]>,
+) -> Result<(&'static str, Cow<'a, [f32]>)> {
+    let config = src.config();
+    let shape = [config.vocab_size, config.hidden_size];
+    if src.contains("lm_head.weight") && !config.tie_word_embeddings {
+        let w = load_host(src, "lm_head.weight", &shape)?;
+        return Ok(("lm_head.weight", Cow::Owned(w)));
+    }
+    let w = match embed {
+        Some(e) => Cow::Borrowed(e),
+        None => Cow::Owned(load_embedding_host(src)?),
+    };
+    Ok(("model.embed_tokens.weight", w))
+}
+
+/// The final norm.
+pub fn load_final_norm<B: QuantBackend>(
+    src: &dyn TensorSource,
+    device: &B::Device,
+) -> Result<RmsNorm<B>> {
+    norm(src, "model.norm.weight", device)
+}
+
+/// The language-model head in f32: for evaluations, which multiply it by hundreds of rows at a
+/// time (a compact head would be widened again for every such product).
+pub fn load_head_dense<B: QuantBackend>(
+    src: &dyn TensorSource,
+    device: &B::Device,
+) -> Result<Linear<B>> {
+    let config = src.config();
+    let (_, w) = head_weight(src, None)?;
+    Ok(Linear::from_host_weight(
+        &w,
+        [config.vocab_size, config.hidden_size],
+        device,
+    ))
+}
+
+/// The rotary tables of the model's positions.
+pub fn load_rope<B: QuantBackend>(config: &crate::LlamaConfig, device: &B::Device) -> Rope<B> {
+    Rope::new(
+        config,
+        config.max_position_embeddings.min(MAX_ROPE_POSITIONS),
+        device,
+    )
+}
+
+/// Everything outside the decoder layers. The head is compact when lossless (see
+/// [`compact_linear_from`]): a decode step streams the whole head for one token.
 pub fn load_periphery<B: QuantBackend>(
     src: &dyn TensorSource,
     device: &B::Device,
 ) -> Result<Periphery<B>> {
+    check_config(src)?;
     let config = src.config();
-    if let Err(msg) = config.validate() {
-        return Err(ModelError::malformed(src.path(), msg));
-    }
     let shape = [config.vocab_size, config.hidden_size];
-    let embed = load_host(src, "model.embed_tokens.weight", &shape)?;
-    let lm_head = if src.contains("lm_head.weight") && !config.tie_word_embeddings {
-        head_linear(
-            src,
-            &load_host(src, "lm_head.weight", &shape)?,
-            shape,
-            device,
-        )?
-    } else {
-        head_linear(src, &embed, shape, device)?
+    let embed = load_embedding_host(src)?;
+    let lm_head = {
+        let (name, w) = head_weight(src, Some(&embed))?;
+        compact_linear_from(src, name, &w, shape, device)?
     };
     let embed_tokens = Tensor::from_data(TensorData::new(embed, shape), device);
     Ok(Periphery {
         embed_tokens,
-        norm: norm(src, "model.norm.weight", device)?,
+        norm: load_final_norm(src, device)?,
         lm_head,
-        rope: Rope::new(
-            config,
-            config.max_position_embeddings.min(MAX_ROPE_POSITIONS),
-            device,
-        ),
+        rope: load_rope(config, device),
     })
 }
 
-/// The whole model, dense.
+/// The whole model, to run: dense linears compact where lossless ([`load_layer_compact`]).
 pub fn load_model<B: QuantBackend>(src: &dyn TensorSource, device: &B::Device) -> Result<Llama<B>> {
     let layers = (0..src.config().num_hidden_layers)
-        .map(|i| load_layer(src, i, device))
+        .map(|i| load_layer_compact(src, i, device))
         .collect::<Result<Vec<_>>>()?;
     Ok(assemble(src, load_periphery(src, device)?, layers))
 }
@@ -212,5 +344,61 @@ pub fn assemble<B: QuantBackend>(
         norm: p.norm,
         lm_head: p.lm_head,
         rope: p.rope,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the bit test must agree with: the f32 → f16 → f32 round trip.
+    fn round_trip(v: f32) -> Option<u16> {
+        let h = f16::from_f32(v);
+        (v.is_finite() && h.to_f32() == v).then_some(h.to_bits())
+    }
+
+    #[test]
+    fn f16_exactness_agrees_with_the_round_trip() {
+        // Every f16 widened, and its f32 neighbours (one ulp away: never exact unless zero).
+        for bits in 0..=u16::MAX {
+            let v = f16::from_bits(bits).to_f32();
+            for u in [v.to_bits().wrapping_sub(1), v.to_bits(), v.to_bits() + 1] {
+                let w = f32::from_bits(u);
+                assert_eq!(f16_bits_exact(w), round_trip(w), "{w:e} ({u:#010x})");
+            }
+        }
+        // Arbitrary bit patterns, and values around the subnormal and overflow edges.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..1 << 20 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let w = f32::from_bits(seed as u32);
+            assert_eq!(f16_bits_exact(w), round_trip(w), "{w:e}");
+            let w = f32::from_bits((seed >> 32) as u32 & 0x8fff_ffff | 0x3000_0000);
+            assert_eq!(f16_bits_exact(w), round_trip(w), "{w:e}");
+        }
+        for w in [
+            65504.0f32,
+            65520.0,
+            2f32.powi(-24),
+            2f32.powi(-25),
+            3.0 * 2f32.powi(-25),
+        ] {
+            assert_eq!(f16_bits_exact(w), round_trip(w), "{w:e}");
+        }
+    }
+
+    #[test]
+    fn compact_storage_prefers_f16_then_bf16() {
+        assert!(exact_f16(&[0.5, -3.0, 2f32.powi(-24)]).is_some());
+        let b = bf16::from_f32(1.0e-30).to_f32();
+        assert!(exact_f16(&[0.5, b]).is_none());
+        assert_eq!(
+            exact_bf16(&[0.5, b]),
+            Some(vec![bf16::from_f32(0.5), bf16::from_f32(b)])
+        );
+        assert!(exact_bf16(&[0.5, 0.1]).is_none());
+        assert!(exact_bf16(&[f32::NAN]).is_none());
     }
 }

@@ -6,11 +6,12 @@ use crate::checkpoint::TensorSource;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufCheckpoint;
 use crate::hf_dir::SafetensorsDir;
-use crate::load::load_model;
-use crate::model::Llama;
+use crate::load::{load_layer_compact, load_layer_with, load_model};
+use crate::model::{DecoderLayer, Linear, Llama};
 use crate::packed::PackedDir;
+use crate::perplexity::{PerplexityReport, perplexity_layer_major};
 use crate::tokenizer::LlamaTokenizer;
-use kernels::QuantBackend;
+use kernels::{QuantBackend, QuantLinear};
 
 /// A checkpoint and its tokenizer.
 pub struct OpenModel {
@@ -28,6 +29,43 @@ impl OpenModel {
             Some(packed) => packed.load_model(device),
             None => load_model(self.source.as_ref(), device),
         }
+    }
+
+    /// Decoder layer `i` as [`Self::load`] builds it: packed linears on the dequantizing
+    /// kernels, dense ones compact where lossless.
+    pub fn load_layer<B: QuantBackend>(
+        &self,
+        i: usize,
+        device: &B::Device,
+    ) -> Result<DecoderLayer<B>> {
+        let Some(packed) = &self.packed else {
+            return load_layer_compact(self.source.as_ref(), i, device);
+        };
+        load_layer_with(packed, i, device, &|kind| {
+            let module = kind.hf_prefix(i);
+            let q = QuantLinear::new(&packed.packed_linear(&module)?, device)
+                .map_err(|e| ModelError::malformed(packed.path(), format!("`{module}`: {e}")))?;
+            Ok(Linear::Quant(q))
+        })
+    }
+
+    /// Perplexity on `tokens` (see [`crate::perplexity::perplexity`]), streaming the checkpoint
+    /// one decoder layer at a time ([`perplexity_layer_major`]) instead of loading it whole.
+    pub fn perplexity<B: QuantBackend>(
+        &self,
+        tokens: &[u32],
+        seqlen: usize,
+        max_windows: Option<usize>,
+        device: &B::Device,
+    ) -> Result<PerplexityReport> {
+        perplexity_layer_major(
+            self.source.as_ref(),
+            &|i| self.load_layer::<B>(i, device),
+            tokens,
+            seqlen,
+            max_windows,
+            device,
+        )
     }
 }
 

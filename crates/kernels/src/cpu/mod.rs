@@ -2,8 +2,9 @@
 //! AdaDim's packed weights. Beside it, the host ops that make the f32 forward fast on the ndarray
 //! backend ([`crate::QuantBackend`]'s fused ops): [`attention`] (causal GQA attention and rotary
 //! embedding on strided head views), [`activation`] (softmax, log-sum-exp, cross-entropy and
-//! SwiGLU with a vectorised `exp`), [`dense`] (strided f32 products through `gemm`) and
-//! [`dense_f16`] (decode-sized products on f16 weights, widened in registers).
+//! SwiGLU with a vectorised `exp`), [`dense`] (strided f32 products through `gemm`),
+//! [`dense_f16`] (decode-sized products on f16 and bf16 weights, widened in registers) and
+//! [`widen`] (the transient f32 copy of a compact weight that larger products multiply).
 //!
 //! # Use
 //! Re-lay out a [`quant_core::PackedLinear`] once with [`CpuPacked::new`], then call
@@ -57,6 +58,7 @@ mod f16;
 mod layout;
 mod simd;
 mod tile;
+pub mod widen;
 
 use quant_core::{QuantDim, QuantError};
 use rayon::prelude::*;
@@ -88,6 +90,15 @@ pub enum CpuKernelError {
     YShape {
         got: usize,
         m: usize,
+        out_features: usize,
+    },
+    #[error(
+        "a widened weight buffer of {got} elements is not in_features × out_features = \
+         {in_features} × {out_features}"
+    )]
+    WidenedShape {
+        got: usize,
+        in_features: usize,
         out_features: usize,
     },
     #[error("SIMD path {0:?} is not supported on this machine")]

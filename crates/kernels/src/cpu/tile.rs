@@ -57,7 +57,7 @@ fn decoded_scale_zero<const B: usize>(s: f32, z: f32) -> (f32, f32) {
 /// and on AVX-512, where 512-bit vector work only issues on ports 0 and 5, one fewer
 /// that can only use port 0. The 3-bit decode is what bounds the `M = 1` product.
 #[inline(always)]
-fn codes_at<const B: usize>(block: &[[u32; LANES]; B], j: usize) -> [f32; LANES] {
+pub(crate) fn codes_at<const B: usize>(block: &[[u32; LANES]; B], j: usize) -> [f32; LANES] {
     let bit = j * B;
     let (w, s) = (bit / 32, bit % 32);
     let pos = code_shift(B);
@@ -103,7 +103,7 @@ fn prefetch_block<const B: usize>(codes: &[[u32; LANES]], blk: usize) {
 }
 
 #[inline(always)]
-fn block_at<const B: usize>(codes: &[[u32; LANES]], blk: usize) -> &[[u32; LANES]; B] {
+pub(crate) fn block_at<const B: usize>(codes: &[[u32; LANES]], blk: usize) -> &[[u32; LANES]; B] {
     codes[blk * B..(blk + 1) * B]
         .try_into()
         .expect("tile holds whole blocks")
@@ -124,6 +124,7 @@ macro_rules! unroll_block {
         })*
     };
 }
+pub(crate) use unroll_block;
 
 /// Accumulators: `S` independent sets of `M × LANES`, so that at small `M` consecutive
 /// FMAs do not wait on each other (one chain would be bound by the FMA latency).

@@ -56,12 +56,13 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use half::f16;
+use half::{bf16, f16};
 use quant_core::{PackedLinear, QuantDim};
 
 use crate::QuantBackend;
 use crate::quant_linear::{
-    QuantLinearError, check_f16_shape, check_input, dense_transposed, widened_transposed,
+    QuantLinearError, check_bf16_shape, check_f16_shape, check_input, dense_transposed,
+    widened_transposed, widened_transposed_bf16,
 };
 use kernel::{BLOCK, CUBE_UNITS};
 
@@ -260,16 +261,35 @@ pub fn upload_f16<R: CubeRuntime>(
     device: &R::Device,
 ) -> Result<CubePackedLinear<R>, QuantLinearError> {
     check_f16_shape(w, shape)?;
+    Ok(dense_16(widened_transposed(w, shape), shape, device))
+}
+
+/// A dense `W [out, in]` given in bf16, widened to f32 as [`upload_f16`] does.
+pub fn upload_bf16<R: CubeRuntime>(
+    w: &[bf16],
+    shape: [usize; 2],
+    device: &R::Device,
+) -> Result<CubePackedLinear<R>, QuantLinearError> {
+    check_bf16_shape(w, shape)?;
+    Ok(dense_16(widened_transposed_bf16(w, shape), shape, device))
+}
+
+/// The device weight of a widened 16-bit `W`, described as one 16-bit group per row (only the
+/// packed kernels read `dim`/`bits`/`group_size`).
+fn dense_16<R: CubeRuntime>(
+    w_t: Vec<f32>,
+    shape: [usize; 2],
+    device: &R::Device,
+) -> CubePackedLinear<R> {
     let [out_features, in_features] = shape;
-    let w_t = widened_transposed(w, shape);
-    Ok(CubePackedLinear {
+    CubePackedLinear {
         dim: QuantDim::Oc,
         bits: 16,
         group_size: in_features,
         out_features,
         in_features,
         weight: dense_weight(R::client(device), device, w_t, shape),
-    })
+    }
 }
 
 /// Runs `$body` with `$E` bound to the cubecl float type of `$dtype`.
@@ -415,6 +435,14 @@ where
         device: &Self::Device,
     ) -> Result<Self::Packed, QuantLinearError> {
         upload_f16::<R>(w, shape, device)
+    }
+
+    fn upload_bf16(
+        w: &[bf16],
+        shape: [usize; 2],
+        device: &Self::Device,
+    ) -> Result<Self::Packed, QuantLinearError> {
+        upload_bf16::<R>(w, shape, device)
     }
 
     fn quant_matmul(x: FloatTensor<Self>, w: &Self::Packed) -> FloatTensor<Self> {
