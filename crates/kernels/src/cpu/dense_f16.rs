@@ -214,6 +214,18 @@ pub fn gemm_bf16_with(
     gemm_16::<Bf16>(path, x, m, bytemuck::cast_slice(w), n, y)
 }
 
+/// The `k` of a weight `[n, k]` stored as `len` values (an error unless `n` divides `len`).
+pub(crate) fn weight_cols(len: usize, n: usize) -> Result<usize, CpuKernelError> {
+    let k = len.checked_div(n).unwrap_or(0);
+    if len != n * k {
+        return Err(CpuKernelError::WShape {
+            got: len,
+            out_features: n,
+        });
+    }
+    Ok(k)
+}
+
 /// The product on the raw bits of a 16-bit `W [n, k]`.
 fn gemm_16<H: Half16>(
     path: SimdPath,
@@ -223,13 +235,7 @@ fn gemm_16<H: Half16>(
     n: usize,
     y: &mut [f32],
 ) -> Result<(), CpuKernelError> {
-    let k = w.len().checked_div(n).unwrap_or(0);
-    if w.len() != n * k {
-        return Err(CpuKernelError::WShape {
-            got: w.len(),
-            out_features: n,
-        });
-    }
+    let k = weight_cols(w.len(), n)?;
     check_call(path, x, m, k, y, n)?;
     for (xc, yc) in x
         .chunks(MAX_M_PER_PASS * k.max(1))

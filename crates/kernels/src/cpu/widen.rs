@@ -15,7 +15,7 @@ use quant_core::QuantDim;
 use rayon::prelude::*;
 
 use super::CpuKernelError;
-use super::dense_f16::{Bf16, Half16};
+use super::dense_f16::{Bf16, Half16, weight_cols};
 use super::f16::h2f_exact;
 use super::layout::{BLOCK, CpuPacked, LANES};
 use super::simd::SimdPath;
@@ -186,13 +186,7 @@ fn half_t(
     out: &mut [f32],
     widen: impl Fn(u16) -> f32 + Sync,
 ) -> Result<(), CpuKernelError> {
-    let k = w.len().checked_div(n).unwrap_or(0);
-    if w.len() != n * k {
-        return Err(CpuKernelError::WShape {
-            got: w.len(),
-            out_features: n,
-        });
-    }
+    let k = weight_cols(w.len(), n)?;
     check_out(out, k, n)?;
     if n == 0 || k == 0 {
         return Ok(());
