@@ -30,6 +30,7 @@ fn quantized_model_is_worse_than_fp_and_packed_matches_fake_quant() {
         group_size: 64,
         method: Method::Rtn,
         dim: DimPolicy::Ada,
+        range: Default::default(),
         out: dir.path().join("packed"),
         fake_quant: Some(dir.path().join("fake")),
         overwrite: false,

@@ -203,6 +203,7 @@ pub fn ablation(args: &AblationArgs) -> Result<()> {
                 group_size: args.group_size,
                 method,
                 dim,
+                range: Default::default(),
                 out: out.clone(),
                 fake_quant: None,
                 overwrite: true,

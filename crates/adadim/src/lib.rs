@@ -19,6 +19,7 @@
 //!     method: Method::Rtn,
 //!     policy: DimPolicy::Ada,
 //!     gptq: Default::default(),
+//!     range: Default::default(),
 //!     max_memory: None,
 //! };
 //! let q = adadim::quantize_model::<NdArray>(src.as_ref(), &calib, &opts, &Default::default())?;
@@ -44,5 +45,6 @@ pub use pipeline::{
     quantize_layers, quantize_model,
 };
 pub use policy::DimPolicy;
+pub use quant_core::RangeMode;
 pub use report::RunReport;
 pub use run::{RunSpec, run};

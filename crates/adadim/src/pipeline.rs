@@ -15,7 +15,7 @@ use model_llama::load::{linear_shape, load_host, load_layer};
 use model_llama::model::Rope;
 use model_llama::packed::QuantizationConfig;
 use model_llama::{DecoderLayer, LayerInputs, Linear, LinearKind, TensorSource};
-use quant_core::{GptqOptions, PackedLinear, QuantConfig, QuantDim, Quantized};
+use quant_core::{GptqOptions, PackedLinear, QuantConfig, QuantDim, Quantized, RangeMode};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AdadimError, Result};
@@ -62,6 +62,8 @@ pub struct QuantizeOptions {
     pub method: Method,
     pub policy: DimPolicy,
     pub gptq: GptqOptions,
+    /// How each group's range is chosen, for RTN and GPTQ alike (docs/method.md §2.1).
+    pub range: RangeMode,
     /// Memory the run may use, bytes (`None`: [`crate::memory::default_limit`]).
     pub max_memory: Option<u64>,
 }
@@ -507,6 +509,12 @@ impl<B: QuantBackend> LayerRun<'_, B> {
             for &site in streamed {
                 stats.accumulate(site, site.input(&trace.inputs));
             }
+            // GPTQ weighs its searched ranges by its Hessian's diagonal instead.
+            if self.opts.range == RangeMode::Search && self.opts.method == Method::Rtn {
+                for site in Site::ALL {
+                    stats.accumulate_moments(site, site.input(&trace.inputs));
+                }
+            }
             chunks.push(Chunk {
                 tokens: blocks * t,
                 inputs: SubBlockInputs::of(&trace.inputs),
@@ -520,8 +528,11 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         (chunks, Activations { chunks: next })
     }
 
-    fn rtn(&self, t: &Target<'_>, dim: QuantDim) -> Result<Quantized> {
-        quant_core::quantize_rtn(t.w, t.shape[0], t.shape[1], self.base.with_dim(dim))
+    /// RTN of `t` in `dim`; `moments` are its inputs' `E[x²]` when ranges are searched.
+    fn rtn(&self, t: &Target<'_>, dim: QuantDim, moments: Option<&[f32]>) -> Result<Quantized> {
+        let [out, inp] = t.shape;
+        let config = self.base.with_dim(dim);
+        quant_core::quantize_rtn_with(t.w, out, inp, config, self.opts.range, moments)
             .map_err(quant_err(format!("{} ({dim})", t.module)))
     }
 
@@ -542,9 +553,10 @@ impl<B: QuantBackend> LayerRun<'_, B> {
                 errors: DimErrors::default(),
             });
         }
+        let moments = stats.moments(Site::of(t.kind));
         let mut candidates = Vec::with_capacity(dims.len());
         for &dim in &dims {
-            let q = self.rtn(t, dim)?;
+            let q = self.rtn(t, dim, moments.as_deref())?;
             let linear = upload::<B>(q.pack().dequantize(), t.shape, self.device);
             candidates.push((dim, q, linear));
         }
@@ -687,7 +699,8 @@ impl<B: QuantBackend> LayerRun<'_, B> {
                 } = match choice.scored {
                     Some(winner) => winner,
                     None => {
-                        let q = self.rtn(t, dim)?;
+                        let moments = stats.moments(Site::of(t.kind));
+                        let q = self.rtn(t, dim, moments.as_deref())?;
                         let linear = upload::<B>(q.pack().dequantize(), t.shape, self.device);
                         Winner {
                             quantized: q,
@@ -714,7 +727,10 @@ impl<B: QuantBackend> LayerRun<'_, B> {
                     t.shape[1],
                     h,
                     self.base.with_dim(dim),
-                    self.opts.gptq,
+                    GptqOptions {
+                        range: self.opts.range,
+                        ..self.opts.gptq
+                    },
                 )
                 .map_err(quant_err(format!("GPTQ of {} ({dim})", t.module)))?;
                 let packed = result.quantized.pack();

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use model_llama::LinearKind;
-use quant_core::QuantDim;
+use quant_core::{QuantDim, RangeMode};
 use serde::{Deserialize, Serialize};
 
 use crate::pipeline::LinearRecord;
@@ -15,6 +15,9 @@ pub struct RunReport {
     pub policy: String,
     pub bits: u32,
     pub group_size: i64,
+    /// How group ranges were chosen (absent in reports older than the option: min-max).
+    #[serde(default)]
+    pub range: RangeMode,
     pub calib_blocks: usize,
     pub calib_seqlen: usize,
     pub seconds: f64,

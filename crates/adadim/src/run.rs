@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use kernels::QuantBackend;
+use quant_core::RangeMode;
 use serde::{Deserialize, Serialize};
 
 use model_llama::staging::check_destination;
@@ -60,6 +61,9 @@ pub struct RunSpec {
     pub method: Method,
     #[serde(default = "default_dim")]
     pub dim: DimPolicy,
+    /// How each group's range is chosen: minmax, or search (docs/method.md §2.1).
+    #[serde(default)]
+    pub range: RangeMode,
     /// Packed checkpoint directory.
     pub out: PathBuf,
     /// Optional fake-quant export directory.
@@ -84,6 +88,7 @@ impl RunSpec {
             method: self.method,
             policy: self.dim.clone(),
             gptq: Default::default(),
+            range: self.range,
             max_memory: self
                 .max_memory_gib
                 .map(|g| (g * (1u64 << 30) as f64) as u64),
@@ -136,6 +141,7 @@ impl RunSpec {
             ("group_size".into(), v(self.group_size.into())),
             ("method".into(), v(self.method.to_string().into())),
             ("dim".into(), v(self.dim.to_string().into())),
+            ("range".into(), v(self.range.to_string().into())),
             (
                 "fake-quant export".into(),
                 v(self.fake_quant.is_some().into()),
@@ -187,6 +193,7 @@ pub fn run<B: QuantBackend>(spec: &RunSpec, device: &B::Device) -> Result<RunRep
         policy: spec.dim.to_string(),
         bits: spec.bits,
         group_size: spec.group_size,
+        range: spec.range,
         calib_blocks: calib.len(),
         calib_seqlen: spec.calib_seqlen,
         seconds: progress.seconds + start.elapsed().as_secs_f64(),

@@ -1,6 +1,6 @@
 //! Statistics of a layer's calibration inputs: the Gram matrix `XᵀX` of each capture site,
-//! summed over chunks of calibration blocks, and GPTQ's Hessian built from it
-//! (docs/method.md §3).
+//! summed over chunks of calibration blocks, GPTQ's Hessian built from it (docs/method.md §3),
+//! and the inputs' second moments that weight RTN's range search (§2.1).
 
 use burn::prelude::*;
 use kernels::QuantBackend;
@@ -79,6 +79,8 @@ impl<B: QuantBackend> SubBlockInputs<B> {
 pub struct InputStats<B: QuantBackend> {
     grams: [Option<Tensor<B, 2>>; 4],
     hessians: [Option<Hessian>; 4],
+    /// `Σ x_k²` per input channel, and the token count it sums over.
+    moments: [Option<(Tensor<B, 1>, usize)>; 4],
     /// Calibration blocks the Grams sum over (GPTQ's sample count).
     blocks: usize,
 }
@@ -88,6 +90,7 @@ impl<B: QuantBackend> InputStats<B> {
         Self {
             grams: Default::default(),
             hessians: Default::default(),
+            moments: Default::default(),
             blocks,
         }
     }
@@ -100,6 +103,29 @@ impl<B: QuantBackend> InputStats<B> {
             Some(sum) => sum.add(g),
             None => g,
         });
+    }
+
+    /// Adds one chunk's `Σ x_k²` at `site`.
+    pub fn accumulate_moments(&mut self, site: Site, x: &Tensor<B, 3>) {
+        let [blocks, t, features] = x.dims();
+        let sq = x
+            .clone()
+            .reshape([blocks * t, features])
+            .square()
+            .sum_dim(0)
+            .reshape([features]);
+        let slot = &mut self.moments[site.index()];
+        *slot = Some(match slot.take() {
+            Some((sum, n)) => (sum.add(sq), n + blocks * t),
+            None => (sq, blocks * t),
+        });
+    }
+
+    /// `E[x_k²]` of `site`'s input channels, if they were accumulated.
+    pub fn moments(&self, site: Site) -> Option<Vec<f32>> {
+        let (sum, n) = self.moments[site.index()].as_ref()?;
+        let sum = sum.clone().into_data().into_vec::<f32>().ok()?;
+        Some(sum.into_iter().map(|v| v / *n as f32).collect())
     }
 
     /// The Gram matrix of `site`, computed from `x` (its whole input) if it was not accumulated.
@@ -127,6 +153,7 @@ impl<B: QuantBackend> InputStats<B> {
     pub fn release(&mut self, site: Site) {
         self.grams[site.index()] = None;
         self.hessians[site.index()] = None;
+        self.moments[site.index()] = None;
     }
 }
 

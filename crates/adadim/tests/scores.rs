@@ -54,6 +54,7 @@ fn opts(method: Method, max_memory: Option<u64>) -> QuantizeOptions {
         method,
         policy: DimPolicy::Ada,
         gptq: Default::default(),
+        range: Default::default(),
         max_memory,
     }
 }

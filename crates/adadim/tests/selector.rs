@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use adadim::{DimPolicy, Method, QuantizeOptions, QuantizedModel, quantize_model};
+use adadim::{DimPolicy, Method, QuantizeOptions, QuantizedModel, RangeMode, quantize_model};
 use burn::backend::NdArray;
 use burn::prelude::*;
 use model_llama::load::{linear_shape, load_model};
@@ -147,6 +147,7 @@ fn opts(policy: DimPolicy) -> QuantizeOptions {
         method: Method::Rtn,
         policy,
         gptq: Default::default(),
+        range: Default::default(),
         max_memory: None,
     }
 }
@@ -301,6 +302,34 @@ fn gptq_ada_beats_rtn_ada() {
     };
     let (rtn, gptq) = (err(Method::Rtn), err(Method::Gptq));
     assert!(gptq < rtn, "GPTQ-ada {gptq} vs RTN-ada {rtn}");
+}
+
+#[test]
+fn searched_ranges_reconstruct_the_model_better_for_rtn_and_gptq() {
+    let plant = |kind| match kind {
+        LinearKind::V | LinearKind::Down => Some(Outliers::Columns),
+        LinearKind::Q | LinearKind::Gate => Some(Outliers::Rows),
+        _ => None,
+    };
+    let src = source(tiny_config(2), 6, &plant);
+    let tokens = calib(97, 10);
+    let reference = logits(&src, &tokens);
+    for method in [Method::Rtn, Method::Gptq] {
+        let err = |range| {
+            let o = QuantizeOptions {
+                method,
+                range,
+                ..opts(DimPolicy::Ada)
+            };
+            let q = quantize_model::<B>(&src, &tokens, &o, &Default::default()).unwrap();
+            mse(&logits(&dequantized(&src, &q), &tokens), &reference)
+        };
+        let (plain, searched) = (err(RangeMode::MinMax), err(RangeMode::Search));
+        assert!(
+            searched < plain,
+            "{method}: searched ranges {searched} vs min-max {plain}"
+        );
+    }
 }
 
 #[test]

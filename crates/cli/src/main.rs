@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use adadim::{CalibOptions, DimPolicy, Method, RunReport, RunSpec};
+use adadim::{CalibOptions, DimPolicy, Method, RangeMode, RunReport, RunSpec};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use model_llama::generate::{GenerateOptions, generate};
@@ -112,6 +112,10 @@ struct QuantizeArgs {
     /// oc, ic, ada, or ic:<linears> (e.g. ic:qkv, ic:down, ic:qkv,down, ic:all).
     #[arg(long, default_value = "ada")]
     dim: DimPolicy,
+    /// How each group's [min, max] is chosen: minmax, or search (the shrink with the least
+    /// error, weighted by the calibration inputs' second moments per-OC).
+    #[arg(long, default_value = "minmax")]
+    range: RangeMode,
     /// Packed checkpoint directory.
     #[arg(long)]
     out: PathBuf,
@@ -143,6 +147,7 @@ impl From<QuantizeArgs> for RunSpec {
             group_size: a.group_size,
             method: a.method,
             dim: a.dim,
+            range: a.range,
             out: a.out,
             fake_quant: a.fake_quant,
             overwrite: a.overwrite,

@@ -23,6 +23,7 @@ use tracing::warn;
 use crate::hessian::Hessian;
 use crate::linalg::{gemm_f32, upper_cholesky_of_inverse};
 use crate::quantized::transpose;
+use crate::range::{RangeMode, search_range};
 use crate::rtn::{GroupParams, check_finite, quantize_group};
 use crate::{QuantConfig, QuantDim, QuantError, Quantized};
 
@@ -41,6 +42,9 @@ pub struct GptqOptions {
     /// Per-OC only: group parameters from the original weights (true). `false` is rejected
     /// because the packed format has no `g_idx` to describe act-order-dependent groups.
     pub static_groups: bool,
+    /// How each group's range is chosen (min-max). Searched per-OC groups weigh each weight's
+    /// error by its input's `H[k, k]` (docs/method.md §2.1).
+    pub range: RangeMode,
 }
 
 impl Default for GptqOptions {
@@ -50,6 +54,7 @@ impl Default for GptqOptions {
             percdamp: 0.01,
             act_order: true,
             static_groups: true,
+            range: RangeMode::MinMax,
         }
     }
 }
@@ -112,12 +117,16 @@ pub fn gptq(
             wt[i * oc..(i + 1) * oc].fill(0.0);
         }
     }
+    let search_moments = (options.range == RangeMode::Search).then_some(diag.as_slice());
     let quantizer = match config.dim {
         QuantDim::Oc => ColumnQuantizer::Static {
-            params: static_group_params(&wt, ic, oc, group_size, maxq),
+            params: static_group_params(&wt, ic, oc, group_size, maxq, search_moments),
             group_size,
         },
-        QuantDim::Ic => ColumnQuantizer::Dynamic { group_size },
+        QuantDim::Ic => ColumnQuantizer::Dynamic {
+            group_size,
+            range: options.range,
+        },
     };
 
     let perm = column_order(&diag, options.act_order);
@@ -291,13 +300,22 @@ fn inverse_factor(
 }
 
 /// Per-OC static groups: GPTQ-range parameters of every `g`-column group of the original weights,
-/// laid out `[groups, oc]` so a chunk of output channels reads a contiguous run.
-fn static_group_params(wt: &[f32], ic: usize, oc: usize, g: usize, maxq: u32) -> Vec<GroupParams> {
+/// laid out `[groups, oc]` so a chunk of output channels reads a contiguous run. With `moments`
+/// (`H[k, k]`), each range is the searched shrink of the GPTQ range (docs/method.md §2.1).
+fn static_group_params(
+    wt: &[f32],
+    ic: usize,
+    oc: usize,
+    g: usize,
+    maxq: u32,
+    moments: Option<&[f32]>,
+) -> Vec<GroupParams> {
     let mut params = vec![GroupParams::default(); (ic / g) * oc];
     params
         .par_chunks_mut(oc)
         .zip(wt.par_chunks(g * oc))
-        .for_each(|(params, cols)| {
+        .enumerate()
+        .for_each(|(j, (params, cols))| {
             let mut lo = vec![0f32; oc];
             let mut hi = vec![0f32; oc];
             // The GPTQ range always contains 0, so starting the fold at 0 caps min ≤ 0 ≤ max.
@@ -307,8 +325,21 @@ fn static_group_params(wt: &[f32], ic: usize, oc: usize, g: usize, maxq: u32) ->
                     *h = h.max(v);
                 }
             }
-            for ((p, &l), &h) in params.iter_mut().zip(&lo).zip(&hi) {
-                *p = GroupParams::from_range(l, h, maxq);
+            match moments {
+                None => {
+                    for ((p, &l), &h) in params.iter_mut().zip(&lo).zip(&hi) {
+                        *p = GroupParams::from_range(l, h, maxq);
+                    }
+                }
+                Some(m) => {
+                    // The group's columns are strided in `wt`; gather them per output channel.
+                    let group_t = transpose(cols, g, oc);
+                    let h = &m[j * g..(j + 1) * g];
+                    for (o, p) in params.iter_mut().enumerate() {
+                        let w = &group_t[o * g..(o + 1) * g];
+                        *p = search_range(w, Some(h), lo[o], hi[o], maxq);
+                    }
+                }
             }
         });
     params
@@ -328,7 +359,7 @@ enum ColumnQuantizer {
         group_size: usize,
     },
     /// Per-IC: docs/method.md §2 groups of `group_size` output channels, from the current values.
-    Dynamic { group_size: usize },
+    Dynamic { group_size: usize, range: RangeMode },
 }
 
 impl ColumnQuantizer {
@@ -336,7 +367,7 @@ impl ColumnQuantizer {
     fn alignment(&self) -> usize {
         match self {
             ColumnQuantizer::Static { .. } => 16,
-            ColumnQuantizer::Dynamic { group_size } => *group_size,
+            ColumnQuantizer::Dynamic { group_size, .. } => *group_size,
         }
     }
 
@@ -363,13 +394,14 @@ impl ColumnQuantizer {
                     *q = p.dequant(*c);
                 }
             }
-            ColumnQuantizer::Dynamic { group_size } => {
+            ColumnQuantizer::Dynamic { group_size, range } => {
                 for ((w, c), q) in w
                     .chunks(*group_size)
                     .zip(codes.chunks_mut(*group_size))
                     .zip(q.chunks_mut(*group_size))
                 {
-                    let p = quantize_group(w, maxq, c);
+                    // One input channel per group: equal weights, so no moments.
+                    let p = quantize_group(w, None, *range, maxq, c);
                     for (q, &c) in q.iter_mut().zip(c.iter()) {
                         *q = p.dequant(c);
                     }

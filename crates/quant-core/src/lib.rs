@@ -49,6 +49,7 @@ mod hessian;
 mod linalg;
 pub mod packing;
 mod quantized;
+mod range;
 mod rtn;
 
 pub use config::{QuantConfig, QuantDim};
@@ -56,4 +57,5 @@ pub use error::QuantError;
 pub use gptq::{GptqOptions, GptqResult, gptq};
 pub use hessian::Hessian;
 pub use quantized::{PackedLinear, Quantized, from_grouped, to_grouped, transpose};
-pub use rtn::{GroupParams, quantize_rtn, round_half_even};
+pub use range::{RangeMode, search_range};
+pub use rtn::{GroupParams, quantize_rtn, quantize_rtn_with, round_half_even};

@@ -6,6 +6,7 @@
 use rayon::prelude::*;
 
 use crate::quantized::transpose_into;
+use crate::range::{RangeMode, search_range};
 use crate::{QuantConfig, QuantError, Quantized};
 
 /// 2²³: from here on, consecutive f32 values are 1 apart.
@@ -82,7 +83,7 @@ pub fn round_half_even(x: f32) -> f32 {
 
 /// Min and max of a group, with eight independent lanes so the loop vectorizes.
 #[inline(always)]
-fn min_max(w: &[f32]) -> (f32, f32) {
+pub(crate) fn min_max(w: &[f32]) -> (f32, f32) {
     const L: usize = 8;
     let mut lo = [f32::INFINITY; L];
     let mut hi = [f32::NEG_INFINITY; L];
@@ -104,10 +105,23 @@ fn min_max(w: &[f32]) -> (f32, f32) {
     )
 }
 
-/// Quantizes one group with its own docs/method.md §2 parameters, writing codes and returning the parameters.
+/// Quantizes one group with its own parameters (docs/method.md §2, or the searched range of
+/// §2.1 with the weights' input moments `h`), writing codes and returning the parameters.
 #[inline(always)]
-pub(crate) fn quantize_group(w: &[f32], maxq: u32, codes: &mut [u8]) -> GroupParams {
-    let p = GroupParams::of_group(w, maxq);
+pub(crate) fn quantize_group(
+    w: &[f32],
+    h: Option<&[f32]>,
+    range: RangeMode,
+    maxq: u32,
+    codes: &mut [u8],
+) -> GroupParams {
+    let p = match range {
+        RangeMode::MinMax => GroupParams::of_group(w, maxq),
+        RangeMode::Search => {
+            let (lo, hi) = min_max(w);
+            search_range(w, h, lo, hi, maxq)
+        }
+    };
     for (c, &x) in codes.iter_mut().zip(w) {
         *c = p.code(x, maxq);
     }
@@ -138,23 +152,33 @@ fn all_finite(w: &[f32]) -> bool {
 /// slower than SSE2: LLVM left `min_max` scalar there.) Every step is an exact IEEE operation, so
 /// both builds give the same bits.
 #[inline]
-fn rtn_group(w: &[f32], maxq: u32, codes: &mut [u8]) -> Option<GroupParams> {
+fn rtn_group(g: Group<'_>, codes: &mut [u8]) -> Option<GroupParams> {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
         if has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { rtn_group_avx512(w, maxq, codes) };
+            return unsafe { rtn_group_avx512(g, codes) };
         }
     }
-    rtn_group_portable(w, maxq, codes)
+    rtn_group_portable(g, codes)
+}
+
+/// One group's weights and what its parameters are chosen by.
+#[derive(Clone, Copy)]
+struct Group<'a> {
+    w: &'a [f32],
+    /// The input moments of `w`'s weights (per-OC range search only).
+    h: Option<&'a [f32]>,
+    range: RangeMode,
+    maxq: u32,
 }
 
 #[inline(always)]
-fn rtn_group_portable(w: &[f32], maxq: u32, codes: &mut [u8]) -> Option<GroupParams> {
+fn rtn_group_portable(g: Group<'_>, codes: &mut [u8]) -> Option<GroupParams> {
     // A plain `if`: `bool::then` stays an outlined call, compiled without the caller's features.
-    if all_finite(w) {
-        Some(quantize_group(w, maxq, codes))
+    if all_finite(g.w) {
+        Some(quantize_group(g.w, g.h, g.range, g.maxq, codes))
     } else {
         None
     }
@@ -162,8 +186,8 @@ fn rtn_group_portable(w: &[f32], maxq: u32, codes: &mut [u8]) -> Option<GroupPar
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn rtn_group_avx512(w: &[f32], maxq: u32, codes: &mut [u8]) -> Option<GroupParams> {
-    rtn_group_portable(w, maxq, codes)
+fn rtn_group_avx512(g: Group<'_>, codes: &mut [u8]) -> Option<GroupParams> {
+    rtn_group_portable(g, codes)
 }
 
 /// RTN of a weight `W [out_features, in_features]` (row-major, HF layout) with `config`.
@@ -178,12 +202,40 @@ pub fn quantize_rtn(
     in_features: usize,
     config: QuantConfig,
 ) -> Result<Quantized, QuantError> {
+    quantize_rtn_with(
+        w,
+        out_features,
+        in_features,
+        config,
+        RangeMode::MinMax,
+        None,
+    )
+}
+
+/// [`quantize_rtn`] with each group's range chosen by `range`. With [`RangeMode::Search`],
+/// `moments` (the calibration inputs' `E[x_k²]`, one per input channel) weights the error of
+/// per-OC groups, whose weights read different inputs (docs/method.md §2.1); per-IC groups read
+/// one input each, so it does not change their search.
+pub fn quantize_rtn_with(
+    w: &[f32],
+    out_features: usize,
+    in_features: usize,
+    config: QuantConfig,
+    range: RangeMode,
+    moments: Option<&[f32]>,
+) -> Result<Quantized, QuantError> {
     let config = QuantConfig::new(config.bits, config.group_size, config.dim)?;
     let group_size = config.check_shape(out_features, in_features)?;
     if w.len() != out_features * in_features {
         return Err(QuantError::Shape(format!(
             "weight has {} elements, expected {out_features} × {in_features}",
             w.len()
+        )));
+    }
+    if let Some(m) = moments.filter(|m| m.len() != in_features) {
+        return Err(QuantError::Shape(format!(
+            "{} input moments for a weight with {in_features} inputs",
+            m.len()
         )));
     }
     let (rows, cols) = config.dim.grouped_shape(out_features, in_features);
@@ -196,10 +248,16 @@ pub fn quantize_rtn(
         scales: &mut scales,
         zeros: &mut zeros,
     };
-    let maxq = config.maxq();
+    let group = Group {
+        w: &[],
+        h: None,
+        range,
+        maxq: config.maxq(),
+    };
+    let moments = moments.filter(|_| range == RangeMode::Search);
     let finite = match config.dim {
-        crate::QuantDim::Oc => quantize_rows(w, group_size, maxq, out),
-        crate::QuantDim::Ic => quantize_columns(w, in_features, group_size, maxq, out),
+        crate::QuantDim::Oc => quantize_rows(w, group_size, group, moments, out),
+        crate::QuantDim::Ic => quantize_columns(w, in_features, group_size, group, out),
     };
     if !finite {
         // Rare, so the index of the first NaN/Inf comes from a second, scalar pass.
@@ -231,23 +289,37 @@ fn store(p: Option<GroupParams>, scale: &mut f32, zero: &mut f32) -> bool {
     true
 }
 
-/// Per-OC: `w` is already the grouped layout, so its groups are consecutive runs of `g`.
+/// Per-OC: `w` is already the grouped layout, so its groups are consecutive runs of `g`, and
+/// group `j` of a row reads inputs `j·g .. (j+1)·g` (whose `moments` weight its range search).
 /// Returns `false` if some group holds a NaN/Inf.
-fn quantize_rows(w: &[f32], g: usize, maxq: u32, out: GroupedOut) -> bool {
+fn quantize_rows(
+    w: &[f32],
+    g: usize,
+    group: Group<'_>,
+    moments: Option<&[f32]>,
+    out: GroupedOut,
+) -> bool {
     // Groups are independent; a parallel chunk of ≥ 64 KiB of weights keeps rayon's overhead small.
     let per_task = (16 * 1024 / g).max(1);
+    let groups_per_row = moments.map_or(1, |m| m.len() / g);
     out.codes
         .par_chunks_mut(g * per_task)
         .zip(w.par_chunks(g * per_task))
         .zip(out.scales.par_chunks_mut(per_task))
         .zip(out.zeros.par_chunks_mut(per_task))
-        .all(|(((codes, w), scales), zeros)| {
+        .enumerate()
+        .all(|(t, (((codes, w), scales), zeros))| {
             codes
                 .chunks_mut(g)
                 .zip(w.chunks(g))
                 .zip(scales.iter_mut())
                 .zip(zeros.iter_mut())
-                .all(|(((c, w), s), z)| store(rtn_group(w, maxq, c), s, z))
+                .enumerate()
+                .all(|(i, (((c, w), s), z))| {
+                    let j = (t * per_task + i) % groups_per_row;
+                    let h = moments.map(|m| &m[j * g..(j + 1) * g]);
+                    store(rtn_group(Group { w, h, ..group }, c), s, z)
+                })
         })
 }
 
@@ -258,7 +330,7 @@ fn quantize_rows(w: &[f32], g: usize, maxq: u32, out: GroupedOut) -> bool {
 /// `w` one group at a time, transposing each `g × k` tile into a small buffer that stays in
 /// cache. This reads `w` once, where transposing it whole would write and reread 4 bytes more
 /// per weight.
-fn quantize_columns(w: &[f32], rows: usize, g: usize, maxq: u32, out: GroupedOut) -> bool {
+fn quantize_columns(w: &[f32], rows: usize, g: usize, group: Group<'_>, out: GroupedOut) -> bool {
     let cols = w.len() / rows;
     let groups_per_row = cols / g;
     // Long runs of each row of `w` (up to 2 KiB) keep the hardware prefetcher busy; ≥ 16 reads
@@ -283,7 +355,8 @@ fn quantize_columns(w: &[f32], rows: usize, g: usize, maxq: u32, out: GroupedOut
                     (0..k).all(|r| {
                         let i = r * groups_per_row + j;
                         let c = &mut codes[r * cols + j * g..r * cols + (j + 1) * g];
-                        let p = rtn_group(&tile[r * stride..r * stride + g], maxq, c);
+                        let w = &tile[r * stride..r * stride + g];
+                        let p = rtn_group(Group { w, ..group }, c);
                         store(p, &mut scales[i], &mut zeros[i])
                     })
                 })
@@ -353,12 +426,21 @@ mod tests {
         all.push(vec![1.0, f32::NAN, 2.0]);
         all.push(vec![f32::NEG_INFINITY; 20]);
         for w in all {
-            for maxq in [3, 7, 15, 255] {
+            for (maxq, range) in [3, 7, 15, 255]
+                .into_iter()
+                .flat_map(|q| [(q, RangeMode::MinMax), (q, RangeMode::Search)])
+            {
                 let mut a = vec![0u8; w.len()];
                 let mut b = vec![0u8; w.len()];
+                let g = Group {
+                    w: &w,
+                    h: None,
+                    range,
+                    maxq,
+                };
                 // SAFETY: the features were detected above.
-                let pa = unsafe { rtn_group_avx512(&w, maxq, &mut a) };
-                let pb = rtn_group_portable(&w, maxq, &mut b);
+                let pa = unsafe { rtn_group_avx512(g, &mut a) };
+                let pb = rtn_group_portable(g, &mut b);
                 assert_eq!(pa.is_some(), w.iter().all(|x| x.is_finite()));
                 assert_eq!(pa, pb, "{w:?}");
                 if pa.is_some() {

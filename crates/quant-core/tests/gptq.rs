@@ -592,3 +592,51 @@ fn bad_inputs_are_typed_errors() {
         .is_ok()
     );
 }
+
+#[test]
+fn searched_ranges_lower_gptq_output_error_and_per_oc_groups_are_searched_up_front() {
+    use quant_core::{RangeMode, search_range};
+    let (n, oc, ic, g) = (512, 32, 96, 16);
+    for dim in QuantDim::ALL {
+        let (mut plain, mut searched) = (0f64, 0f64);
+        for seed in 0..6 {
+            let mut rng = StdRng::seed_from_u64(300 + seed);
+            let x = calibration(&mut rng, n, ic, &[7, 50, 51]);
+            let w = weights(&mut rng, oc, ic);
+            let h = hessian_of(&x, n, ic, 4);
+            let config = QuantConfig::new(3, g as i64, dim).unwrap();
+            let run = |range| {
+                let opts = GptqOptions {
+                    range,
+                    ..Default::default()
+                };
+                gptq(&w, oc, ic, &h, config, opts).unwrap()
+            };
+            let r = run(RangeMode::Search);
+            assert_on_grid(&r.quantized, &r.dequantize());
+            if dim == QuantDim::Oc {
+                // Static groups: the search of the original group, through 0, by H's diagonal.
+                let diag = h.diag();
+                for o in 0..oc {
+                    for j in 0..ic / g {
+                        let vals = &w[o * ic + j * g..o * ic + (j + 1) * g];
+                        let lo = vals.iter().fold(0f32, |a, &v| a.min(v));
+                        let hi = vals.iter().fold(0f32, |a, &v| a.max(v));
+                        let want = search_range(vals, Some(&diag[j * g..(j + 1) * g]), lo, hi, 7);
+                        let i = o * (ic / g) + j;
+                        assert_eq!(
+                            (r.quantized.scales[i], r.quantized.zeros[i]),
+                            (want.scale, want.zero)
+                        );
+                    }
+                }
+            }
+            searched += output_error(&x, n, &w, &r.dequantize(), oc, ic);
+            plain += output_error(&x, n, &w, &run(RangeMode::MinMax).dequantize(), oc, ic);
+        }
+        assert!(
+            searched < plain,
+            "{dim}: searched ranges {searched} vs min-max {plain}"
+        );
+    }
+}

@@ -365,3 +365,63 @@ mod rounding {
         }
     }
 }
+
+/// `Σ_k m_k Σ_o (W − Ŵ)²[o, k]`: the output error's diagonal part, which the searched per-OC
+/// ranges minimise group by group.
+fn weighted_error(w: &[f32], deq: &[f32], inp: usize, m: &[f32]) -> f64 {
+    w.iter()
+        .zip(deq)
+        .enumerate()
+        .map(|(i, (&a, &b))| m[i % inp] as f64 * ((a - b) as f64).powi(2))
+        .sum()
+}
+
+#[test]
+fn searched_ranges_are_each_groups_own_search_and_never_lose_to_min_max() {
+    use quant_core::{GroupParams, RangeMode, quantize_rtn_with, search_range};
+    let mut rng = StdRng::seed_from_u64(41);
+    for (out, inp, g) in [(48, 64, 16), (32, 96, 32), (64, 32, 32)] {
+        let w = random_weight(&mut rng, out * inp);
+        let m: Vec<f32> = (0..inp).map(|_| rng.random_range(0.01f32..5.0)).collect();
+        for dim in [QuantDim::Oc, QuantDim::Ic] {
+            let cfg = QuantConfig::new(3, g as i64, dim).unwrap();
+            let plain = quantize_rtn(&w, out, inp, cfg).unwrap();
+            let searched =
+                quantize_rtn_with(&w, out, inp, cfg, RangeMode::Search, Some(&m)).unwrap();
+            // Each group's parameters are the search of that group alone (weights by its inputs
+            // per-OC; equal per-IC, where a group reads one input).
+            let (rows, cols) = dim.grouped_shape(out, inp);
+            let grouped = match dim {
+                QuantDim::Oc => w.clone(),
+                QuantDim::Ic => transpose(&w, out, inp),
+            };
+            for r in 0..rows {
+                for j in 0..cols / g {
+                    let vals = &grouped[r * cols + j * g..r * cols + (j + 1) * g];
+                    let lo = vals.iter().copied().fold(f32::INFINITY, f32::min);
+                    let hi = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let h = (dim == QuantDim::Oc).then(|| &m[j * g..(j + 1) * g]);
+                    let want: GroupParams = search_range(vals, h, lo, hi, 7);
+                    let i = r * (cols / g) + j;
+                    assert_eq!(
+                        (searched.scales[i], searched.zeros[i]),
+                        (want.scale, want.zero),
+                        "{dim} group ({r}, {j})"
+                    );
+                }
+            }
+            let ones = vec![1f32; inp];
+            let weights = if dim == QuantDim::Oc { &m } else { &ones };
+            let e_plain = weighted_error(&w, &plain.dequantize(), inp, weights);
+            let e_searched = weighted_error(&w, &searched.dequantize(), inp, weights);
+            assert!(
+                e_searched < e_plain,
+                "{dim} {out}x{inp} g{g}: {e_searched} ≥ {e_plain}"
+            );
+        }
+    }
+    // Moments of the wrong length are refused.
+    let cfg = QuantConfig::new(3, 16, QuantDim::Oc).unwrap();
+    let w = vec![0.5f32; 4 * 32];
+    assert!(quantize_rtn_with(&w, 4, 32, cfg, RangeMode::Search, Some(&[1.0; 31])).is_err());
+}
