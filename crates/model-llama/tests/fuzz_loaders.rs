@@ -719,7 +719,7 @@ fn packed_dir() -> DirFiles {
     let mut layouts = Vec::new();
     for (i, kind) in LinearKind::ALL.into_iter().enumerate() {
         let module = kind.hf_prefix(0);
-        let [out, inp] = model_llama::load::linear_shape(&config, kind);
+        let [out, inp] = model_llama::linear_shape(&config, kind);
         let dim = if i % 2 == 0 {
             QuantDim::Oc
         } else {

@@ -9,14 +9,13 @@ use half::{bf16, f16};
 use kernels::QuantLinear;
 use model_llama::export::{OwnedTensor, hf_tensor_names, write_config};
 use model_llama::load::{
-    assemble, linear_shape, load_layer, load_layer_compact, load_layer_with, load_model,
-    load_periphery,
+    assemble, load_layer, load_layer_compact, load_layer_with, load_model, load_periphery,
 };
 use model_llama::packed::{PackedDir, QuantizationConfig, packed_layout_metadata, packed_tensors};
 use model_llama::perplexity::{PerplexityReport, perplexity, perplexity_layer_major};
 use model_llama::{
     DecoderLayer, Linear, LinearKind, Llama, LlamaConfig, MemorySource, OpenModel, Result,
-    ShardWriter, TensorSource,
+    ShardWriter, TensorSource, linear_shape,
 };
 use quant_core::{PackedLinear, QuantConfig, QuantDim, quantize_rtn};
 
