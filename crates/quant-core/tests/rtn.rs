@@ -1,9 +1,6 @@
 //! RTN against a naive scalar reference, known values (ties, constant groups), the per-IC/per-OC
 //! transpose identity, the Burn entry point and typed errors.
 
-use burn::backend::NdArray;
-use burn::tensor::{Tensor, TensorData};
-use quant_core::burn_ext::quantize_rtn_tensor;
 use quant_core::{QuantConfig, QuantDim, QuantError, quantize_rtn, transpose};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -245,22 +242,6 @@ fn per_ic_isolates_an_outlier_input_channel() {
             .sum::<f32>()
     };
     assert!(err(QuantDim::Ic) * 10.0 < err(QuantDim::Oc));
-}
-
-#[test]
-fn burn_tensor_rtn_equals_host_rtn() {
-    let mut rng = StdRng::seed_from_u64(5);
-    let (out, inp) = (32, 48);
-    let w = random_weight(&mut rng, out * inp);
-    let device = Default::default();
-    let t = Tensor::<NdArray, 2>::from_data(TensorData::new(w.clone(), [out, inp]), &device);
-    for dim in QuantDim::ALL {
-        let config = QuantConfig::new(4, 16, dim).unwrap();
-        assert_eq!(
-            quantize_rtn_tensor(t.clone(), config).unwrap(),
-            quantize_rtn(&w, out, inp, config).unwrap()
-        );
-    }
 }
 
 #[test]
