@@ -6,8 +6,8 @@ use std::path::Path;
 
 use adadim::{DimPolicy, Method, RunSpec};
 use adadim_e2e::{Cpu, eval_tokens, smollm2};
-use model_llama::assets::repo_asset;
 use model_llama::perplexity::perplexity;
+use test_assets::repo_asset;
 
 /// Windows and their length for the wgpu comparison: lavapipe runs the model on the CPU.
 #[cfg(feature = "wgpu")]

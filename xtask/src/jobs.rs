@@ -23,7 +23,7 @@ pub fn repo_root() -> PathBuf {
 
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path == Path::new("smollm2") {
-        return Ok(model_llama::assets::smollm2_gguf()?);
+        return Ok(test_assets::smollm2_gguf()?);
     }
     Ok(if path.is_absolute() {
         path.to_path_buf()

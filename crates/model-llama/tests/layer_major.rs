@@ -251,7 +251,7 @@ fn open_model_streams_a_packed_checkpoint() {
     .unwrap();
     write_config(&dir, &json).unwrap();
     // The evaluation does not use the tokenizer: the shipped model's will do.
-    let gguf = model_llama::assets::smollm2_gguf().unwrap();
+    let gguf = test_assets::smollm2_gguf().unwrap();
     let m = OpenModel {
         source: Box::new(PackedDir::open(&dir).unwrap().unwrap()),
         tokenizer: model_llama::open_model(&gguf).unwrap().tokenizer,
