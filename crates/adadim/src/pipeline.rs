@@ -15,10 +15,11 @@ use model_llama::linear_shape;
 use model_llama::load::{load_host, load_layer};
 use model_llama::model::Rope;
 use model_llama::packed::QuantizationConfig;
-use model_llama::{DecoderLayer, LayerInputs, Linear, LinearKind, TensorSource};
-use quant_core::{GptqOptions, PackedLinear, QuantConfig, QuantDim, Quantized};
+use model_llama::{DecoderLayer, InvalidOption, LayerInputs, Linear, LinearKind, TensorSource};
+use quant_core::{GptqOptions, GroupSize, PackedLinear, QuantConfig, QuantDim, Quantized};
 use serde::{Deserialize, Serialize};
 
+use crate::defaults;
 use crate::error::{AdadimError, Result};
 use crate::memory::{MemoryPlan, gib};
 use crate::policy::DimPolicy;
@@ -59,7 +60,7 @@ impl std::fmt::Display for Method {
 #[derive(Clone, Debug)]
 pub struct QuantizeOptions {
     pub bits: u32,
-    pub group_size: i64,
+    pub group_size: GroupSize,
     pub method: Method,
     pub policy: DimPolicy,
     pub gptq: GptqOptions,
@@ -67,10 +68,56 @@ pub struct QuantizeOptions {
     pub max_memory: Option<u64>,
 }
 
+impl Default for QuantizeOptions {
+    fn default() -> Self {
+        Self {
+            bits: defaults::BITS,
+            group_size: defaults::GROUP_SIZE,
+            method: defaults::METHOD,
+            policy: defaults::DIM,
+            gptq: GptqOptions::default(),
+            max_memory: None,
+        }
+    }
+}
+
 impl QuantizeOptions {
-    /// Checks bits, group size and policy against every linear shape of `config`, before any
-    /// work is done; returns the base (per-OC) quantizer config.
+    /// GPTQ's knobs (when the method is GPTQ), checked before any work; the error names the
+    /// option (`gptq.block_size`, `gptq.percdamp`, `gptq.static_groups`).
+    pub fn check_gptq(&self) -> std::result::Result<(), InvalidOption> {
+        if self.method != Method::Gptq {
+            return Ok(());
+        }
+        let g = &self.gptq;
+        if g.block_size == 0 {
+            return Err(InvalidOption::new("gptq.block_size", "must be positive"));
+        }
+        if !g.percdamp.is_finite() || g.percdamp < 0.0 {
+            return Err(InvalidOption::new(
+                "gptq.percdamp",
+                format!("must be a finite non-negative number, got {}", g.percdamp),
+            ));
+        }
+        let per_oc = LinearKind::ALL
+            .into_iter()
+            .any(|kind| self.policy.candidates(kind).contains(&QuantDim::Oc));
+        if !g.static_groups && per_oc {
+            return Err(InvalidOption::new(
+                "gptq.static_groups",
+                format!(
+                    "per-OC GPTQ needs static groups (the packed format has no g_idx for \
+                     act-order groups), and dim policy `{}` quantizes some linears per-OC",
+                    self.policy
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks bits, group size, GPTQ's knobs and policy against every linear shape of
+    /// `config`, before any work is done; returns the base (per-OC) quantizer config.
     pub fn validate(&self, config: &model_llama::LlamaConfig) -> Result<QuantConfig> {
+        self.check_gptq()?;
         let base = QuantConfig::new(self.bits, self.group_size, QuantDim::Oc)
             .map_err(quant_err("quantization options".into()))?;
         for kind in LinearKind::ALL {

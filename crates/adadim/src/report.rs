@@ -14,7 +14,7 @@ pub struct RunReport {
     pub method: String,
     pub policy: String,
     pub bits: u32,
-    pub group_size: i64,
+    pub group_size: quant_core::GroupSize,
     pub calib_blocks: usize,
     pub calib_seqlen: usize,
     pub seconds: f64,

@@ -16,7 +16,7 @@ use model_llama::linear_shape;
 use model_llama::load::load_layer;
 use model_llama::model::Rope;
 use model_llama::{Linear, LinearKind, MemorySource, TensorSource};
-use quant_core::{QuantConfig, QuantDim};
+use quant_core::{GroupSize, QuantConfig, QuantDim};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -51,7 +51,7 @@ fn source() -> MemorySource {
 fn opts(method: Method, max_memory: Option<u64>) -> QuantizeOptions {
     QuantizeOptions {
         bits: 3,
-        group_size: 32,
+        group_size: GroupSize::Len(32),
         method,
         policy: DimPolicy::Ada,
         gptq: Default::default(),
@@ -95,7 +95,7 @@ fn direct_scores(src: &MemorySource, q: &QuantizedModel) -> Vec<(LinearKind, f64
     let mut layer = load_layer::<B>(src, 0, &device).unwrap();
     let (_, trace) = layer.forward_captured(x, &rope);
     let inputs = trace.inputs;
-    let base = QuantConfig::new(3, 32, QuantDim::Oc).unwrap();
+    let base = QuantConfig::new(3, GroupSize::Len(32), QuantDim::Oc).unwrap();
     let mut out = Vec::new();
     for kind in LinearKind::ALL {
         let shape = linear_shape(config, kind);

@@ -139,6 +139,33 @@ fn bad_inputs_fail_cleanly() {
         (
             &model,
             &calib,
+            vec!["--group-size", "0"],
+            vec![
+                "invalid value '0' for '--group-size",
+                "-1 (whole dimension)",
+            ],
+        ),
+        (
+            &model,
+            &calib,
+            vec!["--method", "gptq", "--gptq-damp", "-0.5"],
+            vec!["invalid --gptq-damp", "-0.5"],
+        ),
+        (
+            &model,
+            &calib,
+            vec!["--method", "gptq", "--gptq-block-size", "0"],
+            vec!["invalid --gptq-block-size"],
+        ),
+        (
+            &model,
+            &calib,
+            vec!["--method", "gptq", "--gptq-static-groups", "false"],
+            vec!["invalid --gptq-static-groups", "`ada`"],
+        ),
+        (
+            &model,
+            &calib,
             vec!["--out", under_file],
             vec!["invalid --out", "plain-file is not a directory"],
         ),

@@ -38,7 +38,7 @@ pub struct QuantizationConfig {
     /// `"rtn"` or `"gptq"`.
     pub algorithm: String,
     pub bits: u32,
-    pub group_size: i64,
+    pub group_size: quant_core::GroupSize,
     /// Linear module path → its quantization dim.
     pub dims: BTreeMap<String, QuantDim>,
 }

@@ -17,7 +17,7 @@ use model_llama::{
     DecoderLayer, Linear, LinearKind, Llama, LlamaConfig, MemorySource, OpenModel, Result,
     ShardWriter, TensorSource, linear_shape,
 };
-use quant_core::{PackedLinear, QuantConfig, QuantDim, quantize_rtn};
+use quant_core::{GroupSize, PackedLinear, QuantConfig, QuantDim, quantize_rtn};
 
 type B = NdArray<f32>;
 
@@ -183,7 +183,13 @@ fn packed_linears(src: &MemorySource) -> HashMap<String, PackedLinear> {
             } else {
                 QuantDim::Ic
             };
-            let q = quantize_rtn(&w, n, k, QuantConfig::new(3, 32, dim).unwrap()).unwrap();
+            let q = quantize_rtn(
+                &w,
+                n,
+                k,
+                QuantConfig::new(3, GroupSize::Len(32), dim).unwrap(),
+            )
+            .unwrap();
             out.insert(module, q.pack());
         }
     }
@@ -245,7 +251,7 @@ fn open_model_streams_a_packed_checkpoint() {
         quant_method: "adadim".into(),
         algorithm: "rtn".into(),
         bits: 3,
-        group_size: 32,
+        group_size: GroupSize::Len(32),
         dims: packed.iter().map(|(m, p)| (m.clone(), p.dim)).collect(),
     })
     .unwrap();

@@ -29,8 +29,9 @@ use crate::{QuantConfig, QuantDim, QuantError, Quantized};
 /// How many times the damping is raised ×10 after a failed Cholesky before giving up.
 const MAX_DAMP_RETRIES: u32 = 4;
 
-/// GPTQ's knobs; [`Default`] is the reference setting.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// GPTQ's knobs; [`Default`] is the reference setting (also for fields a config leaves out).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GptqOptions {
     /// Columns per block of the lazy batch update (128).
     pub block_size: usize,

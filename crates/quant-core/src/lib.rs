@@ -51,7 +51,7 @@ pub mod packing;
 mod quantized;
 mod rtn;
 
-pub use config::{QuantConfig, QuantDim};
+pub use config::{GroupSize, QuantConfig, QuantDim};
 pub use error::QuantError;
 pub use gptq::{GptqOptions, GptqResult, gptq};
 pub use hessian::Hessian;

@@ -2,7 +2,8 @@
 //! inputs with outlier channels, and its edge cases (dead inputs, indefinite H, bad input).
 
 use quant_core::{
-    GptqOptions, Hessian, QuantConfig, QuantDim, QuantError, Quantized, gptq, quantize_rtn,
+    GptqOptions, GroupSize, Hessian, QuantConfig, QuantDim, QuantError, Quantized, gptq,
+    quantize_rtn,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -216,7 +217,7 @@ fn gptq_matches_naive_unblocked_reference() {
     for dim in QuantDim::ALL {
         for act_order in [false, true] {
             let g = 16;
-            let config = QuantConfig::new(3, g as i64, dim).unwrap();
+            let config = QuantConfig::new(3, GroupSize::Len(g), dim).unwrap();
             let opts = GptqOptions {
                 act_order,
                 ..Default::default()
@@ -247,7 +248,7 @@ fn block_size_does_not_change_the_result() {
     let w = weights(&mut rng, oc, ic);
     let h = hessian_of(&x, n, ic, 2);
     for dim in QuantDim::ALL {
-        let config = QuantConfig::new(4, 16, dim).unwrap();
+        let config = QuantConfig::new(4, GroupSize::Len(16), dim).unwrap();
         let run = |bs| {
             gptq(
                 &w,
@@ -292,7 +293,7 @@ fn gptq_beats_rtn_on_output_error_for_both_dims_and_stays_on_grid() {
     let h = hessian_of(&x, n, ic, 8);
     for dim in QuantDim::ALL {
         for bits in [3, 4] {
-            let config = QuantConfig::new(bits, 32, dim).unwrap();
+            let config = QuantConfig::new(bits, GroupSize::Len(32), dim).unwrap();
             let rtn = quantize_rtn(&w, oc, ic, config).unwrap().dequantize();
             let res = gptq(&w, oc, ic, &h, config, GptqOptions::default()).unwrap();
             let deq = res.dequantize();
@@ -323,7 +324,7 @@ fn act_order_is_not_worse_on_average() {
             let x = calibration(&mut rng, n, ic, &[7, 50, 51]);
             let w = weights(&mut rng, oc, ic);
             let h = hessian_of(&x, n, ic, 4);
-            let config = QuantConfig::new(3, 16, dim).unwrap();
+            let config = QuantConfig::new(3, GroupSize::Len(16), dim).unwrap();
             let err = |act_order| {
                 let r = gptq(
                     &w,
@@ -366,7 +367,7 @@ fn dead_inputs_give_zero_columns() {
             oc,
             ic,
             &h,
-            QuantConfig::new(4, 16, dim).unwrap(),
+            QuantConfig::new(4, GroupSize::Len(16), dim).unwrap(),
             GptqOptions::default(),
         )
         .unwrap();
@@ -412,7 +413,7 @@ fn indefinite_hessian_is_recovered_by_more_damping() {
             oc,
             ic,
             &h,
-            QuantConfig::new(4, 8, dim).unwrap(),
+            QuantConfig::new(4, GroupSize::Len(8), dim).unwrap(),
             GptqOptions::default(),
         )
         .unwrap();
@@ -426,7 +427,7 @@ fn indefinite_hessian_is_recovered_by_more_damping() {
         oc,
         ic,
         &h,
-        QuantConfig::new(4, 8, QuantDim::Oc).unwrap(),
+        QuantConfig::new(4, GroupSize::Len(8), QuantDim::Oc).unwrap(),
         GptqOptions::default(),
     );
     assert!(matches!(err, Err(QuantError::Cholesky { .. })), "{err:?}");
@@ -468,7 +469,7 @@ fn hessian_is_the_running_mean_over_samples() {
 fn bad_inputs_are_typed_errors() {
     let (oc, ic) = (8, 16);
     let w = vec![0.25f32; oc * ic];
-    let cfg = QuantConfig::new(4, 8, QuantDim::Oc).unwrap();
+    let cfg = QuantConfig::new(4, GroupSize::Len(8), QuantDim::Oc).unwrap();
     let opts = GptqOptions::default();
     let mut h = Hessian::new(ic);
     assert_eq!(
@@ -492,7 +493,7 @@ fn bad_inputs_are_typed_errors() {
     );
     let raw = |bits, group_size, dim| QuantConfig {
         bits,
-        group_size,
+        group_size: GroupSize::Len(group_size),
         dim,
     };
     assert_eq!(
@@ -536,7 +537,7 @@ fn bad_inputs_are_typed_errors() {
         ));
     }
     // static_groups is a per-OC notion; per-IC accepts either value.
-    let ic_cfg = QuantConfig::new(4, 8, QuantDim::Ic).unwrap();
+    let ic_cfg = QuantConfig::new(4, GroupSize::Len(8), QuantDim::Ic).unwrap();
     assert!(
         gptq(
             &w,
