@@ -47,3 +47,4 @@ pub use pipeline::{
 pub use policy::DimPolicy;
 pub use report::RunReport;
 pub use run::{RunSpec, run};
+pub use score::ScoreForms;

@@ -24,8 +24,9 @@ use crate::error::{AdadimError, Result};
 use crate::memory::{MemoryPlan, gib};
 use crate::policy::DimPolicy;
 use crate::score::{
-    AttnState, ChunkState, ErrorSum, MlpState, Update, attn_error, carries, delta_t, mlp_error,
-    o_proj_gram, own_output_error_direct, own_output_error_gram, sub_block_error,
+    AttnState, ChunkState, ErrorSum, MlpState, ScoreForms, Update, attn_error, carries, delta_t,
+    mlp_error, o_proj_gram, own_output_error_direct, own_output_error_gram,
+    own_output_error_undifferenced, sub_block_error,
 };
 use crate::stats::{InputStats, Site, SubBlockInputs};
 
@@ -64,6 +65,8 @@ pub struct QuantizeOptions {
     pub method: Method,
     pub policy: DimPolicy,
     pub gptq: GptqOptions,
+    /// The forms the scores are computed in (default: the cheaper; the others check them).
+    pub scoring: ScoreForms,
     /// Memory the run may use, bytes (`None`: [`crate::memory::default_limit`]).
     pub max_memory: Option<u64>,
 }
@@ -76,6 +79,7 @@ impl Default for QuantizeOptions {
             method: defaults::METHOD,
             policy: defaults::DIM,
             gptq: GptqOptions::default(),
+            scoring: ScoreForms::default(),
             max_memory: None,
         }
     }
@@ -486,7 +490,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
     fn layer(&self, i: usize, x: Activations<B>) -> Result<LayerOutput<B>> {
         let mut layer = load_layer::<B>(self.src, i, self.device)?;
         let o_gram = if self.opts.policy.is_adaptive() {
-            o_proj_gram(&layer)
+            o_proj_gram(&layer, self.opts.scoring)
         } else {
             None
         };
@@ -638,6 +642,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         candidates: &[&Linear<B>],
         o_gram: Option<&Tensor<B, 2>>,
     ) -> Vec<Scored<B>> {
+        let forms = self.opts.scoring;
         let mut scored: Vec<Scored<B>> = candidates
             .iter()
             .map(|_| Scored {
@@ -656,18 +661,28 @@ impl<B: QuantBackend> LayerRun<'_, B> {
             for (s, &c) in scored.iter_mut().zip(candidates) {
                 let (error, update) = match (kept, &recomputed_attn, &recomputed_mlp) {
                     (Some(state), _, _) => {
-                        let (e, u) =
-                            sub_block_error(layer, state, inputs, self.rope, kind, c, o_gram);
+                        let (e, u) = sub_block_error(
+                            layer, state, inputs, self.rope, kind, c, o_gram, forms,
+                        );
                         (e, Some(u))
                     }
                     (None, Some(state), _) => {
-                        let (e, _) =
-                            attn_error(layer, state, &inputs.attn_in, self.rope, kind, c, o_gram);
+                        let (e, _) = attn_error(
+                            layer,
+                            state,
+                            &inputs.attn_in,
+                            self.rope,
+                            kind,
+                            c,
+                            o_gram,
+                            forms,
+                        );
                         (e, None)
                     }
-                    (None, None, Some(state)) => {
-                        (mlp_error(layer, state, &inputs.mlp_in, kind, c).0, None)
-                    }
+                    (None, None, Some(state)) => (
+                        mlp_error(layer, state, &inputs.mlp_in, kind, c, forms).0,
+                        None,
+                    ),
                     (None, None, None) => unreachable!("a state is kept or recomputed"),
                 };
                 s.error.add(error, chunk.tokens);
@@ -690,7 +705,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         let site = Site::of(t.kind);
         let by_gram = !self.plan.resident
             || self.opts.method == Method::Gptq
-            || crate::score::gram_is_cheaper(t.shape, candidates.len());
+            || (self.opts.scoring).gram(crate::score::gram_is_cheaper(t.shape, candidates.len()));
         let tokens: usize = chunks.iter().map(|c| c.tokens).sum();
         let gram = by_gram.then(|| stats.gram_or(site, || resident_input(chunks, site)));
         candidates
@@ -703,7 +718,12 @@ impl<B: QuantBackend> LayerRun<'_, B> {
                     None => {
                         for chunk in chunks {
                             let x = site.input(&resident(chunk).inputs);
-                            error.add(own_output_error_direct(&delta, x), chunk.tokens);
+                            let e = if self.opts.scoring.difference() {
+                                own_output_error_direct(&delta, x)
+                            } else {
+                                own_output_error_undifferenced(layer.linear(t.kind), c, x)
+                            };
+                            error.add(e, chunk.tokens);
                         }
                     }
                 }

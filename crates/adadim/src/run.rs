@@ -90,6 +90,7 @@ impl RunSpec {
             method: self.method,
             policy: self.dim.clone(),
             gptq: self.gptq,
+            scoring: Default::default(),
             max_memory: self
                 .max_memory_gib
                 .map(|g| (g * (1u64 << 30) as f64) as u64),

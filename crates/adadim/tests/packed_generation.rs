@@ -34,6 +34,7 @@ fn packed_generation_matches_with_and_without_cache_and_its_dequantized_twin() {
         method: Method::Rtn,
         policy: DimPolicy::Ada,
         gptq: Default::default(),
+        scoring: Default::default(),
         max_memory: None,
     };
     let q = quantize_model::<B>(&src, &calib, &opts, &device).unwrap();

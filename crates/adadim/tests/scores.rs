@@ -9,7 +9,7 @@
 //! sub-block forwards.
 
 use adadim::memory::footprint;
-use adadim::{DimPolicy, Method, QuantizeOptions, QuantizedModel, quantize_model};
+use adadim::{DimPolicy, Method, QuantizeOptions, QuantizedModel, ScoreForms, quantize_model};
 use burn::backend::NdArray;
 use burn::prelude::*;
 use model_llama::linear_shape;
@@ -55,6 +55,7 @@ fn opts(method: Method, max_memory: Option<u64>) -> QuantizeOptions {
         method,
         policy: DimPolicy::Ada,
         gptq: Default::default(),
+        scoring: Default::default(),
         max_memory,
     }
 }
@@ -156,6 +157,36 @@ fn scores_match_their_definition_resident_and_streaming() {
             assert_close(r.error_oc.unwrap(), oc, 1e-4, &format!("{what} oc"));
             assert_close(r.error_ic.unwrap(), ic, 1e-4, &format!("{what} ic"));
         }
+    }
+}
+
+/// Every linear kind's score from the production path, with the Gram and difference forms all
+/// forced on and all forced off, against the definition (docs/method.md §4).
+#[test]
+fn scores_in_every_form_match_their_definition() {
+    let src = source();
+    let device = Default::default();
+    let mut by_form = Vec::new();
+    for forms in [ScoreForms::Shortcuts, ScoreForms::Direct] {
+        let o = QuantizeOptions {
+            scoring: forms,
+            ..opts(Method::Rtn, None)
+        };
+        let q = quantize_model::<B>(&src, &calib(97), &o, &device).unwrap();
+        let direct = direct_scores(&src, &q);
+        let records: Vec<_> = q.records.iter().filter(|r| r.layer == 0).collect();
+        assert_eq!(records.len(), LinearKind::ALL.len());
+        for (r, (kind, oc, ic)) in records.iter().zip(direct) {
+            assert_eq!(r.linear, kind);
+            let what = format!("{forms:?} {kind:?}");
+            assert_close(r.error_oc.unwrap(), oc, 1e-5, &format!("{what} oc"));
+            assert_close(r.error_ic.unwrap(), ic, 1e-5, &format!("{what} ic"));
+        }
+        by_form.push(q.records);
+    }
+    // Same choices whichever form computed the scores.
+    for (a, b) in by_form[0].iter().zip(&by_form[1]) {
+        assert_eq!(a.dim, b.dim, "layer {} {:?}", a.layer, a.linear);
     }
 }
 

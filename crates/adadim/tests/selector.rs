@@ -148,6 +148,7 @@ fn opts(policy: DimPolicy) -> QuantizeOptions {
         method: Method::Rtn,
         policy,
         gptq: Default::default(),
+        scoring: Default::default(),
         max_memory: None,
     }
 }
