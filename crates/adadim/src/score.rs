@@ -203,6 +203,8 @@ fn update_error<B: QuantBackend>(
 
 /// Mean square error of the attention sub-block's output on one chunk when q, k or v is
 /// replaced by `candidate` in the state `state`; with the state it leads to.
+// Layer, state, inputs, rope, kind, candidate and the two form choices are all distinct.
+#[allow(clippy::too_many_arguments)]
 pub fn attn_error<B: QuantBackend>(
     layer: &DecoderLayer<B>,
     state: &AttnState<B>,
@@ -236,6 +238,8 @@ pub fn mlp_error<B: QuantBackend>(
 }
 
 /// [`attn_error`] or [`mlp_error`], by the sub-block `kind` (q, k, v, gate or up) belongs to.
+// Layer, state, inputs, rope, kind, candidate and the two form choices are all distinct.
+#[allow(clippy::too_many_arguments)]
 pub fn sub_block_error<B: QuantBackend>(
     layer: &DecoderLayer<B>,
     state: &ChunkState<B>,
