@@ -4,10 +4,10 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kernels::cpu::{CpuPacked, SimdPath, gemm_with};
-use quant_core::{QuantConfig, QuantDim, Quantized};
+use quant_core::{GroupSize, QuantConfig, QuantDim, Quantized};
 
 fn packed(dim: QuantDim, bits: u32, n: usize) -> CpuPacked {
-    let config = QuantConfig::new(bits, 128, dim).expect("valid config");
+    let config = QuantConfig::new(bits, GroupSize::Len(128), dim).expect("valid config");
     let maxq = (1u32 << bits) - 1;
     let groups = n * n / 128;
     let q = Quantized {

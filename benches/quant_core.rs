@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use quant_core::{GptqOptions, Hessian, QuantConfig, QuantDim, gptq, quantize_rtn};
+use quant_core::{GptqOptions, GroupSize, Hessian, QuantConfig, QuantDim, gptq, quantize_rtn};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -50,7 +50,7 @@ fn bench_rtn(c: &mut Criterion) {
     g.sample_size(10).measurement_time(Duration::from_secs(5));
     g.throughput(Throughput::Bytes((oc * ic * 4) as u64));
     for dim in QuantDim::ALL {
-        let config = QuantConfig::new(3, 128, dim).unwrap();
+        let config = QuantConfig::new(3, GroupSize::Len(128), dim).unwrap();
         g.bench_function(format!("{dim}/4096x4096"), |b| {
             b.iter(|| quantize_rtn(&w, oc, ic, config).unwrap())
         });
@@ -88,7 +88,7 @@ fn bench_gptq(c: &mut Criterion) {
     for &oc in shapes {
         let w = random(oc * ic, 4);
         for dim in QuantDim::ALL {
-            let config = QuantConfig::new(3, 128, dim).unwrap();
+            let config = QuantConfig::new(3, GroupSize::Len(128), dim).unwrap();
             g.bench_function(format!("{dim}/{oc}x{ic}"), |b| {
                 b.iter(|| gptq(&w, oc, ic, &h, config, GptqOptions::default()).unwrap())
             });

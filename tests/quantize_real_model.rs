@@ -6,8 +6,9 @@ use std::path::Path;
 
 use adadim::{DimPolicy, Method, RunSpec};
 use adadim_e2e::{Cpu, eval_tokens, smollm2};
-use model_llama::assets::repo_asset;
 use model_llama::perplexity::perplexity;
+use quant_core::GroupSize;
+use test_assets::repo_asset;
 
 /// Windows and their length for the wgpu comparison: lavapipe runs the model on the CPU.
 #[cfg(feature = "wgpu")]
@@ -27,8 +28,9 @@ fn quantized_model_is_worse_than_fp_and_packed_matches_fake_quant() {
         calib_seqlen: 256,
         calib_seed: None,
         bits: 3,
-        group_size: 64,
+        group_size: GroupSize::Len(64),
         method: Method::Rtn,
+        gptq: Default::default(),
         dim: DimPolicy::Ada,
         range: Default::default(),
         out: dir.path().join("packed"),

@@ -272,7 +272,7 @@ fn random_packed(
     out: usize,
     inp: usize,
 ) -> Result<PackedLinear> {
-    let config = QuantConfig::new(bits, group_size as i64, dim)?;
+    let config = QuantConfig::new(bits, quant_core::GroupSize::Len(group_size), dim)?;
     let (rows, cols) = dim.grouped_shape(out, inp);
     let groups = rows * cols / group_size;
     let maxq = ((1u32 << bits) - 1) as f32;

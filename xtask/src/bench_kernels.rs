@@ -65,7 +65,7 @@ mod imp {
         };
         let groups = rows * cols / g;
         Ok(Quantized {
-            config: QuantConfig::new(bits, g as i64, dim)?,
+            config: QuantConfig::new(bits, quant_core::GroupSize::Len(g), dim)?,
             out_features: n,
             in_features: k,
             group_size: g,

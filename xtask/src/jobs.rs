@@ -8,6 +8,7 @@ use adadim::{DimPolicy, Method, RunReport, RunSpec};
 use anyhow::{Context, Result};
 use burn::backend::NdArray;
 use model_llama::perplexity::PerplexityReport;
+use quant_core::GroupSize;
 use serde::Deserialize;
 
 type B = NdArray<f32>;
@@ -23,7 +24,7 @@ pub fn repo_root() -> PathBuf {
 
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path == Path::new("smollm2") {
-        return Ok(model_llama::assets::smollm2_gguf()?);
+        return Ok(test_assets::smollm2_gguf()?);
     }
     Ok(if path.is_absolute() {
         path.to_path_buf()
@@ -137,8 +138,8 @@ fn ic_summary(report: &RunReport) -> String {
 pub struct AblationArgs {
     #[arg(long, value_delimiter = ',', default_value = "3,4")]
     pub bits: Vec<u32>,
-    #[arg(long, default_value_t = 64)]
-    pub group_size: i64,
+    #[arg(long, default_value_t = GroupSize::Len(64), allow_negative_numbers = true)]
+    pub group_size: GroupSize,
     /// Variants: method/dim pairs.
     #[arg(
         long,
@@ -146,7 +147,7 @@ pub struct AblationArgs {
         default_value = "rtn/oc rtn/ic:qkv rtn/ic:down rtn/ic:qkv,down rtn/ic:all rtn/ada gptq/oc gptq/ic:all gptq/ada"
     )]
     pub variants: Vec<String>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = adadim::defaults::CALIB_SAMPLES)]
     pub calib_samples: usize,
     #[arg(long, default_value_t = 16)]
     pub windows: usize,
@@ -195,13 +196,14 @@ pub fn ablation(args: &AblationArgs) -> Result<()> {
                 .join(name.replace([' ', ':', ','], "_"));
             let spec = RunSpec {
                 model: model.clone(),
-                calib: resolve(Path::new("assets/lee-news.txt"))?,
+                calib: resolve(Path::new(adadim::defaults::CALIB_TEXT))?,
                 calib_samples: args.calib_samples,
-                calib_seqlen: 512,
+                calib_seqlen: adadim::defaults::CALIB_SEQLEN,
                 calib_seed: None,
                 bits,
                 group_size: args.group_size,
                 method,
+                gptq: Default::default(),
                 dim,
                 range: Default::default(),
                 out: out.clone(),
@@ -266,4 +268,49 @@ fn write_results(path: &Path, rows: &[Row], eval: &EvalSpec, calib_samples: usiz
         ));
     }
     crate::write_report_section(path, "ablation", &md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shipped config reads, the keys it leaves out take the library's defaults, and
+    /// GPTQ's table reaches the run.
+    #[test]
+    fn configs_parse_with_the_library_defaults() {
+        let dir = repo_root().join("configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let job: JobConfig =
+                toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(job.quantize.bits == 3 || job.quantize.bits == 4);
+            n += 1;
+        }
+        assert!(n >= 7, "{n} configs in {}", dir.display());
+        let minimal = "[quantize]\nmodel = \"m\"\ncalib = \"c\"\nout = \"o\"\n";
+        let spec = toml::from_str::<JobConfig>(minimal).unwrap().quantize;
+        assert_eq!(spec.bits, adadim::defaults::BITS);
+        assert_eq!(spec.group_size, adadim::defaults::GROUP_SIZE);
+        assert_eq!(spec.method, adadim::defaults::METHOD);
+        assert_eq!(spec.dim, adadim::defaults::DIM);
+        assert_eq!(spec.calib_samples, adadim::defaults::CALIB_SAMPLES);
+        assert_eq!(spec.calib_seqlen, adadim::defaults::CALIB_SEQLEN);
+        assert_eq!(spec.gptq, quant_core::GptqOptions::default());
+        let set = format!(
+            "{minimal}group_size = -1\n[quantize.gptq]\npercdamp = 0.1\nact_order = false\n"
+        );
+        let spec = toml::from_str::<JobConfig>(&set).unwrap().quantize;
+        assert_eq!(spec.group_size, GroupSize::Whole);
+        assert_eq!(spec.gptq.percdamp, 0.1);
+        assert!(!spec.gptq.act_order);
+        assert_eq!(spec.gptq.block_size, 128, "unset knobs keep their default");
+        for bad in [
+            format!("{minimal}group_size = 0\n"),
+            format!("{minimal}[quantize.gptq]\ndamp = 0.1\n"),
+        ] {
+            assert!(toml::from_str::<JobConfig>(&bad).is_err(), "{bad}");
+        }
+    }
 }

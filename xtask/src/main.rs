@@ -144,7 +144,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Test => test::test(),
         Cmd::FetchAssets => {
-            let path = model_llama::assets::smollm2_gguf()?;
+            let path = test_assets::smollm2_gguf()?;
             println!("{}", path.display());
             Ok(())
         }

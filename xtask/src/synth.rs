@@ -30,7 +30,7 @@ pub struct SynthModelArgs {
 pub fn run(args: &SynthModelArgs) -> Result<()> {
     let started = Instant::now();
     // The shipped model is only opened for its tokenizer.
-    let tokenizer = model_llama::open_model(&model_llama::assets::smollm2_gguf()?)?.tokenizer;
+    let tokenizer = model_llama::open_model(&test_assets::smollm2_gguf()?)?.tokenizer;
     let mut config = args.shape.config(tokenizer.vocab_size());
     if let Some(layers) = args.layers {
         config.num_hidden_layers = layers;

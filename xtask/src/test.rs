@@ -52,7 +52,7 @@ fn ensure_lavapipe() -> Result<()> {
 
 pub fn test() -> Result<()> {
     ensure_lavapipe()?;
-    let path = model_llama::assets::smollm2_gguf()?;
+    let path = test_assets::smollm2_gguf()?;
     eprintln!("test model: {}", path.display());
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run(Command::new(&cargo).args([

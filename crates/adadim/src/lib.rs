@@ -6,6 +6,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use adadim::{CalibOptions, DimPolicy, Method, QuantizeOptions};
 //! use burn::backend::NdArray;
+//! use quant_core::GroupSize;
 //! let src = model_llama::open_checkpoint("model.gguf".as_ref())?;
 //! # let tokenizer: model_llama::tokenizer::LlamaTokenizer = todo!();
 //! let calib = adadim::calibration_from_file(
@@ -15,18 +16,17 @@
 //! )?;
 //! let opts = QuantizeOptions {
 //!     bits: 3,
-//!     group_size: 64,
+//!     group_size: GroupSize::Len(64),
 //!     method: Method::Rtn,
 //!     policy: DimPolicy::Ada,
-//!     gptq: Default::default(),
-//!     range: Default::default(),
-//!     max_memory: None,
+//!     ..Default::default()
 //! };
 //! let q = adadim::quantize_model::<NdArray>(src.as_ref(), &calib, &opts, &Default::default())?;
 //! # Ok(()) }
 //! ```
 
 mod calib;
+pub mod defaults;
 mod error;
 pub mod memory;
 pub mod output;
@@ -48,3 +48,4 @@ pub use policy::DimPolicy;
 pub use quant_core::RangeMode;
 pub use report::RunReport;
 pub use run::{RunSpec, run};
+pub use score::ScoreForms;

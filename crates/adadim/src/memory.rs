@@ -18,7 +18,7 @@
 //! otherwise streaming.
 
 use model_llama::LlamaConfig;
-use model_llama::load::linear_shape;
+use model_llama::linear_shape;
 
 use serde::{Deserialize, Serialize};
 

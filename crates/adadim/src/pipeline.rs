@@ -11,19 +11,24 @@ use std::time::Instant;
 use burn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use kernels::QuantBackend;
-use model_llama::load::{linear_shape, load_host, load_layer};
+use model_llama::linear_shape;
+use model_llama::load::{load_host, load_layer};
 use model_llama::model::Rope;
 use model_llama::packed::QuantizationConfig;
-use model_llama::{DecoderLayer, LayerInputs, Linear, LinearKind, TensorSource};
-use quant_core::{GptqOptions, PackedLinear, QuantConfig, QuantDim, Quantized, RangeMode};
+use model_llama::{DecoderLayer, InvalidOption, LayerInputs, Linear, LinearKind, TensorSource};
+use quant_core::{
+    GptqOptions, GroupSize, PackedLinear, QuantConfig, QuantDim, Quantized, RangeMode,
+};
 use serde::{Deserialize, Serialize};
 
+use crate::defaults;
 use crate::error::{AdadimError, Result};
 use crate::memory::{MemoryPlan, gib};
 use crate::policy::DimPolicy;
 use crate::score::{
-    AttnState, ChunkState, ErrorSum, MlpState, Update, attn_error, carries, delta_t, mlp_error,
-    o_proj_gram, own_output_error_direct, own_output_error_gram, sub_block_error,
+    AttnState, ChunkState, ErrorSum, MlpState, ScoreForms, Update, attn_error, carries, delta_t,
+    mlp_error, o_proj_gram, own_output_error_direct, own_output_error_gram,
+    own_output_error_undifferenced, sub_block_error,
 };
 use crate::stats::{InputStats, Site, SubBlockInputs};
 
@@ -58,20 +63,70 @@ impl std::fmt::Display for Method {
 #[derive(Clone, Debug)]
 pub struct QuantizeOptions {
     pub bits: u32,
-    pub group_size: i64,
+    pub group_size: GroupSize,
     pub method: Method,
     pub policy: DimPolicy,
     pub gptq: GptqOptions,
     /// How each group's range is chosen, for RTN and GPTQ alike (docs/method.md §2.1).
     pub range: RangeMode,
+    /// The forms the scores are computed in (default: the cheaper; the others check them).
+    pub scoring: ScoreForms,
     /// Memory the run may use, bytes (`None`: [`crate::memory::default_limit`]).
     pub max_memory: Option<u64>,
 }
 
+impl Default for QuantizeOptions {
+    fn default() -> Self {
+        Self {
+            bits: defaults::BITS,
+            group_size: defaults::GROUP_SIZE,
+            method: defaults::METHOD,
+            policy: defaults::DIM,
+            gptq: GptqOptions::default(),
+            range: defaults::RANGE,
+            scoring: ScoreForms::default(),
+            max_memory: None,
+        }
+    }
+}
+
 impl QuantizeOptions {
-    /// Checks bits, group size and policy against every linear shape of `config`, before any
-    /// work is done; returns the base (per-OC) quantizer config.
+    /// GPTQ's knobs (when the method is GPTQ), checked before any work; the error names the
+    /// option (`gptq.block_size`, `gptq.percdamp`, `gptq.static_groups`).
+    pub fn check_gptq(&self) -> std::result::Result<(), InvalidOption> {
+        if self.method != Method::Gptq {
+            return Ok(());
+        }
+        let g = &self.gptq;
+        if g.block_size == 0 {
+            return Err(InvalidOption::new("gptq.block_size", "must be positive"));
+        }
+        if !g.percdamp.is_finite() || g.percdamp < 0.0 {
+            return Err(InvalidOption::new(
+                "gptq.percdamp",
+                format!("must be a finite non-negative number, got {}", g.percdamp),
+            ));
+        }
+        let per_oc = LinearKind::ALL
+            .into_iter()
+            .any(|kind| self.policy.candidates(kind).contains(&QuantDim::Oc));
+        if !g.static_groups && per_oc {
+            return Err(InvalidOption::new(
+                "gptq.static_groups",
+                format!(
+                    "per-OC GPTQ needs static groups (the packed format has no g_idx for \
+                     act-order groups), and dim policy `{}` quantizes some linears per-OC",
+                    self.policy
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks bits, group size, GPTQ's knobs and policy against every linear shape of
+    /// `config`, before any work is done; returns the base (per-OC) quantizer config.
     pub fn validate(&self, config: &model_llama::LlamaConfig) -> Result<QuantConfig> {
+        self.check_gptq()?;
         let base = QuantConfig::new(self.bits, self.group_size, QuantDim::Oc)
             .map_err(quant_err("quantization options".into()))?;
         for kind in LinearKind::ALL {
@@ -440,7 +495,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
     fn layer(&self, i: usize, x: Activations<B>) -> Result<LayerOutput<B>> {
         let mut layer = load_layer::<B>(self.src, i, self.device)?;
         let o_gram = if self.opts.policy.is_adaptive() {
-            o_proj_gram(&layer)
+            o_proj_gram(&layer, self.opts.scoring)
         } else {
             None
         };
@@ -602,6 +657,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         candidates: &[&Linear<B>],
         o_gram: Option<&Tensor<B, 2>>,
     ) -> Vec<Scored<B>> {
+        let forms = self.opts.scoring;
         let mut scored: Vec<Scored<B>> = candidates
             .iter()
             .map(|_| Scored {
@@ -620,18 +676,28 @@ impl<B: QuantBackend> LayerRun<'_, B> {
             for (s, &c) in scored.iter_mut().zip(candidates) {
                 let (error, update) = match (kept, &recomputed_attn, &recomputed_mlp) {
                     (Some(state), _, _) => {
-                        let (e, u) =
-                            sub_block_error(layer, state, inputs, self.rope, kind, c, o_gram);
+                        let (e, u) = sub_block_error(
+                            layer, state, inputs, self.rope, kind, c, o_gram, forms,
+                        );
                         (e, Some(u))
                     }
                     (None, Some(state), _) => {
-                        let (e, _) =
-                            attn_error(layer, state, &inputs.attn_in, self.rope, kind, c, o_gram);
+                        let (e, _) = attn_error(
+                            layer,
+                            state,
+                            &inputs.attn_in,
+                            self.rope,
+                            kind,
+                            c,
+                            o_gram,
+                            forms,
+                        );
                         (e, None)
                     }
-                    (None, None, Some(state)) => {
-                        (mlp_error(layer, state, &inputs.mlp_in, kind, c).0, None)
-                    }
+                    (None, None, Some(state)) => (
+                        mlp_error(layer, state, &inputs.mlp_in, kind, c, forms).0,
+                        None,
+                    ),
                     (None, None, None) => unreachable!("a state is kept or recomputed"),
                 };
                 s.error.add(error, chunk.tokens);
@@ -654,7 +720,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         let site = Site::of(t.kind);
         let by_gram = !self.plan.resident
             || self.opts.method == Method::Gptq
-            || crate::score::gram_is_cheaper(t.shape, candidates.len());
+            || (self.opts.scoring).gram(crate::score::gram_is_cheaper(t.shape, candidates.len()));
         let tokens: usize = chunks.iter().map(|c| c.tokens).sum();
         let gram = by_gram.then(|| stats.gram_or(site, || resident_input(chunks, site)));
         candidates
@@ -667,7 +733,12 @@ impl<B: QuantBackend> LayerRun<'_, B> {
                     None => {
                         for chunk in chunks {
                             let x = site.input(&resident(chunk).inputs);
-                            error.add(own_output_error_direct(&delta, x), chunk.tokens);
+                            let e = if self.opts.scoring.difference() {
+                                own_output_error_direct(&delta, x)
+                            } else {
+                                own_output_error_undifferenced(layer.linear(t.kind), c, x)
+                            };
+                            error.add(e, chunk.tokens);
                         }
                     }
                 }

@@ -14,7 +14,7 @@ pub struct RunReport {
     pub method: String,
     pub policy: String,
     pub bits: u32,
-    pub group_size: i64,
+    pub group_size: quant_core::GroupSize,
     /// How group ranges were chosen (absent in reports older than the option: min-max).
     #[serde(default)]
     pub range: RangeMode,

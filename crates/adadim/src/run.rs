@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use kernels::QuantBackend;
-use quant_core::RangeMode;
+use quant_core::{GptqOptions, GroupSize, RangeMode};
 use serde::{Deserialize, Serialize};
 
 use model_llama::staging::check_destination;
 use sha2::{Digest, Sha256};
 
 use crate::calib::{CalibOptions, calibration_from_file};
+use crate::defaults;
 use crate::error::{AdadimError, Result};
 use crate::output::Outputs;
 use crate::pipeline::{Method, QuantizeOptions, ResumePoint, calibration_seqlen, quantize_layers};
@@ -21,22 +22,25 @@ use crate::policy::DimPolicy;
 use crate::report::{RunReport, peak_rss_mib};
 
 fn default_samples() -> usize {
-    64
+    defaults::CALIB_SAMPLES
 }
 fn default_seqlen() -> usize {
-    512
+    defaults::CALIB_SEQLEN
 }
 fn default_bits() -> u32 {
-    3
+    defaults::BITS
 }
-fn default_group() -> i64 {
-    128
+fn default_group() -> GroupSize {
+    defaults::GROUP_SIZE
 }
 fn default_method() -> Method {
-    Method::Rtn
+    defaults::METHOD
+}
+fn default_range() -> RangeMode {
+    defaults::RANGE
 }
 fn default_dim() -> DimPolicy {
-    DimPolicy::Ada
+    defaults::DIM
 }
 
 /// Everything a quantization run needs; deserializes from the TOML files in `configs/`.
@@ -56,13 +60,17 @@ pub struct RunSpec {
     #[serde(default = "default_bits")]
     pub bits: u32,
     #[serde(default = "default_group")]
-    pub group_size: i64,
+    pub group_size: GroupSize,
     #[serde(default = "default_method")]
     pub method: Method,
+    /// GPTQ's knobs (a `[quantize.gptq]` table in configs: `block_size`, `percdamp`,
+    /// `act_order`, `static_groups`); ignored by RTN.
+    #[serde(default)]
+    pub gptq: GptqOptions,
     #[serde(default = "default_dim")]
     pub dim: DimPolicy,
     /// How each group's range is chosen: minmax, or search (docs/method.md §2.1).
-    #[serde(default)]
+    #[serde(default = "default_range")]
     pub range: RangeMode,
     /// Packed checkpoint directory.
     pub out: PathBuf,
@@ -87,8 +95,9 @@ impl RunSpec {
             group_size: self.group_size,
             method: self.method,
             policy: self.dim.clone(),
-            gptq: Default::default(),
+            gptq: self.gptq,
             range: self.range,
+            scoring: Default::default(),
             max_memory: self
                 .max_memory_gib
                 .map(|g| (g * (1u64 << 30) as f64) as u64),
@@ -127,7 +136,7 @@ impl RunSpec {
         let text = std::fs::read(&self.calib).map_err(io(&self.calib))?;
         let model = std::fs::canonicalize(&self.model).map_err(io(&self.model))?;
         let v = |x: serde_json::Value| x;
-        Ok(BTreeMap::from([
+        let mut fingerprint = BTreeMap::from([
             ("model".into(), v(model.display().to_string().into())),
             ("model files".into(), v(files.into())),
             (
@@ -138,16 +147,23 @@ impl RunSpec {
             ("calib_seqlen".into(), v(self.calib_seqlen.into())),
             ("calib_seed".into(), serde_json::json!(self.calib_seed)),
             ("bits".into(), v(self.bits.into())),
-            ("group_size".into(), v(self.group_size.into())),
+            ("group_size".into(), v(self.group_size.as_i64().into())),
             ("method".into(), v(self.method.to_string().into())),
             ("dim".into(), v(self.dim.to_string().into())),
-            ("range".into(), v(self.range.to_string().into())),
             (
                 "fake-quant export".into(),
                 v(self.fake_quant.is_some().into()),
             ),
             ("version".into(), v(env!("CARGO_PKG_VERSION").into())),
-        ]))
+        ]);
+        // Only when set: a run interrupted before GPTQ's knobs were settable stays resumable.
+        if self.range != defaults::RANGE {
+            fingerprint.insert("range".into(), self.range.to_string().into());
+        }
+        if self.gptq != GptqOptions::default() {
+            fingerprint.insert("gptq".into(), serde_json::json!(self.gptq));
+        }
+        Ok(fingerprint)
     }
 }
 

@@ -21,6 +21,37 @@ use model_llama::{DecoderLayer, LayerTrace, Linear, LinearKind};
 
 use crate::stats::SubBlockInputs;
 
+/// Which forms the scores are computed in. Every form gives the same error up to rounding
+/// (docs/method.md §4); the choice is one of cost, and forcing one is how the shortcuts are
+/// checked against their definition.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScoreForms {
+    /// The difference form always; a Gram form where [`gram_is_cheaper`] says so.
+    #[default]
+    Cheaper,
+    /// The difference and Gram forms wherever they apply.
+    Shortcuts,
+    /// Neither: each output computed whole and subtracted, wherever the inputs are kept (a
+    /// streaming plan keeps none, and GPTQ's Hessian brings the input's Gram anyway).
+    Direct,
+}
+
+impl ScoreForms {
+    /// Whether to take a Gram form that the cost rule rates `cheaper` or not.
+    pub fn gram(self, cheaper: bool) -> bool {
+        match self {
+            ScoreForms::Cheaper => cheaper,
+            ScoreForms::Shortcuts => true,
+            ScoreForms::Direct => false,
+        }
+    }
+
+    /// Whether errors are taken on the difference of the last linear's inputs.
+    pub fn difference(self) -> bool {
+        self != ScoreForms::Direct
+    }
+}
+
 /// The attention sub-block's state on a chunk: rotated q, k, v and the context (`o_proj`'s input).
 pub struct AttnState<B: QuantBackend> {
     q: Tensor<B, 3>,
@@ -95,10 +126,15 @@ pub fn carries(kind: LinearKind) -> bool {
 
 /// `WᵀW` of `o_proj`, shared by every q, k, v candidate of a layer, when the Gram form of their
 /// error is the cheaper one. Taken while o_proj is still full precision.
-pub fn o_proj_gram<B: QuantBackend>(layer: &DecoderLayer<B>) -> Option<Tensor<B, 2>> {
+pub fn o_proj_gram<B: QuantBackend>(
+    layer: &DecoderLayer<B>,
+    forms: ScoreForms,
+) -> Option<Tensor<B, 2>> {
     let o_t = dense_t(&layer.self_attn.o_proj);
     let [inp, out] = o_t.dims();
-    gram_is_cheaper([out, inp], 1).then(|| weight_gram(o_t))
+    forms
+        .gram(gram_is_cheaper([out, inp], 1))
+        .then(|| weight_gram(o_t))
 }
 
 /// The attention state with q, k or v replaced by `linear`.
@@ -142,13 +178,18 @@ fn mlp_update<B: QuantBackend>(
 }
 
 /// The error of an update, measured after the sub-block's last linear `last`: on the difference
-/// of its inputs, through `last`'s `WᵀW` when given.
+/// of its inputs, through `last`'s `WᵀW` when given (or on the two outputs, without `difference`).
 fn update_error<B: QuantBackend>(
     update: &Update<B>,
     reference: &Tensor<B, 3>,
     last: &Linear<B>,
     last_gram: Option<&Tensor<B, 2>>,
+    difference: bool,
 ) -> f64 {
+    if !difference {
+        let out = last.forward(update.last_in.clone());
+        return mean_square(out.sub(last.forward(reference.clone())));
+    }
     let diff = update.last_in.clone().sub(reference.clone());
     match last_gram {
         Some(w_gram) => {
@@ -162,6 +203,8 @@ fn update_error<B: QuantBackend>(
 
 /// Mean square error of the attention sub-block's output on one chunk when q, k or v is
 /// replaced by `candidate` in the state `state`; with the state it leads to.
+// Layer, state, inputs, rope, kind, candidate and the two form choices are all distinct.
+#[allow(clippy::too_many_arguments)]
 pub fn attn_error<B: QuantBackend>(
     layer: &DecoderLayer<B>,
     state: &AttnState<B>,
@@ -170,9 +213,11 @@ pub fn attn_error<B: QuantBackend>(
     kind: LinearKind,
     candidate: &Linear<B>,
     o_gram: Option<&Tensor<B, 2>>,
+    forms: ScoreForms,
 ) -> (f64, Update<B>) {
     let update = attn_update(layer, state, attn_in.clone(), rope, kind, candidate);
-    let error = update_error(&update, &state.context, &layer.self_attn.o_proj, o_gram);
+    let o_proj = &layer.self_attn.o_proj;
+    let error = update_error(&update, &state.context, o_proj, o_gram, forms.difference());
     (error, update)
 }
 
@@ -184,13 +229,17 @@ pub fn mlp_error<B: QuantBackend>(
     mlp_in: &Tensor<B, 3>,
     kind: LinearKind,
     candidate: &Linear<B>,
+    forms: ScoreForms,
 ) -> (f64, Update<B>) {
     let update = mlp_update(state, mlp_in.clone(), kind, candidate);
-    let error = update_error(&update, &state.down_in, &layer.mlp.down_proj, None);
+    let down = &layer.mlp.down_proj;
+    let error = update_error(&update, &state.down_in, down, None, forms.difference());
     (error, update)
 }
 
 /// [`attn_error`] or [`mlp_error`], by the sub-block `kind` (q, k, v, gate or up) belongs to.
+// Layer, state, inputs, rope, kind, candidate and the two form choices are all distinct.
+#[allow(clippy::too_many_arguments)]
 pub fn sub_block_error<B: QuantBackend>(
     layer: &DecoderLayer<B>,
     state: &ChunkState<B>,
@@ -199,6 +248,7 @@ pub fn sub_block_error<B: QuantBackend>(
     kind: LinearKind,
     candidate: &Linear<B>,
     o_gram: Option<&Tensor<B, 2>>,
+    forms: ScoreForms,
 ) -> (f64, Update<B>) {
     match kind {
         LinearKind::Q | LinearKind::K | LinearKind::V => attn_error(
@@ -209,9 +259,10 @@ pub fn sub_block_error<B: QuantBackend>(
             kind,
             candidate,
             o_gram,
+            forms,
         ),
         LinearKind::Gate | LinearKind::Up => {
-            mlp_error(layer, &state.mlp, &inputs.mlp_in, kind, candidate)
+            mlp_error(layer, &state.mlp, &inputs.mlp_in, kind, candidate, forms)
         }
         other => panic!("{other:?} is the last linear of its sub-block"),
     }
@@ -323,6 +374,20 @@ pub fn delta_t<B: QuantBackend>(original: &Linear<B>, candidate: &Linear<B>) -> 
 /// `mean((X·ΔWᵀ)²)` over the `N × OC` outputs of one chunk's input `x`.
 pub fn own_output_error_direct<B: QuantBackend>(delta_t: &Tensor<B, 2>, x: &Tensor<B, 3>) -> f64 {
     mean_square(B::dense_linear(x.clone(), delta_t.clone()))
+}
+
+/// `mean((X·Ŵᵀ − X·Wᵀ)²)` over the `N × OC` outputs of one chunk's input `x`: the definition,
+/// without the difference form.
+pub fn own_output_error_undifferenced<B: QuantBackend>(
+    original: &Linear<B>,
+    candidate: &Linear<B>,
+    x: &Tensor<B, 3>,
+) -> f64 {
+    mean_square(
+        candidate
+            .forward(x.clone())
+            .sub(original.forward(x.clone())),
+    )
 }
 
 /// `mean((X·ΔWᵀ)²)` over `tokens × OC` outputs from `G = XᵀX` over those tokens:

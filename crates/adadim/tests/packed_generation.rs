@@ -9,6 +9,7 @@ use kernels::QuantLinear;
 use model_llama::generate::{GenerateOptions, generate};
 use model_llama::load::{assemble, load_layer_with, load_model, load_periphery};
 use model_llama::{HostTensor, Linear, Llama, MemorySource, TensorSource};
+use quant_core::GroupSize;
 
 mod common;
 
@@ -29,11 +30,12 @@ fn packed_generation_matches_with_and_without_cache_and_its_dequantized_twin() {
         .collect();
     let opts = QuantizeOptions {
         bits: 3,
-        group_size: 32,
+        group_size: GroupSize::Len(32),
         method: Method::Rtn,
         policy: DimPolicy::Ada,
         gptq: Default::default(),
         range: Default::default(),
+        scoring: Default::default(),
         max_memory: None,
     };
     let q = quantize_model::<B>(&src, &calib, &opts, &device).unwrap();

@@ -9,13 +9,14 @@
 //! sub-block forwards.
 
 use adadim::memory::footprint;
-use adadim::{DimPolicy, Method, QuantizeOptions, QuantizedModel, quantize_model};
+use adadim::{DimPolicy, Method, QuantizeOptions, QuantizedModel, ScoreForms, quantize_model};
 use burn::backend::NdArray;
 use burn::prelude::*;
-use model_llama::load::{linear_shape, load_layer};
+use model_llama::linear_shape;
+use model_llama::load::load_layer;
 use model_llama::model::Rope;
 use model_llama::{Linear, LinearKind, MemorySource, TensorSource};
-use quant_core::{QuantConfig, QuantDim};
+use quant_core::{GroupSize, QuantConfig, QuantDim};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -50,11 +51,12 @@ fn source() -> MemorySource {
 fn opts(method: Method, max_memory: Option<u64>) -> QuantizeOptions {
     QuantizeOptions {
         bits: 3,
-        group_size: 32,
+        group_size: GroupSize::Len(32),
         method,
         policy: DimPolicy::Ada,
         gptq: Default::default(),
         range: Default::default(),
+        scoring: Default::default(),
         max_memory,
     }
 }
@@ -95,7 +97,7 @@ fn direct_scores(src: &MemorySource, q: &QuantizedModel) -> Vec<(LinearKind, f64
     let mut layer = load_layer::<B>(src, 0, &device).unwrap();
     let (_, trace) = layer.forward_captured(x, &rope);
     let inputs = trace.inputs;
-    let base = QuantConfig::new(3, 32, QuantDim::Oc).unwrap();
+    let base = QuantConfig::new(3, GroupSize::Len(32), QuantDim::Oc).unwrap();
     let mut out = Vec::new();
     for kind in LinearKind::ALL {
         let shape = linear_shape(config, kind);
@@ -156,6 +158,36 @@ fn scores_match_their_definition_resident_and_streaming() {
             assert_close(r.error_oc.unwrap(), oc, 1e-4, &format!("{what} oc"));
             assert_close(r.error_ic.unwrap(), ic, 1e-4, &format!("{what} ic"));
         }
+    }
+}
+
+/// Every linear kind's score from the production path, with the Gram and difference forms all
+/// forced on and all forced off, against the definition (docs/method.md §4).
+#[test]
+fn scores_in_every_form_match_their_definition() {
+    let src = source();
+    let device = Default::default();
+    let mut by_form = Vec::new();
+    for forms in [ScoreForms::Shortcuts, ScoreForms::Direct] {
+        let o = QuantizeOptions {
+            scoring: forms,
+            ..opts(Method::Rtn, None)
+        };
+        let q = quantize_model::<B>(&src, &calib(97), &o, &device).unwrap();
+        let direct = direct_scores(&src, &q);
+        let records: Vec<_> = q.records.iter().filter(|r| r.layer == 0).collect();
+        assert_eq!(records.len(), LinearKind::ALL.len());
+        for (r, (kind, oc, ic)) in records.iter().zip(direct) {
+            assert_eq!(r.linear, kind);
+            let what = format!("{forms:?} {kind:?}");
+            assert_close(r.error_oc.unwrap(), oc, 1e-5, &format!("{what} oc"));
+            assert_close(r.error_ic.unwrap(), ic, 1e-5, &format!("{what} ic"));
+        }
+        by_form.push(q.records);
+    }
+    // Same choices whichever form computed the scores.
+    for (a, b) in by_form[0].iter().zip(&by_form[1]) {
+        assert_eq!(a.dim, b.dim, "layer {} {:?}", a.layer, a.linear);
     }
 }
 

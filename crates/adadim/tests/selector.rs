@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use adadim::{DimPolicy, Method, QuantizeOptions, QuantizedModel, RangeMode, quantize_model};
 use burn::backend::NdArray;
 use burn::prelude::*;
-use model_llama::load::{linear_shape, load_model};
+use model_llama::linear_shape;
+use model_llama::load::load_model;
 use model_llama::{HostTensor, LinearKind, LlamaConfig, MemorySource, TensorSource};
-use quant_core::QuantDim;
+use quant_core::{GptqOptions, GroupSize, QuantDim};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -143,11 +144,12 @@ fn calib(vocab: u32, seed: u64) -> Vec<Vec<u32>> {
 fn opts(policy: DimPolicy) -> QuantizeOptions {
     QuantizeOptions {
         bits: 3,
-        group_size: 32,
+        group_size: GroupSize::Len(32),
         method: Method::Rtn,
         policy,
         gptq: Default::default(),
         range: Default::default(),
+        scoring: Default::default(),
         max_memory: None,
     }
 }
@@ -338,7 +340,7 @@ fn bad_options_are_typed_errors() {
     let run_with = |bits, group_size| {
         let o = QuantizeOptions {
             bits,
-            group_size,
+            group_size: GroupSize::Len(group_size),
             ..opts(DimPolicy::Ada)
         };
         let e = quantize_model::<B>(&src, &calib(97, 1), &o, &Default::default())
@@ -365,4 +367,54 @@ fn bad_options_are_typed_errors() {
         .err()
         .unwrap();
     assert!(matches!(e, adadim::AdadimError::EmptyCalibration(_)), "{e}");
+}
+
+/// GPTQ's knobs are checked up front, and a bad one is named in the error.
+#[test]
+fn bad_gptq_options_name_the_option() {
+    let with = |gptq: GptqOptions, policy: DimPolicy| QuantizeOptions {
+        method: Method::Gptq,
+        gptq,
+        ..opts(policy)
+    };
+    let base = GptqOptions::default();
+    let option = |o: QuantizeOptions| o.check_gptq().err().map(|e| e.option);
+    assert_eq!(option(with(base, DimPolicy::Ada)), None);
+    let bad_block = GptqOptions {
+        block_size: 0,
+        ..base
+    };
+    assert_eq!(
+        option(with(bad_block, DimPolicy::Ada)),
+        Some("gptq.block_size")
+    );
+    for percdamp in [-0.1, f32::NAN, f32::INFINITY] {
+        let o = with(GptqOptions { percdamp, ..base }, DimPolicy::Ada);
+        assert_eq!(option(o), Some("gptq.percdamp"), "{percdamp}");
+    }
+    // Dynamic groups only where no linear is quantized per-OC.
+    let dynamic = GptqOptions {
+        static_groups: false,
+        ..base
+    };
+    for policy in [
+        DimPolicy::Ada,
+        "oc".parse().unwrap(),
+        "ic:qkv".parse().unwrap(),
+    ] {
+        assert_eq!(option(with(dynamic, policy)), Some("gptq.static_groups"));
+    }
+    assert_eq!(option(with(dynamic, "ic".parse().unwrap())), None);
+    // RTN ignores them.
+    let rtn = QuantizeOptions {
+        method: Method::Rtn,
+        ..with(bad_block, DimPolicy::Ada)
+    };
+    assert_eq!(option(rtn), None);
+    // The run's up-front validation refuses them, with the option's name.
+    let e = with(bad_block, DimPolicy::Ada)
+        .validate(&tiny_config(1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("invalid gptq.block_size"), "{e}");
 }

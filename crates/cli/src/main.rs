@@ -2,11 +2,14 @@
 
 use std::path::{Path, PathBuf};
 
-use adadim::{CalibOptions, DimPolicy, Method, RangeMode, RunReport, RunSpec};
+use adadim::{
+    CalibOptions, DimPolicy, Method, QuantizeOptions, RangeMode, RunReport, RunSpec, defaults,
+};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use model_llama::generate::{GenerateOptions, generate};
 use model_llama::{InvalidOption, OpenModel, open_checkpoint, open_model};
+use quant_core::{GptqOptions, GroupSize};
 
 /// Tensor ops allocate a fresh buffer per result; mimalloc reuses freed pages where glibc maps
 /// and zeroes every large buffer anew (page faults were ~15% of an evaluation).
@@ -92,30 +95,45 @@ struct QuantizeArgs {
     #[arg(long)]
     model: PathBuf,
     /// Calibration text, one sample per line.
-    #[arg(long, default_value = "assets/lee-news.txt")]
+    #[arg(long, default_value = defaults::CALIB_TEXT)]
     calib: PathBuf,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = defaults::CALIB_SAMPLES)]
     calib_samples: usize,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = defaults::CALIB_SEQLEN)]
     calib_seqlen: usize,
     /// Shuffle the calibration lines with this seed (default: file order).
     #[arg(long)]
     calib_seed: Option<u64>,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = defaults::BITS)]
     bits: u32,
     /// Group length; -1 is one group over the whole dimension.
-    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
-    group_size: i64,
+    #[arg(long, default_value_t = defaults::GROUP_SIZE, allow_negative_numbers = true)]
+    group_size: GroupSize,
     /// rtn or gptq.
-    #[arg(long, default_value = "rtn")]
+    #[arg(long, default_value_t = defaults::METHOD)]
     method: Method,
     /// oc, ic, ada, or ic:<linears> (e.g. ic:qkv, ic:down, ic:qkv,down, ic:all).
-    #[arg(long, default_value = "ada")]
+    #[arg(long, default_value_t = defaults::DIM)]
     dim: DimPolicy,
     /// How each group's [min, max] is chosen: minmax, or search (the shrink with the least
     /// error, weighted by the calibration inputs' second moments per-OC).
-    #[arg(long, default_value = "minmax")]
+    #[arg(long, default_value_t = defaults::RANGE)]
     range: RangeMode,
+    /// GPTQ: damping added to the Hessian's diagonal, as a fraction of its mean.
+    #[arg(long, value_name = "FRACTION", default_value_t = GptqOptions::default().percdamp,
+          allow_negative_numbers = true)]
+    gptq_damp: f32,
+    /// GPTQ: columns per block of the lazy batch update.
+    #[arg(long, value_name = "N", default_value_t = GptqOptions::default().block_size)]
+    gptq_block_size: usize,
+    /// GPTQ: visit input channels by decreasing Hessian diagonal.
+    #[arg(long, value_name = "BOOL", default_value_t = GptqOptions::default().act_order,
+          action = clap::ArgAction::Set)]
+    gptq_act_order: bool,
+    /// GPTQ: per-OC group parameters from the original weights (false only with --dim ic).
+    #[arg(long, value_name = "BOOL", default_value_t = GptqOptions::default().static_groups,
+          action = clap::ArgAction::Set)]
+    gptq_static_groups: bool,
     /// Packed checkpoint directory.
     #[arg(long)]
     out: PathBuf,
@@ -135,8 +153,22 @@ struct QuantizeArgs {
     max_memory: Option<f64>,
 }
 
+impl QuantizeArgs {
+    fn gptq(&self) -> GptqOptions {
+        GptqOptions {
+            block_size: self.gptq_block_size,
+            percdamp: self.gptq_damp,
+            act_order: self.gptq_act_order,
+            static_groups: self.gptq_static_groups,
+            // Set from the run's one --range.
+            ..Default::default()
+        }
+    }
+}
+
 impl From<QuantizeArgs> for RunSpec {
     fn from(a: QuantizeArgs) -> Self {
+        let gptq = a.gptq();
         RunSpec {
             model: a.model,
             calib: a.calib,
@@ -146,6 +178,7 @@ impl From<QuantizeArgs> for RunSpec {
             bits: a.bits,
             group_size: a.group_size,
             method: a.method,
+            gptq,
             dim: a.dim,
             range: a.range,
             out: a.out,
@@ -240,6 +273,23 @@ fn check_quantize_args(args: &QuantizeArgs) -> Result<()> {
             &[
                 ("n_samples", "--calib-samples"),
                 ("seqlen", "--calib-seqlen"),
+            ],
+        )
+    })?;
+    QuantizeOptions {
+        method: args.method,
+        policy: args.dim.clone(),
+        gptq: args.gptq(),
+        ..Default::default()
+    }
+    .check_gptq()
+    .map_err(|e| {
+        flag_error(
+            e,
+            &[
+                ("gptq.block_size", "--gptq-block-size"),
+                ("gptq.percdamp", "--gptq-damp"),
+                ("gptq.static_groups", "--gptq-static-groups"),
             ],
         )
     })?;

@@ -70,8 +70,8 @@ fn bad_inputs_fail_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let out = d.join("out");
-    let model = model_llama::assets::smollm2_gguf().unwrap();
-    let calib = model_llama::assets::repo_asset("lee-news.txt");
+    let model = test_assets::smollm2_gguf().unwrap();
+    let calib = test_assets::repo_asset("lee-news.txt");
     let empty = d.join("empty.txt");
     std::fs::write(&empty, "\n\n").unwrap();
     let truncated = d.join("truncated.gguf");
@@ -139,6 +139,33 @@ fn bad_inputs_fail_cleanly() {
         (
             &model,
             &calib,
+            vec!["--group-size", "0"],
+            vec![
+                "invalid value '0' for '--group-size",
+                "-1 (whole dimension)",
+            ],
+        ),
+        (
+            &model,
+            &calib,
+            vec!["--method", "gptq", "--gptq-damp", "-0.5"],
+            vec!["invalid --gptq-damp", "-0.5"],
+        ),
+        (
+            &model,
+            &calib,
+            vec!["--method", "gptq", "--gptq-block-size", "0"],
+            vec!["invalid --gptq-block-size"],
+        ),
+        (
+            &model,
+            &calib,
+            vec!["--method", "gptq", "--gptq-static-groups", "false"],
+            vec!["invalid --gptq-static-groups", "`ada`"],
+        ),
+        (
+            &model,
+            &calib,
             vec!["--out", under_file],
             vec!["invalid --out", "plain-file is not a directory"],
         ),
@@ -159,8 +186,8 @@ fn bad_inputs_fail_cleanly() {
 fn bad_generate_and_eval_options_fail_before_loading() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let model = model_llama::assets::smollm2_gguf().unwrap();
-    let text = model_llama::assets::repo_asset("wiki-eval.txt");
+    let model = test_assets::smollm2_gguf().unwrap();
+    let text = test_assets::repo_asset("wiki-eval.txt");
     let short = d.join("short.txt");
     std::fs::write(&short, "Only a few words.").unwrap();
     let run = |args: &[&str], model: &Path, text: &Path| {

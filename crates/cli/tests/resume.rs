@@ -28,9 +28,9 @@ fn quantize(out: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_adadim"));
     c.arg("quantize")
         .arg("--model")
-        .arg(model_llama::assets::smollm2_gguf().unwrap())
+        .arg(test_assets::smollm2_gguf().unwrap())
         .arg("--calib")
-        .arg(model_llama::assets::repo_asset("lee-news.txt"))
+        .arg(test_assets::repo_asset("lee-news.txt"))
         .args(args.iter().flat_map(|(k, v)| [k, v]))
         .arg("--out")
         .arg(out)

@@ -6,7 +6,7 @@ mod cube_common;
 
 use cube_common::{random_packed, reference};
 use kernels::cpu::{CpuKernelError, CpuPacked, SimdPath, gemm, gemm_with};
-use quant_core::{QuantConfig, QuantDim, Quantized};
+use quant_core::{GroupSize, QuantConfig, QuantDim, Quantized};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -113,7 +113,7 @@ fn one_hot_x_reads_back_every_code_at_every_block_position() {
             for bits in [2, 3, 4, 8] {
                 let (out, inp, group) = (256, 96, 32);
                 let levels = 1usize << bits;
-                let config = QuantConfig::new(bits, group as i64, dim).unwrap();
+                let config = QuantConfig::new(bits, GroupSize::Len(group), dim).unwrap();
                 let (rows, cols) = dim.grouped_shape(out, inp);
                 let groups = rows * cols / group;
                 // Code of output o at input k: (o + 3k) mod 2^b, all values at every k.

@@ -89,8 +89,8 @@ impl MemorySource {
             for norm in ["input_layernorm", "post_attention_layernorm"] {
                 put(format!("model.layers.{i}.{norm}.weight"), vec![h], 0.2, 1.0);
             }
-            for kind in crate::LinearKind::ALL {
-                let shape = crate::load::linear_shape(&config, kind);
+            for kind in crate::linear_kind::LinearKind::ALL {
+                let shape = crate::linear_kind::linear_shape(&config, kind);
                 let scale = 1.5 / (shape[1] as f32).sqrt();
                 put(
                     format!("{}.weight", kind.hf_prefix(i)),

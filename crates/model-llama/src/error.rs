@@ -34,8 +34,6 @@ pub enum ModelError {
     },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    #[error("asset: {0}")]
-    Asset(String),
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]

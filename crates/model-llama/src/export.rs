@@ -7,7 +7,7 @@ use safetensors::tensor::Dtype;
 
 use crate::checkpoint::TensorSource;
 use crate::error::Result;
-use crate::model::LinearKind;
+use crate::linear_kind::LinearKind;
 use crate::shards::ShardWriter;
 use crate::staging::{StagingDir, write_atomic};
 

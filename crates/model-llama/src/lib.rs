@@ -11,7 +11,6 @@
 //! [`shards::ShardWriter`] streams (resumably) a sharded safetensors checkpoint to disk;
 //! [`synth`] writes random-weight checkpoints of real model shapes, for time and memory tests.
 
-pub mod assets;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -19,6 +18,7 @@ pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod hf_dir;
+pub mod linear_kind;
 pub mod load;
 mod mapped;
 pub mod model;
@@ -34,7 +34,8 @@ pub use checkpoint::{HostTensor, MemorySource, TensorSource};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{InvalidOption, ModelError, Result};
 pub use gguf::{GgufCheckpoint, GgufFile};
-pub use model::{DecoderLayer, LayerInputs, LayerTrace, Linear, LinearKind, Llama};
+pub use linear_kind::{LinearKind, linear_shape};
+pub use model::{DecoderLayer, LayerInputs, LayerTrace, Linear, Llama};
 pub use open::{OpenModel, open_checkpoint, open_model};
 pub use shards::{ShardState, ShardWriter};
 pub use tokenizer::LlamaTokenizer;

@@ -9,8 +9,9 @@ use rayon::prelude::*;
 
 use crate::checkpoint::TensorSource;
 use crate::error::{ModelError, Result};
+use crate::linear_kind::{LinearKind, linear_shape};
 use crate::model::{
-    Attention, DecoderLayer, Linear, LinearKind, Llama, MAX_ROPE_POSITIONS, Mlp, RmsNorm, Rope,
+    Attention, DecoderLayer, Linear, Llama, MAX_ROPE_POSITIONS, Mlp, RmsNorm, Rope,
 };
 
 /// Loads `name` into host memory, checking its shape and that every value is finite.
@@ -89,19 +90,6 @@ pub fn compact_linear_from<B: QuantBackend>(
     };
     let q = uploaded.map_err(|e| ModelError::malformed(src.path(), format!("`{name}`: {e}")))?;
     Ok(Linear::Quant(q))
-}
-
-/// `[out, in]` of a linear of the given kind.
-pub fn linear_shape(config: &crate::LlamaConfig, kind: LinearKind) -> [usize; 2] {
-    let h = config.hidden_size;
-    let kv = config.num_key_value_heads * config.head_dim();
-    let f = config.intermediate_size;
-    match kind {
-        LinearKind::Q | LinearKind::O => [h, h],
-        LinearKind::K | LinearKind::V => [kv, h],
-        LinearKind::Gate | LinearKind::Up => [f, h],
-        LinearKind::Down => [h, f],
-    }
 }
 
 fn norm<B: QuantBackend>(

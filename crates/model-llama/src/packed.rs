@@ -38,7 +38,7 @@ pub struct QuantizationConfig {
     /// `"rtn"` or `"gptq"`.
     pub algorithm: String,
     pub bits: u32,
-    pub group_size: i64,
+    pub group_size: quant_core::GroupSize,
     /// Linear module path → its quantization dim.
     pub dims: BTreeMap<String, QuantDim>,
 }
@@ -228,10 +228,10 @@ impl PackedDir {
 
 fn shape_of_module(config: &LlamaConfig, module: &str) -> Option<[usize; 2]> {
     let (_, rest) = module.strip_prefix("model.layers.")?.split_once('.')?;
-    let kind = crate::LinearKind::ALL
+    let kind = crate::linear_kind::LinearKind::ALL
         .into_iter()
         .find(|k| k.module() == rest)?;
-    Some(crate::load::linear_shape(config, kind))
+    Some(crate::linear_kind::linear_shape(config, kind))
 }
 
 impl TensorSource for PackedDir {

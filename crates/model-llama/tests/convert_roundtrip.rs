@@ -3,8 +3,8 @@
 
 use burn::backend::NdArray;
 use burn::prelude::*;
-use model_llama::assets::smollm2_gguf;
 use model_llama::{ModelError, open_model};
+use test_assets::smollm2_gguf;
 
 type B = NdArray<f32>;
 

@@ -23,7 +23,7 @@ use model_llama::packed::{PackedDir, QuantizationConfig, packed_layout_metadata,
 use model_llama::{LinearKind, LlamaConfig, LlamaTokenizer, TensorSource};
 use proptest::prelude::*;
 use proptest::sample::Index;
-use quant_core::{QuantConfig, QuantDim, quantize_rtn};
+use quant_core::{GroupSize, QuantConfig, QuantDim, quantize_rtn};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{Value, json};
 
@@ -719,7 +719,7 @@ fn packed_dir() -> DirFiles {
     let mut layouts = Vec::new();
     for (i, kind) in LinearKind::ALL.into_iter().enumerate() {
         let module = kind.hf_prefix(0);
-        let [out, inp] = model_llama::load::linear_shape(&config, kind);
+        let [out, inp] = model_llama::linear_shape(&config, kind);
         let dim = if i % 2 == 0 {
             QuantDim::Oc
         } else {
@@ -729,7 +729,7 @@ fn packed_dir() -> DirFiles {
             &weights(out * inp, i as u32),
             out,
             inp,
-            QuantConfig::new(3, 16, dim).unwrap(),
+            QuantConfig::new(3, GroupSize::Len(16), dim).unwrap(),
         )
         .unwrap();
         tensors.extend(packed_tensors(&module, &q.pack()));
@@ -741,7 +741,7 @@ fn packed_dir() -> DirFiles {
         quant_method: "adadim".into(),
         algorithm: "rtn".into(),
         bits: 3,
-        group_size: 16,
+        group_size: GroupSize::Len(16),
         dims,
     })
     .unwrap();

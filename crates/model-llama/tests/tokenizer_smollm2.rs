@@ -1,6 +1,7 @@
 //! The tokenizer rebuilt from the test model's GGUF metadata.
 
-use model_llama::{GgufCheckpoint, LlamaTokenizer, assets};
+use model_llama::{GgufCheckpoint, LlamaTokenizer};
+use test_assets as assets;
 
 fn tokenizer() -> LlamaTokenizer {
     let path = assets::smollm2_gguf().expect("test model (fetched with pip on first use)");

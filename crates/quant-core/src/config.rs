@@ -54,23 +54,78 @@ impl std::str::FromStr for QuantDim {
     }
 }
 
+/// How long a group is along the grouped dimension.
+///
+/// Written as one integer on the command line, in configs and in checkpoints: `-1` for
+/// [`GroupSize::Whole`] (the convention of GPTQ checkpoints), the length otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "i64", into = "i64")]
+pub enum GroupSize {
+    /// One group over the whole grouped dimension.
+    Whole,
+    /// Groups of this many weights (positive).
+    Len(usize),
+}
+
+impl GroupSize {
+    /// The written form: `-1` for the whole dimension, else the length.
+    pub fn as_i64(self) -> i64 {
+        match self {
+            GroupSize::Whole => -1,
+            GroupSize::Len(g) => g as i64,
+        }
+    }
+}
+
+impl TryFrom<i64> for GroupSize {
+    type Error = QuantError;
+    fn try_from(v: i64) -> Result<Self, QuantError> {
+        match v {
+            -1 => Ok(GroupSize::Whole),
+            g if g > 0 => Ok(GroupSize::Len(g as usize)),
+            _ => Err(QuantError::InvalidGroupSize(v)),
+        }
+    }
+}
+
+impl From<GroupSize> for i64 {
+    fn from(g: GroupSize) -> i64 {
+        g.as_i64()
+    }
+}
+
+impl std::fmt::Display for GroupSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.as_i64())
+    }
+}
+
+impl std::str::FromStr for GroupSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let v: i64 = s.trim().parse().map_err(|_| {
+            format!("invalid group size `{s}`: expected a positive length or -1 (whole dimension)")
+        })?;
+        GroupSize::try_from(v).map_err(|e| e.to_string())
+    }
+}
+
 /// Bits, group size and dimension of an asymmetric group quantizer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuantConfig {
     pub bits: u32,
-    /// Group length along the grouped dimension; `-1` means one group over the whole dimension.
-    pub group_size: i64,
+    pub group_size: GroupSize,
     pub dim: QuantDim,
 }
 
 impl QuantConfig {
-    /// Validates `bits` (2, 3, 4, 8) and `group_size` (positive or -1).
-    pub fn new(bits: u32, group_size: i64, dim: QuantDim) -> Result<Self, QuantError> {
+    /// Validates `bits` (2, 3, 4, 8) and `group_size` (a positive length or the whole dimension).
+    pub fn new(bits: u32, group_size: GroupSize, dim: QuantDim) -> Result<Self, QuantError> {
         if !matches!(bits, 2 | 3 | 4 | 8) {
             return Err(QuantError::UnsupportedBits(bits));
         }
-        if group_size == 0 || group_size < -1 {
-            return Err(QuantError::InvalidGroupSize(group_size));
+        if group_size == GroupSize::Len(0) {
+            return Err(QuantError::InvalidGroupSize(0));
         }
         Ok(Self {
             bits,
@@ -90,10 +145,9 @@ impl QuantConfig {
 
     /// The resolved group length for a grouped dimension of length `len`.
     pub fn group_len(&self, len: usize) -> Result<usize, QuantError> {
-        let g = if self.group_size == -1 {
-            len
-        } else {
-            self.group_size as usize
+        let g = match self.group_size {
+            GroupSize::Whole => len,
+            GroupSize::Len(g) => g,
         };
         if g == 0 || !len.is_multiple_of(g) {
             return Err(QuantError::GroupSizeDoesNotDivide {

@@ -30,8 +30,9 @@ use crate::{QuantConfig, QuantDim, QuantError, Quantized};
 /// How many times the damping is raised ×10 after a failed Cholesky before giving up.
 const MAX_DAMP_RETRIES: u32 = 4;
 
-/// GPTQ's knobs; [`Default`] is the reference setting.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// GPTQ's knobs; [`Default`] is the reference setting (also for fields a config leaves out).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GptqOptions {
     /// Columns per block of the lazy batch update (128).
     pub block_size: usize,
@@ -43,7 +44,9 @@ pub struct GptqOptions {
     /// because the packed format has no `g_idx` to describe act-order-dependent groups.
     pub static_groups: bool,
     /// How each group's range is chosen (min-max). Searched per-OC groups weigh each weight's
-    /// error by its input's `H[k, k]` (docs/method.md §2.1).
+    /// error by its input's `H[k, k]` (docs/method.md §2.1). Not part of the `gptq` table of a
+    /// config: the run's one `range` option sets it for RTN and GPTQ alike.
+    #[serde(skip)]
     pub range: RangeMode,
 }
 

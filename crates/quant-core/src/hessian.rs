@@ -28,7 +28,7 @@ impl Hessian {
 
     /// Wraps an already computed `H` (row-major `in_features²`) that averages `nsamples` samples.
     ///
-    /// Useful when `XᵀX` was computed elsewhere (e.g. on a GPU, see `burn_ext`) or for tests.
+    /// Useful when `XᵀX` was computed elsewhere (e.g. on a GPU, as `adadim::stats` does) or for tests.
     pub fn from_matrix(
         h: Vec<f32>,
         in_features: usize,

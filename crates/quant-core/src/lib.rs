@@ -38,10 +38,10 @@
 //! # Where computation happens
 //!
 //! The math is host f32 on slices, parallel with `rayon` and the `gemm` crate; GPTQ's
-//! factorizations are f64 (see `linalg`). [`burn_ext`] accepts Burn tensors on any backend and
-//! runs the Hessian's `XᵀX` there; it documents what stays on the host and why.
+//! factorizations are f64 (see `linalg`). The crate knows no tensor library: a caller that has
+//! its calibration inputs on a device computes `XᵀX` there and hands it over with
+//! [`Hessian::from_matrix`] (the AdaDim pipeline does, in `adadim::stats`).
 
-pub mod burn_ext;
 mod config;
 mod error;
 mod gptq;
@@ -52,7 +52,7 @@ mod quantized;
 mod range;
 mod rtn;
 
-pub use config::{QuantConfig, QuantDim};
+pub use config::{GroupSize, QuantConfig, QuantDim};
 pub use error::QuantError;
 pub use gptq::{GptqOptions, GptqResult, gptq};
 pub use hessian::Hessian;

@@ -110,7 +110,7 @@ impl PackedLinear {
 
     /// Checks that the buffers agree with the shape, bits and group size (for loaded checkpoints).
     pub fn validate(&self) -> Result<(), QuantError> {
-        let config = QuantConfig::new(self.bits, self.group_size as i64, self.dim)?;
+        let config = QuantConfig::new(self.bits, crate::GroupSize::Len(self.group_size), self.dim)?;
         config.check_shape(self.out_features, self.in_features)?;
         let (rows, cols) = self.rows_cols();
         // The shape comes from a file: a product that wraps around could match empty buffers

@@ -2,7 +2,7 @@
 
 use proptest::prelude::*;
 use quant_core::packing::{pack_row, unpack_row, words_for};
-use quant_core::{QuantConfig, QuantDim, quantize_rtn};
+use quant_core::{GroupSize, QuantConfig, QuantDim, quantize_rtn};
 
 fn codes_strategy() -> impl Strategy<Value = (u32, Vec<u8>)> {
     prop_oneof![Just(2u32), Just(3u32), Just(4u32), Just(8u32)].prop_flat_map(|bits| {
@@ -35,7 +35,7 @@ proptest! {
         let w: Vec<f32> = (0..out * inp)
             .map(|i| ((seed.wrapping_mul(i as u64 + 1) >> 40) as f32 / (1u64 << 24) as f32) - 0.5)
             .collect();
-        let q = quantize_rtn(&w, out, inp, QuantConfig::new(bits, -1, dim).unwrap()).unwrap();
+        let q = quantize_rtn(&w, out, inp, QuantConfig::new(bits, GroupSize::Whole, dim).unwrap()).unwrap();
         let p = q.pack();
         prop_assert!(p.validate().is_ok());
         prop_assert_eq!(p.codes(), q.codes.clone());
@@ -80,7 +80,13 @@ fn per_ic_packed_rows_are_input_channels() {
     let w: Vec<f32> = (0..out * inp)
         .map(|i| ((i / inp % 4) as f32 - 1.5) * 1.25 * ((i % inp) as f32 + 1.0))
         .collect();
-    let q = quantize_rtn(&w, out, inp, QuantConfig::new(4, 4, QuantDim::Ic).unwrap()).unwrap();
+    let q = quantize_rtn(
+        &w,
+        out,
+        inp,
+        QuantConfig::new(4, GroupSize::Len(4), QuantDim::Ic).unwrap(),
+    )
+    .unwrap();
     let p = q.pack();
     assert_eq!(p.rows_cols(), (inp, out));
     assert_eq!(p.groups_per_row(), 2);

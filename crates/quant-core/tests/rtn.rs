@@ -1,10 +1,7 @@
 //! RTN against a naive scalar reference, known values (ties, constant groups), the per-IC/per-OC
 //! transpose identity, the Burn entry point and typed errors.
 
-use burn::backend::NdArray;
-use burn::tensor::{Tensor, TensorData};
-use quant_core::burn_ext::quantize_rtn_tensor;
-use quant_core::{QuantConfig, QuantDim, QuantError, quantize_rtn, transpose};
+use quant_core::{GroupSize, QuantConfig, QuantDim, QuantError, quantize_rtn, transpose};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -87,7 +84,7 @@ fn rtn_matches_naive_reference_for_random_shapes_bits_and_groups() {
                 .collect();
             let g = divisors[rng.random_range(0..divisors.len())];
             let w = random_weight(&mut rng, out * inp);
-            let config = QuantConfig::new(bits, g, dim).unwrap();
+            let config = QuantConfig::new(bits, GroupSize::try_from(g).unwrap(), dim).unwrap();
             let q = quantize_rtn(&w, out, inp, config).unwrap();
             let (deq, codes) = naive_rtn(&w, out, inp, bits, g, dim);
             assert_eq!(
@@ -127,7 +124,7 @@ fn rtn_matches_naive_reference_on_shapes_that_cut_the_per_ic_tiles() {
             if g != -1 && len % g as usize != 0 {
                 continue;
             }
-            let config = QuantConfig::new(3, g, dim).unwrap();
+            let config = QuantConfig::new(3, GroupSize::try_from(g).unwrap(), dim).unwrap();
             let q = quantize_rtn(&w, out, inp, config).unwrap();
             let (deq, codes) = naive_rtn(&w, out, inp, 3, g, dim);
             assert_eq!(dequant_codes_hf(&q), codes, "codes: {out}x{inp} g{g} {dim}");
@@ -148,7 +145,12 @@ fn the_first_non_finite_weight_of_w_is_reported_in_both_dims() {
     w[inp + 550] = f32::NAN;
     for dim in QuantDim::ALL {
         assert_eq!(
-            quantize_rtn(&w, out, inp, QuantConfig::new(4, 8, dim).unwrap()),
+            quantize_rtn(
+                &w,
+                out,
+                inp,
+                QuantConfig::new(4, GroupSize::Len(8), dim).unwrap()
+            ),
             Err(QuantError::NonFiniteWeight { index: inp + 550 }),
             "{dim}"
         );
@@ -159,7 +161,13 @@ fn the_first_non_finite_weight_of_w_is_reported_in_both_dims() {
 fn ties_round_half_to_even() {
     // One 4-bit group spanning [0, 15]: scale = 1, zero = 0, so w / scale is w itself.
     let w = [0.0f32, 0.5, 1.5, 2.5, 3.5, 14.5, 7.0, 15.0];
-    let q = quantize_rtn(&w, 1, 8, QuantConfig::new(4, -1, QuantDim::Oc).unwrap()).unwrap();
+    let q = quantize_rtn(
+        &w,
+        1,
+        8,
+        QuantConfig::new(4, GroupSize::Whole, QuantDim::Oc).unwrap(),
+    )
+    .unwrap();
     assert_eq!(q.scales, vec![1.0]);
     assert_eq!(q.zeros, vec![0.0]);
     assert_eq!(q.codes, vec![0, 0, 2, 2, 4, 14, 7, 15]);
@@ -167,7 +175,13 @@ fn ties_round_half_to_even() {
     // Range [−7.5, 7.5]: scale = 1, zero = −round(−7.5) = 8. −6.5 → round(−6.5) + 8 = −6 + 8 = 2
     // under half-to-even (half-away-from-zero would give 1).
     let w = [-7.5f32, 7.5, -6.5, 0.5];
-    let q = quantize_rtn(&w, 4, 1, QuantConfig::new(4, 4, QuantDim::Ic).unwrap()).unwrap();
+    let q = quantize_rtn(
+        &w,
+        4,
+        1,
+        QuantConfig::new(4, GroupSize::Len(4), QuantDim::Ic).unwrap(),
+    )
+    .unwrap();
     assert_eq!(q.scales, vec![1.0]);
     assert_eq!(q.zeros, vec![8.0]);
     assert_eq!(q.codes, vec![0, 15, 2, 8]);
@@ -181,7 +195,13 @@ fn constant_groups_use_the_scale_clamp() {
         .chain([0.0f32; 8].iter())
         .cloned()
         .collect::<Vec<_>>();
-    let q = quantize_rtn(&w, 3, 8, QuantConfig::new(3, 8, QuantDim::Oc).unwrap()).unwrap();
+    let q = quantize_rtn(
+        &w,
+        3,
+        8,
+        QuantConfig::new(3, GroupSize::Len(8), QuantDim::Oc).unwrap(),
+    )
+    .unwrap();
     let scale = 1e-5f32 / 7.0;
     assert_eq!(q.scales, vec![scale; 3]);
     // Positive constant: zero clamps to 0 and codes saturate at maxq; negative: zero clamps to maxq
@@ -205,7 +225,7 @@ fn per_ic_of_w_is_per_oc_of_w_transposed() {
             &w,
             out,
             inp,
-            QuantConfig::new(bits, g, QuantDim::Ic).unwrap(),
+            QuantConfig::new(bits, GroupSize::try_from(g).unwrap(), QuantDim::Ic).unwrap(),
         )
         .unwrap();
         let wt = transpose(&w, out, inp);
@@ -213,7 +233,7 @@ fn per_ic_of_w_is_per_oc_of_w_transposed() {
             &wt,
             inp,
             out,
-            QuantConfig::new(bits, g, QuantDim::Oc).unwrap(),
+            QuantConfig::new(bits, GroupSize::try_from(g).unwrap(), QuantDim::Oc).unwrap(),
         )
         .unwrap();
         assert_eq!(ic.codes, oc_t.codes);
@@ -237,7 +257,13 @@ fn per_ic_isolates_an_outlier_input_channel() {
         w[r * inp + 5] *= 100.0;
     }
     let err = |dim| {
-        let q = quantize_rtn(&w, out, inp, QuantConfig::new(3, 16, dim).unwrap()).unwrap();
+        let q = quantize_rtn(
+            &w,
+            out,
+            inp,
+            QuantConfig::new(3, GroupSize::Len(16), dim).unwrap(),
+        )
+        .unwrap();
         let d = q.dequantize();
         (0..w.len())
             .filter(|i| i % inp != 5)
@@ -248,31 +274,19 @@ fn per_ic_isolates_an_outlier_input_channel() {
 }
 
 #[test]
-fn burn_tensor_rtn_equals_host_rtn() {
-    let mut rng = StdRng::seed_from_u64(5);
-    let (out, inp) = (32, 48);
-    let w = random_weight(&mut rng, out * inp);
-    let device = Default::default();
-    let t = Tensor::<NdArray, 2>::from_data(TensorData::new(w.clone(), [out, inp]), &device);
-    for dim in QuantDim::ALL {
-        let config = QuantConfig::new(4, 16, dim).unwrap();
-        assert_eq!(
-            quantize_rtn_tensor(t.clone(), config).unwrap(),
-            quantize_rtn(&w, out, inp, config).unwrap()
-        );
-    }
-}
-
-#[test]
 fn bad_configurations_are_typed_errors() {
     let w = vec![0.5f32; 8 * 12];
-    let cfg = |bits, group_size, dim| QuantConfig {
+    let cfg = |bits, group_size: i64, dim| QuantConfig {
         bits,
-        group_size,
+        group_size: if group_size == -1 {
+            GroupSize::Whole
+        } else {
+            GroupSize::Len(group_size as usize)
+        },
         dim,
     };
     assert_eq!(
-        QuantConfig::new(5, 4, QuantDim::Oc),
+        QuantConfig::new(5, GroupSize::Len(4), QuantDim::Oc),
         Err(QuantError::UnsupportedBits(5))
     );
     // Bypassing the constructor must not bypass validation.
@@ -284,10 +298,18 @@ fn bad_configurations_are_typed_errors() {
         quantize_rtn(&w, 8, 12, cfg(4, 0, QuantDim::Oc)),
         Err(QuantError::InvalidGroupSize(0))
     );
+    // The written forms: -1 is the whole dimension, 0 and other negatives are refused.
+    assert_eq!(GroupSize::try_from(-1), Ok(GroupSize::Whole));
+    assert_eq!(GroupSize::try_from(64), Ok(GroupSize::Len(64)));
     assert_eq!(
-        quantize_rtn(&w, 8, 12, cfg(4, -3, QuantDim::Oc)),
+        GroupSize::try_from(-3),
         Err(QuantError::InvalidGroupSize(-3))
     );
+    assert_eq!(GroupSize::try_from(0), Err(QuantError::InvalidGroupSize(0)));
+    assert_eq!("-1".parse::<GroupSize>(), Ok(GroupSize::Whole));
+    assert_eq!("128".parse::<GroupSize>(), Ok(GroupSize::Len(128)));
+    assert!("0".parse::<GroupSize>().is_err() && "x".parse::<GroupSize>().is_err());
+    assert_eq!(GroupSize::Whole.to_string(), "-1");
     assert!(matches!(
         quantize_rtn(&w, 8, 12, cfg(4, 8, QuantDim::Oc)),
         Err(QuantError::GroupSizeDoesNotDivide {
@@ -384,7 +406,7 @@ fn searched_ranges_are_each_groups_own_search_and_never_lose_to_min_max() {
         let w = random_weight(&mut rng, out * inp);
         let m: Vec<f32> = (0..inp).map(|_| rng.random_range(0.01f32..5.0)).collect();
         for dim in [QuantDim::Oc, QuantDim::Ic] {
-            let cfg = QuantConfig::new(3, g as i64, dim).unwrap();
+            let cfg = QuantConfig::new(3, GroupSize::Len(g), dim).unwrap();
             let plain = quantize_rtn(&w, out, inp, cfg).unwrap();
             let searched =
                 quantize_rtn_with(&w, out, inp, cfg, RangeMode::Search, Some(&m)).unwrap();
@@ -421,7 +443,7 @@ fn searched_ranges_are_each_groups_own_search_and_never_lose_to_min_max() {
         }
     }
     // Moments of the wrong length are refused.
-    let cfg = QuantConfig::new(3, 16, QuantDim::Oc).unwrap();
+    let cfg = QuantConfig::new(3, GroupSize::Len(16), QuantDim::Oc).unwrap();
     let w = vec![0.5f32; 4 * 32];
     assert!(quantize_rtn_with(&w, 4, 32, cfg, RangeMode::Search, Some(&[1.0; 31])).is_err());
 }

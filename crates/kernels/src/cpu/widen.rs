@@ -238,7 +238,8 @@ mod tests {
         seed: u64,
     ) -> quant_core::PackedLinear {
         let mut rand = xorshift(seed);
-        let config = QuantConfig::new(bits, group, dim).unwrap();
+        let config =
+            QuantConfig::new(bits, quant_core::GroupSize::try_from(group).unwrap(), dim).unwrap();
         let group_size = config.check_shape(n, k).unwrap();
         let maxq = (1u64 << bits) - 1;
         let groups = n * k / group_size;

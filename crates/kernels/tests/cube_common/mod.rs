@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use half::f16;
-use quant_core::{PackedLinear, QuantConfig, QuantDim, Quantized};
+use quant_core::{GroupSize, PackedLinear, QuantConfig, QuantDim, Quantized};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 pub fn rng(seed: u64) -> StdRng {
@@ -38,7 +38,7 @@ pub fn random_packed(
         .map(|_| rng.random_range(0..=maxq) as f32)
         .collect();
     Quantized {
-        config: QuantConfig::new(bits, group_size as i64, dim).unwrap(),
+        config: QuantConfig::new(bits, GroupSize::Len(group_size), dim).unwrap(),
         out_features,
         in_features,
         group_size,

