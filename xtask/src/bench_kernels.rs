@@ -304,8 +304,8 @@ mod imp {
                             dim,
                             bits,
                             m,
-                            quant: quant.unwrap_or_else(|o| o),
-                            f16: f16.unwrap_or_else(|o| o),
+                            quant: quant.map_or_else(|o| o, Outcome::Ms),
+                            f16: f16.map_or_else(|o| o, Outcome::Ms),
                             weight_bytes,
                         };
                         eprintln!("{}", line(&row, g));
