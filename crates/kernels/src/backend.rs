@@ -11,14 +11,21 @@ use burn::tensor::ops::FloatTensor;
 use half::{bf16, f16};
 use quant_core::PackedLinear;
 
-use crate::QuantLinearError;
+use crate::{DeviceLimits, QuantLinearError};
 
 /// A Burn backend that can multiply activations by a [`PackedLinear`] held on its device.
 pub trait QuantBackend: Backend {
     /// The device-resident weight.
     type Packed: Clone + Send + Sync + std::fmt::Debug;
 
-    /// Uploads (and validates) a packed weight.
+    /// The largest buffer (and the memory, if known) of `device`, which uploads are checked
+    /// against; host backends have none.
+    fn device_limits(_device: &Self::Device) -> DeviceLimits {
+        DeviceLimits::NONE
+    }
+
+    /// Uploads (and validates) a packed weight; a buffer the device cannot hold is a
+    /// [`QuantLinearError::DeviceLimit`].
     fn upload(
         packed: &PackedLinear,
         device: &Self::Device,

@@ -8,17 +8,20 @@
 //! * [`QuantBackend`]: the Burn backend extension that model code calls (CubeCL kernels on
 //!   wgpu/cuda, the host kernels on ndarray), and [`QuantLinear`], a layer on packed weights.
 //! * [`generic`]: the same ops composed from Burn tensor ops (defaults and test reference).
+//! * [`limits`]: the largest buffer a device holds, checked before every upload.
 
 mod backend;
 pub mod cpu;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod cube;
 pub mod generic;
+pub mod limits;
 #[cfg(feature = "ndarray")]
 mod ndarray;
 pub mod quant_linear;
 
 pub use backend::QuantBackend;
+pub use limits::{DeviceLimitError, DeviceLimits};
 #[cfg(feature = "ndarray")]
 pub use ndarray::NdArrayPacked;
 pub use quant_linear::{QuantLinear, QuantLinearError};

@@ -6,7 +6,7 @@ use half::{bf16, f16};
 use quant_core::{PackedLinear, QuantError};
 use thiserror::Error;
 
-use crate::QuantBackend;
+use crate::{DeviceLimitError, QuantBackend};
 
 /// Errors of uploading or applying a quantized linear layer.
 #[derive(Debug, Error)]
@@ -27,6 +27,10 @@ pub enum QuantLinearError {
     },
     #[error("quantized linear expects {expected} input features, the input has shape {shape:?}")]
     InputShape { expected: usize, shape: Vec<usize> },
+    /// A buffer of the weight is larger than the device holds (named by its part: `qweight`,
+    /// `scales+zeros` or `weight`; callers that know the checkpoint's name rename it).
+    #[error(transparent)]
+    DeviceLimit(#[from] DeviceLimitError),
 }
 
 /// Checks that `shape` is `[M, in_features]`.

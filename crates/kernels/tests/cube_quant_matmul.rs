@@ -9,8 +9,11 @@ use burn::backend::wgpu::WgpuDevice;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorPrimitive};
 use cube_common::{assert_close, random_packed, random_x, reference, rng};
-use kernels::cube::{MIN_OC_LANES, MIN_ROWS_PER_SPLIT, TARGET_UNITS, ic_splits, m_tile, oc_lanes};
-use kernels::{QuantBackend, QuantLinear};
+use kernels::cube::{
+    MIN_OC_LANES, MIN_ROWS_PER_SPLIT, REDUCE_MAX_CUBES, REDUCE_UNITS, TARGET_UNITS, ic_splits,
+    m_tile, oc_lanes,
+};
+use kernels::{DeviceLimitError, DeviceLimits, QuantBackend, QuantLinear, QuantLinearError};
 use quant_core::{PackedLinear, QuantDim};
 
 type B = Wgpu;
@@ -191,6 +194,107 @@ fn invalid_packed_is_an_error() {
     packed.qweight.pop();
     let err = B::upload(&packed, &device).unwrap_err().to_string();
     assert!(err.contains("qweight"), "{err}");
+}
+
+/// Per-IC outputs beyond what the split-K reduction launches units for (wgpu caps a launch at
+/// 65 535 cubes a dimension, which `M · N / 256` passes at eval sizes): each unit sums several.
+#[test]
+fn ic_reduction_covers_more_outputs_than_units() {
+    let device = device();
+    let mut rng = rng(9);
+    let (m, n, k) = (64, 16_512, 128);
+    assert!(m * n > REDUCE_MAX_CUBES * REDUCE_UNITS);
+    let packed = random_packed(&mut rng, QuantDim::Ic, 4, 128, n, k);
+    let w = B::upload(&packed, &device).unwrap();
+    let x = random_x(&mut rng, m * k, false);
+    let (want, bound) = reference(&packed, &x, m);
+    assert_close(
+        "M·N > units",
+        &run(&w, &x, m, k, DType::F32),
+        &want,
+        &bound,
+        2e-5,
+        0.0,
+    );
+}
+
+/// The buffer a refused upload names, if it is refused for the device's limits.
+fn refused_buffer<T: std::fmt::Debug>(
+    r: Result<T, QuantLinearError>,
+) -> Option<(String, u64, u64)> {
+    match r {
+        Ok(_) => None,
+        Err(QuantLinearError::DeviceLimit(DeviceLimitError::BufferTooLarge {
+            tensor,
+            bytes,
+            limit,
+        })) => Some((tensor, bytes, limit)),
+        Err(e) => panic!("refused for another reason: {e}"),
+    }
+}
+
+/// Uploads check every buffer against the device's largest one, with a synthetic limit (the
+/// device cannot be made smaller): a weight past it is an error naming the buffer and the
+/// limit, one within it uploads and multiplies correctly.
+#[test]
+fn uploads_past_a_synthetic_buffer_limit_are_refused_by_name() {
+    use burn::backend::wgpu::WgpuRuntime;
+    use kernels::cube::{upload_f16_within, upload_within};
+    let device = device();
+    let mut rng = rng(8);
+    let (n, k) = (64, 256);
+    let packed = random_packed(&mut rng, QuantDim::Oc, 4, 64, n, k);
+    // qweight: 64 · 256 codes of 4 bits = 8192 bytes; scales+zeros: 256 groups of 4 bytes.
+    let limits = |bytes| DeviceLimits {
+        max_buffer_bytes: Some(bytes),
+        memory_bytes: None,
+    };
+    let upload = |bytes| upload_within::<WgpuRuntime>(&packed, &device, &limits(bytes));
+    assert_eq!(
+        refused_buffer(upload(8191)),
+        Some(("qweight".into(), 8192, 8191))
+    );
+    let w = upload(8192).expect("every buffer fits");
+    assert!(w.is_packed());
+    let x = random_x(&mut rng, 3 * k, false);
+    let (want, bound) = reference(&packed, &x, 3);
+    assert_close(
+        "at the limit",
+        &run(&w, &x, 3, k, DType::F32),
+        &want,
+        &bound,
+        2e-5,
+        1e-6,
+    );
+    // A dense 16-bit weight is widened to f32 on the device: 4 bytes a value.
+    let w16 = vec![half::f16::ONE; n * k];
+    let dense = |bytes| upload_f16_within::<WgpuRuntime>(&w16, [n, k], &device, &limits(bytes));
+    assert_eq!(
+        refused_buffer(dense(65535)),
+        Some(("weight".into(), 65536, 65535))
+    );
+    assert!(refused_buffer(dense(65536)).is_none());
+    let msg = dense(65535).unwrap_err().to_string();
+    assert!(
+        msg.contains("`weight`") && msg.contains("65535 bytes"),
+        "{msg}"
+    );
+}
+
+/// The same refusal against the device's real limit (on lavapipe its 128 MiB storage-buffer
+/// binding): a weight one row past it, refused before any device work.
+#[test]
+fn uploads_past_the_devices_largest_buffer_are_refused() {
+    let device = device();
+    let limits = B::device_limits(&device);
+    let max = limits
+        .max_buffer_bytes
+        .expect("a cubecl device reports its largest buffer");
+    let k = 1024;
+    let n = (max / (4 * k as u64)) as usize + 1;
+    let w16 = vec![half::f16::ZERO; n * k];
+    let refused = refused_buffer(QuantLinear::<B>::from_f16(&w16, [n, k], &device));
+    assert_eq!(refused, Some(("weight".into(), (n * k * 4) as u64, max)));
 }
 
 #[test]

@@ -38,6 +38,9 @@ pub enum ModelError {
     Invalid(String),
     #[error(transparent)]
     Quant(#[from] quant_core::QuantError),
+    /// A tensor larger than the device can hold (its message names the tensor and the limit).
+    #[error(transparent)]
+    DeviceLimit(#[from] kernels::DeviceLimitError),
 }
 
 /// An option value that cannot work, caught before any work starts. `option` is the field's

@@ -1,10 +1,11 @@
 //! Building the Burn model from a [`TensorSource`], whole or one layer at a time.
 
 use std::borrow::Cow;
+use std::path::Path;
 
 use burn::prelude::*;
 use half::{bf16, f16};
-use kernels::{QuantBackend, QuantLinear};
+use kernels::{QuantBackend, QuantLinear, QuantLinearError};
 use rayon::prelude::*;
 
 use crate::checkpoint::TensorSource;
@@ -34,6 +35,23 @@ pub fn load_host(src: &dyn TensorSource, name: &str, expected: &[usize]) -> Resu
     Ok(t.data)
 }
 
+/// Refuses the tensor `name` of `len` f32 values if one buffer of `device` cannot hold it:
+/// past that limit the upload would fail later, far from its cause (see [`kernels::limits`]).
+pub fn check_fits<B: QuantBackend>(name: &str, len: usize, device: &B::Device) -> Result<()> {
+    let bytes = (len as u64).saturating_mul(size_of::<f32>() as u64);
+    Ok(B::device_limits(device).check_buffer(name, bytes)?)
+}
+
+/// The error of uploading the linear `module` of the checkpoint at `path`: a buffer the device
+/// cannot hold is named `{module}.{part}` (`qweight`, `scales+zeros`, `weight`); anything else
+/// is a malformed file.
+pub(crate) fn upload_error(path: &Path, module: &str, e: QuantLinearError) -> ModelError {
+    match e {
+        QuantLinearError::DeviceLimit(e) => e.renamed(|part| format!("{module}.{part}")).into(),
+        e => ModelError::malformed(path, format!("`{module}`: {e}")),
+    }
+}
+
 /// [`load_host`], uploaded to `device`.
 pub fn load_tensor<B: QuantBackend, const D: usize>(
     src: &dyn TensorSource,
@@ -41,6 +59,7 @@ pub fn load_tensor<B: QuantBackend, const D: usize>(
     expected: [usize; D],
     device: &B::Device,
 ) -> Result<Tensor<B, D>> {
+    check_fits::<B>(name, expected.iter().product(), device)?;
     let data = load_host(src, name, &expected)?;
     Ok(Tensor::from_data(TensorData::new(data, expected), device))
 }
@@ -52,6 +71,7 @@ fn load_linear<B: QuantBackend>(
     shape: [usize; 2],
     device: &B::Device,
 ) -> Result<Linear<B>> {
+    check_fits::<B>(name, shape[0] * shape[1], device)?;
     let w = load_host(src, name, &shape)?;
     Ok(Linear::from_host_weight(&w, shape, device))
 }
@@ -86,9 +106,11 @@ pub fn compact_linear_from<B: QuantBackend>(
     } else if let Some(w16) = exact_bf16(w) {
         QuantLinear::from_bf16(&w16, shape, device)
     } else {
+        check_fits::<B>(name, w.len(), device)?;
         return Ok(Linear::from_host_weight(w, shape, device));
     };
-    let q = uploaded.map_err(|e| ModelError::malformed(src.path(), format!("`{name}`: {e}")))?;
+    let module = name.strip_suffix(".weight").unwrap_or(name);
+    let q = uploaded.map_err(|e| upload_error(src.path(), module, e))?;
     Ok(Linear::Quant(q))
 }
 
@@ -226,6 +248,7 @@ pub fn load_embedding<B: QuantBackend>(
     check_config(src)?;
     let config = src.config();
     let shape = [config.vocab_size, config.hidden_size];
+    check_fits::<B>("model.embed_tokens.weight", shape[0] * shape[1], device)?;
     Ok(Tensor::from_data(
         TensorData::new(load_embedding_host(src)?, shape),
         device,
@@ -272,7 +295,8 @@ pub fn load_head_dense<B: QuantBackend>(
     device: &B::Device,
 ) -> Result<Linear<B>> {
     let config = src.config();
-    let (_, w) = head_weight(src, None)?;
+    let (name, w) = head_weight(src, None)?;
+    check_fits::<B>(name, w.len(), device)?;
     Ok(Linear::from_host_weight(
         &w,
         [config.vocab_size, config.hidden_size],
@@ -298,6 +322,7 @@ pub fn load_periphery<B: QuantBackend>(
     check_config(src)?;
     let config = src.config();
     let shape = [config.vocab_size, config.hidden_size];
+    check_fits::<B>("model.embed_tokens.weight", shape[0] * shape[1], device)?;
     let embed = load_embedding_host(src)?;
     let lm_head = {
         let (name, w) = head_weight(src, Some(&embed))?;
@@ -375,6 +400,33 @@ mod tests {
         ] {
             assert_eq!(f16_bits_exact(w), round_trip(w), "{w:e}");
         }
+    }
+
+    #[test]
+    fn a_weight_past_the_device_limit_is_named_after_its_checkpoint_tensor() {
+        let too_large = kernels::DeviceLimitError::BufferTooLarge {
+            tensor: "qweight".into(),
+            bytes: 10,
+            limit: 5,
+        };
+        let module = "model.layers.3.mlp.down_proj";
+        let msg = upload_error(Path::new("ckpt"), module, too_large.into()).to_string();
+        assert!(
+            msg.contains("`model.layers.3.mlp.down_proj.qweight`")
+                && msg.contains("10 bytes")
+                && msg.contains("5 bytes")
+                && !msg.contains("malformed"),
+            "{msg}"
+        );
+        let bad_shape = QuantLinearError::InputShape {
+            expected: 4,
+            shape: vec![2, 3],
+        };
+        let msg = upload_error(Path::new("ckpt"), module, bad_shape).to_string();
+        assert!(
+            msg.starts_with("ckpt: malformed file: `model.layers.3.mlp.down_proj`: "),
+            "{msg}"
+        );
     }
 
     #[test]

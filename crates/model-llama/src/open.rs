@@ -6,7 +6,7 @@ use crate::checkpoint::TensorSource;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufCheckpoint;
 use crate::hf_dir::SafetensorsDir;
-use crate::load::{load_layer_compact, load_layer_with, load_model};
+use crate::load::{load_layer_compact, load_layer_with, load_model, upload_error};
 use crate::model::{DecoderLayer, Linear, Llama};
 use crate::packed::PackedDir;
 use crate::perplexity::{PerplexityReport, perplexity_layer_major};
@@ -44,7 +44,7 @@ impl OpenModel {
         load_layer_with(packed, i, device, &|kind| {
             let module = kind.hf_prefix(i);
             let q = QuantLinear::new(&packed.packed_linear(&module)?, device)
-                .map_err(|e| ModelError::malformed(packed.path(), format!("`{module}`: {e}")))?;
+                .map_err(|e| upload_error(packed.path(), &module, e))?;
             Ok(Linear::Quant(q))
         })
     }

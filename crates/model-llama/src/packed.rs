@@ -273,9 +273,8 @@ impl PackedDir {
                 load_layer_with(self, i, device, &|kind| {
                     let module = kind.hf_prefix(i);
                     let packed = self.packed_linear(&module)?;
-                    let q = QuantLinear::new(&packed, device).map_err(|e| {
-                        ModelError::malformed(self.path(), format!("`{module}`: {e}"))
-                    })?;
+                    let q = QuantLinear::new(&packed, device)
+                        .map_err(|e| crate::load::upload_error(self.path(), &module, e))?;
                     Ok(Linear::Quant(q))
                 })
             })

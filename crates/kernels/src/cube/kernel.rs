@@ -268,16 +268,25 @@ pub fn quant_matmul_oc<F: Float, N: Size>(
     }
 }
 
+/// Cubes of [`REDUCE_UNITS`] the split-K reduction launches at most: 1 Mi units, more than any
+/// GPU runs at once, and within every device's cube count (wgpu allows 65 535 a dimension, which
+/// `M · N / 256` passes at eval sizes: 2048 tokens × 11008 outputs).
+pub const REDUCE_MAX_CUBES: usize = 4096;
+/// Units per cube of the split-K reduction.
+pub const REDUCE_UNITS: usize = 256;
+
 /// `y[i] = Σ_s partial[s, i]`, cast to the activation type: the split-K reduction of per-IC.
+/// Unit `u` of the launch's `units` sums the outputs `u, u + units, …`.
 #[cube(launch_unchecked)]
 pub fn reduce_splits<F: Float>(partial: &Array<f32>, y: &mut Array<F>, len: usize, splits: usize) {
-    let i = ABSOLUTE_POS;
-    if i >= len {
-        terminate!();
+    let units = CUBE_COUNT_X as usize * CUBE_DIM_X as usize;
+    let mut i = ABSOLUTE_POS_X as usize;
+    while i < len {
+        let mut sum = 0.0f32;
+        for s in 0..splits {
+            sum += partial[s * len + i];
+        }
+        y[i] = F::cast_from(sum);
+        i += units;
     }
-    let mut sum = 0.0f32;
-    for s in 0..splits {
-        sum += partial[s * len + i];
-    }
-    y[i] = F::cast_from(sum);
 }

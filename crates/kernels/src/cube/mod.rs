@@ -43,6 +43,11 @@
 //! only scales and zeros are fused into the parameter words. Layers whose row length or group
 //! size is not a multiple of 32 (never the case for g = 64/128) are dequantized at upload and
 //! multiplied densely instead.
+//!
+//! Device limits: every upload first checks each buffer against the device's largest buffer
+//! ([`device_limits`]) and refuses one that does not fit, naming it ([`DeviceLimitError`]); a
+//! product whose activation buffers ([`matmul_buffers`]) do not fit panics with the same message,
+//! as Burn's own ops do on impossible shapes.
 
 mod kernel;
 
@@ -59,12 +64,13 @@ use cubecl::server::Handle;
 use half::{bf16, f16};
 use quant_core::{PackedLinear, QuantDim};
 
-use crate::QuantBackend;
 use crate::quant_linear::{
     QuantLinearError, check_bf16_shape, check_f16_shape, check_input, dense_transposed,
     widened_transposed, widened_transposed_bf16,
 };
+use crate::{DeviceLimitError, DeviceLimits, QuantBackend};
 use kernel::{BLOCK, CUBE_UNITS};
+pub use kernel::{REDUCE_MAX_CUBES, REDUCE_UNITS};
 
 /// Units the split-K heuristic aims to launch: enough loads in flight to saturate a GPU's
 /// memory system at M = 1.
@@ -193,22 +199,87 @@ pub fn m_tile(dim: QuantDim, m: usize) -> usize {
     m.next_power_of_two().min(cap)
 }
 
-/// Uploads `packed` to the device of `client` (validated first).
+/// The limits of `device` as its cubecl runtime reports them: the largest page its memory
+/// manager allocates, which on wgpu is the device's maximum storage-buffer binding size (so
+/// also the largest buffer a kernel may bind) and on CUDA a quarter of the device's memory.
+/// Neither runtime reports the memory itself.
+pub fn device_limits<R: CubeRuntime>(device: &R::Device) -> DeviceLimits {
+    let client = R::client(device);
+    DeviceLimits {
+        max_buffer_bytes: Some(client.properties().memory.max_page_size),
+        memory_bytes: None,
+    }
+}
+
+/// Bytes of `n` values of `size` bytes (saturating: a product past `u64` fits no device).
+fn bytes(n: usize, size: usize) -> u64 {
+    (n as u64).saturating_mul(size as u64)
+}
+
+/// The device buffers of a packed weight on the kernel path: the codes as stored, and one
+/// parameter word per group.
+pub fn weight_buffers(packed: &PackedLinear) -> [(&'static str, u64); 2] {
+    [
+        ("qweight", bytes(packed.qweight.len(), 4)),
+        ("scales+zeros", bytes(packed.scales.len(), 4)),
+    ]
+}
+
+/// The device buffers a [`quant_matmul`] of `x [m, k]` (elements of `act_bytes`) by a `[n, k]`
+/// weight allocates: the input (made contiguous), the output and, per-IC, the split-K partial
+/// sums.
+pub fn matmul_buffers(
+    dim: QuantDim,
+    [m, n, k]: [usize; 3],
+    act_bytes: usize,
+) -> Vec<(&'static str, u64)> {
+    let mut buffers = vec![
+        ("x", bytes(m * k, act_bytes)),
+        ("y", bytes(m * n, act_bytes)),
+    ];
+    if dim == QuantDim::Ic && m > 0 && n >= BLOCK {
+        let tm = m_tile(dim, m);
+        let (splits, _) = ic_splits(k, n / BLOCK, m.div_ceil(tm));
+        buffers.push((
+            "split-K partial sums",
+            bytes(splits * m * n, size_of::<f32>()),
+        ));
+    }
+    buffers
+}
+
+/// Uploads `packed` to the device of `client` (validated, and checked against the device's
+/// limits, first).
 pub fn upload<R: CubeRuntime>(
     packed: &PackedLinear,
     device: &R::Device,
+) -> Result<CubePackedLinear<R>, QuantLinearError> {
+    upload_within(packed, device, &device_limits::<R>(device))
+}
+
+/// [`upload`] against the given `limits` (a device cannot be made smaller to test a refusal).
+pub fn upload_within<R: CubeRuntime>(
+    packed: &PackedLinear,
+    device: &R::Device,
+    limits: &DeviceLimits,
 ) -> Result<CubePackedLinear<R>, QuantLinearError> {
     packed.validate()?;
     let client = R::client(device);
     let (_, cols) = packed.rows_cols();
     let kernel_ok = packed.group_size.is_multiple_of(BLOCK) && cols.is_multiple_of(BLOCK);
     let weight = match fuse_params(packed).filter(|_| kernel_ok) {
-        Some(params) => DeviceWeight::Packed {
-            qweight: client.create_from_slice(bytemuck::cast_slice(&packed.qweight)),
-            params: client.create_from_slice(bytemuck::cast_slice(&params)),
-            client,
-        },
+        Some(params) => {
+            for (tensor, size) in weight_buffers(packed) {
+                limits.check_buffer(tensor, size)?;
+            }
+            DeviceWeight::Packed {
+                qweight: client.create_from_slice(bytemuck::cast_slice(&packed.qweight)),
+                params: client.create_from_slice(bytemuck::cast_slice(&params)),
+                client,
+            }
+        }
         None => {
+            check_dense(limits, [packed.out_features, packed.in_features])?;
             tracing::debug!(
                 "layer {}x{} ({}, g={}) takes the dense path",
                 packed.out_features,
@@ -252,6 +323,17 @@ fn dense_weight<R: CubeRuntime>(
     ))
 }
 
+/// Checks that the dense f32 `Ŵᵀ` of an `[out, in]` weight fits one device buffer.
+fn check_dense(
+    limits: &DeviceLimits,
+    [out_features, in_features]: [usize; 2],
+) -> Result<(), DeviceLimitError> {
+    limits.check_buffer(
+        "weight",
+        bytes(out_features * in_features, size_of::<f32>()),
+    )
+}
+
 /// A dense `W [out, in]` given in f16 (see [`QuantBackend::upload_f16`]), widened to f32: it is
 /// multiplied by Burn's matmul like the dense fallback. `dim`/`bits`/`group_size` then describe
 /// it as one 16-bit group per row; only the packed kernels read them.
@@ -260,7 +342,18 @@ pub fn upload_f16<R: CubeRuntime>(
     shape: [usize; 2],
     device: &R::Device,
 ) -> Result<CubePackedLinear<R>, QuantLinearError> {
+    upload_f16_within(w, shape, device, &device_limits::<R>(device))
+}
+
+/// [`upload_f16`] against the given `limits`.
+pub fn upload_f16_within<R: CubeRuntime>(
+    w: &[f16],
+    shape: [usize; 2],
+    device: &R::Device,
+    limits: &DeviceLimits,
+) -> Result<CubePackedLinear<R>, QuantLinearError> {
     check_f16_shape(w, shape)?;
+    check_dense(limits, shape)?;
     Ok(dense_16(widened_transposed(w, shape), shape, device))
 }
 
@@ -271,6 +364,7 @@ pub fn upload_bf16<R: CubeRuntime>(
     device: &R::Device,
 ) -> Result<CubePackedLinear<R>, QuantLinearError> {
     check_bf16_shape(w, shape)?;
+    check_dense(&device_limits::<R>(device), shape)?;
     Ok(dense_16(widened_transposed_bf16(w, shape), shape, device))
 }
 
@@ -341,8 +435,14 @@ where
             params,
         } => (client, qweight, params),
     };
-    let x = into_contiguous(x);
     let (m, k, n) = (dims[0], w.in_features, w.out_features);
+    if let Err(e) = device_limits::<R>(&x.device).check_all(
+        "quantized matmul",
+        &matmul_buffers(w.dim, [m, n, k], x.dtype.size()),
+    ) {
+        panic!("{e}");
+    }
+    let x = into_contiguous(x);
     let y = empty_device_contiguous_dtype(
         client.clone(),
         x.device.clone(),
@@ -360,13 +460,21 @@ where
         QuantDim::Ic => (n, k),
         QuantDim::Oc => (k, n),
     };
+    // SAFETY: `qweight` holds the layer's `rows · cols · bits / 32` words (checked by
+    // `validate` at upload); the kernel path requires `cols % 32 == 0`, so that count is exact,
+    // and `vec` divides `bits`, so it is a whole number of `vec`-word vectors.
     let qweight_arg = unsafe {
         ArrayArg::from_raw_parts(qweight.clone(), rows * cols * w.bits as usize / 32 / vec)
     };
+    // SAFETY: `params` holds one word per group, `rows · cols / group_size` (one per scale,
+    // `fuse_params`, of a validated layer).
     let params_arg =
         unsafe { ArrayArg::from_raw_parts(params.clone(), rows * cols / w.group_size) };
+    // SAFETY: `x` is contiguous, `[m, k]` (`check_input`), of the dtype the kernels are
+    // instantiated with (`dispatch_float!` on `x.dtype`).
     let x_arg = unsafe { ArrayArg::from_raw_parts(x.handle.clone(), m * k) };
     let len = m * n;
+    // SAFETY: `y` was just allocated contiguous `[m, n]` in `x.dtype`.
     let y_arg = unsafe { ArrayArg::from_raw_parts(y.handle.clone(), len) };
     let cube_dim = CubeDim::new_1d(CUBE_UNITS as u32);
 
@@ -375,22 +483,33 @@ where
             let n_blocks = n / BLOCK;
             let (splits, per) = ic_splits(k, n_blocks, m_tiles);
             let partial = client.empty(splits * len * size_of::<f32>());
+            // SAFETY: `partial` was just allocated with `splits · len` f32s.
             let partial_arg = || unsafe { ArrayArg::from_raw_parts(partial.clone(), splits * len) };
             let count = CubeCount::Static(
                 n_blocks.div_ceil(CUBE_UNITS) as u32,
                 splits as u32,
                 m_tiles as u32,
             );
+            // SAFETY: the kernel indexes without bounds checks, within the arrays above: units
+            // past `n / 32` blocks exit; split `s < splits = ⌈k / per⌉` reads rows
+            // `s·per .. min((s+1)·per, k)`, so `qweight`, `params` and `x` rows are `< k`; tokens
+            // `≥ m` are skipped; it writes `partial[(s·m + t)·n + c]`, `c < n`. `cube_dim` is the
+            // `CUBE_UNITS` the kernel was written for and `vec` the vector width of `qweight`.
             dispatch_float!(x.dtype, E => unsafe {
                 kernel::quant_matmul_ic::launch_unchecked::<E, R>(
                     client, count, cube_dim, vec, x_arg, qweight_arg, params_arg,
                     partial_arg(), m, k, n, per, w.bits, vec, group_blocks, tm,
                 )
             });
-            let count = CubeCount::Static((len as u32).div_ceil(256), 1, 1);
+            let cubes = len.div_ceil(REDUCE_UNITS).min(REDUCE_MAX_CUBES);
+            let count = CubeCount::Static(cubes as u32, 1, 1);
+            // SAFETY: the kernel only touches outputs `i < len`: it reads `partial[s·len + i]`,
+            // `s < splits`, and writes `y[i]`, within the `splits · len` and `len` elements of
+            // both arrays.
             dispatch_float!(y.dtype, E => unsafe {
                 kernel::reduce_splits::launch_unchecked::<E, R>(
-                    client, count, CubeDim::new_1d(256), partial_arg(), y_arg, len, splits,
+                    client, count, CubeDim::new_1d(REDUCE_UNITS as u32), partial_arg(), y_arg,
+                    len, splits,
                 )
             });
         }
@@ -402,6 +521,12 @@ where
                 1,
                 m_tiles as u32,
             );
+            // SAFETY: the kernel indexes without bounds checks: rows and tokens past `n`, `m`
+            // (`m ≥ 1` here, `n ≥ 1` by `validate`) are clamped to the last one for reads and never written; blocks
+            // are `< k / 32` and groups `< k / group_size` of a clamped row; shared memory is
+            // indexed `i · CUBE_UNITS + unit` with `i < ru · tm`, and the tree adds lane
+            // `l + stride < lanes` of the same group, since `lanes` (a power of two ≤
+            // `CUBE_UNITS`, `oc_lanes`) divides the cube of `CUBE_UNITS` units launched here.
             dispatch_float!(x.dtype, E => unsafe {
                 kernel::quant_matmul_oc::launch_unchecked::<E, R>(
                     client, count, cube_dim, vec, x_arg, qweight_arg, params_arg, y_arg,
@@ -421,6 +546,10 @@ where
     BT: BoolElement,
 {
     type Packed = CubePackedLinear<R>;
+
+    fn device_limits(device: &Self::Device) -> DeviceLimits {
+        device_limits::<R>(device)
+    }
 
     fn upload(
         packed: &PackedLinear,
