@@ -230,9 +230,15 @@ fn sampling(
         max_tokens,
         temperature: temperature.unwrap_or(1.0),
         top_p: top_p.unwrap_or(1.0),
-        // Without a seed, each request samples differently.
+        // Without a seed, each request samples differently: std's randomly keyed hasher gives
+        // a fresh random number per instance.
         seed: seed.map_or_else(
-            || now() ^ u64::from(std::process::id()).rotate_left(32),
+            || {
+                std::hash::BuildHasher::hash_one(
+                    &std::collections::hash_map::RandomState::new(),
+                    0u8,
+                )
+            },
             |s| s as u64,
         ),
         stop: stop.map(|s| s.strings()).unwrap_or_default(),
