@@ -244,6 +244,7 @@ impl<'a> Outputs<'a> {
             let dir = staged.staging.path();
             write_config(dir, &config_json)?;
             tokenizer.save(&staged.staging.join("tokenizer.json"))?;
+            tokenizer.save_config(&staged.staging.join("tokenizer_config.json"))?;
             write_atomic(&staged.staging.join("adadim_report.json"), &report_json)?;
             dests.push(staged.staging);
         }

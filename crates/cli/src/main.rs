@@ -88,6 +88,16 @@ enum Cmd {
     },
     /// Quantize a model with AdaDim and write a packed checkpoint.
     Quantize(QuantizeArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (docs/serve.md) until Ctrl-C/SIGTERM.
+    Serve {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// 0 picks a free port.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
 }
 
 #[derive(clap::Args)]
@@ -397,6 +407,19 @@ fn run(cli: Cli) -> Result<()> {
             let report = adadim::run::<Backend>(&spec, &device)?;
             println!("wrote {}", spec.out.display());
             print_summary(&report);
+        }
+        Cmd::Serve { model, host, port } => {
+            let m = open(&model)?;
+            // Clients name the model by the checkpoint's file or directory name.
+            let name = model.file_stem().unwrap_or(model.as_os_str());
+            let opts = serve::ServeOptions {
+                host,
+                port,
+                ..serve::ServeOptions::new(name.to_string_lossy())
+            };
+            let server = serve::Server::start::<Backend>(&m, &device, &opts)?;
+            println!("serving on http://{}", server.addr());
+            server.run_until_signal()?;
         }
     }
     Ok(())

@@ -1,4 +1,5 @@
-//! Writing Hugging Face directories (`config.json`, safetensors shards, `tokenizer.json`).
+//! Writing Hugging Face directories (`config.json`, safetensors shards, `tokenizer.json` and
+//! `tokenizer_config.json`).
 
 use std::path::{Path, PathBuf};
 
@@ -86,5 +87,8 @@ pub fn write_hf_dir(model: &crate::OpenModel, out: &Path, overwrite: bool) -> Re
     writer.finish()?;
     write_config(staging.path(), &src.config().to_hf_json())?;
     model.tokenizer.save(&staging.join("tokenizer.json"))?;
+    model
+        .tokenizer
+        .save_config(&staging.join("tokenizer_config.json"))?;
     staging.commit()
 }

@@ -103,16 +103,22 @@ impl Generation {
     }
 }
 
-fn last_logits<B: QuantBackend>(model: &Llama<B>, hidden: Tensor<B, 3>) -> Vec<f32> {
+/// Logits `[rows, vocab]` of the hidden states at the last `rows` positions, one `Vec` per row.
+fn logits_rows<B: QuantBackend>(
+    model: &Llama<B>,
+    hidden: Tensor<B, 3>,
+    rows: usize,
+) -> Vec<Vec<f32>> {
     let [_, t, h] = hidden.dims();
-    let last = hidden.narrow(1, t - 1, 1).reshape([1, h]);
-    model
+    let last = hidden.narrow(1, t - rows, rows).reshape([rows, h]);
+    let flat = model
         .head(last)
         .into_data()
         .to_vec::<f32>()
-        .expect("f32 logits")
+        .expect("f32 logits");
+    let vocab = flat.len() / rows;
+    flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
 }
-
 /// Picks the next token from `logits`.
 pub fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut StdRng) -> u32 {
     let argmax = || {
@@ -159,6 +165,150 @@ fn to_tensor<B: QuantBackend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, I
     Tensor::from_data(TensorData::new(data, [1, ids.len()]), device)
 }
 
+/// The log-probability of one token and the most likely alternatives at its position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// The `top_n` most likely tokens with their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-softmax of `logits` read at `token`, with the `top_n` most likely tokens.
+pub fn token_logprob(logits: &[f32], token: u32, top_n: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = max as f64
+        + logits
+            .iter()
+            .map(|&l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln();
+    let logprob = |l: f32| (l as f64 - log_sum) as f32;
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let top_n = top_n.min(order.len());
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    if top_n > 0 && top_n < order.len() {
+        order.select_nth_unstable_by(top_n - 1, by_logit);
+    }
+    order.truncate(top_n);
+    order.sort_by(by_logit);
+    TokenLogprob {
+        token,
+        logprob: logprob(logits[token as usize]),
+        top: order
+            .into_iter()
+            .map(|t| (t, logprob(logits[t as usize])))
+            .collect(),
+    }
+}
+
+/// One sequence being generated, a token at a time: its KV cache, the sampler's state and the
+/// logits of the next position. The prefill runs in [`Decoder::new`]; each
+/// [`Decoder::next_token`] samples a token, and the forward for the following one runs only
+/// when it is asked for, so a caller can hand a token on before the model works on the next.
+pub struct Decoder<'m, B: QuantBackend> {
+    model: &'m Llama<B>,
+    opts: GenerateOptions,
+    cache: Vec<crate::model::KvCache<B>>,
+    rng: StdRng,
+    /// Prompt and generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Logits the last sampled token was drawn from (or, before any, of the first new token).
+    logits: Vec<f32>,
+    /// A sampled token not yet run through the model.
+    pending: bool,
+    finished: bool,
+}
+
+impl<'m, B: QuantBackend> Decoder<'m, B> {
+    /// Runs the prefill of `prompt` (non-empty, checked by [`GenerateOptions::validate`]).
+    pub fn new(model: &'m Llama<B>, prompt: &[u32], opts: &GenerateOptions) -> Self {
+        Self::with_prompt_logprobs(model, prompt, opts, None).0
+    }
+
+    /// [`Decoder::new`], also returning each prompt token's log-probability given the tokens
+    /// before it (from the second token on) when `top_n` is set, from the same prefill.
+    pub fn with_prompt_logprobs(
+        model: &'m Llama<B>,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        top_n: Option<usize>,
+    ) -> (Self, Vec<TokenLogprob>) {
+        assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
+        let mut cache = model.new_cache();
+        let hidden = model.hidden_states(
+            to_tensor(prompt, &model.device()),
+            opts.use_cache.then_some(cache.as_mut_slice()),
+        );
+        let rows = if top_n.is_some() { prompt.len() } else { 1 };
+        let mut logits = logits_rows(model, hidden, rows);
+        let next = logits.pop().expect("one row per position");
+        let prompt_logprobs = logits
+            .iter()
+            .zip(&prompt[1..])
+            .map(|(row, &t)| token_logprob(row, t, top_n.unwrap_or(0)))
+            .collect();
+        let decoder = Self {
+            model,
+            opts: opts.clone(),
+            cache,
+            rng: StdRng::seed_from_u64(opts.seed),
+            tokens: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            logits: next,
+            pending: false,
+            finished: opts.max_new_tokens == 0,
+        };
+        (decoder, prompt_logprobs)
+    }
+
+    /// The next token, or `None` once the stop token or `max_new_tokens` was reached.
+    pub fn next_token(&mut self) -> Option<u32> {
+        if self.finished {
+            return None;
+        }
+        if self.pending {
+            let input = if self.opts.use_cache {
+                &self.tokens[self.tokens.len() - 1..]
+            } else {
+                &self.tokens[..]
+            };
+            let hidden = self.model.hidden_states(
+                to_tensor(input, &self.model.device()),
+                self.opts.use_cache.then_some(self.cache.as_mut_slice()),
+            );
+            self.logits = logits_rows(self.model, hidden, 1).remove(0);
+        }
+        let next = sample(
+            &self.logits,
+            self.opts.temperature,
+            self.opts.top_p,
+            &mut self.rng,
+        );
+        self.tokens.push(next);
+        self.finished = Some(next) == self.opts.stop_token
+            || self.generated().len() == self.opts.max_new_tokens;
+        self.pending = !self.finished;
+        Some(next)
+    }
+
+    /// The logits the last token of [`Decoder::next_token`] was sampled from.
+    pub fn last_logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    /// The tokens generated so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Whether the stop token or `max_new_tokens` ended the sequence.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+}
+
 /// Continues `prompt` by up to `max_new_tokens` tokens.
 pub fn generate<B: QuantBackend>(
     model: &Llama<B>,
@@ -168,54 +318,19 @@ pub fn generate<B: QuantBackend>(
     // A decode step makes ~200 small parallel products on the CPU backends. Started from a
     // thread outside rayon's pool, each one waits on a cross-thread wake-up (~10 µs); from
     // inside the pool it is a cheap `join`.
-    rayon::scope(|_| generate_in_pool(model, prompt, opts))
-}
-
-fn generate_in_pool<B: QuantBackend>(
-    model: &Llama<B>,
-    prompt: &[u32],
-    opts: &GenerateOptions,
-) -> Generation {
-    assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
-    let device = model.device();
-    let mut rng = StdRng::seed_from_u64(opts.seed);
-    let mut cache = model.new_cache();
-    let mut all = prompt.to_vec();
-    let mut out = Vec::with_capacity(opts.max_new_tokens);
-
-    let t0 = Instant::now();
-    let hidden = model.hidden_states(
-        to_tensor(prompt, &device),
-        opts.use_cache.then_some(cache.as_mut_slice()),
-    );
-    let mut logits = last_logits(model, hidden);
-    let prefill_seconds = t0.elapsed().as_secs_f64();
-
-    let t1 = Instant::now();
-    while out.len() < opts.max_new_tokens {
-        let next = sample(&logits, opts.temperature, opts.top_p, &mut rng);
-        out.push(next);
-        all.push(next);
-        if Some(next) == opts.stop_token || out.len() == opts.max_new_tokens {
-            break;
+    rayon::scope(|_| {
+        let t0 = Instant::now();
+        let mut decoder = Decoder::new(model, prompt, opts);
+        let prefill_seconds = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        while decoder.next_token().is_some() {}
+        Generation {
+            tokens: decoder.generated().to_vec(),
+            prefill_seconds,
+            decode_seconds: t1.elapsed().as_secs_f64(),
+            prompt_tokens: prompt.len(),
         }
-        let input = if opts.use_cache {
-            &all[all.len() - 1..]
-        } else {
-            &all[..]
-        };
-        let hidden = model.hidden_states(
-            to_tensor(input, &device),
-            opts.use_cache.then_some(cache.as_mut_slice()),
-        );
-        logits = last_logits(model, hidden);
-    }
-    Generation {
-        tokens: out,
-        prefill_seconds,
-        decode_seconds: t1.elapsed().as_secs_f64(),
-        prompt_tokens: prompt.len(),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -263,6 +378,23 @@ mod tests {
             e.contains("10 tokens plus 91") && e.contains("100 positions"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn token_logprob_is_the_log_softmax_with_its_top_tokens() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0 - 2f32.ln()];
+        // Softmax mass: e, e^3, e^2, e^3 / 2.
+        let z = (1f64.exp() + 1.5 * 3f64.exp() + 2f64.exp()).ln();
+        let lp = token_logprob(&logits, 2, 2);
+        assert!((lp.logprob as f64 - (2.0 - z)).abs() < 1e-6, "{lp:?}");
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 3]);
+        assert!((lp.top[0].1 as f64 - (3.0 - z)).abs() < 1e-6);
+        let total: f64 = logits
+            .iter()
+            .map(|&l| (token_logprob(&logits, 0, 0).logprob as f64 + (l - 1.0) as f64).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        assert_eq!(token_logprob(&logits, 0, 9).top.len(), 4);
     }
 
     #[test]

@@ -15,9 +15,10 @@ use crate::error::{ModelError, Result};
 /// Whether `name` is a file this project writes into a checkpoint directory (and so may
 /// replace there with `--overwrite`).
 pub fn is_own_file(name: &str) -> bool {
-    const FIXED: [&str; 5] = [
+    const FIXED: [&str; 6] = [
         "config.json",
         "tokenizer.json",
+        "tokenizer_config.json",
         "adadim_report.json",
         crate::shards::SINGLE_FILE,
         crate::shards::INDEX_FILE,
@@ -250,6 +251,7 @@ mod tests {
             "model.safetensors.index.json",
             "model-00001-of-00002.safetensors",
             "tokenizer.json",
+            "tokenizer_config.json",
             "adadim_report.json",
         ] {
             assert!(is_own_file(name), "{name}");

@@ -22,12 +22,15 @@ use crate::gguf::GgufFile;
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
-/// A byte-level BPE tokenizer with the model's special-token ids.
+/// A byte-level BPE tokenizer with the model's special-token ids and chat template.
 #[derive(Clone)]
 pub struct LlamaTokenizer {
     inner: Tokenizer,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// The Jinja template that turns chat messages into a prompt (Hugging Face's
+    /// `chat_template`, GGUF's `tokenizer.chat_template`).
+    chat_template: Option<String>,
 }
 
 impl std::fmt::Debug for LlamaTokenizer {
@@ -141,15 +144,25 @@ impl LlamaTokenizer {
                 })?;
             Ok(Some(id))
         };
+        let chat_template = match file.get("tokenizer.chat_template") {
+            None => None,
+            Some(v) => Some(
+                v.as_str()
+                    .ok_or_else(|| file.wrong_type("tokenizer.chat_template", "a string"))?
+                    .to_string(),
+            ),
+        };
         Ok(Self {
             inner,
             bos: id("tokenizer.ggml.bos_token_id")?,
             eos: id("tokenizer.ggml.eos_token_id")?,
+            chat_template,
         })
     }
 
-    /// Reads a Hugging Face `tokenizer.json`. The BOS/EOS ids come from a
-    /// `tokenizer_config.json` next to it (`bos_token`/`eos_token`), when there is one.
+    /// Reads a Hugging Face `tokenizer.json`. The BOS/EOS ids and the chat template come from a
+    /// `tokenizer_config.json` next to it (`bos_token`/`eos_token`, `chat_template`), when there
+    /// is one.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
         let malformed = |e: &dyn std::fmt::Display| {
@@ -167,6 +180,7 @@ impl LlamaTokenizer {
             inner,
             bos: None,
             eos: None,
+            chat_template: None,
         };
         let config_path = path.with_file_name("tokenizer_config.json");
         if config_path.is_file() {
@@ -181,8 +195,33 @@ impl LlamaTokenizer {
             };
             tok.bos = id_of("bos_token");
             tok.eos = id_of("eos_token");
+            tok.chat_template =
+                chat_template(&config).map_err(|e| ModelError::malformed(&config_path, e))?;
         }
         Ok(tok)
+    }
+
+    /// Writes `tokenizer_config.json` (the special tokens and the chat template, what
+    /// [`Self::from_file`] reads back) atomically.
+    pub fn save_config(&self, path: &Path) -> Result<()> {
+        let mut config = serde_json::Map::new();
+        let token = |id: Option<u32>| id.and_then(|id| self.id_to_token(id));
+        if let Some(bos) = token(self.bos) {
+            config.insert("bos_token".into(), bos.into());
+        }
+        if let Some(eos) = token(self.eos) {
+            config.insert("eos_token".into(), eos.into());
+        }
+        if let Some(template) = &self.chat_template {
+            config.insert("chat_template".into(), template.clone().into());
+        }
+        let json = serde_json::to_vec_pretty(&config).expect("json serializes");
+        crate::staging::write_atomic(path, &json)
+    }
+
+    /// The chat template, when the checkpoint has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
     }
 
     /// Writes `tokenizer.json` atomically (a temporary file in the same directory, then a rename).
@@ -251,6 +290,30 @@ fn pre_tokenizer(pre: &str) -> Option<PreTokenizerWrapper> {
     })
 }
 
+/// `chat_template` of a `tokenizer_config.json`: a string, or a list of named templates (then
+/// the one named `default`).
+fn chat_template(config: &serde_json::Value) -> std::result::Result<Option<String>, String> {
+    let bad = || "`chat_template` is neither a string nor a list of {name, template}".to_string();
+    match config.get("chat_template") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(t)) => Ok(Some(t.clone())),
+        Some(serde_json::Value::Array(named)) => {
+            for entry in named {
+                let name = entry.get("name").and_then(|n| n.as_str()).ok_or_else(bad)?;
+                let template = entry
+                    .get("template")
+                    .and_then(|t| t.as_str())
+                    .ok_or_else(bad)?;
+                if name == "default" {
+                    return Ok(Some(template.to_string()));
+                }
+            }
+            Ok(None)
+        }
+        Some(_) => Err(bad()),
+    }
+}
+
 fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>> {
     file.require_array(key)?
         .iter()
@@ -274,6 +337,7 @@ mod tests {
             inner: Tokenizer::new(BPE::default()),
             bos: None,
             eos: None,
+            chat_template: None,
         };
         let path = dir.path().join("tokenizer.json");
         tok.save(&path).unwrap();

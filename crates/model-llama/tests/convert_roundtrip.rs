@@ -35,6 +35,24 @@ fn converted_directory_gives_identical_logits() {
 }
 
 #[test]
+fn converted_directory_keeps_special_tokens_and_chat_template() {
+    let gguf = open_model(&smollm2_gguf().unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("hf");
+    model_llama::export::write_hf_dir(&gguf, &out, false).unwrap();
+    let hf = open_model(&out).unwrap();
+    let template = gguf
+        .tokenizer
+        .chat_template()
+        .expect("SmolLM2 ships a chat template");
+    assert!(template.contains("<|im_start|>"), "{template}");
+    assert_eq!(hf.tokenizer.chat_template(), Some(template));
+    assert!(gguf.tokenizer.eos_id().is_some());
+    assert_eq!(hf.tokenizer.eos_id(), gguf.tokenizer.eos_id());
+    assert_eq!(hf.tokenizer.bos_id(), gguf.tokenizer.bos_id());
+}
+
+#[test]
 fn broken_safetensors_are_clear_errors() {
     let gguf = smollm2_gguf().unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -2,7 +2,7 @@
 
 use burn::backend::NdArray;
 use burn::prelude::*;
-use model_llama::generate::{GenerateOptions, generate};
+use model_llama::generate::{Decoder, GenerateOptions, generate};
 use model_llama::load::load_model;
 use model_llama::perplexity::perplexity;
 use model_llama::{HostTensor, LlamaConfig, MemorySource, RopeScaling, TensorSource};
@@ -230,6 +230,45 @@ fn kv_cache_generation_matches_full_recompute() {
         assert_eq!(cached.tokens.len(), 20);
         assert_eq!(cached.tokens, full.tokens, "temperature {temperature}");
     }
+}
+
+#[test]
+fn prompt_logprobs_are_the_naive_log_softmax() {
+    let src = random_source(tiny_config(None), 6);
+    let model = load_model::<B>(&src, &Default::default()).unwrap();
+    let prompt = [3u32, 14, 15, 9, 26, 41, 0];
+    let naive = naive_logits(&src, &prompt);
+    let opts = GenerateOptions {
+        max_new_tokens: 1,
+        ..GenerateOptions::default()
+    };
+    let (mut decoder, logprobs) = Decoder::with_prompt_logprobs(&model, &prompt, &opts, Some(3));
+    assert_eq!(logprobs.len(), prompt.len() - 1);
+    let log_softmax = |row: &[f64], t: usize| {
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        row[t] - max - row.iter().map(|l| (l - max).exp()).sum::<f64>().ln()
+    };
+    for (i, lp) in logprobs.iter().enumerate() {
+        let row = &naive[i];
+        assert_eq!(lp.token, prompt[i + 1]);
+        let expected = log_softmax(row, prompt[i + 1] as usize);
+        assert!(
+            (lp.logprob as f64 - expected).abs() < 1e-3,
+            "{i}: {lp:?} vs {expected}"
+        );
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        assert_eq!(lp.top[0].0 as usize, order[0], "position {i}");
+        assert!(lp.top[0].1 >= lp.top[1].1 && lp.top[1].1 >= lp.top[2].1);
+    }
+    // The first new token is the greedy choice of the last position, then the sequence ends.
+    let last = &naive[prompt.len() - 1];
+    let argmax = (0..last.len())
+        .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+        .unwrap();
+    assert_eq!(decoder.next_token(), Some(argmax as u32));
+    assert_eq!(decoder.next_token(), None);
+    assert!(decoder.is_finished());
 }
 
 #[test]

@@ -1,0 +1,255 @@
+//! The server on the shipped test model: bad requests, concurrency, the queue bound, stop
+//! strings and prompt log-probabilities, through HTTP.
+
+mod support;
+
+use model_llama::generate::{Decoder, GenerateOptions};
+use serde_json::{Value, json};
+use support::{MODEL, get, greedy, post, start};
+
+/// A 400 with an OpenAI-style error naming `param` and saying `says`.
+fn assert_400(answer: (u16, Value), param: Option<&str>, says: &str) {
+    let (status, v) = answer;
+    assert_eq!(status, 400, "{v}");
+    let e = &v["error"];
+    assert_eq!(e["type"], "invalid_request_error", "{v}");
+    assert_eq!(e["param"].as_str(), param, "{v}");
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains(says), "{message:?} does not say {says:?}");
+}
+
+#[test]
+fn bad_requests_get_a_clear_400_and_the_server_keeps_serving() {
+    let server = start(4);
+    let prompt = "Once upon a time";
+    let reference = greedy(&server, prompt, 8);
+    assert!(!reference.is_empty());
+    let completion = |body: Value| post(&server, "/v1/completions", &body.to_string());
+    let cases: Vec<(&str, Box<dyn Fn() -> (u16, Value)>, Option<&str>, &str)> = vec![
+        (
+            "bad JSON",
+            Box::new(|| post(&server, "/v1/completions", "{\"prompt\": \"x\",")),
+            None,
+            "not valid JSON",
+        ),
+        (
+            "a missing prompt",
+            Box::new(|| completion(json!({"model": MODEL}))),
+            None,
+            "prompt",
+        ),
+        (
+            "an unknown model",
+            Box::new(|| completion(json!({"model": "gpt-9", "prompt": "x"}))),
+            Some("model"),
+            "gpt-9",
+        ),
+        (
+            "a context overflow",
+            Box::new(|| completion(json!({"model": MODEL, "prompt": "x", "max_tokens": 100_000}))),
+            Some("max_tokens"),
+            "maximum context length is 8192 tokens",
+        ),
+        (
+            "a prompt beyond the context",
+            Box::new(|| {
+                completion(json!({"model": MODEL, "prompt": vec![1; 9000], "max_tokens": 0}))
+            }),
+            Some("prompt"),
+            "the prompt has 9000 tokens",
+        ),
+        (
+            "a negative max_tokens",
+            Box::new(|| completion(json!({"model": MODEL, "prompt": "x", "max_tokens": -3}))),
+            Some("max_tokens"),
+            "-3 is negative",
+        ),
+        (
+            "an out-of-range top_p",
+            Box::new(|| completion(json!({"model": MODEL, "prompt": "x", "top_p": 1.5}))),
+            Some("top_p"),
+            "1.5",
+        ),
+        (
+            "an empty prompt",
+            Box::new(|| completion(json!({"model": MODEL, "prompt": ""}))),
+            Some("prompt"),
+            "empty",
+        ),
+        (
+            "a token outside the vocabulary",
+            Box::new(|| completion(json!({"model": MODEL, "prompt": [5, 9_999_999]}))),
+            Some("prompt"),
+            "9999999",
+        ),
+        (
+            "n > 1",
+            Box::new(|| completion(json!({"model": MODEL, "prompt": "x", "n": 3}))),
+            Some("n"),
+            "n = 3",
+        ),
+        (
+            "chat with an unknown model",
+            Box::new(|| {
+                let body =
+                    json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]});
+                post(&server, "/v1/chat/completions", &body.to_string())
+            }),
+            Some("model"),
+            "gpt-9",
+        ),
+        (
+            "chat with a negative max_tokens",
+            Box::new(|| {
+                let body = json!({"model": MODEL, "max_tokens": -1,
+                                  "messages": [{"role": "user", "content": "hi"}]});
+                post(&server, "/v1/chat/completions", &body.to_string())
+            }),
+            Some("max_tokens"),
+            "negative",
+        ),
+    ];
+    for (what, request, param, says) in cases {
+        println!("{what}");
+        assert_400(request(), param, says);
+        assert_eq!(greedy(&server, prompt, 8), reference, "after {what}");
+    }
+    let (status, v) = get(&server, "/v1/nothing");
+    assert_eq!((status, &v["error"]["code"]), (404, &json!("not_found")));
+    assert_eq!(get(&server, "/health"), (200, json!({"status": "ok"})));
+    let (status, models) = get(&server, "/v1/models");
+    assert_eq!((status, &models["data"][0]["id"]), (200, &json!(MODEL)));
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn concurrent_greedy_requests_return_the_sequential_tokens() {
+    let server = start(8);
+    let prompts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Water boils at",
+        "My favourite book is",
+    ];
+    let sequential: Vec<String> = prompts.iter().map(|p| greedy(&server, p, 16)).collect();
+    let concurrent: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| s.spawn(|| greedy(&server, p, 16)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(concurrent, sequential);
+    // Distinct prompts give distinct continuations: the answers are not crossed over.
+    assert_eq!(
+        sequential
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        prompts.len(),
+        "{sequential:?}"
+    );
+
+    // A stop string cuts the same text just before it.
+    let full = &sequential[1];
+    let cut = full.char_indices().nth(full.chars().count() / 2).unwrap().0;
+    let stop: String = full[cut..].chars().take(3).collect();
+    let expected = &full[..full.find(&stop).unwrap()];
+    let body = json!({"model": MODEL, "prompt": prompts[1], "max_tokens": 16,
+                      "temperature": 0, "stop": [stop]});
+    let (status, v) = post(&server, "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["choices"][0]["text"],
+        json!(expected),
+        "stop {stop:?} in {full:?}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn requests_beyond_the_queue_get_a_503() {
+    // One request runs, one waits; the others are turned away.
+    let server = start(1);
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..5)
+            .map(|_| {
+                s.spawn(|| {
+                    let body = json!({"model": MODEL, "prompt": "Count: 1, 2, 3,",
+                                      "max_tokens": 48, "temperature": 0});
+                    post(&server, "/v1/completions", &body.to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    let busy: Vec<&Value> = answers
+        .iter()
+        .filter(|a| a.0 == 503)
+        .map(|a| &a.1)
+        .collect();
+    assert_eq!(ok + busy.len(), 5, "{answers:?}");
+    assert!((1..=2).contains(&ok), "{answers:?}");
+    for b in busy {
+        assert_eq!(b["error"]["code"], "server_busy", "{b}");
+        assert!(
+            b["error"]["message"].as_str().unwrap().contains("busy"),
+            "{b}"
+        );
+    }
+    assert!(!greedy(&server, "Count: 1, 2, 3,", 4).is_empty());
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn echo_logprobs_are_the_models_prompt_logprobs() {
+    let server = start(2);
+    let path = test_assets::smollm2_gguf().unwrap();
+    let m = model_llama::open_model(&path).unwrap();
+    let prompt = "The quick brown fox jumps over the lazy dog";
+    let ids = m.tokenizer.encode(prompt).unwrap();
+    // The same prompt as token ids, as lm-evaluation-harness sends it.
+    let body = json!({"model": MODEL, "prompt": ids, "max_tokens": 1, "temperature": 0,
+                      "echo": true, "logprobs": 2});
+    let (status, v) = post(&server, "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{v}");
+    let choice = &v["choices"][0];
+    assert!(choice["text"].as_str().unwrap().starts_with(prompt), "{v}");
+    let lp = &choice["logprobs"];
+    let token_logprobs = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(token_logprobs.len(), ids.len() + 1, "{lp}");
+    assert!(token_logprobs[0].is_null() && lp["top_logprobs"][0].is_null());
+
+    let llama = m.load::<support::Cpu>(&Default::default()).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 1,
+        ..GenerateOptions::default()
+    };
+    let (mut decoder, reference) = Decoder::with_prompt_logprobs(&llama, &ids, &opts, Some(2));
+    for (i, r) in reference.iter().enumerate() {
+        let served = token_logprobs[i + 1].as_f64().unwrap();
+        assert!(
+            (served - r.logprob as f64).abs() < 1e-4,
+            "token {}: {served} vs {r:?}",
+            i + 1
+        );
+        let top = lp["top_logprobs"][i + 1].as_object().unwrap();
+        let best = top
+            .values()
+            .map(|p| p.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!(
+            (best - r.top[0].1 as f64).abs() < 1e-4 && best >= served,
+            "{top:?}"
+        );
+    }
+    let next = decoder.next_token().unwrap();
+    assert_eq!(
+        lp["tokens"][ids.len()],
+        json!(m.tokenizer.decode(&[next]).unwrap())
+    );
+    assert_eq!(v["usage"]["prompt_tokens"], json!(ids.len()));
+    server.shutdown().unwrap();
+}
