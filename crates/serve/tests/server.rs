@@ -18,6 +18,10 @@ fn assert_400(answer: (u16, Value), param: Option<&str>, says: &str) {
     assert!(message.contains(says), "{message:?} does not say {says:?}");
 }
 
+/// A bad request: its name, how to send it (status and body back), the error code expected, and
+/// a word its message must contain.
+type BadCase<'a> = (&'a str, Box<dyn Fn() -> (u16, Value) + 'a>, Option<&'a str>, &'a str);
+
 #[test]
 fn bad_requests_get_a_clear_400_and_the_server_keeps_serving() {
     let server = start(4);
@@ -25,7 +29,7 @@ fn bad_requests_get_a_clear_400_and_the_server_keeps_serving() {
     let reference = greedy(&server, prompt, 8);
     assert!(!reference.is_empty());
     let completion = |body: Value| post(&server, "/v1/completions", &body.to_string());
-    let cases: Vec<(&str, Box<dyn Fn() -> (u16, Value)>, Option<&str>, &str)> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             "bad JSON",
             Box::new(|| post(&server, "/v1/completions", "{\"prompt\": \"x\",")),
