@@ -18,8 +18,8 @@ fn assert_400(answer: (u16, Value), param: Option<&str>, says: &str) {
     assert!(message.contains(says), "{message:?} does not say {says:?}");
 }
 
-/// A bad request: its name, how to send it (status and body back), the error code expected, and
-/// a word its message must contain.
+/// A bad request: what it is, how to send it (status and body back), the `param` its error
+/// must name, and a word its message must contain.
 type BadCase<'a> = (&'a str, Box<dyn Fn() -> (u16, Value) + 'a>, Option<&'a str>, &'a str);
 
 #[test]
