@@ -90,6 +90,7 @@ fn packed_matches_fake_quant_on_wgpu(
     device: &burn::backend::wgpu::WgpuDevice,
 ) {
     use adadim_e2e::Gpu;
+    use kernels::WeightKind;
     use model_llama::Linear;
 
     let (windows, seqlen) = WGPU_WINDOWS;
@@ -112,7 +113,7 @@ fn packed_matches_fake_quant_on_wgpu(
             });
             for (i, linear) in linears.enumerate() {
                 assert!(
-                    matches!(linear, Linear::Quant(q) if q.packed().is_packed()),
+                    matches!(linear, Linear::Quant(q) if matches!(q.kind(), WeightKind::Packed { .. })),
                     "linear {i} of the packed model does not run on the packed kernels"
                 );
             }
@@ -140,5 +141,58 @@ fn packed_matches_fake_quant_on_wgpu(
     assert!(
         (fake - fake_cpu).abs() / fake_cpu < 1e-3,
         "fake-quant: wgpu {fake} vs CPU {fake_cpu}"
+    );
+}
+
+/// On a device with a largest buffer (lavapipe's storage-buffer binding), a layer whose input
+/// Gram matrix cannot fit one buffer is refused before any weight is read, naming the tensor
+/// and the limit: the empty checkpoint below would fail on its first read otherwise.
+#[cfg(feature = "wgpu")]
+#[test]
+fn quantizing_on_wgpu_refuses_a_gram_matrix_larger_than_the_device_buffer() {
+    use adadim::{AdadimError, QuantizeOptions, quantize_model};
+    use kernels::QuantBackend;
+
+    let gpu = adadim_e2e::wgpu_device();
+    let limit = adadim_e2e::Gpu::device_limits(&gpu)
+        .max_buffer_bytes
+        .expect("wgpu reports its largest buffer");
+    // The smallest multiple of 64 whose f32 Gram exceeds the limit.
+    let ffn = ((limit as f64 / 4.0).sqrt() as usize / 64 + 1) * 64;
+    let config = model_llama::LlamaConfig {
+        hidden_size: 64,
+        intermediate_size: ffn,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        num_hidden_layers: 1,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling: None,
+        max_position_embeddings: 64,
+        vocab_size: 97,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_id: None,
+    };
+    let src = model_llama::MemorySource {
+        path: "no-weights".into(),
+        config,
+        tensors: Default::default(),
+    };
+    let calib = vec![(0..32).collect::<Vec<u32>>(); 2];
+    let opts = QuantizeOptions {
+        group_size: GroupSize::Len(32),
+        ..Default::default()
+    };
+    let Err(e) = quantize_model::<adadim_e2e::Gpu>(&src, &calib, &opts, &gpu) else {
+        panic!("a Gram matrix larger than the device's largest buffer was accepted");
+    };
+    let msg = e.to_string();
+    assert!(matches!(e, AdadimError::DeviceLimit(_)), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "Gram matrix of mlp.down_proj's inputs ([{ffn}, {ffn}])"
+        )) && msg.contains(&format!("{limit} bytes")),
+        "{msg}"
     );
 }

@@ -26,6 +26,9 @@ pub enum AdadimError {
     Invalid(String),
     #[error(transparent)]
     InvalidOption(#[from] model_llama::InvalidOption),
+    /// A tensor of the run is larger than the device's largest buffer.
+    #[error(transparent)]
+    DeviceLimit(#[from] kernels::DeviceLimitError),
 }
 
 pub type Result<T, E = AdadimError> = std::result::Result<T, E>;

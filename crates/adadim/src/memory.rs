@@ -16,9 +16,14 @@
 //! Resident is chosen when its peak takes at most a third of the memory limit (the rest stays
 //! for the page cache, which holds the checkpoint being read, and the rest of the machine);
 //! otherwise streaming.
+//!
+//! On a device with a largest buffer (a CubeCL backend), a chunk is also kept small enough that
+//! each of its tensors fits one buffer ([`chunk_buffers`]), and the tensors that cannot be split
+//! (a weight in f32, the widest Gram matrix) are checked before any work ([`check_device`]).
 
-use model_llama::LlamaConfig;
+use kernels::{DeviceLimitError, DeviceLimits};
 use model_llama::linear_shape;
+use model_llama::{LinearKind, LlamaConfig};
 
 use serde::{Deserialize, Serialize};
 
@@ -131,7 +136,93 @@ pub fn footprint(
     }
 }
 
-/// Chooses resident or streaming for `limit` bytes, or says what to change when even the
+/// The widest tensors of one chunk of `chunk_blocks` calibration blocks, as (what, bytes): the
+/// MLP's activations and the attention scores. Each must fit one device buffer.
+pub fn chunk_buffers(
+    config: &LlamaConfig,
+    chunk_blocks: usize,
+    seqlen: usize,
+) -> [(String, u64); 2] {
+    let (h, f) = (config.hidden_size, config.intermediate_size);
+    let tokens = (chunk_blocks * seqlen) as u64;
+    let heads = config.num_attention_heads as u64;
+    [
+        (
+            format!(
+                "the calibration activations of {chunk_blocks} blocks × {seqlen} tokens × {} \
+                 features",
+                f.max(h)
+            ),
+            F32 * tokens * f.max(h) as u64,
+        ),
+        (
+            format!(
+                "the attention scores of {chunk_blocks} blocks × {heads} heads × {seqlen}² \
+                 tokens"
+            ),
+            F32 * chunk_blocks as u64 * heads * (seqlen as u64).pow(2),
+        ),
+    ]
+}
+
+/// The tensors of a layer that cannot be split by chunking, as (what, bytes): the largest
+/// linear's weight in f32 and the widest input Gram matrix (GPTQ's Hessian has its size).
+pub fn layer_buffers(config: &LlamaConfig) -> [(String, u64); 2] {
+    let size = |k: LinearKind| {
+        let [o, i] = linear_shape(config, k);
+        o as u64 * i as u64
+    };
+    let widest = |by: fn(&[usize; 2]) -> usize| {
+        LinearKind::ALL
+            .into_iter()
+            .max_by_key(|&k| by(&linear_shape(config, k)))
+            .expect("a layer has linears")
+    };
+    let largest = widest(|&[o, i]| o * i);
+    let [o, i] = linear_shape(config, largest);
+    let widest_input = widest(|&[_, i]| i);
+    let i_w = linear_shape(config, widest_input)[1] as u64;
+    [
+        (
+            format!("{}.weight in f32 ([{o}, {i}])", largest.module()),
+            F32 * size(largest),
+        ),
+        (
+            format!(
+                "the Gram matrix of {}'s inputs ([{i_w}, {i_w}])",
+                widest_input.module()
+            ),
+            F32 * i_w * i_w,
+        ),
+    ]
+}
+
+/// Checks that the layer's unsplittable tensors and the chunk `plan` holds fit `limits`.
+pub fn check_device(
+    config: &LlamaConfig,
+    plan: &MemoryPlan,
+    limits: &DeviceLimits,
+) -> Result<(), DeviceLimitError> {
+    let buffers = layer_buffers(config).into_iter().chain(chunk_buffers(
+        config,
+        plan.chunk_blocks,
+        plan.seqlen,
+    ));
+    for (tensor, bytes) in buffers {
+        limits.check_buffer(&tensor, bytes)?;
+    }
+    Ok(())
+}
+
+/// Whether a chunk of `chunk_blocks` blocks fits a buffer of `max_buffer` bytes.
+fn chunk_fits(config: &LlamaConfig, chunk_blocks: usize, seqlen: usize, max_buffer: u64) -> bool {
+    chunk_buffers(config, chunk_blocks, seqlen)
+        .iter()
+        .all(|(_, bytes)| *bytes <= max_buffer)
+}
+
+/// Chooses resident or streaming for `limit` bytes, with chunks whose tensors each fit
+/// `max_buffer` bytes (a device's largest buffer), or says what to change when even the
 /// smallest streaming plan does not fit.
 pub fn plan(
     config: &LlamaConfig,
@@ -139,9 +230,12 @@ pub fn plan(
     seqlen: usize,
     method: Method,
     limit: u64,
+    max_buffer: Option<u64>,
 ) -> Result<MemoryPlan> {
+    let fits_buffer =
+        |chunk_blocks| max_buffer.is_none_or(|max| chunk_fits(config, chunk_blocks, seqlen, max));
     let resident = footprint(config, blocks, seqlen, method, true, blocks).peak();
-    if resident <= limit / 3 {
+    if resident <= limit / 3 && fits_buffer(blocks) {
         return Ok(MemoryPlan {
             blocks,
             seqlen,
@@ -154,7 +248,7 @@ pub fn plan(
     let mut chunk_blocks = (STREAM_CHUNK_TOKENS / seqlen.max(1)).clamp(1, blocks.max(1));
     loop {
         let peak = footprint(config, blocks, seqlen, method, false, chunk_blocks).peak();
-        if peak <= limit {
+        if peak <= limit && fits_buffer(chunk_blocks) {
             return Ok(MemoryPlan {
                 blocks,
                 seqlen,
@@ -165,6 +259,20 @@ pub fn plan(
             });
         }
         if chunk_blocks == 1 {
+            if let Some(limit) = max_buffer
+                && let Some((tensor, bytes)) = chunk_buffers(config, 1, seqlen)
+                    .into_iter()
+                    .find(|&(_, bytes)| bytes > limit)
+            {
+                let e = DeviceLimitError::BufferTooLarge {
+                    tensor,
+                    bytes,
+                    limit,
+                };
+                return Err(AdadimError::Invalid(format!(
+                    "{e}: use a shorter --calib-seqlen"
+                )));
+            }
             return Err(AdadimError::Invalid(format!(
                 "this run needs about {} of memory (predicted peak with {blocks} calibration \
                  blocks of {seqlen} tokens), more than the {} it may use: use fewer \
@@ -229,7 +337,7 @@ mod tests {
 
     #[test]
     fn small_models_stay_resident() {
-        let p = plan(&tiny(), 9, 97, Method::Rtn, 8 << 30).unwrap();
+        let p = plan(&tiny(), 9, 97, Method::Rtn, 8 << 30, None).unwrap();
         assert!(p.resident);
         assert_eq!(p.chunk_blocks, 9);
     }
@@ -238,7 +346,7 @@ mod tests {
     fn a_7b_model_with_the_protocol_calibration_streams_within_8_gib() {
         // The protocol's 64 samples of lee-news.txt make 27 blocks of 512 tokens.
         for method in [Method::Rtn, Method::Gptq] {
-            let p = plan(&llama2_7b(), 27, 512, method, 20 << 30).unwrap();
+            let p = plan(&llama2_7b(), 27, 512, method, 20 << 30, None).unwrap();
             assert!(!p.resident, "{method}");
             assert_eq!(p.chunk_blocks, STREAM_CHUNK_TOKENS / 512);
             assert!(p.peak <= 8 << 30, "{method}: {}", gib(p.peak));
@@ -255,7 +363,7 @@ mod tests {
 
     #[test]
     fn too_little_memory_says_what_to_change() {
-        let e = plan(&llama2_7b(), 64, 512, Method::Rtn, 1 << 30)
+        let e = plan(&llama2_7b(), 64, 512, Method::Rtn, 1 << 30, None)
             .unwrap_err()
             .to_string();
         assert!(
@@ -267,10 +375,111 @@ mod tests {
     #[test]
     fn streaming_shrinks_the_chunk_before_giving_up() {
         let c = llama2_7b();
-        let roomy = plan(&c, 64, 512, Method::Rtn, 20 << 30).unwrap();
+        let roomy = plan(&c, 64, 512, Method::Rtn, 20 << 30, None).unwrap();
         let single = footprint(&c, 64, 512, Method::Rtn, false, 1).peak();
-        let tight = plan(&c, 64, 512, Method::Rtn, single).unwrap();
+        let tight = plan(&c, 64, 512, Method::Rtn, single, None).unwrap();
         assert!(tight.chunk_blocks < roomy.chunk_blocks);
         assert!(tight.peak <= single);
+    }
+
+    fn smollm2_135m() -> LlamaConfig {
+        let mut c = tiny();
+        c.hidden_size = 576;
+        c.intermediate_size = 1536;
+        c.num_attention_heads = 9;
+        c.num_key_value_heads = 3;
+        c
+    }
+
+    const LAVAPIPE_MAX_BUFFER: u64 = 128 << 20;
+
+    #[test]
+    fn a_device_buffer_limit_streams_in_chunks_whose_tensors_fit_it() {
+        let c = smollm2_135m();
+        let host = plan(&c, 128, 512, Method::Rtn, 20 << 30, None).unwrap();
+        assert!(host.resident, "{host:?}");
+        let device = plan(
+            &c,
+            128,
+            512,
+            Method::Rtn,
+            20 << 30,
+            Some(LAVAPIPE_MAX_BUFFER),
+        )
+        .unwrap();
+        assert!(!device.resident, "{device:?}");
+        for (tensor, bytes) in chunk_buffers(&c, device.chunk_blocks, 512) {
+            assert!(bytes <= LAVAPIPE_MAX_BUFFER, "{tensor}: {bytes}");
+        }
+        // 7B blocks of 1024 tokens: two blocks' attention scores (256 MiB) do not fit, one
+        // block's (exactly 128 MiB) does.
+        let c = llama2_7b();
+        let host = plan(&c, 27, 1024, Method::Rtn, 20 << 30, None).unwrap();
+        assert_eq!(host.chunk_blocks, 2);
+        let device = plan(
+            &c,
+            27,
+            1024,
+            Method::Rtn,
+            20 << 30,
+            Some(LAVAPIPE_MAX_BUFFER),
+        )
+        .unwrap();
+        assert_eq!(device.chunk_blocks, 1);
+    }
+
+    #[test]
+    fn a_block_too_long_for_the_device_names_the_attention_scores() {
+        // 32 heads × 2048² scores of one block are 512 MiB.
+        let e = plan(
+            &llama2_7b(),
+            27,
+            2048,
+            Method::Rtn,
+            20 << 30,
+            Some(LAVAPIPE_MAX_BUFFER),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("attention scores of 1 blocks × 32 heads × 2048²")
+                && e.contains("134217728 bytes")
+                && e.contains("--calib-seqlen"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn check_device_names_the_first_tensor_that_cannot_be_split() {
+        let c = llama2_7b();
+        let p = plan(
+            &c,
+            27,
+            512,
+            Method::Gptq,
+            20 << 30,
+            Some(LAVAPIPE_MAX_BUFFER),
+        )
+        .unwrap();
+        let limits = |max: u64| DeviceLimits {
+            max_buffer_bytes: Some(max),
+            memory_bytes: None,
+        };
+        // down_proj's f32 weight is 4096 × 11008 × 4 bytes = 172 MiB.
+        let e = check_device(&c, &p, &limits(LAVAPIPE_MAX_BUFFER)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("mlp.down_proj.weight in f32 ([4096, 11008])"),
+            "{e}"
+        );
+        // Its input Gram, 11008² × 4 bytes = 462 MiB, is next.
+        let e = check_device(&c, &p, &limits(256 << 20)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("Gram matrix of mlp.down_proj's inputs"),
+            "{e}"
+        );
+        check_device(&c, &p, &limits(512 << 20)).unwrap();
+        check_device(&c, &p, &DeviceLimits::NONE).unwrap();
     }
 }

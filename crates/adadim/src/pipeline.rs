@@ -157,15 +157,18 @@ impl QuantizeOptions {
         }
     }
 
-    /// The memory plan for `blocks × seqlen` calibration tokens on a model of `config`.
-    pub fn memory_plan(
+    /// The memory plan for `blocks × seqlen` calibration tokens on a model of `config`, with
+    /// chunks that fit the buffers of `device`.
+    pub fn memory_plan<B: QuantBackend>(
         &self,
         config: &model_llama::LlamaConfig,
         blocks: usize,
         seqlen: usize,
+        device: &B::Device,
     ) -> Result<MemoryPlan> {
         let limit = self.max_memory.unwrap_or_else(crate::memory::default_limit);
-        crate::memory::plan(config, blocks, seqlen, self.method, limit)
+        let max_buffer = B::device_limits(device).max_buffer_bytes;
+        crate::memory::plan(config, blocks, seqlen, self.method, limit, max_buffer)
     }
 }
 
@@ -328,7 +331,12 @@ pub fn quantize_model<B: QuantBackend>(
         }
     }
     let mut sink = Collect(Vec::new(), Vec::new());
-    let plan = opts.memory_plan(src.config(), calib.len(), calibration_seqlen(calib)?)?;
+    let plan = opts.memory_plan::<B>(
+        src.config(),
+        calib.len(),
+        calibration_seqlen(calib)?,
+        device,
+    )?;
     quantize_layers::<B>(src, calib, opts, plan, None, device, &mut sink)?;
     let dims = sink.0.iter().map(|(m, p)| (m.clone(), p.dim)).collect();
     Ok(QuantizedModel {
@@ -363,6 +371,8 @@ pub fn quantize_layers<B: QuantBackend>(
             calib.len()
         )));
     }
+    // Before any work: past a buffer limit a CubeCL allocation fails far from its cause.
+    crate::memory::check_device(&config, &plan, &B::device_limits(device))?;
     if let Some(free) = crate::memory::available().filter(|&free| free < plan.peak) {
         tracing::warn!(
             "the run is predicted to peak at {}, more than the {} available now",

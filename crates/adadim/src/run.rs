@@ -195,7 +195,7 @@ pub fn run<B: QuantBackend>(spec: &RunSpec, device: &B::Device) -> Result<RunRep
         let layer = outputs.progress().layers_done;
         (outputs, input.map(|input| ResumePoint { layer, input }))
     } else {
-        let plan = opts.memory_plan(src.config(), calib.len(), seqlen)?;
+        let plan = opts.memory_plan::<B>(src.config(), calib.len(), seqlen, device)?;
         let outputs = Outputs::create(src, &spec.out, fake, spec.overwrite, fingerprint, plan)?;
         (outputs, None)
     };

@@ -130,7 +130,7 @@ pub fn o_proj_gram<B: QuantBackend>(
     layer: &DecoderLayer<B>,
     forms: ScoreForms,
 ) -> Option<Tensor<B, 2>> {
-    let o_t = dense_t(&layer.self_attn.o_proj);
+    let o_t = layer.self_attn.o_proj.weight_t();
     let [inp, out] = o_t.dims();
     forms
         .gram(gram_is_cheaper([out, inp], 1))
@@ -194,7 +194,7 @@ fn update_error<B: QuantBackend>(
     match last_gram {
         Some(w_gram) => {
             let [blocks, t, _] = diff.dims();
-            let out = dense_t(last).dims()[1];
+            let out = last.out_features();
             mean_square_from_grams(gram(&diff), w_gram.clone(), blocks * t, out)
         }
         None => mean_square(last.forward(diff)),
@@ -368,7 +368,7 @@ pub fn gram_is_cheaper([out, inp]: [usize; 2], outputs: usize) -> bool {
 /// `Ŵᵀ − Wᵀ` of a candidate against the layer's linear.
 pub fn delta_t<B: QuantBackend>(original: &Linear<B>, candidate: &Linear<B>) -> Tensor<B, 2> {
     // Differences are taken on the stored `Wᵀ`, so no weight is transposed.
-    dense_t(candidate).sub(dense_t(original))
+    candidate.weight_t().sub(original.weight_t())
 }
 
 /// `mean((X·ΔWᵀ)²)` over the `N × OC` outputs of one chunk's input `x`.
@@ -399,14 +399,6 @@ pub fn own_output_error_gram<B: QuantBackend>(
 ) -> f64 {
     let out = delta_t.dims()[1];
     mean_square_from_grams(x_gram.clone(), weight_gram(delta_t.clone()), tokens, out)
-}
-
-/// The pipeline quantizes a dense copy of each layer, so every linear it scores is dense.
-fn dense_t<B: QuantBackend>(linear: &Linear<B>) -> Tensor<B, 2> {
-    match linear {
-        Linear::Dense { weight_t } => weight_t.clone(),
-        Linear::Quant(_) => panic!("the pipeline scores dense layers only"),
-    }
 }
 
 #[cfg(test)]

@@ -11,12 +11,13 @@ use burn::tensor::ops::FloatTensor;
 use half::{bf16, f16};
 use quant_core::PackedLinear;
 
-use crate::{DeviceLimits, QuantLinearError};
+use crate::{DeviceLimits, QuantLinearError, WeightKind};
 
-/// A Burn backend that can multiply activations by a [`PackedLinear`] held on its device.
+/// A Burn backend that can multiply activations by a [`PackedLinear`] (or a 16-bit weight) held
+/// on its device.
 pub trait QuantBackend: Backend {
-    /// The device-resident weight.
-    type Packed: Clone + Send + Sync + std::fmt::Debug;
+    /// A linear layer's weight, resident on the device in one of the forms of [`WeightKind`].
+    type Weight: Clone + Send + Sync + std::fmt::Debug;
 
     /// The largest buffer (and the memory, if known) of `device`, which uploads are checked
     /// against; host backends have none.
@@ -29,14 +30,14 @@ pub trait QuantBackend: Backend {
     fn upload(
         packed: &PackedLinear,
         device: &Self::Device,
-    ) -> Result<Self::Packed, QuantLinearError>;
+    ) -> Result<Self::Weight, QuantLinearError>;
 
     /// Uploads a dense `W [out, in]` whose values are f16 (see [`crate::QuantLinear::from_f16`]).
     fn upload_f16(
         w: &[f16],
         shape: [usize; 2],
         device: &Self::Device,
-    ) -> Result<Self::Packed, QuantLinearError>;
+    ) -> Result<Self::Weight, QuantLinearError>;
 
     /// Uploads a dense `W [out, in]` whose values are bf16 (see
     /// [`crate::QuantLinear::from_bf16`]).
@@ -44,17 +45,20 @@ pub trait QuantBackend: Backend {
         w: &[bf16],
         shape: [usize; 2],
         device: &Self::Device,
-    ) -> Result<Self::Packed, QuantLinearError>;
+    ) -> Result<Self::Weight, QuantLinearError>;
 
     /// `x [M, IC] · Ŵᵀ → [M, OC]`, in `x`'s float type. Panics if `x` is not `[M, IC]`, like
     /// Burn's own matmul on mismatched shapes; [`crate::QuantLinear::try_forward`] checks first.
-    fn quant_matmul(x: FloatTensor<Self>, w: &Self::Packed) -> FloatTensor<Self>;
+    fn quant_matmul(x: FloatTensor<Self>, w: &Self::Weight) -> FloatTensor<Self>;
 
     /// `(out_features, in_features)` of an uploaded weight.
-    fn packed_shape(w: &Self::Packed) -> (usize, usize);
+    fn weight_shape(w: &Self::Weight) -> (usize, usize);
+
+    /// The form `w` is stored in.
+    fn weight_kind(w: &Self::Weight) -> WeightKind;
 
     /// `x [.., IC] · Ŵᵀ → [.., OC]`: [`Self::quant_matmul`] over `x`'s leading dims.
-    fn quant_linear<const D: usize>(x: Tensor<Self, D>, w: &Self::Packed) -> Tensor<Self, D> {
+    fn quant_linear<const D: usize>(x: Tensor<Self, D>, w: &Self::Weight) -> Tensor<Self, D> {
         crate::generic::quant_linear(x, w)
     }
 

@@ -45,7 +45,7 @@ pub fn dense_linear<B: Backend, const D: usize>(
 /// See [`crate::QuantBackend::quant_linear`].
 pub fn quant_linear<B: QuantBackend, const D: usize>(
     x: Tensor<B, D>,
-    w: &B::Packed,
+    w: &B::Weight,
 ) -> Tensor<B, D> {
     let (x, restore) = flatten(x);
     let y = B::quant_matmul(x.into_primitive().tensor(), w);

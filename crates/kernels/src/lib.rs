@@ -9,6 +9,7 @@
 //!   wgpu/cuda, the host kernels on ndarray), and [`QuantLinear`], a layer on packed weights.
 //! * [`generic`]: the same ops composed from Burn tensor ops (defaults and test reference).
 //! * [`limits`]: the largest buffer a device holds, checked before every upload.
+//! * [`WeightKind`]: the form a layer's weight is stored in (packed codes, f16, bf16, f32).
 
 mod backend;
 pub mod cpu;
@@ -19,9 +20,11 @@ pub mod limits;
 #[cfg(feature = "ndarray")]
 mod ndarray;
 pub mod quant_linear;
+mod weight_kind;
 
 pub use backend::QuantBackend;
 pub use limits::{DeviceLimitError, DeviceLimits};
 #[cfg(feature = "ndarray")]
-pub use ndarray::NdArrayPacked;
+pub use ndarray::NdArrayWeight;
 pub use quant_linear::{QuantLinear, QuantLinearError};
+pub use weight_kind::WeightKind;

@@ -14,7 +14,7 @@ use quant_core::PackedLinear;
 use crate::cpu::attention::{HeadsView, causal_attention, rotate_half};
 use crate::cpu::dense::{MatRef, gram, matmul_new};
 use crate::quant_linear::{check_bf16_shape, check_f16_shape, dense_transposed};
-use crate::{QuantBackend, QuantLinearError, cpu};
+use crate::{QuantBackend, QuantLinearError, WeightKind, cpu};
 
 type B = NdArray<f32>;
 
@@ -22,7 +22,7 @@ type B = NdArray<f32>;
 /// multiply a transient f32 copy that lives for that product only (a model never holds more
 /// than one linear in f32, the one being multiplied).
 #[derive(Clone, Debug)]
-pub struct NdArrayPacked {
+pub struct NdArrayWeight {
     stored: Arc<Stored>,
     out_features: usize,
     in_features: usize,
@@ -43,7 +43,7 @@ enum Stored {
     Bf16(Vec<bf16>),
 }
 
-impl NdArrayPacked {
+impl NdArrayWeight {
     /// `Ŵᵀ [in, out]` in f32, row-major, built for one product.
     fn widened(&self) -> Vec<f32> {
         let (n, k) = (self.out_features, self.in_features);
@@ -213,18 +213,18 @@ fn host_product<const D: usize>(
 }
 
 impl QuantBackend for B {
-    type Packed = NdArrayPacked;
+    type Weight = NdArrayWeight;
 
     fn upload(
         packed: &PackedLinear,
         _device: &Self::Device,
-    ) -> Result<Self::Packed, QuantLinearError> {
+    ) -> Result<Self::Weight, QuantLinearError> {
         packed.validate()?;
         let stored = match cpu::CpuPacked::new(packed) {
             Ok(simd) => Stored::Simd(simd),
             Err(_) => Stored::Packed(packed.clone()),
         };
-        Ok(NdArrayPacked {
+        Ok(NdArrayWeight {
             out_features: packed.out_features,
             in_features: packed.in_features,
             stored: Arc::new(stored),
@@ -235,9 +235,9 @@ impl QuantBackend for B {
         w: &[f16],
         [out_features, in_features]: [usize; 2],
         _device: &Self::Device,
-    ) -> Result<Self::Packed, QuantLinearError> {
+    ) -> Result<Self::Weight, QuantLinearError> {
         check_f16_shape(w, [out_features, in_features])?;
-        Ok(NdArrayPacked {
+        Ok(NdArrayWeight {
             out_features,
             in_features,
             stored: Arc::new(Stored::F16(w.to_vec())),
@@ -248,16 +248,16 @@ impl QuantBackend for B {
         w: &[bf16],
         [out_features, in_features]: [usize; 2],
         _device: &Self::Device,
-    ) -> Result<Self::Packed, QuantLinearError> {
+    ) -> Result<Self::Weight, QuantLinearError> {
         check_bf16_shape(w, [out_features, in_features])?;
-        Ok(NdArrayPacked {
+        Ok(NdArrayWeight {
             out_features,
             in_features,
             stored: Arc::new(Stored::Bf16(w.to_vec())),
         })
     }
 
-    fn quant_matmul(x: FloatTensor<Self>, w: &Self::Packed) -> FloatTensor<Self> {
+    fn quant_matmul(x: FloatTensor<Self>, w: &Self::Weight) -> FloatTensor<Self> {
         Self::quant_linear(
             Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x)),
             w,
@@ -266,9 +266,9 @@ impl QuantBackend for B {
         .tensor()
     }
 
-    fn quant_linear<const D: usize>(x: Tensor<Self, D>, w: &Self::Packed) -> Tensor<Self, D> {
+    fn quant_linear<const D: usize>(x: Tensor<Self, D>, w: &Self::Weight) -> Tensor<Self, D> {
         let dims = x.dims();
-        let (out_features, in_features) = Self::packed_shape(w);
+        let (out_features, in_features) = Self::weight_shape(w);
         assert_eq!(
             dims[D - 1],
             in_features,
@@ -291,8 +291,25 @@ impl QuantBackend for B {
         host_product(&xh, dims, wm, [in_features, out_features])
     }
 
-    fn packed_shape(w: &Self::Packed) -> (usize, usize) {
+    fn weight_shape(w: &Self::Weight) -> (usize, usize) {
         (w.out_features, w.in_features)
+    }
+
+    fn weight_kind(w: &Self::Weight) -> WeightKind {
+        match &*w.stored {
+            Stored::Simd(p) => WeightKind::Packed {
+                dim: p.dim,
+                bits: p.bits,
+                group_size: p.group_size,
+            },
+            Stored::Packed(p) => WeightKind::Packed {
+                dim: p.dim,
+                bits: p.bits,
+                group_size: p.group_size,
+            },
+            Stored::F16(_) => WeightKind::F16,
+            Stored::Bf16(_) => WeightKind::Bf16,
+        }
     }
 
     fn dense_linear<const D: usize>(x: Tensor<Self, D>, w_t: Tensor<Self, 2>) -> Tensor<Self, D> {

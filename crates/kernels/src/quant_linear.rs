@@ -6,7 +6,7 @@ use half::{bf16, f16};
 use quant_core::{PackedLinear, QuantError};
 use thiserror::Error;
 
-use crate::{DeviceLimitError, QuantBackend};
+use crate::{DeviceLimitError, QuantBackend, WeightKind};
 
 /// Errors of uploading or applying a quantized linear layer.
 #[derive(Debug, Error)]
@@ -112,7 +112,8 @@ pub(crate) fn dense_transposed(packed: &PackedLinear) -> Vec<f32> {
 /// weight kept in f16 or bf16.
 #[derive(Clone, Debug)]
 pub struct QuantLinear<B: QuantBackend> {
-    weight: B::Packed,
+    weight: B::Weight,
+    device: B::Device,
 }
 
 impl<B: QuantBackend> QuantLinear<B> {
@@ -120,6 +121,7 @@ impl<B: QuantBackend> QuantLinear<B> {
     pub fn new(packed: &PackedLinear, device: &B::Device) -> Result<Self, QuantLinearError> {
         Ok(Self {
             weight: B::upload(packed, device)?,
+            device: device.clone(),
         })
     }
 
@@ -132,6 +134,7 @@ impl<B: QuantBackend> QuantLinear<B> {
     ) -> Result<Self, QuantLinearError> {
         Ok(Self {
             weight: B::upload_f16(w, shape, device)?,
+            device: device.clone(),
         })
     }
 
@@ -143,20 +146,31 @@ impl<B: QuantBackend> QuantLinear<B> {
     ) -> Result<Self, QuantLinearError> {
         Ok(Self {
             weight: B::upload_bf16(w, shape, device)?,
+            device: device.clone(),
         })
     }
 
     pub fn in_features(&self) -> usize {
-        B::packed_shape(&self.weight).1
+        B::weight_shape(&self.weight).1
     }
 
     pub fn out_features(&self) -> usize {
-        B::packed_shape(&self.weight).0
+        B::weight_shape(&self.weight).0
     }
 
     /// The device-resident weight, for calling [`QuantBackend::quant_matmul`] directly.
-    pub fn packed(&self) -> &B::Packed {
+    pub fn weight(&self) -> &B::Weight {
         &self.weight
+    }
+
+    /// The device the weight is on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// The form the weight is stored in.
+    pub fn kind(&self) -> WeightKind {
+        B::weight_kind(&self.weight)
     }
 
     /// `x [..., IC] → [..., OC]`; panics if the last dimension is not `in_features`.

@@ -13,7 +13,9 @@ use kernels::cube::{
     MIN_OC_LANES, MIN_ROWS_PER_SPLIT, REDUCE_MAX_CUBES, REDUCE_UNITS, TARGET_UNITS, ic_splits,
     m_tile, oc_lanes,
 };
-use kernels::{DeviceLimitError, DeviceLimits, QuantBackend, QuantLinear, QuantLinearError};
+use kernels::{
+    DeviceLimitError, DeviceLimits, QuantBackend, QuantLinear, QuantLinearError, WeightKind,
+};
 use quant_core::{PackedLinear, QuantDim};
 
 type B = Wgpu;
@@ -36,7 +38,7 @@ fn device() -> WgpuDevice {
 }
 
 /// Runs the kernel directly on `x [m, k]` (f32 or f16 on the device) and returns f32 values.
-fn run(w: &<B as QuantBackend>::Packed, x: &[f32], m: usize, k: usize, dtype: DType) -> Vec<f32> {
+fn run(w: &<B as QuantBackend>::Weight, x: &[f32], m: usize, k: usize, dtype: DType) -> Vec<f32> {
     let device = device();
     let xt = Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), [m, k]), &device).cast(dtype);
     let y = B::quant_matmul(xt.into_primitive().tensor(), w);
@@ -66,7 +68,10 @@ fn check_all(dtype: DType, rel_out: f32, seed: u64) {
                 let (n, k) = shapes(dim, g);
                 let packed = random_packed(&mut rng, dim, bits, g, n, k);
                 let w = B::upload(&packed, &device).unwrap();
-                assert!(w.is_packed(), "{dim} b{bits} g{g} must use the kernel");
+                assert!(
+                    matches!(w.kind(), WeightKind::Packed { .. }),
+                    "{dim} b{bits} g{g} must use the kernel"
+                );
                 for m in MS {
                     let x = random_x(&mut rng, m * k, true);
                     let (want, bound) = reference(&packed, &x, m);
@@ -113,7 +118,7 @@ fn unaligned_groups_fall_back_to_dense() {
     for dim in QuantDim::ALL {
         let packed = random_packed(&mut rng, dim, 3, 48, 96, 144);
         let w = B::upload(&packed, &device).unwrap();
-        assert!(!w.is_packed());
+        assert!(!matches!(w.kind(), WeightKind::Packed { .. }));
         let x = random_x(&mut rng, 5 * 144, false);
         let (want, bound) = reference(&packed, &x, 5);
         // Dense matmul of unknown tiling: allow a looser summation error.
@@ -150,7 +155,7 @@ fn oc_lane_counts_and_partial_cubes() {
     ] {
         let packed = random_packed(&mut rng, QuantDim::Oc, bits, 32, n, k);
         let w = B::upload(&packed, &device).unwrap();
-        assert!(w.is_packed());
+        assert!(matches!(w.kind(), WeightKind::Packed { .. }));
         for m in [1, 5, 9] {
             let x = random_x(&mut rng, m * k, false);
             let (want, bound) = reference(&packed, &x, m);
@@ -255,7 +260,7 @@ fn uploads_past_a_synthetic_buffer_limit_are_refused_by_name() {
         Some(("qweight".into(), 8192, 8191))
     );
     let w = upload(8192).expect("every buffer fits");
-    assert!(w.is_packed());
+    assert!(matches!(w.kind(), WeightKind::Packed { .. }));
     let x = random_x(&mut rng, 3 * k, false);
     let (want, bound) = reference(&packed, &x, 3);
     assert_close(

@@ -7,7 +7,7 @@ mod cube_common;
 use burn::backend::NdArray;
 use burn::prelude::*;
 use cube_common::{assert_close, random_packed, random_x, reference, rng};
-use kernels::{QuantBackend, QuantLinear, QuantLinearError};
+use kernels::{QuantBackend, QuantLinear, QuantLinearError, WeightKind};
 use quant_core::QuantDim;
 
 type B = NdArray<f32>;
@@ -171,4 +171,37 @@ fn large_products_equal_the_dense_product_bit_for_bit() {
     let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
     let layer = QuantLinear::<B>::from_bf16(&wb, [n, k], &device).unwrap();
     check("bf16", layer, wb.iter().map(|v| v.to_f32()).collect());
+}
+
+#[test]
+fn kind_names_the_form_the_weight_is_stored_in() {
+    let device = Default::default();
+    let mut rng = rng(13);
+    // Group 64: the SIMD layout; group 48: kept as packed codes for the dense path.
+    for (dim, bits, g) in [(QuantDim::Ic, 3, 64), (QuantDim::Oc, 4, 48)] {
+        let packed = random_packed(&mut rng, dim, bits, g, 192, 96);
+        let layer = QuantLinear::<B>::new(&packed, &device).unwrap();
+        assert_eq!(
+            layer.kind(),
+            WeightKind::Packed {
+                dim,
+                bits,
+                group_size: g
+            }
+        );
+    }
+    let w = vec![half::f16::ONE; 6];
+    assert_eq!(
+        QuantLinear::<B>::from_f16(&w, [2, 3], &device)
+            .unwrap()
+            .kind(),
+        WeightKind::F16
+    );
+    let w = vec![half::bf16::ONE; 6];
+    assert_eq!(
+        QuantLinear::<B>::from_bf16(&w, [2, 3], &device)
+            .unwrap()
+            .kind(),
+        WeightKind::Bf16
+    );
 }

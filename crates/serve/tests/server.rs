@@ -20,7 +20,12 @@ fn assert_400(answer: (u16, Value), param: Option<&str>, says: &str) {
 
 /// A bad request: what it is, how to send it (status and body back), the `param` its error
 /// must name, and a word its message must contain.
-type BadCase<'a> = (&'a str, Box<dyn Fn() -> (u16, Value) + 'a>, Option<&'a str>, &'a str);
+type BadCase<'a> = (
+    &'a str,
+    Box<dyn Fn() -> (u16, Value) + 'a>,
+    Option<&'a str>,
+    &'a str,
+);
 
 #[test]
 fn bad_requests_get_a_clear_400_and_the_server_keeps_serving() {

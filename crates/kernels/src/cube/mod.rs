@@ -68,7 +68,7 @@ use crate::quant_linear::{
     QuantLinearError, check_bf16_shape, check_f16_shape, check_input, dense_transposed,
     widened_transposed, widened_transposed_bf16,
 };
-use crate::{DeviceLimitError, DeviceLimits, QuantBackend};
+use crate::{DeviceLimitError, DeviceLimits, QuantBackend, WeightKind};
 use kernel::{BLOCK, CUBE_UNITS};
 pub use kernel::{REDUCE_MAX_CUBES, REDUCE_UNITS};
 
@@ -87,45 +87,41 @@ pub const OC_ROWS_PER_UNIT: usize = 2;
 /// together, 64–256 contiguous bytes of the row per step for 2–8 bits.
 pub const MIN_OC_LANES: usize = 8;
 
-/// A packed linear layer resident on a CubeCL device.
+/// A linear layer's weight resident on a CubeCL device.
 #[derive(Clone)]
-pub struct CubePackedLinear<R: CubeRuntime> {
-    dim: QuantDim,
-    bits: u32,
-    group_size: usize,
+pub struct CubeWeight<R: CubeRuntime> {
     out_features: usize,
     in_features: usize,
-    weight: DeviceWeight<R>,
+    stored: DeviceWeight<R>,
 }
 
 #[derive(Clone)]
 enum DeviceWeight<R: CubeRuntime> {
+    /// Codes and fused group parameters, read by the dequantizing kernels.
     Packed {
+        dim: QuantDim,
+        bits: u32,
+        group_size: usize,
         client: ComputeClient<R>,
         qweight: Handle,
         params: Handle,
     },
-    /// `Ŵᵀ [IC, OC]` for layouts the kernels do not cover.
+    /// `Wᵀ [IC, OC]` in f32: a 16-bit weight widened, or a packed layout the kernels do not
+    /// cover, dequantized. Multiplied by Burn's matmul.
     Dense(CubeTensor<R>),
 }
 
-impl<R: CubeRuntime> std::fmt::Debug for CubePackedLinear<R> {
+impl<R: CubeRuntime> std::fmt::Debug for CubeWeight<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CubePackedLinear")
-            .field("dim", &self.dim)
-            .field("bits", &self.bits)
-            .field("group_size", &self.group_size)
+        f.debug_struct("CubeWeight")
             .field("out_features", &self.out_features)
             .field("in_features", &self.in_features)
-            .field(
-                "packed",
-                &matches!(self.weight, DeviceWeight::Packed { .. }),
-            )
+            .field("kind", &self.kind())
             .finish()
     }
 }
 
-impl<R: CubeRuntime> CubePackedLinear<R> {
+impl<R: CubeRuntime> CubeWeight<R> {
     pub fn in_features(&self) -> usize {
         self.in_features
     }
@@ -134,9 +130,21 @@ impl<R: CubeRuntime> CubePackedLinear<R> {
         self.out_features
     }
 
-    /// Whether the dequantizing kernels serve this layer (false: dense fallback).
-    pub fn is_packed(&self) -> bool {
-        matches!(self.weight, DeviceWeight::Packed { .. })
+    /// The form the weight is stored in ([`WeightKind::F32`] for the dense path).
+    pub fn kind(&self) -> WeightKind {
+        match self.stored {
+            DeviceWeight::Packed {
+                dim,
+                bits,
+                group_size,
+                ..
+            } => WeightKind::Packed {
+                dim,
+                bits,
+                group_size,
+            },
+            DeviceWeight::Dense(_) => WeightKind::F32,
+        }
     }
 }
 
@@ -253,7 +261,7 @@ pub fn matmul_buffers(
 pub fn upload<R: CubeRuntime>(
     packed: &PackedLinear,
     device: &R::Device,
-) -> Result<CubePackedLinear<R>, QuantLinearError> {
+) -> Result<CubeWeight<R>, QuantLinearError> {
     upload_within(packed, device, &device_limits::<R>(device))
 }
 
@@ -262,17 +270,20 @@ pub fn upload_within<R: CubeRuntime>(
     packed: &PackedLinear,
     device: &R::Device,
     limits: &DeviceLimits,
-) -> Result<CubePackedLinear<R>, QuantLinearError> {
+) -> Result<CubeWeight<R>, QuantLinearError> {
     packed.validate()?;
     let client = R::client(device);
     let (_, cols) = packed.rows_cols();
     let kernel_ok = packed.group_size.is_multiple_of(BLOCK) && cols.is_multiple_of(BLOCK);
-    let weight = match fuse_params(packed).filter(|_| kernel_ok) {
+    let stored = match fuse_params(packed).filter(|_| kernel_ok) {
         Some(params) => {
             for (tensor, size) in weight_buffers(packed) {
                 limits.check_buffer(tensor, size)?;
             }
             DeviceWeight::Packed {
+                dim: packed.dim,
+                bits: packed.bits,
+                group_size: packed.group_size,
                 qweight: client.create_from_slice(bytemuck::cast_slice(&packed.qweight)),
                 params: client.create_from_slice(bytemuck::cast_slice(&params)),
                 client,
@@ -295,13 +306,10 @@ pub fn upload_within<R: CubeRuntime>(
             )
         }
     };
-    Ok(CubePackedLinear {
-        dim: packed.dim,
-        bits: packed.bits,
-        group_size: packed.group_size,
+    Ok(CubeWeight {
         out_features: packed.out_features,
         in_features: packed.in_features,
-        weight,
+        stored,
     })
 }
 
@@ -335,13 +343,12 @@ fn check_dense(
 }
 
 /// A dense `W [out, in]` given in f16 (see [`QuantBackend::upload_f16`]), widened to f32: it is
-/// multiplied by Burn's matmul like the dense fallback. `dim`/`bits`/`group_size` then describe
-/// it as one 16-bit group per row; only the packed kernels read them.
+/// multiplied by Burn's matmul like the dense fallback.
 pub fn upload_f16<R: CubeRuntime>(
     w: &[f16],
     shape: [usize; 2],
     device: &R::Device,
-) -> Result<CubePackedLinear<R>, QuantLinearError> {
+) -> Result<CubeWeight<R>, QuantLinearError> {
     upload_f16_within(w, shape, device, &device_limits::<R>(device))
 }
 
@@ -351,7 +358,7 @@ pub fn upload_f16_within<R: CubeRuntime>(
     shape: [usize; 2],
     device: &R::Device,
     limits: &DeviceLimits,
-) -> Result<CubePackedLinear<R>, QuantLinearError> {
+) -> Result<CubeWeight<R>, QuantLinearError> {
     check_f16_shape(w, shape)?;
     check_dense(limits, shape)?;
     Ok(dense_16(widened_transposed(w, shape), shape, device))
@@ -362,27 +369,19 @@ pub fn upload_bf16<R: CubeRuntime>(
     w: &[bf16],
     shape: [usize; 2],
     device: &R::Device,
-) -> Result<CubePackedLinear<R>, QuantLinearError> {
+) -> Result<CubeWeight<R>, QuantLinearError> {
     check_bf16_shape(w, shape)?;
     check_dense(&device_limits::<R>(device), shape)?;
     Ok(dense_16(widened_transposed_bf16(w, shape), shape, device))
 }
 
-/// The device weight of a widened 16-bit `W`, described as one 16-bit group per row (only the
-/// packed kernels read `dim`/`bits`/`group_size`).
-fn dense_16<R: CubeRuntime>(
-    w_t: Vec<f32>,
-    shape: [usize; 2],
-    device: &R::Device,
-) -> CubePackedLinear<R> {
+/// The device weight of a widened 16-bit `W`.
+fn dense_16<R: CubeRuntime>(w_t: Vec<f32>, shape: [usize; 2], device: &R::Device) -> CubeWeight<R> {
     let [out_features, in_features] = shape;
-    CubePackedLinear {
-        dim: QuantDim::Oc,
-        bits: 16,
-        group_size: in_features,
+    CubeWeight {
         out_features,
         in_features,
-        weight: dense_weight(R::client(device), device, w_t, shape),
+        stored: dense_weight(R::client(device), device, w_t, shape),
     }
 }
 
@@ -408,7 +407,7 @@ macro_rules! dispatch_float {
 }
 
 /// `x [M, IC] · Ŵᵀ → [M, OC]` in `x`'s float type; panics if `x` is not `[M, IC]`.
-pub fn quant_matmul<R, F, I, BT>(x: CubeTensor<R>, w: &CubePackedLinear<R>) -> CubeTensor<R>
+pub fn quant_matmul<R, F, I, BT>(x: CubeTensor<R>, w: &CubeWeight<R>) -> CubeTensor<R>
 where
     R: CubeRuntime,
     F: FloatElement,
@@ -419,7 +418,7 @@ where
     if let Err(e) = check_input(&dims, w.in_features) {
         panic!("{e}");
     }
-    let (client, qweight, params) = match &w.weight {
+    let (dim, bits, group_size, client, qweight, params) = match &w.stored {
         DeviceWeight::Dense(wt) => {
             type B<R, F, I, BT> = CubeBackend<R, F, I, BT>;
             let wt = if wt.dtype == x.dtype {
@@ -430,15 +429,18 @@ where
             return B::<R, F, I, BT>::float_matmul(x, wt);
         }
         DeviceWeight::Packed {
+            dim,
+            bits,
+            group_size,
             client,
             qweight,
             params,
-        } => (client, qweight, params),
+        } => (*dim, *bits, *group_size, client, qweight, params),
     };
     let (m, k, n) = (dims[0], w.in_features, w.out_features);
     if let Err(e) = device_limits::<R>(&x.device).check_all(
         "quantized matmul",
-        &matmul_buffers(w.dim, [m, n, k], x.dtype.size()),
+        &matmul_buffers(dim, [m, n, k], x.dtype.size()),
     ) {
         panic!("{e}");
     }
@@ -452,11 +454,11 @@ where
     if m == 0 {
         return y;
     }
-    let tm = m_tile(w.dim, m);
+    let tm = m_tile(dim, m);
     let m_tiles = m.div_ceil(tm);
-    let vec = vector_size(w.bits);
-    let group_blocks = w.group_size / BLOCK;
-    let (cols, rows) = match w.dim {
+    let vec = vector_size(bits);
+    let group_blocks = group_size / BLOCK;
+    let (cols, rows) = match dim {
         QuantDim::Ic => (n, k),
         QuantDim::Oc => (k, n),
     };
@@ -464,12 +466,11 @@ where
     // `validate` at upload); the kernel path requires `cols % 32 == 0`, so that count is exact,
     // and `vec` divides `bits`, so it is a whole number of `vec`-word vectors.
     let qweight_arg = unsafe {
-        ArrayArg::from_raw_parts(qweight.clone(), rows * cols * w.bits as usize / 32 / vec)
+        ArrayArg::from_raw_parts(qweight.clone(), rows * cols * bits as usize / 32 / vec)
     };
     // SAFETY: `params` holds one word per group, `rows · cols / group_size` (one per scale,
     // `fuse_params`, of a validated layer).
-    let params_arg =
-        unsafe { ArrayArg::from_raw_parts(params.clone(), rows * cols / w.group_size) };
+    let params_arg = unsafe { ArrayArg::from_raw_parts(params.clone(), rows * cols / group_size) };
     // SAFETY: `x` is contiguous, `[m, k]` (`check_input`), of the dtype the kernels are
     // instantiated with (`dispatch_float!` on `x.dtype`).
     let x_arg = unsafe { ArrayArg::from_raw_parts(x.handle.clone(), m * k) };
@@ -478,7 +479,7 @@ where
     let y_arg = unsafe { ArrayArg::from_raw_parts(y.handle.clone(), len) };
     let cube_dim = CubeDim::new_1d(CUBE_UNITS as u32);
 
-    match w.dim {
+    match dim {
         QuantDim::Ic => {
             let n_blocks = n / BLOCK;
             let (splits, per) = ic_splits(k, n_blocks, m_tiles);
@@ -498,7 +499,7 @@ where
             dispatch_float!(x.dtype, E => unsafe {
                 kernel::quant_matmul_ic::launch_unchecked::<E, R>(
                     client, count, cube_dim, vec, x_arg, qweight_arg, params_arg,
-                    partial_arg(), m, k, n, per, w.bits, vec, group_blocks, tm,
+                    partial_arg(), m, k, n, per, bits, vec, group_blocks, tm,
                 )
             });
             let cubes = len.div_ceil(REDUCE_UNITS).min(REDUCE_MAX_CUBES);
@@ -530,7 +531,7 @@ where
             dispatch_float!(x.dtype, E => unsafe {
                 kernel::quant_matmul_oc::launch_unchecked::<E, R>(
                     client, count, cube_dim, vec, x_arg, qweight_arg, params_arg, y_arg,
-                    m, k, n, lanes, ru, w.bits, vec, group_blocks, tm,
+                    m, k, n, lanes, ru, bits, vec, group_blocks, tm,
                 )
             });
         }
@@ -545,7 +546,7 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    type Packed = CubePackedLinear<R>;
+    type Weight = CubeWeight<R>;
 
     fn device_limits(device: &Self::Device) -> DeviceLimits {
         device_limits::<R>(device)
@@ -554,7 +555,7 @@ where
     fn upload(
         packed: &PackedLinear,
         device: &Self::Device,
-    ) -> Result<Self::Packed, QuantLinearError> {
+    ) -> Result<Self::Weight, QuantLinearError> {
         upload::<R>(packed, device)
     }
 
@@ -562,7 +563,7 @@ where
         w: &[f16],
         shape: [usize; 2],
         device: &Self::Device,
-    ) -> Result<Self::Packed, QuantLinearError> {
+    ) -> Result<Self::Weight, QuantLinearError> {
         upload_f16::<R>(w, shape, device)
     }
 
@@ -570,15 +571,19 @@ where
         w: &[bf16],
         shape: [usize; 2],
         device: &Self::Device,
-    ) -> Result<Self::Packed, QuantLinearError> {
+    ) -> Result<Self::Weight, QuantLinearError> {
         upload_bf16::<R>(w, shape, device)
     }
 
-    fn quant_matmul(x: FloatTensor<Self>, w: &Self::Packed) -> FloatTensor<Self> {
+    fn quant_matmul(x: FloatTensor<Self>, w: &Self::Weight) -> FloatTensor<Self> {
         quant_matmul::<R, F, I, BT>(x, w)
     }
 
-    fn packed_shape(w: &Self::Packed) -> (usize, usize) {
+    fn weight_shape(w: &Self::Weight) -> (usize, usize) {
         (w.out_features, w.in_features)
+    }
+
+    fn weight_kind(w: &Self::Weight) -> WeightKind {
+        w.kind()
     }
 }

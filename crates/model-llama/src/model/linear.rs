@@ -1,5 +1,5 @@
 use burn::prelude::*;
-use kernels::{QuantBackend, QuantLinear};
+use kernels::{QuantBackend, QuantLinear, WeightKind};
 
 /// A bias-free linear layer `y = x · Wᵀ`, dense or on packed quantized weights.
 #[derive(Clone, Debug)]
@@ -36,11 +36,64 @@ impl<B: QuantBackend> Linear<B> {
         }
     }
 
+    /// The form the weight is stored in.
+    pub fn kind(&self) -> WeightKind {
+        match self {
+            Self::Dense { .. } => WeightKind::F32,
+            Self::Quant(q) => q.kind(),
+        }
+    }
+
+    /// `Wᵀ [in, out]` in f32. A dense layer hands out its tensor; a compact one is multiplied
+    /// out (the identity through its kernel), which costs a product with `in × in` inputs:
+    /// for tests and one-off inspection, not for a forward.
+    pub fn weight_t(&self) -> Tensor<B, 2> {
+        match self {
+            Self::Dense { weight_t } => weight_t.clone(),
+            Self::Quant(q) => q.forward(Tensor::eye(q.in_features(), q.device())),
+        }
+    }
+
     /// Applies the layer to the last dimension of `x`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Self::Quant(q) => q.forward(x),
             Self::Dense { weight_t } => B::dense_linear(x, weight_t.clone()),
+        }
+    }
+}
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    use burn::backend::NdArray;
+    use quant_core::{GroupSize, QuantConfig, QuantDim, quantize_rtn};
+
+    use super::*;
+
+    /// A packed layer multiplied out is its dequantized weight, transposed, for both dims.
+    #[test]
+    fn a_packed_layers_weight_t_is_its_dequantized_transpose() {
+        let device = Default::default();
+        let (out, inp) = (48, 64);
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
+            .collect();
+        for dim in QuantDim::ALL {
+            let config = QuantConfig {
+                bits: 3,
+                group_size: GroupSize::Len(16),
+                dim,
+            };
+            let packed = quantize_rtn(&w, out, inp, config).unwrap().pack();
+            let layer = Linear::<NdArray>::Quant(QuantLinear::new(&packed, &device).unwrap());
+            let want = quant_core::transpose(&packed.dequantize(), out, inp);
+            let got = layer.weight_t();
+            assert_eq!(got.dims(), [inp, out]);
+            let got = got.into_data().to_vec::<f32>().unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "{dim}: {g} vs {w}");
+            }
+            assert!(matches!(layer.kind(), WeightKind::Packed { bits: 3, .. }));
         }
     }
 }
