@@ -4,7 +4,7 @@
 //! Each measurement is first checked against the device's limits (skipped with a note when it
 //! cannot fit), then run guarded: an error or a panic fails that measurement only, the run goes
 //! on, and it exits non-zero at the end if any failed. The backend's code is compiled in by
-//! xtask's feature of the same name (`wgpu` is on by default); `cargo xtask` without it
+//! xtask-jobs' feature of the same name (`wgpu` is on by default); `cargo xtask` without it
 //! rebuilds and reruns itself with it, so `cargo xtask bench-kernels --backend cuda` works as
 //! written on a CUDA machine (see docs/gpu.md).
 
@@ -35,16 +35,16 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
     }
 }
 
-/// Runs this same command through `cargo run` with xtask's `feature` on.
+/// Runs this same command through `cargo run` with xtask-jobs' `feature` on.
 fn rerun_with_feature(feature: &str) -> Result<()> {
     let manual = format!(
-        "cargo run --release -p xtask --features {feature} -- {}",
+        "cargo run --release -p xtask-jobs --features {feature} -- {}",
         std::env::args().skip(1).collect::<Vec<_>>().join(" ")
     );
     if std::env::var_os(RERUN).is_some() {
-        bail!("xtask was built without the `{feature}` feature: run `{manual}`");
+        bail!("xtask-jobs was built without the `{feature}` feature: run `{manual}`");
     }
-    eprintln!("xtask was built without the `{feature}` feature; running `{manual}`");
+    eprintln!("xtask-jobs was built without the `{feature}` feature; running `{manual}`");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(&cargo)
         .args([
@@ -52,7 +52,7 @@ fn rerun_with_feature(feature: &str) -> Result<()> {
             "--release",
             "--quiet",
             "-p",
-            "xtask",
+            "xtask-jobs",
             "--features",
             feature,
             "--",

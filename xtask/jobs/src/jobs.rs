@@ -17,8 +17,9 @@ type B = NdArray<f32>;
 /// test model, fetched and cached on first use.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the repo")
+        .ancestors()
+        .nth(2)
+        .expect("xtask/jobs lives in the repo")
         .to_path_buf()
 }
 
