@@ -2,7 +2,7 @@
 //! against `PackedLinear::dequantize()` + a naive f64 matmul.
 #![cfg(feature = "wgpu")]
 
-mod cube_common;
+use crate::cube_common;
 
 use burn::backend::Wgpu;
 use burn::backend::wgpu::WgpuDevice;

@@ -11,7 +11,7 @@ use model_llama::load::{assemble, load_layer_with, load_model, load_periphery};
 use model_llama::{HostTensor, Linear, Llama, MemorySource, TensorSource};
 use quant_core::GroupSize;
 
-mod common;
+use crate::common;
 
 use common::tiny_config;
 

@@ -1,7 +1,7 @@
 //! A small GGUF file written here is read back exactly; corrupt variants give `Malformed` errors
 //! naming the file, never a panic.
 
-mod gguf_support;
+use crate::gguf_support;
 
 use std::path::{Path, PathBuf};
 

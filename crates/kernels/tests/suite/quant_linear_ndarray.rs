@@ -1,8 +1,7 @@
 //! `QuantLinear` on the ndarray backend against dequantize + naive matmul.
 #![cfg(feature = "ndarray")]
 
-#[path = "cube_common/mod.rs"]
-mod cube_common;
+use crate::cube_common;
 
 use burn::backend::NdArray;
 use burn::prelude::*;

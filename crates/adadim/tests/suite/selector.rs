@@ -12,7 +12,7 @@ use quant_core::{GptqOptions, GroupSize, QuantDim};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-mod common;
+use crate::common;
 
 use common::tiny_config;
 

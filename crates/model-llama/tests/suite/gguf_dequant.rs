@@ -1,7 +1,7 @@
 //! Dequantization of hand-built blocks of every supported type against hand-computed values
 //! and a naive element-by-element reference of llama.cpp's block layouts.
 
-mod gguf_support;
+use crate::gguf_support;
 
 use gguf_support::f16_bits;
 use model_llama::gguf::{DequantError, GgmlType, dequantize};

@@ -1,7 +1,7 @@
 //! The server on the shipped test model: bad requests, concurrency, the queue bound, stop
 //! strings and prompt log-probabilities, through HTTP.
 
-mod support;
+use crate::support;
 
 use model_llama::generate::{Decoder, GenerateOptions};
 use serde_json::{Value, json};

@@ -2,7 +2,7 @@
 //! installs it in a virtual environment under target/ on first use; a failed install fails the
 //! test with pip's error.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -20,7 +20,7 @@ use quant_core::{GroupSize, QuantConfig, QuantDim};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-mod common;
+use crate::common;
 
 type B = NdArray<f32>;
 

@@ -1,8 +1,7 @@
 //! The CPU kernel against `PackedLinear::dequantize()` + a naive matmul (f64 accumulation), on every SIMD
 //! path this machine supports.
 
-#[path = "cube_common/mod.rs"]
-mod cube_common;
+use crate::cube_common;
 
 use cube_common::{random_packed, reference};
 use kernels::cpu::{CpuKernelError, CpuPacked, SimdPath, gemm, gemm_with};
