@@ -188,7 +188,7 @@ fn update_error<B: QuantBackend>(
 ) -> f64 {
     if !difference {
         let out = last.forward(update.last_in.clone());
-        return mean_square(out.sub(last.forward(reference.clone())));
+        return mean_square_distance(out, last.forward(reference.clone()));
     }
     let diff = update.last_in.clone().sub(reference.clone());
     match last_gram {
@@ -328,9 +328,15 @@ impl ErrorSum {
     }
 }
 
-fn mean_square<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
-    let v: f32 = t.square().mean().into_scalar().elem();
-    v as f64
+fn mean_square<B: QuantBackend, const D: usize>(t: Tensor<B, D>) -> f64 {
+    let n = t.shape().num_elements();
+    B::inner_product(t.clone(), t) / n as f64
+}
+
+/// `mean((a − b)²)`, without the difference tensor.
+fn mean_square_distance<B: QuantBackend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
+    let n = a.shape().num_elements();
+    B::squared_distance(a, b) / n as f64
 }
 
 /// `Xᵀ·X` of a captured input `[blocks, t, features]`: what the error of a change of the
@@ -383,11 +389,7 @@ pub fn own_output_error_undifferenced<B: QuantBackend>(
     candidate: &Linear<B>,
     x: &Tensor<B, 3>,
 ) -> f64 {
-    mean_square(
-        candidate
-            .forward(x.clone())
-            .sub(original.forward(x.clone())),
-    )
+    mean_square_distance(candidate.forward(x.clone()), original.forward(x.clone()))
 }
 
 /// `mean((X·ΔWᵀ)²)` over `tokens × OC` outputs from `G = XᵀX` over those tokens:

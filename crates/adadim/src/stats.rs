@@ -97,11 +97,13 @@ impl<B: QuantBackend> InputStats<B> {
 
     /// Adds `XᵀX` of one chunk's input at `site`.
     pub fn accumulate(&mut self, site: Site, x: &Tensor<B, 3>) {
-        let g = gram(x);
         let slot = &mut self.grams[site.index()];
         *slot = Some(match slot.take() {
-            Some(sum) => sum.add(g),
-            None => g,
+            Some(sum) => {
+                let [blocks, t, features] = x.dims();
+                B::gram_add(sum, x.clone().reshape([blocks * t, features]))
+            }
+            None => gram(x),
         });
     }
 

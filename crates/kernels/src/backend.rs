@@ -73,6 +73,12 @@ pub trait QuantBackend: Backend {
         Self::dense_linear(x.clone().transpose(), x)
     }
 
+    /// `sum + xᵀ·x` of `x [n, f]` and a running `sum [f, f]`: a Gram matrix summed over chunks
+    /// of rows. Backends may add into `sum`'s memory.
+    fn gram_add(sum: Tensor<Self, 2>, x: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        sum.add(Self::gram(x))
+    }
+
     /// Causal grouped-query attention `softmax(q·kᵀ/√d + mask)·v` on projection outputs:
     /// `q [b, t_q, heads·d]`, `k, v [b, t_k, kv_heads·d]` → `[b, t_q, heads·d]` (heads
     /// concatenated, the input of `o_proj`).
@@ -103,6 +109,17 @@ pub trait QuantBackend: Backend {
     /// SwiGLU's gating `silu(gate) ⊙ up`.
     fn swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
         crate::generic::swiglu(gate, up)
+    }
+
+    /// `Σ (a − b)²` over all elements of two tensors of one shape, in f64: a score's squared
+    /// error without the difference tensor.
+    fn squared_distance<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> f64 {
+        crate::generic::squared_distance(a, b)
+    }
+
+    /// `Σ a ⊙ b` over all elements of two tensors of one shape, in f64.
+    fn inner_product<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> f64 {
+        crate::generic::inner_product(a, b)
     }
 
     /// `Σᵣ −log softmax(logitsᵣ)[targetᵣ]` over the rows of `logits [targets.len(), vocab]`.

@@ -156,3 +156,13 @@ pub fn sum_nll<B: Backend>(logits: Tensor<B, 2>, targets: &[u32]) -> f64 {
     let nll: f32 = lse.sub(picked).sum().into_scalar().elem();
     nll as f64
 }
+
+/// See [`crate::QuantBackend::squared_distance`] (summed in the backend's float type).
+pub fn squared_distance<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
+    a.sub(b).square().sum().into_scalar().elem::<f64>()
+}
+
+/// See [`crate::QuantBackend::inner_product`] (summed in the backend's float type).
+pub fn inner_product<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
+    a.mul(b).sum().into_scalar().elem::<f64>()
+}

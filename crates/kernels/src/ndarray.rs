@@ -212,6 +212,19 @@ fn host_product<const D: usize>(
     tensor(y, out)
 }
 
+/// `reduce` of the elements of `a` and `b` paired by index: on their memory as it is when both
+/// are laid out alike (an element-wise reduction does not care about the order), in row-major
+/// copies otherwise.
+fn with_same_layout(a: &Host, b: &Host, reduce: fn(&[f32], &[f32]) -> f64) -> f64 {
+    assert_eq!(a.dims, b.dims, "reduced tensors differ in shape");
+    if a.strides == b.strides {
+        let n = a.len();
+        reduce(&a.data[..n], &b.data[..n])
+    } else {
+        reduce(&a.row_major(), &b.row_major())
+    }
+}
+
 impl QuantBackend for B {
     type Weight = NdArrayWeight;
 
@@ -320,6 +333,22 @@ impl QuantBackend for B {
         }
     }
 
+    fn squared_distance<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> f64 {
+        let (ap, bp) = (primitive(&a), primitive(&b));
+        match (Host::of(&ap), Host::of(&bp)) {
+            (Some(ah), Some(bh)) => with_same_layout(&ah, &bh, cpu::reduce::squared_distance),
+            _ => crate::generic::squared_distance(a, b),
+        }
+    }
+
+    fn inner_product<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> f64 {
+        let (ap, bp) = (primitive(&a), primitive(&b));
+        match (Host::of(&ap), Host::of(&bp)) {
+            (Some(ah), Some(bh)) => with_same_layout(&ah, &bh, cpu::reduce::inner_product),
+            _ => crate::generic::inner_product(a, b),
+        }
+    }
+
     fn gram(x: Tensor<Self, 2>) -> Tensor<Self, 2> {
         let xp = primitive(&x);
         let Some(h) = Host::of(&xp) else {
@@ -328,6 +357,28 @@ impl QuantBackend for B {
         let [n, f] = [h.dims[0], h.dims[1]];
         let x = MatRef::new(&h.data, n, f, h.strides[0], h.strides[1]);
         tensor(gram(x), [f, f])
+    }
+
+    fn gram_add(sum: Tensor<Self, 2>, x: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let xp = primitive(&x);
+        let (Some(h), NdArrayTensor::F32(storage)) = (Host::of(&xp), primitive(&sum)) else {
+            return sum.add(Self::gram(x));
+        };
+        let [n, f] = [h.dims[0], h.dims[1]];
+        assert_eq!(
+            storage.shape(),
+            &[f, f],
+            "a Gram sum is [features, features]"
+        );
+        drop(sum);
+        // Unique once `sum` is dropped (the pipeline hands over its running sum), so no copy.
+        let mut acc = storage.into_owned();
+        let Some(dst) = acc.as_slice_mut() else {
+            let sum = Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(acc)));
+            return sum.add(Self::gram(x));
+        };
+        cpu::dense::gram_add(MatRef::new(&h.data, n, f, h.strides[0], h.strides[1]), dst);
+        Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(acc)))
     }
 
     fn causal_attention(

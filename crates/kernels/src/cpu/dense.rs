@@ -117,6 +117,25 @@ const GRAM_BLOCK: usize = 96;
 /// the work of the general product, which calibration pays for every Gram matrix and Hessian.
 pub fn gram(x: MatRef<'_>) -> Vec<f32> {
     let f = x.cols;
+    let mut out = vec![0f32; f * f];
+    gram_into(x, &mut out, false);
+    out
+}
+
+/// `acc += XᵀX` for a row-major `acc [f, f]`: a Gram summed over chunks of rows without a new
+/// `f × f` matrix per chunk and a second, single-threaded pass to add it.
+pub fn gram_add(x: MatRef<'_>, acc: &mut [f32]) {
+    assert_eq!(
+        acc.len(),
+        x.cols * x.cols,
+        "a Gram sum is [features, features]"
+    );
+    gram_into(x, acc, true);
+}
+
+/// `out = XᵀX`, or `out += XᵀX` with `add`.
+fn gram_into(x: MatRef<'_>, out: &mut [f32], add: bool) {
+    let f = x.cols;
     let rows: Vec<Range<usize>> = (0..f.div_ceil(GRAM_BLOCK))
         .map(|i| i * GRAM_BLOCK..((i + 1) * GRAM_BLOCK).min(f))
         .collect();
@@ -127,27 +146,36 @@ pub fn gram(x: MatRef<'_>) -> Vec<f32> {
         .map(|r| matmul_new(x.columns(r.clone()).t(), x.columns(0..r.end), 1.0, false))
         .collect();
     products.reverse();
+    let put = |dst: &mut f32, v: f32| {
+        if add {
+            *dst += v;
+        } else {
+            *dst = v;
+        }
+    };
     // Each block row of the result is its product (left of and on the diagonal) and, to the
     // right, the transposes of the later blocks' products, copied tile by tile so that both
     // sides stay in cache. Done serially, this mirroring took most of a 7B-shape Gram's time.
-    let mut out = vec![0f32; f * f];
     out.par_chunks_mut(GRAM_BLOCK * f)
         .zip(&rows)
         .enumerate()
         .for_each(|(b, (dst, r))| {
             for (ii, row) in dst.chunks_exact_mut(f).enumerate() {
-                row[..r.end].copy_from_slice(&products[b][ii * r.end..(ii + 1) * r.end]);
+                let src = &products[b][ii * r.end..(ii + 1) * r.end];
+                row[..r.end]
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(d, &v)| put(d, v));
             }
             for (r2, p2) in rows.iter().zip(&products).skip(b + 1) {
                 for (ii, row) in dst.chunks_exact_mut(f).enumerate() {
                     let i = r.start + ii;
                     for (jj, v) in row[r2.clone()].iter_mut().enumerate() {
-                        *v = p2[jj * r2.end + i];
+                        put(v, p2[jj * r2.end + i]);
                     }
                 }
             }
         });
-    out
 }
 
 /// `alpha · lhs · rhs` in a new row-major buffer.
@@ -226,5 +254,47 @@ pub fn matmul(dst: MatMut<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, alpha: f32, par
             false,
             parallelism,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `XᵀX` of a row-major `[n, f]` in f64, term by term.
+    fn naive_gram(x: &[f32], n: usize, f: usize) -> Vec<f64> {
+        let mut g = vec![0f64; f * f];
+        for r in 0..n {
+            for i in 0..f {
+                for j in 0..f {
+                    g[i * f + j] += f64::from(x[r * f + i]) * f64::from(x[r * f + j]);
+                }
+            }
+        }
+        g
+    }
+
+    #[test]
+    fn gram_add_sums_the_grams_of_chunks_of_rows() {
+        // Wider than one block of GRAM_BLOCK features, so the mirrored part is exercised.
+        let (n1, n2, f) = (37, 29, GRAM_BLOCK + 45);
+        let x: Vec<f32> = (0..(n1 + n2) * f)
+            .map(|i| ((i * 7919) % 613) as f32 / 306.0 - 1.0)
+            .collect();
+        let (x1, x2) = x.split_at(n1 * f);
+        let mut acc = gram(MatRef::row_major(x1, n1, f));
+        let first = acc.clone();
+        gram_add(MatRef::row_major(x2, n2, f), &mut acc);
+        // The same f32 additions as adding a second Gram matrix.
+        let second = gram(MatRef::row_major(x2, n2, f));
+        for ((a, b), c) in acc.iter().zip(&first).zip(&second) {
+            assert_eq!(a.to_bits(), (b + c).to_bits());
+        }
+        for (a, want) in acc.iter().zip(naive_gram(&x, n1 + n2, f)) {
+            assert!(
+                (f64::from(*a) - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "{a} vs {want}"
+            );
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! embedding on strided head views), [`activation`] (softmax, log-sum-exp, cross-entropy and
 //! SwiGLU with a vectorised `exp`), [`dense`] (strided f32 products through `gemm`),
 //! [`dense_f16`] (decode-sized products on f16 and bf16 weights, widened in registers) and
-//! [`widen`] (the transient f32 copy of a compact weight that larger products multiply).
+//! [`widen`] (the transient f32 copy of a compact weight that larger products multiply) and
+//! [`reduce`] (fused, parallel sums of squared errors).
 //!
 //! # Use
 //! Re-lay out a [`quant_core::PackedLinear`] once with [`CpuPacked::new`], then call
@@ -56,6 +57,7 @@ pub mod dense;
 pub mod dense_f16;
 mod f16;
 mod layout;
+pub mod reduce;
 mod simd;
 mod tile;
 pub mod widen;

@@ -162,3 +162,52 @@ fn gram_matches_naive() {
         }
     }
 }
+
+/// The running Gram sum adds into the sum's memory with the same f32 additions as adding a new
+/// Gram matrix, on contiguous and strided chunks, and leaves a shared sum untouched.
+#[test]
+fn gram_add_matches_adding_a_gram() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for (n, f, strided) in [(31, 97, false), (64, 200, true)] {
+        let sum = B::gram(random(&mut rng, [n + 3, f], 1.0));
+        let x = if strided {
+            random(&mut rng, [f, n], 1.0).transpose()
+        } else {
+            random(&mut rng, [n, f], 1.0)
+        };
+        let want = sum.clone().add(B::gram(x.clone())).into_data();
+        let before = sum.clone().into_data();
+        // While `sum` is held elsewhere the op must copy it, not write into it.
+        let shared = B::gram_add(sum.clone(), x.clone());
+        sum.clone().into_data().assert_eq(&before, true);
+        shared.into_data().assert_eq(&want, true);
+        // Handed over, it is written in place.
+        B::gram_add(sum, x).into_data().assert_eq(&want, true);
+    }
+}
+
+/// The fused reductions against the same sums of composed tensor ops, on tensors laid out alike
+/// and differently.
+#[test]
+fn squared_distance_and_inner_product_match_generic() {
+    let mut rng = StdRng::seed_from_u64(6);
+    for strided in [false, true] {
+        let a = projection(&mut rng, [2, 37, 300], 1.0, strided);
+        let b = projection(&mut rng, [2, 37, 300], 1.0, false);
+        for (got, want) in [
+            (
+                B::squared_distance(a.clone(), b.clone()),
+                generic::squared_distance(a.clone(), b.clone()),
+            ),
+            (
+                B::inner_product(a.clone(), b.clone()),
+                generic::inner_product(a.clone(), b.clone()),
+            ),
+        ] {
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{got} vs {want}"
+            );
+        }
+    }
+}
