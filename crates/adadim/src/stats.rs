@@ -99,7 +99,10 @@ impl<B: QuantBackend> InputStats<B> {
     pub fn accumulate(&mut self, site: Site, x: &Tensor<B, 3>) {
         let slot = &mut self.grams[site.index()];
         *slot = Some(match slot.take() {
-            Some(sum) => B::gram_add(sum, x.clone()),
+            Some(sum) => {
+                let [blocks, t, features] = x.dims();
+                B::gram_add(sum, x.clone().reshape([blocks * t, features]))
+            }
             None => gram(x),
         });
     }

@@ -73,22 +73,10 @@ pub trait QuantBackend: Backend {
         Self::dense_linear(x.clone().transpose(), x)
     }
 
-    /// `xᵀ·x` of `x [.., f]` with its leading dims as rows (a reshape may copy `x`; backends
-    /// may read it as it lies).
-    fn gram_rows<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, 2> {
-        Self::gram(crate::generic::flatten(x).0)
-    }
-
-    /// `sum + xᵀ·x` of `x [.., f]` (leading dims as rows) and a running `sum [f, f]`: a Gram
-    /// matrix summed over chunks of rows. Backends may add into `sum`'s memory.
-    fn gram_add<const D: usize>(sum: Tensor<Self, 2>, x: Tensor<Self, D>) -> Tensor<Self, 2> {
-        sum.add(Self::gram_rows(x))
-    }
-
-    /// `a − b` for tensors of one shape (the difference form of a score: docs/method.md §4.1).
-    /// Backends may compute it on every core.
-    fn difference<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> Tensor<Self, D> {
-        a.sub(b)
+    /// `sum + xᵀ·x` of `x [n, f]` and a running `sum [f, f]`: a Gram matrix summed over chunks
+    /// of rows. Backends may add into `sum`'s memory.
+    fn gram_add(sum: Tensor<Self, 2>, x: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        sum.add(Self::gram(x))
     }
 
     /// Causal grouped-query attention `softmax(q·kᵀ/√d + mask)·v` on projection outputs:

@@ -19,7 +19,7 @@ fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
 }
 
 /// `[.., K]` as `[rows, K]`, and the function that restores the leading dims of a result.
-pub(crate) fn flatten<B: Backend, const D: usize>(
+fn flatten<B: Backend, const D: usize>(
     x: Tensor<B, D>,
 ) -> (Tensor<B, 2>, impl Fn(Tensor<B, 2>) -> Tensor<B, D>) {
     let dims = x.dims();

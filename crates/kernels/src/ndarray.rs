@@ -144,19 +144,6 @@ impl<'a> Host<'a> {
             .all(|((&d, &s), want)| d <= 1 || s == want)
     }
 
-    /// The tensor as a `[rows, features]` matrix over its own memory, when its leading dims
-    /// merge into one (always for 2-D; for more, when each leading stride steps over the next
-    /// dim whole, as in a contiguous tensor).
-    fn rows(&self) -> Option<MatRef<'_>> {
-        let d = self.dims.len();
-        let (f, cs) = (*self.dims.last()?, *self.strides.last()?);
-        let merge = (0..d.saturating_sub(2)).all(|i| {
-            self.dims[i] <= 1 || self.strides[i] == self.dims[i + 1] * self.strides[i + 1]
-        });
-        let rs = if d >= 2 { self.strides[d - 2] } else { f * cs };
-        merge.then(|| MatRef::new(&self.data, self.len() / f.max(1), f, rs, cs))
-    }
-
     /// The elements in row-major order (borrowed when they already are).
     fn row_major(&self) -> Cow<'_, [f32]> {
         if self.is_row_major() {
@@ -372,26 +359,12 @@ impl QuantBackend for B {
         tensor(gram(x), [f, f])
     }
 
-    fn gram_rows<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, 2> {
+    fn gram_add(sum: Tensor<Self, 2>, x: Tensor<Self, 2>) -> Tensor<Self, 2> {
         let xp = primitive(&x);
-        match Host::of(&xp).as_ref().and_then(Host::rows) {
-            Some(m) => {
-                let f = *x.dims().last().expect("a Gram input has a feature dim");
-                tensor(gram(m), [f, f])
-            }
-            None => Self::gram(crate::generic::flatten(x).0),
-        }
-    }
-
-    fn gram_add<const D: usize>(sum: Tensor<Self, 2>, x: Tensor<Self, D>) -> Tensor<Self, 2> {
-        let xp = primitive(&x);
-        let host = Host::of(&xp);
-        let (Some(m), NdArrayTensor::F32(storage)) =
-            (host.as_ref().and_then(Host::rows), primitive(&sum))
-        else {
-            return sum.add(Self::gram_rows(x));
+        let (Some(h), NdArrayTensor::F32(storage)) = (Host::of(&xp), primitive(&sum)) else {
+            return sum.add(Self::gram(x));
         };
-        let f = *x.dims().last().expect("a Gram input has a feature dim");
+        let [n, f] = [h.dims[0], h.dims[1]];
         assert_eq!(
             storage.shape(),
             &[f, f],
@@ -402,26 +375,10 @@ impl QuantBackend for B {
         let mut acc = storage.into_owned();
         let Some(dst) = acc.as_slice_mut() else {
             let sum = Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(acc)));
-            return sum.add(Self::gram_rows(x));
+            return sum.add(Self::gram(x));
         };
-        cpu::dense::gram_add(m, dst);
+        cpu::dense::gram_add(MatRef::new(&h.data, n, f, h.strides[0], h.strides[1]), dst);
         Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(acc)))
-    }
-
-    fn difference<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> Tensor<Self, D> {
-        let (ap, bp) = (primitive(&a), primitive(&b));
-        match (Host::of(&ap), Host::of(&bp)) {
-            (Some(ah), Some(bh))
-                if ah.dims == bh.dims && ah.is_row_major() && bh.is_row_major() =>
-            {
-                let n = ah.len();
-                tensor(
-                    cpu::reduce::difference(&ah.data[..n], &bh.data[..n]),
-                    a.dims(),
-                )
-            }
-            _ => a.sub(b),
-        }
     }
 
     fn causal_attention(

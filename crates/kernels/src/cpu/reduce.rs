@@ -30,24 +30,6 @@ pub fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
     })
 }
 
-/// `a − b` elementwise, written by every thread (so the fresh pages of the result are also
-/// faulted in by every thread: for the scores' difference form that was most of the time).
-pub fn difference(a: &[f32], b: &[f32]) -> Vec<f32> {
-    assert_eq!(a.len(), b.len(), "subtracted buffers differ in length");
-    let mut out = Vec::<f32>::with_capacity(a.len());
-    out.spare_capacity_mut()
-        .par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(dst, (a, b))| {
-            for ((d, &x), &y) in dst.iter_mut().zip(a).zip(b) {
-                d.write(x - y);
-            }
-        });
-    // SAFETY: the chunks above cover all `a.len()` elements of the capacity, each written once.
-    unsafe { out.set_len(a.len()) };
-    out
-}
-
 /// `Σ aᵢ·bᵢ`.
 pub fn inner_product(a: &[f32], b: &[f32]) -> f64 {
     chunked_sum(a, b, |x, y| f64::from(x) * f64::from(y))
@@ -92,11 +74,5 @@ mod tests {
             assert_eq!((d.to_bits(), p.to_bits()), (d1.to_bits(), p1.to_bits()));
         }
         assert_eq!(squared_distance(&[], &[]), 0.0);
-        let diff = difference(&a, &b);
-        assert!(
-            diff.iter()
-                .zip(a.iter().zip(&b))
-                .all(|(d, (x, y))| d.to_bits() == (x - y).to_bits())
-        );
     }
 }

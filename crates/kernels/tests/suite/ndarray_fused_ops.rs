@@ -211,27 +211,3 @@ fn squared_distance_and_inner_product_match_generic() {
         }
     }
 }
-
-/// The Gram of a 3-D input read as rows, and the difference, against the composed ops, on
-/// contiguous inputs (read in place) and axis-swapped ones (whose leading dims do not merge).
-#[test]
-fn gram_rows_and_difference_match_generic() {
-    let mut rng = StdRng::seed_from_u64(7);
-    for strided in [false, true] {
-        let x = projection(&mut rng, [3, 41, 130], 1.0, strided);
-        let flat = x.clone().reshape([3 * 41, 130]);
-        assert_close(
-            "gram_rows",
-            B::gram_rows(x.clone()),
-            B::gram(flat.clone()),
-            1e-6,
-        );
-        let sum = B::gram(random(&mut rng, [5, 130], 1.0));
-        let want = sum.clone().add(B::gram(flat));
-        assert_close("gram_add 3-D", B::gram_add(sum, x.clone()), want, 1e-6);
-        let y = projection(&mut rng, [3, 41, 130], 1.0, false);
-        B::difference(x.clone(), y.clone())
-            .into_data()
-            .assert_eq(&x.sub(y).into_data(), true);
-    }
-}
