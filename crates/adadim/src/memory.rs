@@ -168,10 +168,6 @@ pub fn chunk_buffers(
 /// The tensors of a layer that cannot be split by chunking, as (what, bytes): the largest
 /// linear's weight in f32 and the widest input Gram matrix (GPTQ's Hessian has its size).
 pub fn layer_buffers(config: &LlamaConfig) -> [(String, u64); 2] {
-    let size = |k: LinearKind| {
-        let [o, i] = linear_shape(config, k);
-        o as u64 * i as u64
-    };
     let widest = |by: fn(&[usize; 2]) -> usize| {
         LinearKind::ALL
             .into_iter()
@@ -185,7 +181,7 @@ pub fn layer_buffers(config: &LlamaConfig) -> [(String, u64); 2] {
     [
         (
             format!("{}.weight in f32 ([{o}, {i}])", largest.module()),
-            F32 * size(largest),
+            F32 * o as u64 * i as u64,
         ),
         (
             format!(
@@ -197,32 +193,31 @@ pub fn layer_buffers(config: &LlamaConfig) -> [(String, u64); 2] {
     ]
 }
 
+/// Checks that each of `buffers` fits one buffer of `limits`.
+fn check_buffers(
+    buffers: impl IntoIterator<Item = (String, u64)>,
+    limits: &DeviceLimits,
+) -> Result<(), DeviceLimitError> {
+    buffers
+        .into_iter()
+        .try_for_each(|(tensor, bytes)| limits.check_buffer(&tensor, bytes))
+}
+
 /// Checks that the layer's unsplittable tensors and the chunk `plan` holds fit `limits`.
 pub fn check_device(
     config: &LlamaConfig,
     plan: &MemoryPlan,
     limits: &DeviceLimits,
 ) -> Result<(), DeviceLimitError> {
-    let buffers = layer_buffers(config).into_iter().chain(chunk_buffers(
-        config,
-        plan.chunk_blocks,
-        plan.seqlen,
-    ));
-    for (tensor, bytes) in buffers {
-        limits.check_buffer(&tensor, bytes)?;
-    }
-    Ok(())
+    check_buffers(layer_buffers(config), limits)?;
+    check_buffers(
+        chunk_buffers(config, plan.chunk_blocks, plan.seqlen),
+        limits,
+    )
 }
 
-/// Whether a chunk of `chunk_blocks` blocks fits a buffer of `max_buffer` bytes.
-fn chunk_fits(config: &LlamaConfig, chunk_blocks: usize, seqlen: usize, max_buffer: u64) -> bool {
-    chunk_buffers(config, chunk_blocks, seqlen)
-        .iter()
-        .all(|(_, bytes)| *bytes <= max_buffer)
-}
-
-/// Chooses resident or streaming for `limit` bytes, with chunks whose tensors each fit
-/// `max_buffer` bytes (a device's largest buffer), or says what to change when even the
+/// Chooses resident or streaming for `limit` bytes, with chunks whose tensors each fit one
+/// buffer of `device` (its largest buffer, if it has one), or says what to change when even the
 /// smallest streaming plan does not fit.
 pub fn plan(
     config: &LlamaConfig,
@@ -230,12 +225,12 @@ pub fn plan(
     seqlen: usize,
     method: Method,
     limit: u64,
-    max_buffer: Option<u64>,
+    device: &DeviceLimits,
 ) -> Result<MemoryPlan> {
-    let fits_buffer =
-        |chunk_blocks| max_buffer.is_none_or(|max| chunk_fits(config, chunk_blocks, seqlen, max));
+    let check_chunk =
+        |chunk_blocks| check_buffers(chunk_buffers(config, chunk_blocks, seqlen), device);
     let resident = footprint(config, blocks, seqlen, method, true, blocks).peak();
-    if resident <= limit / 3 && fits_buffer(blocks) {
+    if resident <= limit / 3 && check_chunk(blocks).is_ok() {
         return Ok(MemoryPlan {
             blocks,
             seqlen,
@@ -248,7 +243,7 @@ pub fn plan(
     let mut chunk_blocks = (STREAM_CHUNK_TOKENS / seqlen.max(1)).clamp(1, blocks.max(1));
     loop {
         let peak = footprint(config, blocks, seqlen, method, false, chunk_blocks).peak();
-        if peak <= limit && fits_buffer(chunk_blocks) {
+        if peak <= limit && check_chunk(chunk_blocks).is_ok() {
             return Ok(MemoryPlan {
                 blocks,
                 seqlen,
@@ -259,20 +254,8 @@ pub fn plan(
             });
         }
         if chunk_blocks == 1 {
-            if let Some(limit) = max_buffer
-                && let Some((tensor, bytes)) = chunk_buffers(config, 1, seqlen)
-                    .into_iter()
-                    .find(|&(_, bytes)| bytes > limit)
-            {
-                let e = DeviceLimitError::BufferTooLarge {
-                    tensor,
-                    bytes,
-                    limit,
-                };
-                return Err(AdadimError::Invalid(format!(
-                    "{e}: use a shorter --calib-seqlen"
-                )));
-            }
+            check_chunk(1)
+                .map_err(|e| AdadimError::Invalid(format!("{e}: use a shorter --calib-seqlen")))?;
             return Err(AdadimError::Invalid(format!(
                 "this run needs about {} of memory (predicted peak with {blocks} calibration \
                  blocks of {seqlen} tokens), more than the {} it may use: use fewer \
@@ -337,7 +320,7 @@ mod tests {
 
     #[test]
     fn small_models_stay_resident() {
-        let p = plan(&tiny(), 9, 97, Method::Rtn, 8 << 30, None).unwrap();
+        let p = plan(&tiny(), 9, 97, Method::Rtn, 8 << 30, &DeviceLimits::NONE).unwrap();
         assert!(p.resident);
         assert_eq!(p.chunk_blocks, 9);
     }
@@ -346,7 +329,7 @@ mod tests {
     fn a_7b_model_with_the_protocol_calibration_streams_within_8_gib() {
         // The protocol's 64 samples of lee-news.txt make 27 blocks of 512 tokens.
         for method in [Method::Rtn, Method::Gptq] {
-            let p = plan(&llama2_7b(), 27, 512, method, 20 << 30, None).unwrap();
+            let p = plan(&llama2_7b(), 27, 512, method, 20 << 30, &DeviceLimits::NONE).unwrap();
             assert!(!p.resident, "{method}");
             assert_eq!(p.chunk_blocks, STREAM_CHUNK_TOKENS / 512);
             assert!(p.peak <= 8 << 30, "{method}: {}", gib(p.peak));
@@ -363,9 +346,16 @@ mod tests {
 
     #[test]
     fn too_little_memory_says_what_to_change() {
-        let e = plan(&llama2_7b(), 64, 512, Method::Rtn, 1 << 30, None)
-            .unwrap_err()
-            .to_string();
+        let e = plan(
+            &llama2_7b(),
+            64,
+            512,
+            Method::Rtn,
+            1 << 30,
+            &DeviceLimits::NONE,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("--calib-samples") && e.contains("--max-memory"),
             "{e}"
@@ -375,9 +365,9 @@ mod tests {
     #[test]
     fn streaming_shrinks_the_chunk_before_giving_up() {
         let c = llama2_7b();
-        let roomy = plan(&c, 64, 512, Method::Rtn, 20 << 30, None).unwrap();
+        let roomy = plan(&c, 64, 512, Method::Rtn, 20 << 30, &DeviceLimits::NONE).unwrap();
         let single = footprint(&c, 64, 512, Method::Rtn, false, 1).peak();
-        let tight = plan(&c, 64, 512, Method::Rtn, single, None).unwrap();
+        let tight = plan(&c, 64, 512, Method::Rtn, single, &DeviceLimits::NONE).unwrap();
         assert!(tight.chunk_blocks < roomy.chunk_blocks);
         assert!(tight.peak <= single);
     }
@@ -392,21 +382,17 @@ mod tests {
     }
 
     const LAVAPIPE_MAX_BUFFER: u64 = 128 << 20;
+    const LAVAPIPE: DeviceLimits = DeviceLimits {
+        max_buffer_bytes: Some(LAVAPIPE_MAX_BUFFER),
+        memory_bytes: None,
+    };
 
     #[test]
     fn a_device_buffer_limit_streams_in_chunks_whose_tensors_fit_it() {
         let c = smollm2_135m();
-        let host = plan(&c, 128, 512, Method::Rtn, 20 << 30, None).unwrap();
+        let host = plan(&c, 128, 512, Method::Rtn, 20 << 30, &DeviceLimits::NONE).unwrap();
         assert!(host.resident, "{host:?}");
-        let device = plan(
-            &c,
-            128,
-            512,
-            Method::Rtn,
-            20 << 30,
-            Some(LAVAPIPE_MAX_BUFFER),
-        )
-        .unwrap();
+        let device = plan(&c, 128, 512, Method::Rtn, 20 << 30, &LAVAPIPE).unwrap();
         assert!(!device.resident, "{device:?}");
         for (tensor, bytes) in chunk_buffers(&c, device.chunk_blocks, 512) {
             assert!(bytes <= LAVAPIPE_MAX_BUFFER, "{tensor}: {bytes}");
@@ -414,33 +400,18 @@ mod tests {
         // 7B blocks of 1024 tokens: two blocks' attention scores (256 MiB) do not fit, one
         // block's (exactly 128 MiB) does.
         let c = llama2_7b();
-        let host = plan(&c, 27, 1024, Method::Rtn, 20 << 30, None).unwrap();
+        let host = plan(&c, 27, 1024, Method::Rtn, 20 << 30, &DeviceLimits::NONE).unwrap();
         assert_eq!(host.chunk_blocks, 2);
-        let device = plan(
-            &c,
-            27,
-            1024,
-            Method::Rtn,
-            20 << 30,
-            Some(LAVAPIPE_MAX_BUFFER),
-        )
-        .unwrap();
+        let device = plan(&c, 27, 1024, Method::Rtn, 20 << 30, &LAVAPIPE).unwrap();
         assert_eq!(device.chunk_blocks, 1);
     }
 
     #[test]
     fn a_block_too_long_for_the_device_names_the_attention_scores() {
         // 32 heads × 2048² scores of one block are 512 MiB.
-        let e = plan(
-            &llama2_7b(),
-            27,
-            2048,
-            Method::Rtn,
-            20 << 30,
-            Some(LAVAPIPE_MAX_BUFFER),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = plan(&llama2_7b(), 27, 2048, Method::Rtn, 20 << 30, &LAVAPIPE)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("attention scores of 1 blocks × 32 heads × 2048²")
                 && e.contains("134217728 bytes")
@@ -452,15 +423,7 @@ mod tests {
     #[test]
     fn check_device_names_the_first_tensor_that_cannot_be_split() {
         let c = llama2_7b();
-        let p = plan(
-            &c,
-            27,
-            512,
-            Method::Gptq,
-            20 << 30,
-            Some(LAVAPIPE_MAX_BUFFER),
-        )
-        .unwrap();
+        let p = plan(&c, 27, 512, Method::Gptq, 20 << 30, &LAVAPIPE).unwrap();
         let limits = |max: u64| DeviceLimits {
             max_buffer_bytes: Some(max),
             memory_bytes: None,

@@ -167,8 +167,8 @@ impl QuantizeOptions {
         device: &B::Device,
     ) -> Result<MemoryPlan> {
         let limit = self.max_memory.unwrap_or_else(crate::memory::default_limit);
-        let max_buffer = B::device_limits(device).max_buffer_bytes;
-        crate::memory::plan(config, blocks, seqlen, self.method, limit, max_buffer)
+        let device = B::device_limits(device);
+        crate::memory::plan(config, blocks, seqlen, self.method, limit, &device)
     }
 }
 
