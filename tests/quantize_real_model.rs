@@ -6,6 +6,7 @@ use std::path::Path;
 
 use adadim::{DimPolicy, Method, RunSpec};
 use adadim_e2e::{Cpu, eval_tokens, smollm2};
+use model_llama::TensorSource;
 use model_llama::perplexity::perplexity;
 use quant_core::GroupSize;
 use test_assets::repo_asset;
@@ -48,6 +49,21 @@ fn quantized_model_is_worse_than_fp_and_packed_matches_fake_quant() {
         "AdaDim picks IC for some linears, not all"
     );
     let fake_quant = spec.fake_quant.as_ref().unwrap();
+
+    // The tied head is stored once, in 8 bits, with the very values of the GGUF's Q8_0 table.
+    let packed_dir = model_llama::packed::PackedDir::open(&spec.out)
+        .unwrap()
+        .unwrap();
+    let head = packed_dir.packed_head().unwrap().expect("an 8-bit head");
+    assert_eq!((head.bits, head.group_size), (8, quant_core::Q8_GROUP));
+    let stored = model_llama::hf_dir::SafetensorsDir::open(&spec.out).unwrap();
+    assert!(!stored.contains("model.embed_tokens.weight"));
+    let source = model_llama::open_model(&spec.model).unwrap().source;
+    let embedding = source.load("model.embed_tokens.weight").unwrap().data;
+    assert!(
+        head.dequantize() == embedding,
+        "the 8-bit head differs from the source's embedding"
+    );
 
     let device = Default::default();
     let ppl = |path: &Path, seqlen, windows| {

@@ -44,6 +44,9 @@ enum Cmd {
     /// Write a checkpoint of random weights with a real model's shape, FOR TIME AND MEMORY
     /// TESTS ONLY (its outputs are meaningless).
     SynthModel(Job),
+    /// `adadim serve` under load: one sequence against concurrent ones (continuous batching),
+    /// tokens/s and latency percentiles.
+    BenchServe(Job),
 }
 
 /// Runs `cargo run --release --quiet -p xtask-jobs -- <task> <args>`.
@@ -82,5 +85,6 @@ fn main() -> Result<()> {
         Cmd::Ablation(j) => job("ablation", j),
         Cmd::BenchKernels(j) => job("bench-kernels", j),
         Cmd::SynthModel(j) => job("synth-model", j),
+        Cmd::BenchServe(j) => job("bench-serve", j),
     }
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use kernels::QuantBackend;
 use model_llama::TensorSource;
 use model_llama::export::{MAX_SHARD_BYTES, OwnedTensor, write_config};
-use model_llama::packed::{packed_layout_metadata, packed_tensors};
+use model_llama::packed::{HEAD_MODULE, HeadQuantization, packed_layout_metadata, packed_tensors};
 use model_llama::shards::{ShardState, ShardWriter};
 use model_llama::staging::{StagingDir, sync_path, write_atomic};
 use model_llama::tokenizer::LlamaTokenizer;
@@ -96,8 +96,12 @@ impl<'a> Outputs<'a> {
         };
         let mut packed = open(out)?;
         let mut fake = fake_quant.map(open).transpose()?;
-        for s in std::iter::once(&mut packed).chain(fake.as_mut()) {
-            s.add_source(src, "model.embed_tokens.weight")?;
+        // A tied embedding is the packed head's dequantization (written at the end).
+        if !(packs_head(src.config()) && src.config().tie_word_embeddings) {
+            packed.add_source(src, "model.embed_tokens.weight")?;
+        }
+        if let Some(fake) = &mut fake {
+            fake.add_source(src, "model.embed_tokens.weight")?;
         }
         let outputs = Self {
             src,
@@ -222,24 +226,47 @@ impl<'a> Outputs<'a> {
     ) -> Result<PathBuf> {
         let src = self.src;
         let config = src.config();
-        let mut tail = vec!["model.norm.weight"];
-        if src.contains("lm_head.weight") && !config.tie_word_embeddings {
-            tail.push("lm_head.weight");
+        let untied_head = src.contains("lm_head.weight") && !config.tie_word_embeddings;
+        let head_name = if untied_head {
+            "lm_head.weight"
+        } else {
+            "model.embed_tokens.weight"
+        };
+        let mut quantization = opts.quantization_config(self.progress.dims.clone());
+        let mut packed = self.packed;
+        if packs_head(config) {
+            let w = src.load(head_name)?;
+            let head = quant_core::quantize_q8(&w.data, config.vocab_size, config.hidden_size)
+                .map_err(|source| AdadimError::Quant {
+                    context: head_name.to_string(),
+                    source,
+                })?
+                .pack();
+            let layout = packed_layout_metadata(HEAD_MODULE, &head);
+            for (name, t) in packed_tensors(HEAD_MODULE, &head) {
+                packed.add(&name, &t, std::slice::from_ref(&layout))?;
+            }
+            quantization.head = Some(HeadQuantization::of(&head));
+        } else if untied_head {
+            packed.add_source(src, head_name)?;
         }
-        let report_json = serde_json::to_vec_pretty(report).expect("report serializes");
         let mut packed_config = config.to_hf_json();
         packed_config["quantization_config"] =
-            serde_json::to_value(opts.quantization_config(self.progress.dims.clone()))
-                .expect("quantization config serializes");
-        let staging_dir = self.packed.staging.path().to_path_buf();
+            serde_json::to_value(quantization).expect("quantization config serializes");
+        let report_json = serde_json::to_vec_pretty(report).expect("report serializes");
+        let staging_dir = packed.staging.path().to_path_buf();
         let mut dests = Vec::new();
-        for (staged, config_json) in std::iter::once((self.packed, packed_config))
-            .chain(self.fake_quant.map(|f| (f, config.to_hf_json())))
+        let mut fake_quant = self.fake_quant;
+        if let Some(fake) = &mut fake_quant
+            && untied_head
+        {
+            fake.add_source(src, head_name)?;
+        }
+        for (staged, config_json) in std::iter::once((packed, packed_config))
+            .chain(fake_quant.map(|f| (f, config.to_hf_json())))
         {
             let mut staged = staged;
-            for name in &tail {
-                staged.add_source(src, name)?;
-            }
+            staged.add_source(src, "model.norm.weight")?;
             staged.writer.finish()?;
             let dir = staged.staging.path();
             write_config(dir, &config_json)?;
@@ -309,6 +336,12 @@ impl<B: QuantBackend> LayerSink<B> for Outputs<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether the packed checkpoint stores the head in 8 bits (docs/method.md §6.1): when its rows
+/// split into whole groups.
+fn packs_head(config: &model_llama::LlamaConfig) -> bool {
+    config.hidden_size.is_multiple_of(quant_core::Q8_GROUP)
 }
 
 /// Writes the activations as raw little-endian f32, durably, under `path`.

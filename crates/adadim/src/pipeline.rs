@@ -154,6 +154,7 @@ impl QuantizeOptions {
             bits: self.bits,
             group_size: self.group_size,
             dims,
+            head: None,
         }
     }
 

@@ -97,6 +97,12 @@ enum Cmd {
         /// 0 picks a free port.
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// Sequences decoded together (continuous batching).
+        #[arg(long, default_value_t = serve::DEFAULT_MAX_BATCH)]
+        max_batch: usize,
+        /// Requests that may wait beside those running; more get a 503.
+        #[arg(long, default_value_t = serve::DEFAULT_QUEUE)]
+        queue: usize,
     },
 }
 
@@ -408,13 +414,21 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {}", spec.out.display());
             print_summary(&report);
         }
-        Cmd::Serve { model, host, port } => {
+        Cmd::Serve {
+            model,
+            host,
+            port,
+            max_batch,
+            queue,
+        } => {
             let m = open(&model)?;
             // Clients name the model by the checkpoint's file or directory name.
             let name = model.file_stem().unwrap_or(model.as_os_str());
             let opts = serve::ServeOptions {
                 host,
                 port,
+                max_batch,
+                queue_capacity: queue,
                 ..serve::ServeOptions::new(name.to_string_lossy())
             };
             let server = serve::Server::start::<Backend>(&m, &device, &opts)?;

@@ -269,16 +269,7 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
             return None;
         }
         if self.pending {
-            let input = if self.opts.use_cache {
-                &self.tokens[self.tokens.len() - 1..]
-            } else {
-                &self.tokens[..]
-            };
-            let hidden = self.model.hidden_states(
-                to_tensor(input, &self.model.device()),
-                self.opts.use_cache.then_some(self.cache.as_mut_slice()),
-            );
-            self.logits = logits_rows(self.model, hidden, 1).remove(0);
+            self.advance();
         }
         let next = sample(
             &self.logits,
@@ -291,6 +282,53 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
             || self.generated().len() == self.opts.max_new_tokens;
         self.pending = !self.finished;
         Some(next)
+    }
+
+    /// Runs the last sampled token through the model: the logits of the next position.
+    fn advance(&mut self) {
+        let input = if self.opts.use_cache {
+            &self.tokens[self.tokens.len() - 1..]
+        } else {
+            &self.tokens[..]
+        };
+        let hidden = self.model.hidden_states(
+            to_tensor(input, &self.model.device()),
+            self.opts.use_cache.then_some(self.cache.as_mut_slice()),
+        );
+        self.logits = logits_rows(self.model, hidden, 1).remove(0);
+        self.pending = false;
+    }
+
+    /// Runs the sampled tokens of several decoders of one model through it together
+    /// (continuous batching): one forward whose linears are `M = n` products, which read each
+    /// weight once for all `n` sequences. The next [`Decoder::next_token`] of each then only
+    /// samples. Decoders with nothing pending are left alone; those without a KV cache run on
+    /// their own.
+    pub fn advance_together(decoders: &mut [&mut Self]) {
+        let mut batch = Vec::with_capacity(decoders.len());
+        for d in decoders.iter_mut().filter(|d| d.pending) {
+            if d.opts.use_cache {
+                batch.push(&mut **d);
+            } else {
+                d.advance();
+            }
+        }
+        let Some(model) = batch.first().map(|d| d.model) else {
+            return;
+        };
+        assert!(
+            batch.iter().all(|d| std::ptr::eq(d.model, model)),
+            "decoders advanced together share one model"
+        );
+        let tokens: Vec<u32> = batch.iter().map(|d| d.tokens[d.tokens.len() - 1]).collect();
+        let mut caches: Vec<&mut [crate::model::KvCache<B>]> =
+            batch.iter_mut().map(|d| d.cache.as_mut_slice()).collect();
+        let hidden = model.hidden_states_batch(to_tensor(&tokens, &model.device()), &mut caches);
+        let logits = logits_rows(model, hidden, tokens.len());
+        for (d, logits) in batch.into_iter().zip(logits) {
+            d.logits = logits;
+            d.pending = false;
+        }
     }
 
     /// The logits the last token of [`Decoder::next_token`] was sampled from.

@@ -319,14 +319,26 @@ pub fn load_periphery<B: QuantBackend>(
     src: &dyn TensorSource,
     device: &B::Device,
 ) -> Result<Periphery<B>> {
+    load_periphery_with(src, device, None)
+}
+
+/// [`load_periphery`] with the head already loaded (a packed checkpoint's packed head).
+pub fn load_periphery_with<B: QuantBackend>(
+    src: &dyn TensorSource,
+    device: &B::Device,
+    head: Option<Linear<B>>,
+) -> Result<Periphery<B>> {
     check_config(src)?;
     let config = src.config();
     let shape = [config.vocab_size, config.hidden_size];
     check_fits::<B>("model.embed_tokens.weight", shape[0] * shape[1], device)?;
     let embed = load_embedding_host(src)?;
-    let lm_head = {
-        let (name, w) = head_weight(src, Some(&embed))?;
-        compact_linear_from(src, name, &w, shape, device)?
+    let lm_head = match head {
+        Some(head) => head,
+        None => {
+            let (name, w) = head_weight(src, Some(&embed))?;
+            compact_linear_from(src, name, &w, shape, device)?
+        }
     };
     let embed_tokens = Tensor::from_data(TensorData::new(embed, shape), device);
     Ok(Periphery {

@@ -27,7 +27,7 @@ use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::export::OwnedTensor;
 use crate::hf_dir::SafetensorsDir;
-use crate::load::{assemble, load_layer_with, load_periphery};
+use crate::load::{assemble, load_layer_with, load_periphery_with};
 use crate::model::{Linear, Llama};
 
 /// The `quantization_config` block of a packed checkpoint.
@@ -41,6 +41,32 @@ pub struct QuantizationConfig {
     pub group_size: quant_core::GroupSize,
     /// Linear module path → its quantization dim.
     pub dims: BTreeMap<String, QuantDim>,
+    /// The language-model head's own entry; absent in checkpoints that keep it dense.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadQuantization>,
+}
+
+/// Module path of the head's packed tensors (`lm_head.qweight`, `.scales`, `.zeros`).
+pub const HEAD_MODULE: &str = "lm_head";
+
+/// How the language-model head is stored (docs/method.md §6.1): per-OC groups of `group_size`
+/// in `bits`, by the absmax rule ([`quant_core::quantize_q8`]). A tied checkpoint stores no
+/// embedding beside it: the embedding is the dequantized head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadQuantization {
+    pub bits: u32,
+    pub group_size: usize,
+}
+
+impl HeadQuantization {
+    /// The entry of a head packed as `p`.
+    pub fn of(p: &PackedLinear) -> Self {
+        Self {
+            bits: p.bits,
+            group_size: p.group_size,
+        }
+    }
 }
 
 /// Version of [`PackedLayout`]; a reader refuses any other.
@@ -153,7 +179,29 @@ impl PackedDir {
             group_size,
             shape: kind_shape,
         };
-        self.check_layout(module, &expected)?;
+        self.read_packed(module, &expected)
+    }
+
+    /// The packed head, when the checkpoint has one ([`HeadQuantization`]), validated.
+    pub fn packed_head(&self) -> Result<Option<PackedLinear>> {
+        let Some(head) = self.quant.head else {
+            return Ok(None);
+        };
+        let config = self.inner.config();
+        let expected = PackedLayout {
+            format_version: LAYOUT_VERSION,
+            dim: QuantDim::Oc,
+            bits: head.bits,
+            group_size: head.group_size,
+            shape: [config.vocab_size, config.hidden_size],
+        };
+        self.read_packed(HEAD_MODULE, &expected).map(Some)
+    }
+
+    /// Reads `module`'s packed tensors, which must have the layout `expected`.
+    fn read_packed(&self, module: &str, expected: &PackedLayout) -> Result<PackedLinear> {
+        let path = self.inner.path().to_path_buf();
+        self.check_layout(module, expected)?;
         let qweight = self.inner.raw(&format!("{module}.qweight"))?;
         let scales = self.inner.raw(&format!("{module}.scales"))?;
         let zeros = self.inner.raw(&format!("{module}.zeros"))?;
@@ -171,11 +219,11 @@ impl PackedDir {
         check("scales", scales.dtype, Dtype::F16)?;
         check("zeros", zeros.dtype, Dtype::F16)?;
         let p = PackedLinear {
-            dim,
-            bits: self.quant.bits,
-            group_size,
-            out_features: kind_shape[0],
-            in_features: kind_shape[1],
+            dim: expected.dim,
+            bits: expected.bits,
+            group_size: expected.group_size,
+            out_features: expected.shape[0],
+            in_features: expected.shape[1],
             qweight: bytemuck::pod_collect_to_vec(qweight.data),
             scales: bytemuck::pod_collect_to_vec(scales.data),
             zeros: bytemuck::pod_collect_to_vec(zeros.data),
@@ -186,6 +234,14 @@ impl PackedDir {
         p.validate()
             .map_err(|e| ModelError::malformed(&path, format!("`{module}`: {e}")))?;
         Ok(p)
+    }
+
+    /// Whether `name` is served from the packed head: the head itself, and a tied
+    /// checkpoint's embedding, which is not stored beside it.
+    fn served_by_head(&self, name: &str) -> bool {
+        self.quant.head.is_some()
+            && (name == "lm_head.weight"
+                || (name == "model.embed_tokens.weight" && !self.inner.contains(name)))
     }
 }
 
@@ -244,6 +300,9 @@ impl TensorSource for PackedDir {
     }
 
     fn contains(&self, name: &str) -> bool {
+        if self.served_by_head(name) {
+            return true;
+        }
         match name.strip_suffix(".weight") {
             Some(module) if self.quant.dims.contains_key(module) => true,
             _ => self.inner.contains(name),
@@ -251,6 +310,13 @@ impl TensorSource for PackedDir {
     }
 
     fn load(&self, name: &str) -> Result<HostTensor> {
+        if self.served_by_head(name) {
+            let p = self.packed_head()?.expect("served_by_head checks the entry");
+            return Ok(HostTensor::new(
+                vec![p.out_features, p.in_features],
+                p.dequantize(),
+            ));
+        }
         match name.strip_suffix(".weight") {
             Some(module) if self.quant.dims.contains_key(module) => {
                 let p = self.packed_linear(module)?;
@@ -279,6 +345,17 @@ impl PackedDir {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(assemble(self, load_periphery(self, device)?, layers))
+        let head = match self.packed_head()? {
+            Some(p) => Some(Linear::Quant(
+                QuantLinear::new(&p, device)
+                    .map_err(|e| crate::load::upload_error(self.path(), HEAD_MODULE, e))?,
+            )),
+            None => None,
+        };
+        Ok(assemble(
+            self,
+            load_periphery_with(self, device, head)?,
+            layers,
+        ))
     }
 }

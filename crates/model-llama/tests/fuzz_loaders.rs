@@ -743,6 +743,7 @@ fn packed_dir() -> DirFiles {
         bits: 3,
         group_size: GroupSize::Len(16),
         dims,
+        head: None,
     })
     .unwrap();
     DirFiles(vec![

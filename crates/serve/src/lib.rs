@@ -31,6 +31,11 @@ use tokio::sync::oneshot;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use error::{ApiError, ServeError};
 
+/// Sequences decoded together by default: the CPU kernels read a weight once for up to 8 rows.
+pub const DEFAULT_MAX_BATCH: usize = 8;
+/// Requests that may wait by default.
+pub const DEFAULT_QUEUE: usize = 16;
+
 /// Where and how to serve.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -39,18 +44,21 @@ pub struct ServeOptions {
     pub port: u16,
     /// The name clients ask for (`model` in a request); other names are a 400.
     pub model_name: String,
-    /// Requests that may wait for the model beside the one it runs; more get a 503.
+    /// Requests that may wait for the model beside those it runs; more get a 503.
     pub queue_capacity: usize,
+    /// Sequences decoded together, one token each per forward (continuous batching).
+    pub max_batch: usize,
 }
 
 impl ServeOptions {
-    /// Serves `model_name` on 127.0.0.1:8080 with a queue of 16.
+    /// Serves `model_name` on 127.0.0.1:8080, 8 sequences at a time with 16 more waiting.
     pub fn new(model_name: impl Into<String>) -> Self {
         Self {
             host: "127.0.0.1".into(),
             port: 8080,
             model_name: model_name.into(),
-            queue_capacity: 16,
+            queue_capacity: DEFAULT_QUEUE,
+            max_batch: DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -81,6 +89,12 @@ impl Server {
                 reason: "0 would turn every request away; need at least 1".into(),
             });
         }
+        if opts.max_batch == 0 {
+            return Err(ServeError::Option {
+                option: "max_batch",
+                reason: "0 would run no request; need at least 1".into(),
+            });
+        }
         let config = model.source.config().clone();
         let tokenizer = model.tokenizer.clone();
         let chat = chat_template(&tokenizer);
@@ -88,7 +102,7 @@ impl Server {
             tracing::warn!("chat completions are off: {why}");
         }
         let llama = model.load::<B>(device)?;
-        let (queue, worker) = worker::spawn(llama, opts.queue_capacity)?;
+        let (queue, worker) = worker::spawn(llama, opts.queue_capacity, opts.max_batch)?;
         let state = Arc::new(routes::AppState {
             queue,
             tokenizer,

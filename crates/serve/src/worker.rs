@@ -1,5 +1,12 @@
-//! The model's own thread: it takes generation jobs from a bounded queue, one at a time, and
-//! sends each job's tokens back as they come.
+//! The model's own thread: it takes generation jobs from a bounded queue and runs up to
+//! `max_batch` of them at once (continuous batching), sending each job's tokens back as they
+//! come.
+//!
+//! Every step samples one token for each running sequence, then runs all their new tokens
+//! through the model in one forward ([`Decoder::advance_together`]): the linears become
+//! `M = n` products that read each weight once for all sequences, which is what a decode step
+//! costs. A waiting job joins the batch at the next step, after its own prefill; a finished one
+//! leaves it.
 //!
 //! The model runs here, not on tokio's executor: a forward pass is long CPU work (rayon-parallel
 //! products) that would stall every connection the executor serves meanwhile.
@@ -63,57 +70,120 @@ impl Queue {
     }
 }
 
-/// Starts the worker thread on `model`; at most `capacity` jobs wait beside the one running.
-/// The thread ends when every [`Queue`] clone is dropped.
-pub fn spawn<B>(model: Llama<B>, capacity: usize) -> std::io::Result<(Queue, JoinHandle<()>)>
+/// Starts the worker thread on `model`; it runs up to `max_batch` jobs at once, and at most
+/// `capacity` more wait. The thread ends when every [`Queue`] clone is dropped and its jobs are
+/// done.
+pub fn spawn<B>(
+    model: Llama<B>,
+    capacity: usize,
+    max_batch: usize,
+) -> std::io::Result<(Queue, JoinHandle<()>)>
 where
     B: QuantBackend + 'static,
     Llama<B>: Send,
 {
+    assert!(max_batch > 0, "a batch holds at least one sequence");
     let (jobs, rx) = sync_channel(capacity);
     let handle = std::thread::Builder::new()
         .name("model".into())
-        .spawn(move || run(&model, rx))?;
+        .spawn(move || run(&model, rx, max_batch))?;
     Ok((Queue { jobs, capacity }, handle))
 }
 
-fn run<B: QuantBackend>(model: &Llama<B>, jobs: Receiver<Job>) {
-    while let Ok(job) = jobs.recv() {
-        let events = job.events.clone();
-        // A panic in one request (a bug) must not take the server down with it.
+/// A job in the running batch.
+struct Running<'m, B: QuantBackend> {
+    decoder: Decoder<'m, B>,
+    job: Job,
+    last: Option<u32>,
+}
+
+impl<B: QuantBackend> Running<'_, B> {
+    fn send(&self, event: Event) -> bool {
+        self.job.events.send(event).is_ok()
+    }
+
+    /// Samples and sends the next token; `false` once the job has ended (its last token sent,
+    /// or its client gone).
+    fn emit(&mut self) -> bool {
+        // A closed channel is a client that went away: stop spending the model on it.
+        if self.job.events.is_closed() {
+            return false;
+        }
+        if let Some(id) = self.decoder.next_token() {
+            self.last = Some(id);
+            let logprob = self
+                .job
+                .token_logprobs
+                .map(|n| model_llama::generate::token_logprob(self.decoder.last_logits(), id, n));
+            if !self.send(Event::Token { id, logprob }) {
+                return false;
+            }
+        }
+        if self.decoder.is_finished() {
+            let stopped = self.last.is_some() && self.last == self.job.opts.stop_token;
+            self.send(Event::Done { stopped });
+            return false;
+        }
+        true
+    }
+}
+
+fn run<B: QuantBackend>(model: &Llama<B>, jobs: Receiver<Job>, max_batch: usize) {
+    let mut batch: Vec<Running<'_, B>> = Vec::with_capacity(max_batch);
+    loop {
+        // Idle: wait for a job. Running: take those waiting, without waiting, up to the batch.
+        if batch.is_empty() {
+            match jobs.recv() {
+                Ok(job) => batch.extend(start(model, job)),
+                Err(_) => break,
+            }
+        }
+        while batch.len() < max_batch {
+            let Ok(job) = jobs.try_recv() else { break };
+            batch.extend(start(model, job));
+        }
+        batch.retain_mut(Running::emit);
+        let mut decoders: Vec<&mut Decoder<'_, B>> =
+            batch.iter_mut().map(|r| &mut r.decoder).collect();
         // The products run inside rayon's pool (see `model_llama::generate::generate`).
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            rayon::scope(|_| run_job(model, job));
-        }));
-        if outcome.is_err() {
-            tracing::error!("the model panicked on a request");
-            let _ = events.send(Event::Failed("the model failed on this request".into()));
+        if guarded(|| rayon::scope(|_| Decoder::advance_together(&mut decoders))).is_none() {
+            for r in batch.drain(..) {
+                r.send(Event::Failed("the model failed on this request".into()));
+            }
         }
     }
     tracing::debug!("model worker stopped");
 }
 
-fn run_job<B: QuantBackend>(model: &Llama<B>, job: Job) {
-    let send = |e: Event| job.events.send(e).is_ok();
-    let (mut decoder, prompt_logprobs) =
-        Decoder::with_prompt_logprobs(model, &job.prompt, &job.opts, job.prompt_logprobs);
-    if job.prompt_logprobs.is_some() && !send(Event::PromptLogprobs(prompt_logprobs)) {
-        return;
+/// Runs `job`'s prefill (and sends its prompt log-probabilities); `None` if it failed or its
+/// client has gone.
+fn start<B: QuantBackend>(model: &Llama<B>, job: Job) -> Option<Running<'_, B>> {
+    let prefill = || {
+        rayon::scope(|_| {
+            Decoder::with_prompt_logprobs(model, &job.prompt, &job.opts, job.prompt_logprobs)
+        })
+    };
+    let Some((decoder, prompt_logprobs)) = guarded(prefill) else {
+        let _ = job
+            .events
+            .send(Event::Failed("the model failed on this request".into()));
+        return None;
+    };
+    let running = Running {
+        decoder,
+        job,
+        last: None,
+    };
+    let wanted = running.job.prompt_logprobs.is_some();
+    (!wanted || running.send(Event::PromptLogprobs(prompt_logprobs))).then_some(running)
+}
+
+/// `f()`, or `None` if it panicked: a panic in one request (a bug) must not take the server
+/// down with it.
+fn guarded<R>(f: impl FnOnce() -> R) -> Option<R> {
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(f));
+    if outcome.is_err() {
+        tracing::error!("the model panicked on a request");
     }
-    let mut last = None;
-    // A closed channel is a client that went away: stop spending the model on it.
-    while !job.events.is_closed() {
-        let Some(id) = decoder.next_token() else {
-            break;
-        };
-        last = Some(id);
-        let logprob = job
-            .token_logprobs
-            .map(|n| model_llama::generate::token_logprob(decoder.last_logits(), id, n));
-        if !send(Event::Token { id, logprob }) {
-            return;
-        }
-    }
-    let stopped = last.is_some() && last == job.opts.stop_token;
-    send(Event::Done { stopped });
+    outcome.ok()
 }

@@ -5,6 +5,7 @@
 mod bench_cpu;
 mod bench_decode;
 mod bench_kernels;
+mod bench_serve;
 mod jobs;
 mod synth;
 
@@ -50,6 +51,9 @@ enum Cmd {
     /// TESTS ONLY (its outputs are meaningless): config.json, the shipped tokenizer.json and
     /// safetensors shards of at most 2 GB.
     SynthModel(synth::SynthModelArgs),
+    /// `adadim serve` under load: one sequence against concurrent ones (continuous batching),
+    /// tokens/s and latency percentiles.
+    BenchServe(bench_serve::BenchServeArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -145,5 +149,6 @@ fn main() -> Result<()> {
             BenchBackend::Wgpu | BenchBackend::Cuda => bench_kernels::run(&args),
         },
         Cmd::SynthModel(args) => synth::run(&args),
+        Cmd::BenchServe(args) => bench_serve::run(&args),
     }
 }

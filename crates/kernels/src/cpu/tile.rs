@@ -202,10 +202,14 @@ pub(crate) fn oc_tile<const B: usize, const M: usize, const S: usize, A: Madd>(
         let acc = reduce(&acc);
         let at = (t * groups + g) * LANES;
         let (sv, zv) = (&w.scales[at..at + LANES], &w.zeros[at..at + LANES]);
-        for l in 0..LANES {
-            let (s, zs) = decoded_scale_zero::<B>(h2f(sv[l]), h2f(zv[l]));
-            for m in 0..M {
-                y[m][l] = A::madd(s, acc[m][l], y[m][l]) - zs * xsum[m * groups + g];
+        let sz: [(f32, f32); LANES] =
+            std::array::from_fn(|l| decoded_scale_zero::<B>(h2f(sv[l]), h2f(zv[l])));
+        // Lanes innermost, so that the epilogue is vector code: with groups of 32 it runs once
+        // per 32 code vectors, and as a scalar loop it cost as much as they did at M = 8.
+        for m in 0..M {
+            let xs = xsum[m * groups + g];
+            for l in 0..LANES {
+                y[m][l] = A::madd(sz[l].0, acc[m][l], y[m][l]) - sz[l].1 * xs;
             }
         }
     }

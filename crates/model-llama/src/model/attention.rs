@@ -156,6 +156,38 @@ impl<B: QuantBackend> Attention<B> {
         };
         self.attend(q, k, v)
     }
+
+    /// The input of `o_proj` for one new token of each of several sequences: `x: [1, n, hidden]`
+    /// holds sequence `i`'s token in row `i`, which continues `caches[i]`.
+    ///
+    /// The projections run once for all rows (one `M = n` product, which reads each weight
+    /// once); rotation and attention run per sequence, since each has its own position and
+    /// history.
+    pub fn context_batch(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        caches: &mut [&mut KvCache<B>],
+    ) -> Tensor<B, 3> {
+        let n = x.dims()[1];
+        assert_eq!(n, caches.len(), "one cache per row of the batch");
+        let q = self.q_proj.forward(x.clone());
+        let k = self.k_proj.forward(x.clone());
+        let v = self.v_proj.forward(x);
+        let rows = caches
+            .iter_mut()
+            .enumerate()
+            .map(|(i, cache)| {
+                let row = |t: &Tensor<B, 3>| t.clone().narrow(1, i, 1);
+                let start = cache.len();
+                let q = rope.apply(row(&q), self.n_heads, start);
+                let k = rope.apply(row(&k), self.n_kv_heads, start);
+                let (k, v) = cache.append(k, row(&v));
+                self.attend(q, k, v)
+            })
+            .collect();
+        Tensor::cat(rows, 1)
+    }
 }
 
 #[cfg(all(test, feature = "ndarray"))]

@@ -73,10 +73,29 @@ impl<B: QuantBackend> DecoderLayer<B> {
         rope: &Rope<B>,
         cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let h = x.clone().add(
-            self.self_attn
-                .forward(self.input_layernorm.forward(x), rope, cache),
-        );
+        self.residual(x, |a| self.self_attn.context(a, rope, cache))
+    }
+
+    /// One new token of each of several sequences, row `i` of `x: [1, n, hidden]` continuing
+    /// `caches[i]` (see [`Attention::context_batch`]).
+    pub fn forward_batch(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        caches: &mut [&mut KvCache<B>],
+    ) -> Tensor<B, 3> {
+        self.residual(x, |a| self.self_attn.context_batch(a, rope, caches))
+    }
+
+    /// The layer around its attention context `context(norm₁(x))` (the input of `o_proj`).
+    fn residual(
+        &self,
+        x: Tensor<B, 3>,
+        context: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
+        let attn_out =
+            (self.self_attn.o_proj).forward(context(self.input_layernorm.forward(x.clone())));
+        let h = x.add(attn_out);
         h.clone()
             .add(self.mlp.forward(self.post_attention_layernorm.forward(h)))
     }

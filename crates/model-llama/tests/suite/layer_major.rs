@@ -253,6 +253,7 @@ fn open_model_streams_a_packed_checkpoint() {
         bits: 3,
         group_size: GroupSize::Len(32),
         dims: packed.iter().map(|(m, p)| (m.clone(), p.dim)).collect(),
+        head: None,
     })
     .unwrap();
     write_config(&dir, &json).unwrap();

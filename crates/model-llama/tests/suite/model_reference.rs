@@ -232,6 +232,69 @@ fn kv_cache_generation_matches_full_recompute() {
     }
 }
 
+/// Sequences of different lengths advanced together (continuous batching: one joins late,
+/// one ends early) see the naive model's logits at every step, and produce the tokens each
+/// produces alone.
+#[test]
+fn sequences_advanced_together_match_the_naive_model_and_running_alone() {
+    let src = random_source(tiny_config(None), 9);
+    let model = load_model::<B>(&src, &Default::default()).unwrap();
+    let prompts: [&[u32]; 3] = [
+        &[3, 14, 15, 9, 26],
+        &[7],
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+    ];
+    let opts = |i: usize| GenerateOptions {
+        max_new_tokens: [12, 5, 9][i],
+        temperature: [0.0, 0.9, 0.7][i],
+        top_p: 0.95,
+        seed: 11 + i as u64,
+        use_cache: true,
+        stop_token: None,
+    };
+    let alone: Vec<Vec<u32>> = (0..3)
+        .map(|i| generate(&model, prompts[i], &opts(i)).tokens)
+        .collect();
+
+    let mut decoders: Vec<Decoder<'_, B>> = Vec::new();
+    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); 3];
+    for step in 0..20 {
+        // Two sequences start together; the third joins at the third step.
+        let joining = match step {
+            0 => 0..2,
+            2 => 2..3,
+            _ => 0..0,
+        };
+        for i in joining {
+            decoders.push(Decoder::new(&model, prompts[i], &opts(i)));
+        }
+        for (i, d) in decoders.iter_mut().enumerate() {
+            let Some(token) = d.next_token() else {
+                continue;
+            };
+            let mut seen = prompts[i].to_vec();
+            seen.extend(&generated[i]);
+            let naive = naive_logits(&src, &seen);
+            let naive = naive.last().unwrap();
+            for (got, want) in d.last_logits().iter().zip(naive) {
+                assert!(
+                    (*got as f64 - want).abs() < 1e-3,
+                    "sequence {i}, step {step}"
+                );
+            }
+            generated[i].push(token);
+        }
+        let mut refs: Vec<&mut Decoder<'_, B>> = decoders.iter_mut().collect();
+        Decoder::advance_together(&mut refs);
+    }
+    assert!(decoders.iter().all(Decoder::is_finished));
+    assert_eq!(generated, alone);
+    assert_eq!(
+        generated.iter().map(Vec::len).collect::<Vec<_>>(),
+        [12, 5, 9]
+    );
+}
+
 #[test]
 fn prompt_logprobs_are_the_naive_log_softmax() {
     let src = random_source(tiny_config(None), 6);

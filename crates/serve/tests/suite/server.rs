@@ -5,7 +5,7 @@ use crate::support;
 
 use model_llama::generate::{Decoder, GenerateOptions};
 use serde_json::{Value, json};
-use support::{MODEL, get, greedy, post, start};
+use support::{MODEL, get, greedy, post, start, start_with};
 
 /// A 400 with an OpenAI-style error naming `param` and saying `says`.
 fn assert_400(answer: (u16, Value), param: Option<&str>, says: &str) {
@@ -180,7 +180,7 @@ fn concurrent_greedy_requests_return_the_sequential_tokens() {
 #[test]
 fn requests_beyond_the_queue_get_a_503() {
     // One request runs, one waits; the others are turned away.
-    let server = start(1);
+    let server = start_with(1, 1);
     let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..5)
             .map(|_| {

@@ -12,11 +12,17 @@ pub const MODEL: &str = "smollm2";
 
 /// A server on a free port serving the shipped test model as [`MODEL`].
 pub fn start(queue_capacity: usize) -> Server {
+    start_with(queue_capacity, ServeOptions::new(MODEL).max_batch)
+}
+
+/// [`start`], running at most `max_batch` requests at once.
+pub fn start_with(queue_capacity: usize, max_batch: usize) -> Server {
     let path = test_assets::smollm2_gguf().expect("the test model can be fetched");
     let model = model_llama::open_model(&path).unwrap();
     let opts = ServeOptions {
         port: 0,
         queue_capacity,
+        max_batch,
         ..ServeOptions::new(MODEL)
     };
     Server::start::<Cpu>(&model, &Default::default(), &opts).unwrap()
