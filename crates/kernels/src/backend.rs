@@ -95,6 +95,21 @@ pub trait QuantBackend: Backend {
         crate::generic::causal_attention(q, k, v, heads, kv_heads)
     }
 
+    /// [`QuantBackend::causal_attention`] over the first `len` positions of `k, v
+    /// [b, capacity, kv_heads·d]`, whose later rows are unused (a KV cache's buffers). Backends
+    /// that can read a prefix in place do so; a sliced copy of the history at every decode step
+    /// is what this avoids.
+    fn causal_attention_prefix(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        len: usize,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Tensor<Self, 3> {
+        Self::causal_attention(q, k.narrow(1, 0, len), v.narrow(1, 0, len), heads, kv_heads)
+    }
+
     /// Rotary position embedding ("rotate half") of every head of `x [b, t, heads·d]`, with
     /// the tables `cos, sin [t, d]` of its positions.
     fn rotary(

@@ -167,10 +167,16 @@ impl<'a> Host<'a> {
 
     /// A `[b, t, heads·d]` tensor read as `[b, heads, t, d]`.
     fn heads(&self, heads: usize) -> HeadsView<'_> {
+        self.heads_prefix(heads, self.dims[1])
+    }
+
+    /// [`Host::heads`] of the first `len` positions.
+    fn heads_prefix(&self, heads: usize, len: usize) -> HeadsView<'_> {
         let [b, t, hd]: [usize; 3] = self.dims.as_slice().try_into().expect("a 3-D tensor");
         let [s0, s1, s2]: [usize; 3] = self.strides.as_slice().try_into().expect("3 strides");
+        assert!(len <= t, "a prefix of {len} positions of {t}");
         let d = hd / heads;
-        HeadsView::new(&self.data, [b, heads, t, d], [s0, d * s2, s1, s2])
+        HeadsView::new(&self.data, [b, heads, len, d], [s0, d * s2, s1, s2])
     }
 }
 
@@ -388,16 +394,30 @@ impl QuantBackend for B {
         heads: usize,
         kv_heads: usize,
     ) -> Tensor<Self, 3> {
+        let len = k.dims()[1];
+        Self::causal_attention_prefix(q, k, v, len, heads, kv_heads)
+    }
+
+    /// Reads the prefix through the buffers' strides: burn-ndarray's `slice` copies.
+    fn causal_attention_prefix(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        len: usize,
+        heads: usize,
+        kv_heads: usize,
+    ) -> Tensor<Self, 3> {
         let (qp, kp, vp) = (primitive(&q), primitive(&k), primitive(&v));
         let (Some(qh), Some(kh), Some(vh)) = (Host::of(&qp), Host::of(&kp), Host::of(&vp)) else {
+            let (k, v) = (k.narrow(1, 0, len), v.narrow(1, 0, len));
             return crate::generic::causal_attention(q, k, v, heads, kv_heads);
         };
         let dims = q.dims();
         let mut out = vec![0f32; dims.iter().product()];
         causal_attention(
             qh.heads(heads),
-            kh.heads(kv_heads),
-            vh.heads(kv_heads),
+            kh.heads_prefix(kv_heads, len),
+            vh.heads_prefix(kv_heads, len),
             &mut out,
         );
         tensor(out, dims)

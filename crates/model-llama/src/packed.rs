@@ -311,7 +311,9 @@ impl TensorSource for PackedDir {
 
     fn load(&self, name: &str) -> Result<HostTensor> {
         if self.served_by_head(name) {
-            let p = self.packed_head()?.expect("served_by_head checks the entry");
+            let p = self
+                .packed_head()?
+                .expect("served_by_head checks the entry");
             return Ok(HostTensor::new(
                 vec![p.out_features, p.in_features],
                 p.dequantize(),

@@ -34,9 +34,7 @@ pub fn quantize_q8(
             w.len()
         )));
     }
-    if let Some(index) = w.iter().position(|v| !v.is_finite()) {
-        return Err(QuantError::NonFiniteWeight { index });
-    }
+    crate::rtn::check_finite(w)?;
     let groups = w.len() / group_size;
     let mut codes = vec![0u8; w.len()];
     let mut scales = vec![0f32; groups];

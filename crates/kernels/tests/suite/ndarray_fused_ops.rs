@@ -59,6 +59,26 @@ fn causal_attention_matches_generic() {
     }
 }
 
+/// Attention over the first `len` rows of larger buffers (a KV cache's) equals attention over
+/// those rows alone.
+#[test]
+fn causal_attention_over_a_prefix_ignores_the_rest_of_the_buffers() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let (heads, kv, d, capacity) = (4, 2, 16, 64);
+    for (t_q, len) in [(1, 1), (1, 37), (5, 40), (64, 64)] {
+        let q = random(&mut rng, [2, t_q, heads * d], 2.0);
+        let k = random(&mut rng, [2, capacity, kv * d], 2.0);
+        let v = random(&mut rng, [2, capacity, kv * d], 1.0);
+        let (k_len, v_len) = (k.clone().narrow(1, 0, len), v.clone().narrow(1, 0, len));
+        assert_close(
+            &format!("prefix {t_q}/{len} of {capacity}"),
+            B::causal_attention_prefix(q.clone(), k, v, len, heads, kv),
+            generic::causal_attention(q, k_len, v_len, heads, kv),
+            1e-4,
+        );
+    }
+}
+
 #[test]
 fn rotary_matches_generic() {
     let mut rng = StdRng::seed_from_u64(2);

@@ -40,7 +40,8 @@ impl<B: QuantBackend> KvCache<B> {
         self.len == 0
     }
 
-    /// Appends `k, v: [b, t, kv_heads·head_dim]` and returns all keys and values so far.
+    /// Appends `k, v: [b, t, kv_heads·head_dim]` and returns the buffers, whose first
+    /// [`KvCache::len`] rows are all keys and values so far.
     fn append(&mut self, k: Tensor<B, 3>, v: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let rows = self.len..self.len + k.dims()[1];
         self.len = rows.end;
@@ -51,8 +52,9 @@ impl<B: QuantBackend> KvCache<B> {
     }
 }
 
-/// Writes `new` into rows `rows` of `buf` (growing it if needed) and returns a view of rows
-/// `..rows.end`.
+/// Writes `new` into rows `rows` of `buf` (growing it if needed) and returns the buffer, whose
+/// rows `..rows.end` are valid. Not a slice of it: burn-ndarray copies slices, and attention
+/// reads the prefix in place ([`QuantBackend::causal_attention_prefix`]).
 fn write_rows<B: QuantBackend>(
     buf: &mut Option<Tensor<B, 3>>,
     new: Tensor<B, 3>,
@@ -77,12 +79,11 @@ fn write_rows<B: QuantBackend>(
             }
         }
     };
-    // The views handed out at earlier steps are gone, so this is the only handle and the
+    // The handles given out at earlier steps are gone, so this is the only one and the
     // backends write in place.
-    let full = full.slice_assign([0..b, rows.clone(), 0..d], new);
-    let view = full.clone().slice([0..b, 0..rows.end, 0..d]);
-    *buf = Some(full);
-    view
+    let full = full.slice_assign([0..b, rows, 0..d], new);
+    *buf = Some(full.clone());
+    full
 }
 
 impl<B: QuantBackend> Attention<B> {
@@ -150,11 +151,22 @@ impl<B: QuantBackend> Attention<B> {
     ) -> Tensor<B, 3> {
         let start = cache.as_ref().map_or(0, |c| c.len());
         let (q, k, v) = self.qkv(x, rope, start);
-        let (k, v) = match cache {
-            Some(cache) => cache.append(k, v),
-            None => (k, v),
-        };
-        self.attend(q, k, v)
+        match cache {
+            Some(cache) => self.attend_cached(q, k, v, cache),
+            None => self.attend(q, k, v),
+        }
+    }
+
+    /// Appends `k, v` to `cache` and attends `q` over everything it holds.
+    fn attend_cached(
+        &self,
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let (k, v) = cache.append(k, v);
+        B::causal_attention_prefix(q, k, v, cache.len(), self.n_heads, self.n_kv_heads)
     }
 
     /// The input of `o_proj` for one new token of each of several sequences: `x: [1, n, hidden]`
@@ -182,8 +194,7 @@ impl<B: QuantBackend> Attention<B> {
                 let start = cache.len();
                 let q = rope.apply(row(&q), self.n_heads, start);
                 let k = rope.apply(row(&k), self.n_kv_heads, start);
-                let (k, v) = cache.append(k, row(&v));
-                self.attend(q, k, v)
+                self.attend_cached(q, k, row(&v), cache)
             })
             .collect();
         Tensor::cat(rows, 1)
@@ -197,8 +208,8 @@ mod tests {
 
     use super::*;
 
-    /// Appending in chunks (a prefill, single tokens, a chunk that forces a growth) returns
-    /// exactly the concatenation of everything appended so far.
+    /// Appending in chunks (a prefill, single tokens, a chunk that forces a growth) leaves
+    /// exactly the concatenation of everything appended so far in the buffers' valid rows.
     #[test]
     fn cache_matches_concatenation() {
         let device = Default::default();
@@ -210,7 +221,8 @@ mod tests {
             all_k.push(k.clone());
             all_v.push(v.clone());
             let (ck, cv) = cache.append(k, v);
-            assert_eq!(cache.len(), ck.dims()[1]);
+            assert!(cache.len() <= ck.dims()[1]);
+            let (ck, cv) = (ck.narrow(1, 0, cache.len()), cv.narrow(1, 0, cache.len()));
             ck.into_data()
                 .assert_eq(&Tensor::cat(all_k.clone(), 1).into_data(), true);
             cv.into_data()

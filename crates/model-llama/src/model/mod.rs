@@ -73,17 +73,16 @@ impl<B: QuantBackend> Llama<B> {
         x
     }
 
-    /// Last hidden states `[1, n, hidden]` of one new token for each of `n` sequences:
-    /// `tokens: [1, n]`, whose `i`-th id continues the sequence cached in `caches[i]` (one entry per layer), which is
-    /// extended. The linears run once for all sequences, as `M = n` products.
+    /// Last hidden states `[1, n, hidden]` of one new token for each of `n` sequences: the
+    /// `i`-th id of `tokens: [1, n]` continues the sequence cached in `caches[i]` (one entry per
+    /// layer), which is extended. The linears run once for all sequences, as `M = n` products.
     pub fn hidden_states_batch(
         &self,
         tokens: Tensor<B, 2, Int>,
         caches: &mut [&mut [KvCache<B>]],
     ) -> Tensor<B, 3> {
         assert_eq!(tokens.dims(), [1, caches.len()], "one cache per sequence");
-        let ids = tokens;
-        let mut x = self.embed(ids);
+        let mut x = self.embed(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             let mut layer_caches: Vec<&mut KvCache<B>> =
                 caches.iter_mut().map(|c| &mut c[i]).collect();
