@@ -226,17 +226,13 @@ impl<'a> Outputs<'a> {
     ) -> Result<PathBuf> {
         let src = self.src;
         let config = src.config();
-        let untied_head = src.contains("lm_head.weight") && !config.tie_word_embeddings;
-        let head_name = if untied_head {
-            "lm_head.weight"
-        } else {
-            "model.embed_tokens.weight"
-        };
+        let head_name = model_llama::load::head_name(src);
+        let untied_head = head_name == "lm_head.weight";
         let mut quantization = opts.quantization_config(self.progress.dims.clone());
         let mut packed = self.packed;
         if packs_head(config) {
-            let w = src.load(head_name)?;
-            let head = quant_core::quantize_q8(&w.data, config.vocab_size, config.hidden_size)
+            let (_, w) = model_llama::load::head_weight(src, None)?;
+            let head = quant_core::quantize_q8(&w, config.vocab_size, config.hidden_size)
                 .map_err(|source| AdadimError::Quant {
                     context: head_name.to_string(),
                     source,

@@ -261,17 +261,28 @@ fn check_config(src: &dyn TensorSource) -> Result<()> {
         .map_err(|msg| ModelError::malformed(src.path(), msg))
 }
 
-/// The language-model head's weight `[vocab, hidden]` and its name: its own, or the embedding
-/// when tied (or when the checkpoint has none). `embed` is the embedding if the caller has it.
-fn head_weight<'a>(
+/// The tensor the language-model head multiplies by: its own `lm_head.weight`, or the
+/// embedding when tied (or when the checkpoint has none).
+pub fn head_name(src: &dyn TensorSource) -> &'static str {
+    if src.contains("lm_head.weight") && !src.config().tie_word_embeddings {
+        "lm_head.weight"
+    } else {
+        "model.embed_tokens.weight"
+    }
+}
+
+/// The language-model head's weight `[vocab, hidden]` and its name ([`head_name`]). `embed` is
+/// the embedding if the caller has it.
+pub fn head_weight<'a>(
     src: &dyn TensorSource,
     embed: Option<&'a [f32]>,
 ) -> Result<(&'static str, Cow<'a, [f32]>)> {
     let config = src.config();
     let shape = [config.vocab_size, config.hidden_size];
-    if src.contains("lm_head.weight") && !config.tie_word_embeddings {
-        let w = load_host(src, "lm_head.weight", &shape)?;
-        return Ok(("lm_head.weight", Cow::Owned(w)));
+    let name = head_name(src);
+    if name == "lm_head.weight" {
+        let w = load_host(src, name, &shape)?;
+        return Ok((name, Cow::Owned(w)));
     }
     let w = match embed {
         Some(e) => Cow::Borrowed(e),

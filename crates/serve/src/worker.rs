@@ -94,7 +94,11 @@ where
 struct Running<'m, B: QuantBackend> {
     decoder: Decoder<'m, B>,
     job: Job,
-    last: Option<u32>,
+}
+
+/// What a job whose model work panicked is told.
+fn failed() -> Event {
+    Event::Failed("the model failed on this request".into())
 }
 
 impl<B: QuantBackend> Running<'_, B> {
@@ -110,7 +114,6 @@ impl<B: QuantBackend> Running<'_, B> {
             return false;
         }
         if let Some(id) = self.decoder.next_token() {
-            self.last = Some(id);
             let logprob = self
                 .job
                 .token_logprobs
@@ -120,7 +123,8 @@ impl<B: QuantBackend> Running<'_, B> {
             }
         }
         if self.decoder.is_finished() {
-            let stopped = self.last.is_some() && self.last == self.job.opts.stop_token;
+            let last = self.decoder.generated().last().copied();
+            let stopped = last.is_some() && last == self.job.opts.stop_token;
             self.send(Event::Done { stopped });
             return false;
         }
@@ -148,7 +152,7 @@ fn run<B: QuantBackend>(model: &Llama<B>, jobs: Receiver<Job>, max_batch: usize)
         // The products run inside rayon's pool (see `model_llama::generate::generate`).
         if guarded(|| rayon::scope(|_| Decoder::advance_together(&mut decoders))).is_none() {
             for r in batch.drain(..) {
-                r.send(Event::Failed("the model failed on this request".into()));
+                r.send(failed());
             }
         }
     }
@@ -164,16 +168,10 @@ fn start<B: QuantBackend>(model: &Llama<B>, job: Job) -> Option<Running<'_, B>> 
         })
     };
     let Some((decoder, prompt_logprobs)) = guarded(prefill) else {
-        let _ = job
-            .events
-            .send(Event::Failed("the model failed on this request".into()));
+        let _ = job.events.send(failed());
         return None;
     };
-    let running = Running {
-        decoder,
-        job,
-        last: None,
-    };
+    let running = Running { decoder, job };
     let wanted = running.job.prompt_logprobs.is_some();
     (!wanted || running.send(Event::PromptLogprobs(prompt_logprobs))).then_some(running)
 }
