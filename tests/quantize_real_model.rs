@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use adadim::{DimPolicy, Method, RunSpec};
+use adadim::{DimPolicy, Method, Recipe, RunSpec};
 use adadim_e2e::{Cpu, eval_tokens, smollm2};
 use model_llama::TensorSource;
 use model_llama::perplexity::perplexity;
@@ -23,22 +23,19 @@ fn quantized_model_is_worse_than_fp_and_packed_matches_fake_quant() {
 
     let dir = tempfile::tempdir().unwrap();
     let spec = RunSpec {
-        model: smollm2(),
-        calib: repo_asset("lee-news.txt"),
         calib_samples: 8,
         calib_seqlen: 256,
-        calib_seed: None,
         bits: 3,
         group_size: GroupSize::Len(64),
-        method: Method::Rtn,
-        gptq: Default::default(),
-        dim: DimPolicy::Ada,
-        range: Default::default(),
-        out: dir.path().join("packed"),
+        recipe: Recipe::Paper,
+        method: Some(Method::Rtn),
+        dim: Some(DimPolicy::Ada),
         fake_quant: Some(dir.path().join("fake")),
-        overwrite: false,
-        resume: false,
-        max_memory_gib: None,
+        ..RunSpec::new(
+            smollm2(),
+            repo_asset("lee-news.txt"),
+            dir.path().join("packed"),
+        )
     };
     let report = adadim::run::<Cpu>(&spec, &Default::default()).unwrap();
     assert_eq!(report.linears.len(), 30 * 7);

@@ -3,18 +3,17 @@
 //! [`crate::QuantizeOptions::default`] all take them from here. GPTQ's own knobs default to
 //! [`quant_core::GptqOptions::default`].
 
-use quant_core::{GroupSize, RangeMode};
+use quant_core::GroupSize;
 
-use crate::pipeline::Method;
-use crate::policy::DimPolicy;
+use crate::options::Recipe;
 
 pub const BITS: u32 = 3;
 /// The paper's group length (docs/method.md §5).
 pub const GROUP_SIZE: GroupSize = GroupSize::Len(128);
-pub const METHOD: Method = Method::Rtn;
-pub const DIM: DimPolicy = DimPolicy::Ada;
-/// Min-max group ranges, as the paper's method (docs/method.md §2).
-pub const RANGE: RangeMode = RangeMode::MinMax;
+/// The recipe whose choices (method, dim, range, score, propagation) a run takes where it
+/// names none (docs/method.md §4.7): the most accurate, since it costs little more time than
+/// GPTQ-AdaDim (docs/results.md).
+pub const RECIPE: Recipe = Recipe::Best;
 /// Calibration text, relative to the repository root.
 pub const CALIB_TEXT: &str = "assets/lee-news.txt";
 pub const CALIB_SAMPLES: usize = 64;

@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use adadim::{CalibOptions, DimPolicy, Method, QuantizeOptions};
+//! use adadim::{CalibOptions, QuantizeOptions, Recipe};
 //! use burn::backend::NdArray;
 //! use quant_core::GroupSize;
 //! let src = model_llama::open_checkpoint("model.gguf".as_ref())?;
@@ -14,12 +14,11 @@
 //!     |t| Ok(tokenizer.encode(t)?),
 //!     &CalibOptions { n_samples: 64, seqlen: 512, shuffle_seed: None },
 //! )?;
+//! // The paper's RTN-AdaDim; `Default::default()` gives the default recipe, `best`.
 //! let opts = QuantizeOptions {
 //!     bits: 3,
 //!     group_size: GroupSize::Len(64),
-//!     method: Method::Rtn,
-//!     policy: DimPolicy::Ada,
-//!     ..Default::default()
+//!     ..QuantizeOptions::from_choices(Recipe::Paper.choices())
 //! };
 //! let q = adadim::quantize_model::<NdArray>(src.as_ref(), &calib, &opts, &Default::default())?;
 //! # Ok(()) }
@@ -29,6 +28,7 @@ mod calib;
 pub mod defaults;
 mod error;
 pub mod memory;
+mod options;
 pub mod output;
 mod pipeline;
 mod policy;
@@ -40,8 +40,9 @@ mod stats;
 pub use calib::{CalibOptions, calibration_blocks, calibration_from_file};
 pub use error::{AdadimError, Result};
 pub use memory::MemoryPlan;
+pub use options::{Choices, Method, Propagate, Recipe, Score};
 pub use pipeline::{
-    Activations, LayerSink, LinearRecord, Method, QuantizeOptions, QuantizedModel, ResumePoint,
+    Activations, LayerSink, LinearRecord, QuantizeOptions, QuantizedModel, ResumePoint,
     quantize_layers, quantize_model,
 };
 pub use policy::DimPolicy;

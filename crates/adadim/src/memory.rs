@@ -28,7 +28,7 @@ use model_llama::{LinearKind, LlamaConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AdadimError, Result};
-use crate::pipeline::Method;
+use crate::options::Method;
 
 /// Tokens per chunk when streaming: large enough for efficient products, small enough that the
 /// chunk's intermediate tensors stay a fraction of a 7B model's footprint.

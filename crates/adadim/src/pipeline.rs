@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::defaults;
 use crate::error::{AdadimError, Result};
 use crate::memory::{MemoryPlan, gib};
+use crate::options::{Choices, Method, Propagate, Score};
 use crate::policy::DimPolicy;
 use crate::score::{
     AttnState, ChunkState, ErrorSum, MlpState, ScoreForms, Update, attn_error, carries, delta_t,
@@ -31,34 +32,6 @@ use crate::score::{
     own_output_error_undifferenced, sub_block_error,
 };
 use crate::stats::{InputStats, Site, SubBlockInputs};
-
-/// How each linear's weights are rounded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    Rtn,
-    Gptq,
-}
-
-impl std::str::FromStr for Method {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "rtn" => Ok(Method::Rtn),
-            "gptq" => Ok(Method::Gptq),
-            other => Err(format!("unknown method `{other}` (expected rtn or gptq)")),
-        }
-    }
-}
-
-impl std::fmt::Display for Method {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Method::Rtn => "rtn",
-            Method::Gptq => "gptq",
-        })
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct QuantizeOptions {
@@ -69,32 +42,54 @@ pub struct QuantizeOptions {
     pub gptq: GptqOptions,
     /// How each group's range is chosen, for RTN and GPTQ alike (docs/method.md §2.1).
     pub range: RangeMode,
+    /// Which candidates choose the dim (docs/method.md §4.5).
+    pub score: Score,
+    /// What each layer is calibrated on (docs/method.md §4.6).
+    pub propagate: Propagate,
+    /// Symmetric groups: a scale only, zero at the centre code (docs/method.md §2.2).
+    pub sym: bool,
     /// The forms the scores are computed in (default: the cheaper; the others check them).
     pub scoring: ScoreForms,
     /// Memory the run may use, bytes (`None`: [`crate::memory::default_limit`]).
     pub max_memory: Option<u64>,
 }
 
+/// The default recipe's choices (docs/method.md §4.7).
 impl Default for QuantizeOptions {
     fn default() -> Self {
-        Self {
-            bits: defaults::BITS,
-            group_size: defaults::GROUP_SIZE,
-            method: defaults::METHOD,
-            policy: defaults::DIM,
-            gptq: GptqOptions::default(),
-            range: defaults::RANGE,
-            scoring: ScoreForms::default(),
-            max_memory: None,
-        }
+        Self::from_choices(defaults::RECIPE.choices())
     }
 }
 
 impl QuantizeOptions {
-    /// GPTQ's knobs (when the method is GPTQ), checked before any work; the error names the
-    /// option (`gptq.block_size`, `gptq.percdamp`, `gptq.static_groups`).
-    pub fn check_gptq(&self) -> std::result::Result<(), InvalidOption> {
+    /// The defaults, with a recipe's (or a run's own) choices.
+    pub fn from_choices(c: Choices) -> Self {
+        Self {
+            bits: defaults::BITS,
+            group_size: defaults::GROUP_SIZE,
+            method: c.method,
+            policy: c.dim,
+            gptq: GptqOptions::default(),
+            range: c.range,
+            score: c.score,
+            propagate: c.propagate,
+            sym: false,
+            scoring: ScoreForms::default(),
+            max_memory: None,
+        }
+    }
+
+    /// The checks that need no model, made before any work: GPTQ's knobs (when the method is
+    /// GPTQ) and the score's method; the error names the option (`gptq.block_size`,
+    /// `gptq.percdamp`, `gptq.static_groups`, `score`).
+    pub fn check_options(&self) -> std::result::Result<(), InvalidOption> {
         if self.method != Method::Gptq {
+            if self.score == Score::Gptq {
+                return Err(InvalidOption::new(
+                    "score",
+                    "`gptq` scores GPTQ-solved candidates, so it needs method gptq",
+                ));
+            }
             return Ok(());
         }
         let g = &self.gptq;
@@ -126,9 +121,10 @@ impl QuantizeOptions {
     /// Checks bits, group size, GPTQ's knobs and policy against every linear shape of
     /// `config`, before any work is done; returns the base (per-OC) quantizer config.
     pub fn validate(&self, config: &model_llama::LlamaConfig) -> Result<QuantConfig> {
-        self.check_gptq()?;
+        self.check_options()?;
         let base = QuantConfig::new(self.bits, self.group_size, QuantDim::Oc)
-            .map_err(quant_err("quantization options".into()))?;
+            .map_err(quant_err("quantization options".into()))?
+            .with_sym(self.sym);
         for kind in LinearKind::ALL {
             let [out, inp] = linear_shape(config, kind);
             for dim in self.policy.candidates(kind) {
@@ -155,6 +151,7 @@ impl QuantizeOptions {
             group_size: self.group_size,
             dims,
             head: None,
+            sym: self.sym,
         }
     }
 
@@ -179,7 +176,7 @@ pub struct LinearRecord {
     pub layer: usize,
     pub linear: LinearKind,
     pub dim: QuantDim,
-    /// Output errors of the RTN candidates (AdaDim only).
+    /// Output errors of the scored candidates (AdaDim only).
     pub error_oc: Option<f64>,
     pub error_ic: Option<f64>,
     /// GPTQ's reconstruction loss (GPTQ only).
@@ -480,11 +477,29 @@ struct Choice<B: QuantBackend> {
     errors: DimErrors,
 }
 
-/// The winning RTN candidate: its weight, its layer and the chunk states it leads to.
+/// A quantized linear: its weight, its layer, the chunk states it leads to (when it was
+/// scored against them) and GPTQ's loss (when solved).
 struct Winner<B: QuantBackend> {
     quantized: Quantized,
     linear: Linear<B>,
     updates: Vec<Option<Update<B>>>,
+    gptq_loss: Option<f64>,
+}
+
+impl<B: QuantBackend> Winner<B> {
+    fn new(
+        quantized: Quantized,
+        gptq_loss: Option<f64>,
+        t: &Target<'_>,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            linear: upload::<B>(quantized.pack().dequantize(), t.shape, device),
+            quantized,
+            updates: Vec::new(),
+            gptq_loss,
+        }
+    }
 }
 
 type LayerOutput<B> = (
@@ -511,7 +526,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
             None
         };
         let mut stats = InputStats::new(self.blocks);
-        let (mut chunks, next) = self.forward(&layer, x, &mut stats);
+        let (mut chunks, carried) = self.forward(&layer, x, &mut stats);
         let mut linears = Vec::new();
         let mut records = Vec::new();
         for kind in LinearKind::ALL {
@@ -548,12 +563,22 @@ impl<B: QuantBackend> LayerRun<'_, B> {
             records.push(record);
             self.bar.inc(1);
         }
+        let next = match self.opts.propagate {
+            Propagate::Fp => carried,
+            Propagate::Quantized => Activations {
+                chunks: (carried.chunks.into_iter())
+                    .map(|x| layer.forward(x, self.rope, None))
+                    .collect(),
+            },
+        };
         Ok((linears, records, next))
     }
 
-    /// The layer's full-precision forward over every chunk: the next layer's input, and what
-    /// the plan keeps of each chunk. Streaming plans sum the Gram matrices they need here,
-    /// since the inputs are not kept.
+    /// The layer's full-precision forward over every chunk: what the plan keeps of each chunk,
+    /// and what the next layer's input is made from: this forward's output, or with quantized
+    /// propagation this layer's input, for the quantized layer to run on at the end (the
+    /// same memory either way). Streaming plans sum the Gram matrices they need here, since
+    /// the inputs are not kept.
     fn forward(
         &self,
         layer: &DecoderLayer<B>,
@@ -571,6 +596,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         let mut next = Vec::with_capacity(x.chunks.len());
         for x_c in x.chunks {
             let [blocks, t, _] = x_c.dims();
+            let input = (self.opts.propagate == Propagate::Quantized).then(|| x_c.clone());
             let (out, trace) = layer.forward_captured(x_c, self.rope);
             for &site in streamed {
                 stats.accumulate(site, site.input(&trace.inputs));
@@ -589,7 +615,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
                     inputs: trace.inputs.clone(),
                 }),
             });
-            next.push(out);
+            next.push(input.unwrap_or(out));
         }
         (chunks, Activations { chunks: next })
     }
@@ -602,7 +628,55 @@ impl<B: QuantBackend> LayerRun<'_, B> {
             .map_err(quant_err(format!("{} ({dim})", t.module)))
     }
 
-    /// The dim of `t`: AdaDim scores the RTN candidates of both dims; fixed policies have one.
+    /// GPTQ of `t` in `dim` against its site's Hessian, and GPTQ's loss.
+    fn gptq(
+        &self,
+        chunks: &[Chunk<B>],
+        stats: &mut InputStats<B>,
+        t: &Target<'_>,
+        dim: QuantDim,
+    ) -> Result<(Quantized, f64)> {
+        let site = Site::of(t.kind);
+        let h = stats.hessian(site, || resident_input(chunks, site))?;
+        let options = GptqOptions {
+            range: self.opts.range,
+            ..self.opts.gptq
+        };
+        let [out, inp] = t.shape;
+        let result = quant_core::gptq(t.w, out, inp, h, self.base.with_dim(dim), options)
+            .map_err(quant_err(format!("GPTQ of {} ({dim})", t.module)))?;
+        Ok((result.quantized, result.loss as f64))
+    }
+
+    /// `t` quantized in `dim` by the run's method.
+    fn quantize(
+        &self,
+        chunks: &[Chunk<B>],
+        stats: &mut InputStats<B>,
+        t: &Target<'_>,
+        dim: QuantDim,
+    ) -> Result<Winner<B>> {
+        let (q, loss) = match self.opts.method {
+            Method::Rtn => {
+                let moments = stats.moments(Site::of(t.kind));
+                (self.rtn(t, dim, moments.as_deref())?, None)
+            }
+            Method::Gptq => {
+                let (q, loss) = self.gptq(chunks, stats, t, dim)?;
+                (q, Some(loss))
+            }
+        };
+        Ok(Winner::new(q, loss, t, self.device))
+    }
+
+    /// Whether the scored candidates are the method's own result (RTN, or GPTQ-scored GPTQ),
+    /// so the winner is kept instead of quantized again in its dim.
+    fn candidates_are_final(&self) -> bool {
+        self.opts.method == Method::Rtn || self.opts.score == Score::Gptq
+    }
+
+    /// The dim of `t`: AdaDim scores a candidate of each dim (RTN's, or with `--score gptq`
+    /// GPTQ's); fixed policies have one.
     fn choose(
         &self,
         layer: &DecoderLayer<B>,
@@ -622,27 +696,33 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         let moments = stats.moments(Site::of(t.kind));
         let mut candidates = Vec::with_capacity(dims.len());
         for &dim in &dims {
-            let q = self.rtn(t, dim, moments.as_deref())?;
-            let linear = upload::<B>(q.pack().dequantize(), t.shape, self.device);
-            candidates.push((dim, q, linear));
+            let candidate = match self.opts.score {
+                Score::Rtn => {
+                    Winner::new(self.rtn(t, dim, moments.as_deref())?, None, t, self.device)
+                }
+                Score::Gptq => self.quantize(chunks, stats, t, dim)?,
+            };
+            candidates.push((dim, candidate));
         }
-        let linears: Vec<&Linear<B>> = candidates.iter().map(|c| &c.2).collect();
+        let linears: Vec<&Linear<B>> = candidates.iter().map(|c| &c.1.linear).collect();
         let scored = if carries(t.kind) {
             self.score_sub_block(layer, chunks, t.kind, &linears, o_gram)
+        } else if self.opts.score == Score::Gptq {
+            let quantized: Vec<&Quantized> = candidates.iter().map(|c| &c.1.quantized).collect();
+            self.score_solved_own_output(chunks, stats, t, &quantized)?
         } else {
             self.score_own_output(layer, chunks, stats, t, &linears)
         };
         let mut errors = DimErrors::default();
         let mut best: Option<(f64, Choice<B>)> = None;
-        for ((dim, q, linear), s) in candidates.into_iter().zip(scored) {
+        for ((dim, candidate), s) in candidates.into_iter().zip(scored) {
             let error = s.error.mean();
             errors.set(dim, error);
             // Ties keep the earlier candidate (OC).
             if best.as_ref().is_none_or(|b| error < b.0) {
                 let scored = Some(Winner {
-                    quantized: q,
-                    linear,
                     updates: s.updates,
+                    ..candidate
                 });
                 best = Some((
                     error,
@@ -761,8 +841,43 @@ impl<B: QuantBackend> LayerRun<'_, B> {
             .collect()
     }
 
-    /// Quantizes `t` in the chosen dim (RTN: the scored candidate; GPTQ: solved against the
-    /// site's Hessian) and makes it part of the chunks' kept states.
+    /// o and down, GPTQ-scored: each solved candidate's error on its own output, through the
+    /// site's Hessian (which has taken the place of its Gram matrix).
+    fn score_solved_own_output(
+        &self,
+        chunks: &[Chunk<B>],
+        stats: &mut InputStats<B>,
+        t: &Target<'_>,
+        candidates: &[&Quantized],
+    ) -> Result<Vec<Scored<B>>> {
+        let site = Site::of(t.kind);
+        let h = stats.hessian(site, || resident_input(chunks, site))?;
+        let tokens: usize = chunks.iter().map(|c| c.tokens).sum();
+        let [out, _] = t.shape;
+        candidates
+            .iter()
+            .map(|q| {
+                let delta: Vec<f32> = (t.w.iter().zip(q.pack().dequantize()))
+                    .map(|(w, q)| w - q)
+                    .collect();
+                let sum = h
+                    .output_error(&delta, out)
+                    .map_err(quant_err(format!("output error of {}", t.module)))?;
+                // H = (2/N)·XᵀX, so N/2 of it is the summed square over every token.
+                let mean = sum * h.nsamples() as f64 / 2.0 / (tokens * out) as f64;
+                let mut error = ErrorSum::default();
+                error.add(mean, tokens);
+                Ok(Scored {
+                    error,
+                    updates: Vec::new(),
+                })
+            })
+            .collect()
+    }
+
+    /// Quantizes `t` in the chosen dim (the scored candidate when it is the method's result;
+    /// otherwise GPTQ solved against the site's Hessian) and makes it part of the chunks' kept
+    /// states.
     fn commit(
         &self,
         layer: &DecoderLayer<B>,
@@ -771,64 +886,29 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         t: &Target<'_>,
         choice: Choice<B>,
     ) -> Result<(PackedLinear, Linear<B>, Option<f64>)> {
-        let dim = choice.dim;
-        match self.opts.method {
-            Method::Rtn => {
-                let Winner {
-                    quantized: q,
-                    linear,
-                    updates,
-                } = match choice.scored {
-                    Some(winner) => winner,
-                    None => {
-                        let moments = stats.moments(Site::of(t.kind));
-                        let q = self.rtn(t, dim, moments.as_deref())?;
-                        let linear = upload::<B>(q.pack().dequantize(), t.shape, self.device);
-                        Winner {
-                            quantized: q,
-                            linear,
-                            updates: Vec::new(),
-                        }
-                    }
-                };
-                for (chunk, update) in chunks.iter_mut().zip(updates) {
-                    if let (Some(Resident { state: Some(s), .. }), Some(u)) =
-                        (&mut chunk.resident, update)
-                    {
-                        s.apply(t.kind, u);
-                    }
+        let winner = match choice.scored {
+            Some(winner) if self.candidates_are_final() => winner,
+            _ => self.quantize(chunks, stats, t, choice.dim)?,
+        };
+        if winner.updates.is_empty() {
+            // A weight not scored against the kept states replaces the RTN candidate in them
+            // (greedy).
+            for Chunk {
+                inputs, resident, ..
+            } in chunks.iter_mut()
+            {
+                if let Some(Resident { state: Some(s), .. }) = resident {
+                    s.adopt(layer, inputs, self.rope, t.kind, &winner.linear);
                 }
-                Ok((q.pack(), linear, None))
-            }
-            Method::Gptq => {
-                let site = Site::of(t.kind);
-                let h = stats.hessian(site, || resident_input(chunks, site))?;
-                let result = quant_core::gptq(
-                    t.w,
-                    t.shape[0],
-                    t.shape[1],
-                    h,
-                    self.base.with_dim(dim),
-                    GptqOptions {
-                        range: self.opts.range,
-                        ..self.opts.gptq
-                    },
-                )
-                .map_err(quant_err(format!("GPTQ of {} ({dim})", t.module)))?;
-                let packed = result.quantized.pack();
-                let linear = upload::<B>(packed.dequantize(), t.shape, self.device);
-                // The GPTQ weights replace the RTN candidate in the state (greedy).
-                for Chunk {
-                    inputs, resident, ..
-                } in chunks.iter_mut()
-                {
-                    if let Some(Resident { state: Some(s), .. }) = resident {
-                        s.adopt(layer, inputs, self.rope, t.kind, &linear);
-                    }
-                }
-                Ok((packed, linear, Some(result.loss as f64)))
             }
         }
+        for (chunk, update) in chunks.iter_mut().zip(winner.updates) {
+            if let (Some(Resident { state: Some(s), .. }), Some(u)) = (&mut chunk.resident, update)
+            {
+                s.apply(t.kind, u);
+            }
+        }
+        Ok((winner.quantized.pack(), winner.linear, winner.gptq_loss))
     }
 }
 

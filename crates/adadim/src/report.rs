@@ -6,7 +6,15 @@ use model_llama::LinearKind;
 use quant_core::{QuantDim, RangeMode};
 use serde::{Deserialize, Serialize};
 
+use crate::options::{Propagate, Recipe, Score};
 use crate::pipeline::LinearRecord;
+
+fn paper_score() -> Score {
+    Recipe::Paper.choices().score
+}
+fn paper_propagate() -> Propagate {
+    Recipe::Paper.choices().propagate
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunReport {
@@ -18,6 +26,15 @@ pub struct RunReport {
     /// How group ranges were chosen (absent in reports older than the option: min-max).
     #[serde(default)]
     pub range: RangeMode,
+    /// Which candidates chose the dims (absent in older reports: RTN's).
+    #[serde(default = "paper_score")]
+    pub score: Score,
+    /// What each layer was calibrated on (absent in older reports: full precision).
+    #[serde(default = "paper_propagate")]
+    pub propagate: Propagate,
+    /// Symmetric groups (absent in older reports: asymmetric).
+    #[serde(default)]
+    pub sym: bool,
     pub calib_blocks: usize,
     pub calib_seqlen: usize,
     pub seconds: f64,

@@ -16,8 +16,9 @@ use sha2::{Digest, Sha256};
 use crate::calib::{CalibOptions, calibration_from_file};
 use crate::defaults;
 use crate::error::{AdadimError, Result};
+use crate::options::{Choices, Method, Propagate, Recipe, Score};
 use crate::output::Outputs;
-use crate::pipeline::{Method, QuantizeOptions, ResumePoint, calibration_seqlen, quantize_layers};
+use crate::pipeline::{QuantizeOptions, ResumePoint, calibration_seqlen, quantize_layers};
 use crate::policy::DimPolicy;
 use crate::report::{RunReport, peak_rss_mib};
 
@@ -33,14 +34,8 @@ fn default_bits() -> u32 {
 fn default_group() -> GroupSize {
     defaults::GROUP_SIZE
 }
-fn default_method() -> Method {
-    defaults::METHOD
-}
-fn default_range() -> RangeMode {
-    defaults::RANGE
-}
-fn default_dim() -> DimPolicy {
-    defaults::DIM
+fn default_recipe() -> Recipe {
+    defaults::RECIPE
 }
 
 /// Everything a quantization run needs; deserializes from the TOML files in `configs/`.
@@ -61,17 +56,29 @@ pub struct RunSpec {
     pub bits: u32,
     #[serde(default = "default_group")]
     pub group_size: GroupSize,
-    #[serde(default = "default_method")]
-    pub method: Method,
+    /// The recipe whose choices the five below default to (docs/method.md §4.7).
+    #[serde(default = "default_recipe")]
+    pub recipe: Recipe,
+    #[serde(default)]
+    pub method: Option<Method>,
     /// GPTQ's knobs (a `[quantize.gptq]` table in configs: `block_size`, `percdamp`,
     /// `act_order`, `static_groups`); ignored by RTN.
     #[serde(default)]
     pub gptq: GptqOptions,
-    #[serde(default = "default_dim")]
-    pub dim: DimPolicy,
+    #[serde(default)]
+    pub dim: Option<DimPolicy>,
     /// How each group's range is chosen: minmax, or search (docs/method.md §2.1).
-    #[serde(default = "default_range")]
-    pub range: RangeMode,
+    #[serde(default)]
+    pub range: Option<RangeMode>,
+    /// Which candidates choose the dim: rtn, or gptq (docs/method.md §4.5).
+    #[serde(default)]
+    pub score: Option<Score>,
+    /// What each layer is calibrated on: fp, or quantized (docs/method.md §4.6).
+    #[serde(default)]
+    pub propagate: Option<Propagate>,
+    /// Symmetric groups (docs/method.md §2.2).
+    #[serde(default)]
+    pub sym: bool,
     /// Packed checkpoint directory.
     pub out: PathBuf,
     /// Optional fake-quant export directory.
@@ -89,18 +96,61 @@ pub struct RunSpec {
 }
 
 impl RunSpec {
+    /// A run of `model` on `calib` into `out` with every other key at its default, as a config
+    /// naming only those three reads.
+    pub fn new(model: PathBuf, calib: PathBuf, out: PathBuf) -> Self {
+        Self {
+            model,
+            calib,
+            calib_samples: defaults::CALIB_SAMPLES,
+            calib_seqlen: defaults::CALIB_SEQLEN,
+            calib_seed: None,
+            bits: defaults::BITS,
+            group_size: defaults::GROUP_SIZE,
+            recipe: defaults::RECIPE,
+            method: None,
+            gptq: GptqOptions::default(),
+            dim: None,
+            range: None,
+            score: None,
+            propagate: None,
+            sym: false,
+            out,
+            fake_quant: None,
+            overwrite: false,
+            resume: false,
+            max_memory_gib: None,
+        }
+    }
+
+    /// The recipe's choices, with the ones this run names itself.
+    pub fn choices(&self) -> Choices {
+        let r = self.recipe.choices();
+        let method = self.method.unwrap_or(r.method);
+        // A run that makes the method RTN scores RTN candidates, whatever its recipe scores.
+        let recipe_score = match method {
+            Method::Rtn => Score::Rtn,
+            Method::Gptq => r.score,
+        };
+        Choices {
+            method,
+            dim: self.dim.clone().unwrap_or(r.dim),
+            range: self.range.unwrap_or(r.range),
+            score: self.score.unwrap_or(recipe_score),
+            propagate: self.propagate.unwrap_or(r.propagate),
+        }
+    }
+
     fn options(&self) -> QuantizeOptions {
         QuantizeOptions {
             bits: self.bits,
             group_size: self.group_size,
-            method: self.method,
-            policy: self.dim.clone(),
             gptq: self.gptq,
-            range: self.range,
-            scoring: Default::default(),
+            sym: self.sym,
             max_memory: self
                 .max_memory_gib
                 .map(|g| (g * (1u64 << 30) as f64) as u64),
+            ..QuantizeOptions::from_choices(self.choices())
         }
     }
 
@@ -136,6 +186,7 @@ impl RunSpec {
         let text = std::fs::read(&self.calib).map_err(io(&self.calib))?;
         let model = std::fs::canonicalize(&self.model).map_err(io(&self.model))?;
         let v = |x: serde_json::Value| x;
+        let c = self.choices();
         let mut fingerprint = BTreeMap::from([
             ("model".into(), v(model.display().to_string().into())),
             ("model files".into(), v(files.into())),
@@ -148,17 +199,28 @@ impl RunSpec {
             ("calib_seed".into(), serde_json::json!(self.calib_seed)),
             ("bits".into(), v(self.bits.into())),
             ("group_size".into(), v(self.group_size.as_i64().into())),
-            ("method".into(), v(self.method.to_string().into())),
-            ("dim".into(), v(self.dim.to_string().into())),
+            ("method".into(), v(c.method.to_string().into())),
+            ("dim".into(), v(c.dim.to_string().into())),
             (
                 "fake-quant export".into(),
                 v(self.fake_quant.is_some().into()),
             ),
             ("version".into(), v(env!("CARGO_PKG_VERSION").into())),
         ]);
-        // Only when set: a run interrupted before GPTQ's knobs were settable stays resumable.
-        if self.range != defaults::RANGE {
-            fingerprint.insert("range".into(), self.range.to_string().into());
+        // Only when not the paper's: a run interrupted before these were settable stays
+        // resumable.
+        let paper = Recipe::Paper.choices();
+        if c.range != paper.range {
+            fingerprint.insert("range".into(), c.range.to_string().into());
+        }
+        if c.score != paper.score {
+            fingerprint.insert("score".into(), c.score.to_string().into());
+        }
+        if c.propagate != paper.propagate {
+            fingerprint.insert("propagate".into(), c.propagate.to_string().into());
+        }
+        if self.sym {
+            fingerprint.insert("sym".into(), true.into());
         }
         if self.gptq != GptqOptions::default() {
             fingerprint.insert("gptq".into(), serde_json::json!(self.gptq));
@@ -205,11 +267,14 @@ pub fn run<B: QuantBackend>(spec: &RunSpec, device: &B::Device) -> Result<RunRep
     let records = progress.records.clone();
     let report = RunReport {
         model: spec.model.display().to_string(),
-        method: spec.method.to_string(),
-        policy: spec.dim.to_string(),
+        method: opts.method.to_string(),
+        policy: opts.policy.to_string(),
         bits: spec.bits,
         group_size: spec.group_size,
-        range: spec.range,
+        range: opts.range,
+        score: opts.score,
+        propagate: opts.propagate,
+        sym: opts.sym,
         calib_blocks: calib.len(),
         calib_seqlen: spec.calib_seqlen,
         seconds: progress.seconds + start.elapsed().as_secs_f64(),

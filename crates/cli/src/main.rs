@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use adadim::{
-    CalibOptions, DimPolicy, Method, QuantizeOptions, RangeMode, RunReport, RunSpec, defaults,
+    CalibOptions, DimPolicy, Method, Propagate, QuantizeOptions, RangeMode, Recipe, RunReport,
+    RunSpec, Score, defaults,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
@@ -125,16 +126,33 @@ struct QuantizeArgs {
     /// Group length; -1 is one group over the whole dimension.
     #[arg(long, default_value_t = defaults::GROUP_SIZE, allow_negative_numbers = true)]
     group_size: GroupSize,
-    /// rtn or gptq.
-    #[arg(long, default_value_t = defaults::METHOD)]
-    method: Method,
-    /// oc, ic, ada, or ic:<linears> (e.g. ic:qkv, ic:down, ic:qkv,down, ic:all).
-    #[arg(long, default_value_t = defaults::DIM)]
-    dim: DimPolicy,
+    /// The choices that --method, --dim, --range, --score and --propagate default to: best
+    /// (gptq, ada, search, gptq, quantized) or paper (rtn, ada, minmax, rtn, fp).
+    #[arg(long, default_value_t = defaults::RECIPE)]
+    recipe: Recipe,
+    /// rtn or gptq [default: from --recipe].
+    #[arg(long)]
+    method: Option<Method>,
+    /// oc, ic, ada, or ic:<linears> (e.g. ic:qkv, ic:down, ic:qkv,down, ic:all) [default: from
+    /// --recipe].
+    #[arg(long)]
+    dim: Option<DimPolicy>,
     /// How each group's [min, max] is chosen: minmax, or search (the shrink with the least
-    /// error, weighted by the calibration inputs' second moments per-OC).
-    #[arg(long, default_value_t = defaults::RANGE)]
-    range: RangeMode,
+    /// error, weighted by the calibration inputs' second moments per-OC) [default: from
+    /// --recipe].
+    #[arg(long)]
+    range: Option<RangeMode>,
+    /// What chooses each linear's dim with --dim ada: rtn (RTN candidates, as the paper) or
+    /// gptq (both dims solved by GPTQ; needs --method gptq) [default: from --recipe].
+    #[arg(long)]
+    score: Option<Score>,
+    /// What each layer is calibrated on: fp (the full-precision model's activations, as the
+    /// paper) or quantized (the already quantized layers' outputs) [default: from --recipe].
+    #[arg(long)]
+    propagate: Option<Propagate>,
+    /// Symmetric groups: a scale only, the zero point at the centre code (docs/method.md §2.2).
+    #[arg(long)]
+    sym: bool,
     /// GPTQ: damping added to the Hessian's diagonal, as a fraction of its mean.
     #[arg(long, value_name = "FRACTION", default_value_t = GptqOptions::default().percdamp,
           allow_negative_numbers = true)]
@@ -193,10 +211,14 @@ impl From<QuantizeArgs> for RunSpec {
             calib_seed: a.calib_seed,
             bits: a.bits,
             group_size: a.group_size,
+            recipe: a.recipe,
             method: a.method,
             gptq,
             dim: a.dim,
             range: a.range,
+            score: a.score,
+            propagate: a.propagate,
+            sym: a.sym,
             out: a.out,
             fake_quant: a.fake_quant,
             overwrite: a.overwrite,
@@ -276,7 +298,7 @@ fn check_context(flag: &str, len: usize, config: &model_llama::LlamaConfig) -> R
 }
 
 /// Everything about a quantization run that can be checked before it starts.
-fn check_quantize_args(args: &QuantizeArgs) -> Result<()> {
+fn check_quantize_args(args: &RunSpec) -> Result<()> {
     CalibOptions {
         n_samples: args.calib_samples,
         seqlen: args.calib_seqlen,
@@ -293,12 +315,10 @@ fn check_quantize_args(args: &QuantizeArgs) -> Result<()> {
         )
     })?;
     QuantizeOptions {
-        method: args.method,
-        policy: args.dim.clone(),
-        gptq: args.gptq(),
-        ..Default::default()
+        gptq: args.gptq,
+        ..QuantizeOptions::from_choices(args.choices())
     }
-    .check_gptq()
+    .check_options()
     .map_err(|e| {
         flag_error(
             e,
@@ -306,6 +326,7 @@ fn check_quantize_args(args: &QuantizeArgs) -> Result<()> {
                 ("gptq.block_size", "--gptq-block-size"),
                 ("gptq.percdamp", "--gptq-damp"),
                 ("gptq.static_groups", "--gptq-static-groups"),
+                ("score", "--score"),
             ],
         )
     })?;
@@ -408,8 +429,8 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Quantize(args) => {
-            check_quantize_args(&args)?;
             let spec = RunSpec::from(args);
+            check_quantize_args(&spec)?;
             let report = adadim::run::<Backend>(&spec, &device)?;
             println!("wrote {}", spec.out.display());
             print_summary(&report);
@@ -446,7 +467,14 @@ fn print_summary(report: &RunReport) {
         .map(|(k, n)| format!("{}:{n}", k.short_name()))
         .collect();
     println!(
-        "quantized in {:.1} s; per-IC choices by linear over {} layers: {}",
+        "quantized ({} {}, {}{} ranges, {}-scored, {} propagation) in {:.1} s; per-IC choices \
+         by linear over {} layers: {}",
+        report.method,
+        report.policy,
+        if report.sym { "symmetric " } else { "" },
+        report.range,
+        report.score,
+        report.propagate,
         report.seconds,
         report.layers,
         ic.join(" ")

@@ -166,6 +166,24 @@ fn bad_inputs_fail_cleanly() {
         (
             &model,
             &calib,
+            vec!["--method", "rtn", "--score", "gptq"],
+            vec!["invalid --score", "needs method gptq"],
+        ),
+        (
+            &model,
+            &calib,
+            vec!["--recipe", "fast"],
+            vec!["invalid value 'fast' for '--recipe", "paper or best"],
+        ),
+        (
+            &model,
+            &calib,
+            vec!["--propagate", "int8"],
+            vec!["invalid value 'int8' for '--propagate", "fp or quantized"],
+        ),
+        (
+            &model,
+            &calib,
             vec!["--out", under_file],
             vec!["invalid --out", "plain-file is not a directory"],
         ),

@@ -7,15 +7,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// GPTQ-ada w3g64 on 8 samples of 256 tokens, `extra` overriding or adding options.
+/// GPTQ-ada w3g64 on 8 samples of 256 tokens, each layer calibrated on the quantized layers'
+/// output (so a resumed run must carry that output over), `extra` overriding or adding options.
 fn quantize(out: &Path, extra: &[&str]) -> Command {
     let mut args = [
         ("--calib-samples", "8"),
         ("--calib-seqlen", "256"),
         ("--bits", "3"),
         ("--group-size", "64"),
+        ("--recipe", "paper"),
         ("--method", "gptq"),
         ("--dim", "ada"),
+        ("--propagate", "quantized"),
     ];
     let mut flags = Vec::new();
     let mut rest = extra.iter();
@@ -103,6 +106,8 @@ fn a_killed_run_resumes_to_the_same_bytes() {
     // Other options than the interrupted run's are refused, naming them.
     let (ok, err) = run(quantize(&out, &["--resume", "--calib-samples", "9"]));
     assert!(!ok && err.contains("calib_samples"), "{err}");
+    let (ok, err) = run(quantize(&out, &["--resume", "--propagate", "fp"]));
+    assert!(!ok && err.contains("propagate (interrupted run"), "{err}");
     assert!(partial.is_dir());
 
     let (ok, err) = run(quantize(&out, &["--resume"]));

@@ -44,6 +44,10 @@ pub struct QuantizationConfig {
     /// The language-model head's own entry; absent in checkpoints that keep it dense.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<HeadQuantization>,
+    /// Symmetric linears (docs/method.md §2.2): every zero point is the centre code, which
+    /// loading checks. Absent (false) in asymmetric checkpoints.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sym: bool,
 }
 
 /// Module path of the head's packed tensors (`lm_head.qweight`, `.scales`, `.zeros`).
@@ -179,7 +183,21 @@ impl PackedDir {
             group_size,
             shape: kind_shape,
         };
-        self.read_packed(module, &expected)
+        let p = self.read_packed(module, &expected)?;
+        if self.quant.sym {
+            let centre = (1u32 << (p.bits - 1)) as f32;
+            if let Some(g) = p.zeros.iter().position(|z| z.to_f32() != centre) {
+                return Err(ModelError::malformed(
+                    &path,
+                    format!(
+                        "`{module}.zeros`: the checkpoint is symmetric, but group {g}'s zero \
+                         point is {}, not the centre code {centre}",
+                        p.zeros[g]
+                    ),
+                ));
+            }
+        }
+        Ok(p)
     }
 
     /// The packed head, when the checkpoint has one ([`HeadQuantization`]), validated.

@@ -703,6 +703,11 @@ fn sharded_dir() -> DirFiles {
 /// A packed checkpoint of a tiny LLaMA (hidden 32, ffn 64): every linear RTN-quantized to
 /// 3 bits in groups of 16, per-OC or per-IC, with its `quantization_config`.
 fn packed_dir() -> DirFiles {
+    packed_dir_with(false)
+}
+
+/// [`packed_dir`] with symmetric groups or not.
+fn packed_dir_with(sym: bool) -> DirFiles {
     let config = tiny_config(32, 64);
     let mut tensors = vec![(
         "model.embed_tokens.weight".to_string(),
@@ -729,7 +734,9 @@ fn packed_dir() -> DirFiles {
             &weights(out * inp, i as u32),
             out,
             inp,
-            QuantConfig::new(3, GroupSize::Len(16), dim).unwrap(),
+            QuantConfig::new(3, GroupSize::Len(16), dim)
+                .unwrap()
+                .with_sym(sym),
         )
         .unwrap();
         tensors.extend(packed_tensors(&module, &q.pack()));
@@ -744,6 +751,7 @@ fn packed_dir() -> DirFiles {
         group_size: GroupSize::Len(16),
         dims,
         head: None,
+        sym,
     })
     .unwrap();
     DirFiles(vec![
@@ -1147,6 +1155,28 @@ fn regression_index_shard_outside_the_directory() {
             "{bad:?}: {errors:?}"
         );
     }
+}
+
+/// A symmetric checkpoint reads; one that says it is symmetric while a zero point is off the
+/// centre code is refused, naming the tensor.
+#[test]
+fn symmetric_checkpoints_hold_their_zero_points_at_the_centre() {
+    let sym = packed_dir_with(true);
+    assert_eq!(
+        run_dir(&sym, read_packed_dir).unwrap(),
+        Vec::<String>::new()
+    );
+    let mut files = PACKED.clone();
+    edit_json(file_mut(&mut files, "config.json"), |doc| {
+        doc["quantization_config"]["sym"] = json!(true);
+    });
+    let errors = run_dir(&files, read_packed_dir).unwrap();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains(".zeros`: the checkpoint is symmetric")),
+        "{errors:?}"
+    );
 }
 
 /// A packed checkpoint whose group size does not divide a linear's dimension (config.json's

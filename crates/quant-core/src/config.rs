@@ -110,12 +110,16 @@ impl std::str::FromStr for GroupSize {
     }
 }
 
-/// Bits, group size and dimension of an asymmetric group quantizer.
+/// Bits, group size and dimension of a group quantizer, asymmetric unless `sym`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuantConfig {
     pub bits: u32,
     pub group_size: GroupSize,
     pub dim: QuantDim,
+    /// Symmetric groups: a scale only, the zero point fixed at the centre code
+    /// (docs/method.md §2.2).
+    #[serde(default)]
+    pub sym: bool,
 }
 
 impl QuantConfig {
@@ -131,11 +135,16 @@ impl QuantConfig {
             bits,
             group_size,
             dim,
+            sym: false,
         })
     }
 
     pub fn with_dim(self, dim: QuantDim) -> Self {
         Self { dim, ..self }
+    }
+
+    pub fn with_sym(self, sym: bool) -> Self {
+        Self { sym, ..self }
     }
 
     /// Largest code, `2^bits − 1`.

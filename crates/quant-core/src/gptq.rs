@@ -90,7 +90,7 @@ pub fn gptq(
     config: QuantConfig,
     options: GptqOptions,
 ) -> Result<GptqResult, QuantError> {
-    let config = QuantConfig::new(config.bits, config.group_size, config.dim)?;
+    let config = QuantConfig::new(config.bits, config.group_size, config.dim)?.with_sym(config.sym);
     let group_size = config.check_shape(out_features, in_features)?;
     check_options(&options, config.dim)?;
     if w.len() != out_features * in_features {
@@ -123,12 +123,13 @@ pub fn gptq(
     let search_moments = (options.range == RangeMode::Search).then_some(diag.as_slice());
     let quantizer = match config.dim {
         QuantDim::Oc => ColumnQuantizer::Static {
-            params: static_group_params(&wt, ic, oc, group_size, maxq, search_moments),
+            params: static_group_params(&wt, ic, oc, group_size, maxq, config.sym, search_moments),
             group_size,
         },
         QuantDim::Ic => ColumnQuantizer::Dynamic {
             group_size,
             range: options.range,
+            sym: config.sym,
         },
     };
 
@@ -304,13 +305,15 @@ fn inverse_factor(
 
 /// Per-OC static groups: GPTQ-range parameters of every `g`-column group of the original weights,
 /// laid out `[groups, oc]` so a chunk of output channels reads a contiguous run. With `moments`
-/// (`H[k, k]`), each range is the searched shrink of the GPTQ range (docs/method.md §2.1).
+/// (`H[k, k]`), each range is the searched shrink of the GPTQ range (docs/method.md §2.1); with
+/// `sym`, symmetric (§2.2).
 fn static_group_params(
     wt: &[f32],
     ic: usize,
     oc: usize,
     g: usize,
     maxq: u32,
+    sym: bool,
     moments: Option<&[f32]>,
 ) -> Vec<GroupParams> {
     let mut params = vec![GroupParams::default(); (ic / g) * oc];
@@ -331,7 +334,7 @@ fn static_group_params(
             match moments {
                 None => {
                     for ((p, &l), &h) in params.iter_mut().zip(&lo).zip(&hi) {
-                        *p = GroupParams::from_range(l, h, maxq);
+                        *p = GroupParams::of_range(l, h, maxq, sym);
                     }
                 }
                 Some(m) => {
@@ -340,7 +343,7 @@ fn static_group_params(
                     let h = &m[j * g..(j + 1) * g];
                     for (o, p) in params.iter_mut().enumerate() {
                         let w = &group_t[o * g..(o + 1) * g];
-                        *p = search_range(w, Some(h), lo[o], hi[o], maxq);
+                        *p = search_range(w, Some(h), lo[o], hi[o], maxq, sym);
                     }
                 }
             }
@@ -362,7 +365,11 @@ enum ColumnQuantizer {
         group_size: usize,
     },
     /// Per-IC: docs/method.md §2 groups of `group_size` output channels, from the current values.
-    Dynamic { group_size: usize, range: RangeMode },
+    Dynamic {
+        group_size: usize,
+        range: RangeMode,
+        sym: bool,
+    },
 }
 
 impl ColumnQuantizer {
@@ -397,14 +404,18 @@ impl ColumnQuantizer {
                     *q = p.dequant(*c);
                 }
             }
-            ColumnQuantizer::Dynamic { group_size, range } => {
+            ColumnQuantizer::Dynamic {
+                group_size,
+                range,
+                sym,
+            } => {
                 for ((w, c), q) in w
                     .chunks(*group_size)
                     .zip(codes.chunks_mut(*group_size))
                     .zip(q.chunks_mut(*group_size))
                 {
                     // One input channel per group: equal weights, so no moments.
-                    let p = quantize_group(w, None, *range, maxq, c);
+                    let p = quantize_group(w, None, *range, *sym, maxq, c);
                     for (q, &c) in q.iter_mut().zip(c.iter()) {
                         *q = p.dequant(c);
                     }

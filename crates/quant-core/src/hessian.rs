@@ -120,4 +120,87 @@ impl Hessian {
             .map(|i| self.h[i * self.in_features + i])
             .collect()
     }
+
+    /// `Σ_r δ_r H δ_rᵀ` for the rows of `delta` (`[rows, in_features]` row-major, a weight
+    /// difference `W − Q`): the summed squared output error of the quantized layer on the
+    /// calibration inputs, times `2/N` (docs/method.md §3). Undamped, so two candidates of one
+    /// layer compare exactly as their outputs do, whatever damping their solves needed.
+    pub fn output_error(&self, delta: &[f32], rows: usize) -> Result<f64, QuantError> {
+        let n = self.in_features;
+        if delta.len() != rows * n {
+            return Err(QuantError::Shape(format!(
+                "weight difference has {} elements, expected {rows} × {n}",
+                delta.len()
+            )));
+        }
+        // Row bands bound the product buffer at BAND × n however many rows there are.
+        const BAND: usize = 256;
+        let mut product = vec![0f32; BAND.min(rows) * n];
+        let mut sum = 0f64;
+        for band in delta.chunks(BAND * n) {
+            let m = band.len() / n;
+            // SAFETY: `band` is m×n and `h` n×n, both row-major; `product` holds at least m×n
+            // and is a separate allocation.
+            unsafe {
+                gemm_f32(
+                    m,
+                    n,
+                    n,
+                    product.as_mut_ptr(),
+                    n as isize,
+                    1,
+                    false,
+                    (band.as_ptr(), n as isize, 1),
+                    (self.h.as_ptr(), n as isize, 1),
+                    0.0,
+                    1.0,
+                );
+            }
+            sum += band
+                .iter()
+                .zip(&product)
+                .map(|(&d, &p)| d as f64 * p as f64)
+                .sum::<f64>();
+        }
+        Ok(sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `output_error` against the output error computed directly: `Σ_tokens |δ x|² · 2/N`.
+    #[test]
+    fn output_error_is_the_output_difference_on_the_calibration_inputs() {
+        let (n, rows, tokens, samples) = (37, 300, 50, 5);
+        let mut seed = 7u64;
+        let mut rand = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let x: Vec<f32> = (0..tokens * n).map(|_| rand()).collect();
+        let delta: Vec<f32> = (0..rows * n).map(|_| rand() * 0.1).collect();
+        let mut h = Hessian::new(n);
+        h.add_samples(&x, tokens, samples).unwrap();
+        let mut direct = 0f64;
+        for r in 0..rows {
+            for t in 0..tokens {
+                let y: f64 = (0..n)
+                    .map(|k| delta[r * n + k] as f64 * x[t * n + k] as f64)
+                    .sum();
+                direct += y * y;
+            }
+        }
+        direct *= 2.0 / samples as f64;
+        let got = h.output_error(&delta, rows).unwrap();
+        assert!(
+            (got - direct).abs() <= 1e-4 * direct,
+            "{got} against {direct}"
+        );
+        assert!(h.output_error(&delta[1..], rows).is_err());
+        assert_eq!(h.output_error(&[], 0).unwrap(), 0.0);
+    }
 }

@@ -101,13 +101,21 @@ pub(crate) fn group_error(w: &[f32], h: Option<&[f32]>, p: &GroupParams, maxq: u
 
 /// The parameters of the shrink of `[lo, hi]` that quantizes the group `w` with the least
 /// `Σ h_j (w_j − ŵ_j)²`. `[lo, hi]` is the plain range (the group's extremes, or GPTQ's range
-/// through 0), so the result is never worse than it.
+/// through 0), so the result is never worse than it. With `sym` the candidates are symmetric
+/// (docs/method.md §2.2).
 #[inline(always)]
-pub fn search_range(w: &[f32], h: Option<&[f32]>, lo: f32, hi: f32, maxq: u32) -> GroupParams {
-    let mut best = GroupParams::from_range(lo, hi, maxq);
+pub fn search_range(
+    w: &[f32],
+    h: Option<&[f32]>,
+    lo: f32,
+    hi: f32,
+    maxq: u32,
+    sym: bool,
+) -> GroupParams {
+    let mut best = GroupParams::of_range(lo, hi, maxq, sym);
     let mut best_err = group_error(w, h, &best, maxq);
     for p in shrinks().skip(1) {
-        let cand = GroupParams::from_range(p * lo, p * hi, maxq);
+        let cand = GroupParams::of_range(p * lo, p * hi, maxq, sym);
         let err = group_error(w, h, &cand, maxq);
         if err < best_err {
             (best, best_err) = (cand, err);
@@ -176,7 +184,7 @@ mod tests {
             let h = h.as_deref();
             for maxq in [7, 15] {
                 let (lo, hi) = extremes(&w);
-                let got = search_range(&w, h, lo, hi, maxq);
+                let got = search_range(&w, h, lo, hi, maxq, false);
                 let plain = GroupParams::from_range(lo, hi, maxq);
                 let (e_got, e_plain) = (
                     group_error(&w, h, &got, maxq),
@@ -199,6 +207,26 @@ mod tests {
         assert!(improved > 200, "only {improved} of 800 improved by 10%");
     }
 
+    /// Symmetric candidates keep the centre zero, and the search never loses to the plain
+    /// symmetric range.
+    #[test]
+    fn symmetric_search_keeps_the_centre_and_never_loses() {
+        let mut rng = StdRng::seed_from_u64(8);
+        for case in 0..200 {
+            let w = group(&mut rng, 64);
+            let (lo, hi) = extremes(&w);
+            for maxq in [7, 15] {
+                let got = search_range(&w, None, lo, hi, maxq, true);
+                let plain = GroupParams::symmetric(lo.abs().max(hi.abs()), maxq);
+                assert_eq!(got.zero, (maxq + 1) as f32 / 2.0, "case {case}");
+                assert!(
+                    group_error(&w, None, &got, maxq) <= group_error(&w, None, &plain, maxq),
+                    "case {case}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn weights_steer_the_error_to_the_heavy_inputs() {
         // An outlier with a tiny input moment is worth clipping hard; with a huge one it is not.
@@ -209,9 +237,9 @@ mod tests {
         let (lo, hi) = extremes(&w);
         let mut h = vec![1.0f32; 64];
         h[5] = 1e-4;
-        let light = search_range(&w, Some(&h), lo, hi, 7);
+        let light = search_range(&w, Some(&h), lo, hi, 7, false);
         h[5] = 1e4;
-        let heavy = search_range(&w, Some(&h), lo, hi, 7);
+        let heavy = search_range(&w, Some(&h), lo, hi, 7, false);
         assert!(light.scale < heavy.scale, "{light:?} vs {heavy:?}");
         let heavy_err = {
             let e = w[5] - heavy.dequant(heavy.code(w[5], 7));

@@ -34,6 +34,27 @@ impl GroupParams {
         Self { scale, zero }
     }
 
+    /// Symmetric parameters (docs/method.md §2.2) for a group of largest magnitude `absmax`:
+    /// `scale = max(2·absmax, 1e-5) / maxq`, `zero = (maxq + 1) / 2`, set exactly rather than
+    /// rounded from `absmax / scale`, which f32 may put a hair below the half.
+    pub fn symmetric(absmax: f32, maxq: u32) -> Self {
+        Self {
+            scale: (2.0 * absmax).max(MIN_RANGE) / maxq as f32,
+            zero: maxq.div_ceil(2) as f32,
+        }
+    }
+
+    /// The parameters of the range `[min, max]`: asymmetric, or with `sym` the symmetric ones
+    /// of the range's largest magnitude.
+    #[inline(always)]
+    pub fn of_range(min: f32, max: f32, maxq: u32, sym: bool) -> Self {
+        if sym {
+            Self::symmetric(min.abs().max(max.abs()), maxq)
+        } else {
+            Self::from_range(min, max, maxq)
+        }
+    }
+
     /// docs/method.md §2 parameters of the group `w` (its own min and max).
     #[inline(always)]
     pub fn of_group(w: &[f32], maxq: u32) -> Self {
@@ -105,22 +126,22 @@ pub(crate) fn min_max(w: &[f32]) -> (f32, f32) {
     )
 }
 
-/// Quantizes one group with its own parameters (docs/method.md §2, or the searched range of
-/// §2.1 with the weights' input moments `h`), writing codes and returning the parameters.
+/// Quantizes one group with its own parameters (docs/method.md §2, symmetric with `sym` (§2.2),
+/// or the searched range of §2.1 with the weights' input moments `h`), writing codes and
+/// returning the parameters.
 #[inline(always)]
 pub(crate) fn quantize_group(
     w: &[f32],
     h: Option<&[f32]>,
     range: RangeMode,
+    sym: bool,
     maxq: u32,
     codes: &mut [u8],
 ) -> GroupParams {
+    let (lo, hi) = min_max(w);
     let p = match range {
-        RangeMode::MinMax => GroupParams::of_group(w, maxq),
-        RangeMode::Search => {
-            let (lo, hi) = min_max(w);
-            search_range(w, h, lo, hi, maxq)
-        }
+        RangeMode::MinMax => GroupParams::of_range(lo, hi, maxq, sym),
+        RangeMode::Search => search_range(w, h, lo, hi, maxq, sym),
     };
     for (c, &x) in codes.iter_mut().zip(w) {
         *c = p.code(x, maxq);
@@ -171,6 +192,7 @@ struct Group<'a> {
     /// The input moments of `w`'s weights (per-OC range search only).
     h: Option<&'a [f32]>,
     range: RangeMode,
+    sym: bool,
     maxq: u32,
 }
 
@@ -178,7 +200,7 @@ struct Group<'a> {
 fn rtn_group_portable(g: Group<'_>, codes: &mut [u8]) -> Option<GroupParams> {
     // A plain `if`: `bool::then` stays an outlined call, compiled without the caller's features.
     if all_finite(g.w) {
-        Some(quantize_group(g.w, g.h, g.range, g.maxq, codes))
+        Some(quantize_group(g.w, g.h, g.range, g.sym, g.maxq, codes))
     } else {
         None
     }
@@ -224,7 +246,7 @@ pub fn quantize_rtn_with(
     range: RangeMode,
     moments: Option<&[f32]>,
 ) -> Result<Quantized, QuantError> {
-    let config = QuantConfig::new(config.bits, config.group_size, config.dim)?;
+    let config = QuantConfig::new(config.bits, config.group_size, config.dim)?.with_sym(config.sym);
     let group_size = config.check_shape(out_features, in_features)?;
     if w.len() != out_features * in_features {
         return Err(QuantError::Shape(format!(
@@ -252,6 +274,7 @@ pub fn quantize_rtn_with(
         w: &[],
         h: None,
         range,
+        sym: config.sym,
         maxq: config.maxq(),
     };
     let moments = moments.filter(|_| range == RangeMode::Search);
@@ -426,16 +449,18 @@ mod tests {
         all.push(vec![1.0, f32::NAN, 2.0]);
         all.push(vec![f32::NEG_INFINITY; 20]);
         for w in all {
-            for (maxq, range) in [3, 7, 15, 255]
-                .into_iter()
-                .flat_map(|q| [(q, RangeMode::MinMax), (q, RangeMode::Search)])
-            {
+            for (maxq, range, sym) in [3, 7, 15, 255].into_iter().flat_map(|q| {
+                [RangeMode::MinMax, RangeMode::Search]
+                    .into_iter()
+                    .flat_map(move |r| [(q, r, false), (q, r, true)])
+            }) {
                 let mut a = vec![0u8; w.len()];
                 let mut b = vec![0u8; w.len()];
                 let g = Group {
                     w: &w,
                     h: None,
                     range,
+                    sym,
                     maxq,
                 };
                 // SAFETY: the features were detected above.

@@ -5,8 +5,8 @@ use quant_core::{GroupSize, QuantConfig, QuantDim, QuantError, quantize_rtn, tra
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// docs/method.md §2 written out element by element, straight from the formulas, on `W [out, in]`.
-/// Returns the dequantized weight and the codes, both in the HF layout.
+/// docs/method.md §2 (§2.2 with `sym`) written out element by element, straight from the
+/// formulas, on `W [out, in]`. Returns the dequantized weight and the codes, both in the HF layout.
 fn naive_rtn(
     w: &[f32],
     out: usize,
@@ -14,6 +14,7 @@ fn naive_rtn(
     bits: u32,
     g: i64,
     dim: QuantDim,
+    sym: bool,
 ) -> (Vec<f32>, Vec<u8>) {
     let maxq = ((1u32 << bits) - 1) as f32;
     let mut deq = vec![0f32; w.len()];
@@ -33,8 +34,13 @@ fn naive_rtn(
             let vals: Vec<f32> = (g0..g0 + g).map(|c| w[idx(r, c)]).collect();
             let mn = vals.iter().cloned().fold(f32::INFINITY, f32::min);
             let mx = vals.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let scale = f32::max(mx - mn, 1e-5) / maxq;
-            let zero = (-(mn / scale).round_ties_even()).clamp(0.0, maxq);
+            let (scale, zero) = if sym {
+                let m = mn.abs().max(mx.abs());
+                (f32::max(2.0 * m, 1e-5) / maxq, (maxq + 1.0) / 2.0)
+            } else {
+                let scale = f32::max(mx - mn, 1e-5) / maxq;
+                (scale, (-(mn / scale).round_ties_even()).clamp(0.0, maxq))
+            };
             for c in g0..g0 + g {
                 let q = ((w[idx(r, c)] / scale).round_ties_even() + zero).clamp(0.0, maxq);
                 codes[idx(r, c)] = q as u8;
@@ -71,7 +77,7 @@ fn dequant_codes_hf(q: &quant_core::Quantized) -> Vec<u8> {
 #[test]
 fn rtn_matches_naive_reference_for_random_shapes_bits_and_groups() {
     let mut rng = StdRng::seed_from_u64(7);
-    let mut cases = 0;
+    let (mut cases, mut sym_cases) = (0, 0);
     for _ in 0..60 {
         let out = [8, 16, 24, 48, 96][rng.random_range(0..5)];
         let inp = [8, 16, 32, 40, 64][rng.random_range(0..5)];
@@ -84,23 +90,26 @@ fn rtn_matches_naive_reference_for_random_shapes_bits_and_groups() {
                 .collect();
             let g = divisors[rng.random_range(0..divisors.len())];
             let w = random_weight(&mut rng, out * inp);
-            let config = QuantConfig::new(bits, GroupSize::try_from(g).unwrap(), dim).unwrap();
+            let sym = rng.random_bool(0.5);
+            let config = QuantConfig::new(bits, GroupSize::try_from(g).unwrap(), dim)
+                .unwrap()
+                .with_sym(sym);
             let q = quantize_rtn(&w, out, inp, config).unwrap();
-            let (deq, codes) = naive_rtn(&w, out, inp, bits, g, dim);
-            assert_eq!(
-                dequant_codes_hf(&q),
-                codes,
-                "codes: {out}x{inp} b{bits} g{g} {dim}"
-            );
-            assert_eq!(
-                q.dequantize(),
-                deq,
-                "dequantized: {out}x{inp} b{bits} g{g} {dim}"
-            );
+            let (deq, codes) = naive_rtn(&w, out, inp, bits, g, dim, sym);
+            let case = format!("{out}x{inp} b{bits} g{g} {dim} sym={sym}");
+            assert_eq!(dequant_codes_hf(&q), codes, "codes: {case}");
+            assert_eq!(q.dequantize(), deq, "dequantized: {case}");
+            if sym {
+                // The centre code: 2 at 2 bits, 128 at 8.
+                let centre = (1u32 << (bits - 1)) as f32;
+                assert!(q.zeros.iter().all(|&z| z == centre), "zeros: {case}");
+                sym_cases += 1;
+            }
             cases += 1;
         }
     }
     assert_eq!(cases, 120);
+    assert!(sym_cases > 30, "{sym_cases} symmetric cases");
 }
 
 #[test]
@@ -126,7 +135,7 @@ fn rtn_matches_naive_reference_on_shapes_that_cut_the_per_ic_tiles() {
             }
             let config = QuantConfig::new(3, GroupSize::try_from(g).unwrap(), dim).unwrap();
             let q = quantize_rtn(&w, out, inp, config).unwrap();
-            let (deq, codes) = naive_rtn(&w, out, inp, 3, g, dim);
+            let (deq, codes) = naive_rtn(&w, out, inp, 3, g, dim, false);
             assert_eq!(dequant_codes_hf(&q), codes, "codes: {out}x{inp} g{g} {dim}");
             assert_eq!(q.dequantize(), deq, "dequantized: {out}x{inp} g{g} {dim}");
             cases += 1;
@@ -211,7 +220,7 @@ fn constant_groups_use_the_scale_clamp() {
     assert_eq!(&q.codes[8..16], &[0; 8]);
     assert_eq!(&q.codes[16..], &[0; 8]);
     assert!(q.scales.iter().all(|s| s.is_finite()));
-    let (deq, _) = naive_rtn(&w, 3, 8, 3, 8, QuantDim::Oc);
+    let (deq, _) = naive_rtn(&w, 3, 8, 3, 8, QuantDim::Oc, false);
     assert_eq!(q.dequantize(), deq);
 }
 
@@ -284,6 +293,7 @@ fn bad_configurations_are_typed_errors() {
             GroupSize::Len(group_size as usize)
         },
         dim,
+        sym: false,
     };
     assert_eq!(
         QuantConfig::new(5, GroupSize::Len(4), QuantDim::Oc),
@@ -423,7 +433,7 @@ fn searched_ranges_are_each_groups_own_search_and_never_lose_to_min_max() {
                     let lo = vals.iter().copied().fold(f32::INFINITY, f32::min);
                     let hi = vals.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let h = (dim == QuantDim::Oc).then(|| &m[j * g..(j + 1) * g]);
-                    let want: GroupParams = search_range(vals, h, lo, hi, 7);
+                    let want: GroupParams = search_range(vals, h, lo, hi, 7, false);
                     let i = r * (cols / g) + j;
                     assert_eq!(
                         (searched.scales[i], searched.zeros[i]),

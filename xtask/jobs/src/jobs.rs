@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use adadim::{DimPolicy, Method, RunReport, RunSpec};
+use adadim::{DimPolicy, Recipe, RunReport, RunSpec};
 use anyhow::{Context, Result};
 use burn::backend::NdArray;
 use model_llama::perplexity::PerplexityReport;
@@ -141,13 +141,19 @@ pub struct AblationArgs {
     pub bits: Vec<u32>,
     #[arg(long, default_value_t = GroupSize::Len(64), allow_negative_numbers = true)]
     pub group_size: GroupSize,
-    /// Variants: method/dim pairs.
+    /// Variants, space-separated: each a `+`-joined list of `method/dim` and `key=value` with
+    /// key recipe, range, score, propagate or sym (e.g. `gptq/ada+range=search`, `recipe=best`),
+    /// on top of the paper's recipe.
     #[arg(
         long,
         value_delimiter = ' ',
         default_value = "rtn/oc rtn/ic:qkv rtn/ic:down rtn/ic:qkv,down rtn/ic:all rtn/ada gptq/oc gptq/ic:all gptq/ada"
     )]
     pub variants: Vec<String>,
+    /// The docs section (`<!-- bench:NAME -->`) the table replaces, so that a run of other
+    /// variants does not replace the main grid.
+    #[arg(long, default_value = "ablation")]
+    pub section: String,
     #[arg(long, default_value_t = adadim::defaults::CALIB_SAMPLES)]
     pub calib_samples: usize,
     #[arg(long, default_value_t = 16)]
@@ -186,32 +192,26 @@ pub fn ablation(args: &AblationArgs) -> Result<()> {
     );
     for &bits in &args.bits {
         for variant in &args.variants {
-            let (method, dim) = variant
-                .split_once('/')
-                .with_context(|| format!("variant `{variant}` is not method/dim"))?;
-            let method: Method = method.parse().map_err(anyhow::Error::msg)?;
-            let dim: DimPolicy = dim.parse().map_err(anyhow::Error::msg)?;
-            let name = format!("w{bits}g{} {method} {dim}", args.group_size);
+            let name = format!(
+                "w{bits}g{} {}",
+                args.group_size,
+                variant.replace(['/', '+'], " ")
+            );
             let out = repo_root()
                 .join("out/ablation")
-                .join(name.replace([' ', ':', ','], "_"));
+                .join(name.replace([' ', ':', ',', '='], "_"));
+            let calib = resolve(Path::new(adadim::defaults::CALIB_TEXT))?;
+            // Variants start from the paper's method, so that each names what it adds.
+            let base = RunSpec {
+                recipe: Recipe::Paper,
+                ..RunSpec::new(model.clone(), calib, out.clone())
+            };
             let spec = RunSpec {
-                model: model.clone(),
-                calib: resolve(Path::new(adadim::defaults::CALIB_TEXT))?,
                 calib_samples: args.calib_samples,
-                calib_seqlen: adadim::defaults::CALIB_SEQLEN,
-                calib_seed: None,
                 bits,
                 group_size: args.group_size,
-                method,
-                gptq: Default::default(),
-                dim,
-                range: Default::default(),
-                out: out.clone(),
-                fake_quant: None,
                 overwrite: true,
-                resume: false,
-                max_memory_gib: None,
+                ..with_variant(base, variant)?
             };
             let report = adadim::run::<B>(&spec, &Default::default())?;
             let r = evaluate(&out, &eval)?;
@@ -228,15 +228,41 @@ pub fn ablation(args: &AblationArgs) -> Result<()> {
                 rss: report.peak_rss_mib,
                 report: Some(report),
             });
-            write_results(&args.out, &rows, &eval, args.calib_samples)?;
+            write_results(args, &rows, &eval)?;
         }
     }
-    write_results(&args.out, &rows, &eval, args.calib_samples)
+    write_results(args, &rows, &eval)
 }
 
-fn write_results(path: &Path, rows: &[Row], eval: &EvalSpec, calib_samples: usize) -> Result<()> {
+/// `spec` with the choices of an ablation variant (see [`AblationArgs::variants`]).
+fn with_variant(mut spec: RunSpec, variant: &str) -> Result<RunSpec> {
+    let bad = |e: String| anyhow::anyhow!("variant `{variant}`: {e}");
+    for item in variant.split('+') {
+        if let Some((method, dim)) = item.split_once('/') {
+            spec.method = Some(method.parse().map_err(bad)?);
+            spec.dim = Some(dim.parse::<DimPolicy>().map_err(bad)?);
+            continue;
+        }
+        match item.split_once('=') {
+            Some(("recipe", v)) => spec.recipe = v.parse().map_err(bad)?,
+            Some(("range", v)) => spec.range = Some(v.parse().map_err(bad)?),
+            Some(("score", v)) => spec.score = Some(v.parse().map_err(bad)?),
+            Some(("propagate", v)) => spec.propagate = Some(v.parse().map_err(bad)?),
+            Some(("sym", v)) => spec.sym = v.parse().map_err(|e| bad(format!("{e}")))?,
+            _ => return Err(bad(format!("`{item}` is not method/dim or key=value"))),
+        }
+    }
+    Ok(spec)
+}
+
+fn write_results(args: &AblationArgs, rows: &[Row], eval: &EvalSpec) -> Result<()> {
+    let calib_samples = args.calib_samples;
+    let title = match args.section.as_str() {
+        "ablation" => "## Ablation on SmolLM2-135M-Instruct (`cargo xtask ablation`)".to_string(),
+        s => format!("### Ablation `{s}` (`cargo xtask ablation --section {s}`)"),
+    };
     let mut md = format!(
-        "## Ablation on SmolLM2-135M-Instruct (`cargo xtask ablation`)\n\n\
+        "{title}\n\n\
          Protocol (docs/method.md §5): calibration = first {calib_samples} lines of `assets/lee-news.txt` \
          that tokenize to ≤ 512 tokens, concatenated, 512-token blocks; perplexity on \
          `assets/wiki-eval.txt`, windows of {} tokens, first {} windows. CPU (ndarray backend), \
@@ -261,19 +287,58 @@ fn write_results(path: &Path, rows: &[Row], eval: &EvalSpec, calib_samples: usiz
         .filter(|r| r.report.as_ref().is_some_and(|rep| rep.policy == "ada"))
     {
         let rep = r.report.as_ref().expect("filtered");
+        // Collapsed: a map is 30-odd lines per variant.
         md.push_str(&format!(
-            "\n### Choices of {} (I = per-IC, O = per-OC)\n\nper-IC count by linear: {}\n\n```\n{}```\n",
+            "\n<details><summary>Choices of {} (I = per-IC, O = per-OC); per-IC count by linear: \
+             {}</summary>\n\n```\n{}```\n\n</details>\n",
             r.name,
             ic_summary(rep),
             rep.choice_map()
         ));
     }
-    crate::write_report_section(path, "ablation", &md)
+    crate::write_report_section(&args.out, &args.section, &md)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use adadim::RangeMode;
+
+    /// Ablation variants set exactly the choices they name.
+    #[test]
+    fn variants_name_their_choices() {
+        let variant_spec = |v| with_variant(RunSpec::new("m".into(), "c".into(), "o".into()), v);
+        let spec = variant_spec("gptq/ic:down+range=search+propagate=quantized").unwrap();
+        assert_eq!(spec.method, Some(adadim::Method::Gptq));
+        assert_eq!(spec.dim, Some("ic:down".parse().unwrap()));
+        assert_eq!(spec.range, Some(RangeMode::Search));
+        assert_eq!(spec.propagate, Some(adadim::Propagate::Quantized));
+        assert_eq!(spec.score, None);
+        assert_eq!(
+            variant_spec("recipe=best").unwrap().choices(),
+            Recipe::Best.choices()
+        );
+        // RTN under a GPTQ-scoring recipe scores RTN candidates; other choices stay the recipe's.
+        let rtn = variant_spec("recipe=best+rtn/ada").unwrap().choices();
+        assert_eq!(
+            rtn,
+            adadim::Choices {
+                method: adadim::Method::Rtn,
+                score: adadim::Score::Rtn,
+                ..Recipe::Best.choices()
+            }
+        );
+        assert!(variant_spec("rtn/oc+sym=true").unwrap().sym);
+        for bad in [
+            "gptq",
+            "awq/ada",
+            "gptq/ada+range=wide",
+            "gptq/ada+sym=yes",
+            "gptq/ada+wide=1",
+        ] {
+            assert!(variant_spec(bad).is_err(), "{bad}");
+        }
+    }
 
     /// Every shipped config reads, the keys it leaves out take the library's defaults, and
     /// GPTQ's table reaches the run.
@@ -292,12 +357,12 @@ mod tests {
         assert!(n >= 7, "{n} configs in {}", dir.display());
         let minimal = "[quantize]\nmodel = \"m\"\ncalib = \"c\"\nout = \"o\"\n";
         let spec = toml::from_str::<JobConfig>(minimal).unwrap().quantize;
+        let new = RunSpec::new("m".into(), "c".into(), "o".into());
+        assert_eq!(format!("{spec:?}"), format!("{new:?}"));
         assert_eq!(spec.bits, adadim::defaults::BITS);
         assert_eq!(spec.group_size, adadim::defaults::GROUP_SIZE);
-        assert_eq!(spec.method, adadim::defaults::METHOD);
-        assert_eq!(spec.dim, adadim::defaults::DIM);
+        assert_eq!(spec.choices(), adadim::defaults::RECIPE.choices());
         assert_eq!(spec.calib_samples, adadim::defaults::CALIB_SAMPLES);
-        assert_eq!(spec.calib_seqlen, adadim::defaults::CALIB_SEQLEN);
         assert_eq!(spec.gptq, quant_core::GptqOptions::default());
         let set = format!(
             "{minimal}group_size = -1\n[quantize.gptq]\npercdamp = 0.1\nact_order = false\n"
@@ -307,8 +372,20 @@ mod tests {
         assert_eq!(spec.gptq.percdamp, 0.1);
         assert!(!spec.gptq.act_order);
         assert_eq!(spec.gptq.block_size, 128, "unset knobs keep their default");
+        // A recipe sets the choices; a key the config names overrides it.
+        let best = format!("{minimal}recipe = \"best\"\nrange = \"minmax\"\n");
+        let spec = toml::from_str::<JobConfig>(&best).unwrap().quantize;
+        assert_eq!(
+            spec.choices(),
+            adadim::Choices {
+                range: RangeMode::MinMax,
+                ..Recipe::Best.choices()
+            }
+        );
         for bad in [
             format!("{minimal}group_size = 0\n"),
+            format!("{minimal}recipe = \"fast\"\n"),
+            format!("{minimal}score = \"awq\"\n"),
             format!("{minimal}[quantize.gptq]\ndamp = 0.1\n"),
         ] {
             assert!(toml::from_str::<JobConfig>(&bad).is_err(), "{bad}");

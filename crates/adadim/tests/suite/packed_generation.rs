@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use adadim::{DimPolicy, Method, QuantizeOptions, quantize_model};
+use adadim::{DimPolicy, Method, QuantizeOptions, Recipe, quantize_model};
 use burn::backend::NdArray;
 use kernels::QuantLinear;
 use model_llama::generate::{GenerateOptions, generate};
@@ -33,10 +33,7 @@ fn packed_generation_matches_with_and_without_cache_and_its_dequantized_twin() {
         group_size: GroupSize::Len(32),
         method: Method::Rtn,
         policy: DimPolicy::Ada,
-        gptq: Default::default(),
-        range: Default::default(),
-        scoring: Default::default(),
-        max_memory: None,
+        ..QuantizeOptions::from_choices(Recipe::Paper.choices())
     };
     let q = quantize_model::<B>(&src, &calib, &opts, &device).unwrap();
     let packed: HashMap<&str, &quant_core::PackedLinear> =

@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 
-use adadim::{DimPolicy, Method, QuantizeOptions, QuantizedModel, RangeMode, quantize_model};
+use adadim::{
+    DimPolicy, Method, QuantizeOptions, QuantizedModel, RangeMode, Recipe, Score, quantize_model,
+};
 use burn::backend::NdArray;
 use burn::prelude::*;
 use model_llama::linear_shape;
@@ -147,10 +149,7 @@ fn opts(policy: DimPolicy) -> QuantizeOptions {
         group_size: GroupSize::Len(32),
         method: Method::Rtn,
         policy,
-        gptq: Default::default(),
-        range: Default::default(),
-        scoring: Default::default(),
-        max_memory: None,
+        ..QuantizeOptions::from_choices(Recipe::Paper.choices())
     }
 }
 
@@ -334,6 +333,35 @@ fn searched_ranges_reconstruct_the_model_better_for_rtn_and_gptq() {
     }
 }
 
+/// `sym` makes every group of every linear symmetric, in both dims and for both methods, with
+/// ranges searched or not, and the checkpoint's config says so.
+#[test]
+fn symmetric_runs_keep_every_zero_point_at_the_centre() {
+    let plant = |kind| (kind == LinearKind::V).then_some(Outliers::Columns);
+    let src = source(tiny_config(1), 7, &plant);
+    let tokens = calib(97, 11);
+    for method in [Method::Rtn, Method::Gptq] {
+        for range in [RangeMode::MinMax, RangeMode::Search] {
+            let o = QuantizeOptions {
+                method,
+                range,
+                sym: true,
+                ..opts(DimPolicy::Ada)
+            };
+            let q = quantize_model::<B>(&src, &tokens, &o, &Default::default()).unwrap();
+            assert!(q.quantization.sym);
+            assert!(q.records.iter().any(|r| r.dim == QuantDim::Ic), "{method}");
+            for (m, p) in &q.linears {
+                assert!(
+                    p.zeros.iter().all(|z| z.to_f32() == 4.0),
+                    "{method} {range} {m}: zeros {:?}",
+                    &p.zeros[..4]
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_options_are_typed_errors() {
     let src = source(tiny_config(1), 5, &|_| None);
@@ -378,7 +406,7 @@ fn bad_gptq_options_name_the_option() {
         ..opts(policy)
     };
     let base = GptqOptions::default();
-    let option = |o: QuantizeOptions| o.check_gptq().err().map(|e| e.option);
+    let option = |o: QuantizeOptions| o.check_options().err().map(|e| e.option);
     assert_eq!(option(with(base, DimPolicy::Ada)), None);
     let bad_block = GptqOptions {
         block_size: 0,
@@ -410,7 +438,13 @@ fn bad_gptq_options_name_the_option() {
         method: Method::Rtn,
         ..with(bad_block, DimPolicy::Ada)
     };
-    assert_eq!(option(rtn), None);
+    assert_eq!(option(rtn.clone()), None);
+    // GPTQ-scored candidates need GPTQ.
+    let rtn_gptq_scored = QuantizeOptions {
+        score: Score::Gptq,
+        ..rtn
+    };
+    assert_eq!(option(rtn_gptq_scored), Some("score"));
     // The run's up-front validation refuses them, with the option's name.
     let e = with(bad_block, DimPolicy::Ada)
         .validate(&tiny_config(1))

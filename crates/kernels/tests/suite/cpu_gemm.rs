@@ -209,3 +209,36 @@ fn bad_inputs_are_errors() {
         Err(CpuKernelError::Weight(_))
     ));
 }
+
+/// Symmetric groups (docs/method.md §2.2) are packed like any others, with every zero point at
+/// the centre code: RTN's symmetric weights through every path, both dims.
+#[test]
+fn symmetric_weights_run_as_packed() {
+    let mut rng = StdRng::seed_from_u64(41);
+    let (out, inp) = (96, 128);
+    let w: Vec<f32> = (0..out * inp)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    for path in paths() {
+        for dim in QuantDim::ALL {
+            for bits in [3, 4] {
+                let config = QuantConfig::new(bits, GroupSize::Len(32), dim)
+                    .unwrap()
+                    .with_sym(true);
+                let packed = quant_core::quantize_rtn(&w, out, inp, config)
+                    .unwrap()
+                    .pack();
+                let centre = (1u32 << (bits - 1)) as f32;
+                assert!(packed.zeros.iter().all(|z| z.to_f32() == centre));
+                let cpu = CpuPacked::new(&packed).unwrap();
+                for m in [1, 5] {
+                    let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let (want, _) = reference(&packed, &x, m);
+                    let mut y = vec![f32::NAN; m * out];
+                    gemm_with(path, &x, m, &cpu, &mut y).unwrap();
+                    assert_close(&y, &want, &format!("{path:?} {dim:?} b{bits} sym m{m}"));
+                }
+            }
+        }
+    }
+}

@@ -98,6 +98,31 @@ fn kernels_match_reference_f32() {
     check_all(DType::F32, 0.0, 1);
 }
 
+/// Symmetric groups (docs/method.md §2.2): RTN's symmetric weights, zero points at the centre
+/// code, through the packed kernels of both dims.
+#[test]
+fn symmetric_weights_match_reference() {
+    let device = device();
+    let mut rng = rng(43);
+    for dim in QuantDim::ALL {
+        let (n, k) = shapes(dim, 64);
+        let w = random_x(&mut rng, n * k, false);
+        let config = quant_core::QuantConfig::new(3, quant_core::GroupSize::Len(64), dim)
+            .unwrap()
+            .with_sym(true);
+        let packed = quant_core::quantize_rtn(&w, n, k, config).unwrap().pack();
+        assert!(packed.zeros.iter().all(|z| z.to_f32() == 4.0));
+        let wd = B::upload(&packed, &device).unwrap();
+        assert!(matches!(wd.kind(), WeightKind::Packed { .. }), "{dim}");
+        for m in [1, 7] {
+            let x = random_x(&mut rng, m * k, true);
+            let (want, bound) = reference(&packed, &x, m);
+            let got = run(&wd, &x, m, k, DType::F32);
+            assert_close(&format!("{dim} sym M={m}"), &got, &want, &bound, 2e-5, 0.0);
+        }
+    }
+}
+
 #[test]
 fn kernels_match_reference_f16() {
     let device = device();

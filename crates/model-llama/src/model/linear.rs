@@ -79,11 +79,7 @@ mod tests {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
             .collect();
         for dim in QuantDim::ALL {
-            let config = QuantConfig {
-                bits: 3,
-                group_size: GroupSize::Len(16),
-                dim,
-            };
+            let config = QuantConfig::new(3, GroupSize::Len(16), dim).unwrap();
             let packed = quantize_rtn(&w, out, inp, config).unwrap().pack();
             let layer = Linear::<NdArray>::Quant(QuantLinear::new(&packed, &device).unwrap());
             let want = quant_core::transpose(&packed.dequantize(), out, inp);

@@ -254,6 +254,7 @@ fn open_model_streams_a_packed_checkpoint() {
         group_size: GroupSize::Len(32),
         dims: packed.iter().map(|(m, p)| (m.clone(), p.dim)).collect(),
         head: None,
+        sym: false,
     })
     .unwrap();
     write_config(&dir, &json).unwrap();
