@@ -477,10 +477,10 @@ struct Choice<B: QuantBackend> {
     errors: DimErrors,
 }
 
-/// A quantized linear: its weight, its layer, the chunk states it leads to (when it was
+/// A quantized linear: its packed weight, its layer, the chunk states it leads to (when it was
 /// scored against them) and GPTQ's loss (when solved).
 struct Winner<B: QuantBackend> {
-    quantized: Quantized,
+    packed: PackedLinear,
     linear: Linear<B>,
     updates: Vec<Option<Update<B>>>,
     gptq_loss: Option<f64>,
@@ -493,9 +493,11 @@ impl<B: QuantBackend> Winner<B> {
         t: &Target<'_>,
         device: &B::Device,
     ) -> Self {
+        // Packed once: what is uploaded, scored and written is this one form.
+        let packed = quantized.pack();
         Self {
-            linear: upload::<B>(quantized.pack().dequantize(), t.shape, device),
-            quantized,
+            linear: upload::<B>(packed.dequantize(), t.shape, device),
+            packed,
             updates: Vec::new(),
             gptq_loss,
         }
@@ -708,8 +710,8 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         let scored = if carries(t.kind) {
             self.score_sub_block(layer, chunks, t.kind, &linears, o_gram)
         } else if self.opts.score == Score::Gptq {
-            let quantized: Vec<&Quantized> = candidates.iter().map(|c| &c.1.quantized).collect();
-            self.score_solved_own_output(chunks, stats, t, &quantized)?
+            let packed: Vec<&PackedLinear> = candidates.iter().map(|c| &c.1.packed).collect();
+            self.score_solved_own_output(chunks, stats, t, &packed)?
         } else {
             self.score_own_output(layer, chunks, stats, t, &linears)
         };
@@ -848,7 +850,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         chunks: &[Chunk<B>],
         stats: &mut InputStats<B>,
         t: &Target<'_>,
-        candidates: &[&Quantized],
+        candidates: &[&PackedLinear],
     ) -> Result<Vec<Scored<B>>> {
         let site = Site::of(t.kind);
         let h = stats.hessian(site, || resident_input(chunks, site))?;
@@ -856,8 +858,8 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         let [out, _] = t.shape;
         candidates
             .iter()
-            .map(|q| {
-                let delta: Vec<f32> = (t.w.iter().zip(q.pack().dequantize()))
+            .map(|p| {
+                let delta: Vec<f32> = (t.w.iter().zip(p.dequantize()))
                     .map(|(w, q)| w - q)
                     .collect();
                 let sum = h
@@ -908,7 +910,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
                 s.apply(t.kind, u);
             }
         }
-        Ok((winner.quantized.pack(), winner.linear, winner.gptq_loss))
+        Ok((winner.packed, winner.linear, winner.gptq_loss))
     }
 }
 

@@ -141,7 +141,8 @@ impl RunSpec {
         }
     }
 
-    fn options(&self) -> QuantizeOptions {
+    /// The library options this run quantizes with.
+    pub fn options(&self) -> QuantizeOptions {
         QuantizeOptions {
             bits: self.bits,
             group_size: self.group_size,

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use adadim::{
-    CalibOptions, DimPolicy, Method, Propagate, QuantizeOptions, RangeMode, Recipe, RunReport,
-    RunSpec, Score, defaults,
+    CalibOptions, DimPolicy, Method, Propagate, RangeMode, Recipe, RunReport, RunSpec, Score,
+    defaults,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
@@ -314,12 +314,7 @@ fn check_quantize_args(args: &RunSpec) -> Result<()> {
             ],
         )
     })?;
-    QuantizeOptions {
-        gptq: args.gptq,
-        ..QuantizeOptions::from_choices(args.choices())
-    }
-    .check_options()
-    .map_err(|e| {
+    args.options().check_options().map_err(|e| {
         flag_error(
             e,
             &[

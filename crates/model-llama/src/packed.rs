@@ -185,7 +185,7 @@ impl PackedDir {
         };
         let p = self.read_packed(module, &expected)?;
         if self.quant.sym {
-            let centre = (1u32 << (p.bits - 1)) as f32;
+            let centre = quant_core::centre_code((1 << p.bits) - 1);
             if let Some(g) = p.zeros.iter().position(|z| z.to_f32() != centre) {
                 return Err(ModelError::malformed(
                     &path,

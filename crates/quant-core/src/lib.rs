@@ -60,4 +60,4 @@ pub use hessian::Hessian;
 pub use q8::{Q8_GROUP, quantize_q8};
 pub use quantized::{PackedLinear, Quantized, from_grouped, to_grouped, transpose};
 pub use range::{RangeMode, search_range};
-pub use rtn::{GroupParams, quantize_rtn, quantize_rtn_with, round_half_even};
+pub use rtn::{GroupParams, centre_code, quantize_rtn, quantize_rtn_with, round_half_even};

@@ -40,7 +40,7 @@ impl GroupParams {
     pub fn symmetric(absmax: f32, maxq: u32) -> Self {
         Self {
             scale: (2.0 * absmax).max(MIN_RANGE) / maxq as f32,
-            zero: maxq.div_ceil(2) as f32,
+            zero: centre_code(maxq),
         }
     }
 
@@ -86,6 +86,11 @@ impl GroupParams {
     pub fn dequant(&self, code: u8) -> f32 {
         (code as f32 - self.zero) * self.scale
     }
+}
+
+/// The zero point of every symmetric group (docs/method.md §2.2): `(maxq + 1) / 2`, 4 at 3 bits.
+pub fn centre_code(maxq: u32) -> f32 {
+    maxq.div_ceil(2) as f32
 }
 
 /// `f32::round_ties_even`, bit for bit, in a form the compiler vectorizes.
