@@ -24,6 +24,7 @@
 //! # Ok(()) }
 //! ```
 
+mod awq;
 mod calib;
 pub mod defaults;
 mod error;
@@ -42,8 +43,8 @@ pub use error::{AdadimError, Result};
 pub use memory::MemoryPlan;
 pub use options::{Choices, Method, Propagate, Recipe, Score};
 pub use pipeline::{
-    Activations, LayerSink, LinearRecord, QuantizeOptions, QuantizedModel, ResumePoint,
-    quantize_layers, quantize_model,
+    Activations, FinishedLayer, LayerSink, LinearRecord, QuantizeOptions, QuantizedModel,
+    ResumePoint, quantize_layers, quantize_model,
 };
 pub use policy::DimPolicy;
 pub use quant_core::RangeMode;

@@ -105,8 +105,13 @@ pub fn footprint(
         .collect();
     let layer: u64 = linears.iter().sum();
     let largest = linears.iter().copied().max().unwrap_or(0);
-    // The loaded weight, two dequantized candidates and their transposed uploads.
-    let weights = F32 * (layer + 4 * largest);
+    // The loaded weight, two dequantized candidates and their transposed uploads; AWQ holds
+    // the folded layer on the host beside it, and a searched group's candidates.
+    let weights = F32
+        * match method {
+            Method::Awq => 2 * layer + 4 * largest,
+            Method::Rtn | Method::Gptq => layer + 4 * largest,
+        };
     let grams = F32 * (3 * h * h + f * f);
     // The widest Gram while it is built (its block products and the full matrix) and added to
     // the running sum (a new matrix).
@@ -116,7 +121,7 @@ pub fn footprint(
             // Hessians beside the Grams, and the factorisation's work space on the widest input.
             Method::Gptq => 2 * grams + 3 * F32 * f.max(h).pow(2),
             // o and down's Grams, and o_proj's `WᵀW`.
-            Method::Rtn => F32 * (2 * h * h + f * f),
+            Method::Rtn | Method::Awq => F32 * (2 * h * h + f * f),
         };
     // Every intermediate of the forward (inputs of the four sites, q, k, v, the two sub-block
     // outputs, gate, up) plus a candidate's changed tensors.
@@ -126,6 +131,15 @@ pub fn footprint(
     } else {
         let chunk_tokens = (chunk_blocks * seqlen) as u64;
         (F32 * tokens * 3 * h, F32 * chunk_tokens * per_token_state)
+    };
+    // AWQ's search runs before the layer's forward, on a sample of its own (less than a
+    // resident forward keeps).
+    let chunk = match method {
+        Method::Awq if !resident => {
+            let sample = (crate::awq::SEARCH_TOKENS as u64).clamp(seqlen as u64, tokens);
+            chunk.max(F32 * sample * per_token_state)
+        }
+        _ => chunk,
     };
     Footprint {
         weights,

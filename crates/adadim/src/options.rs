@@ -57,6 +57,9 @@ named_choice! {
         Rtn = "rtn",
         /// GPTQ's error compensation (docs/method.md §3).
         Gptq = "gptq",
+        /// AWQ's activation-aware channel scales, folded into the layer before RTN
+        /// (docs/method.md §4.8).
+        Awq = "awq",
     }
 }
 
@@ -150,9 +153,9 @@ mod tests {
         check(Score::ALL);
         check(Propagate::ALL);
         check(Recipe::ALL);
-        let err = "awq".parse::<Method>().unwrap_err();
+        let err = "hqq".parse::<Method>().unwrap_err();
         assert!(
-            err.contains("`awq`") && err.contains("rtn or gptq"),
+            err.contains("`hqq`") && err.contains("rtn or gptq or awq"),
             "{err}"
         );
     }

@@ -20,12 +20,12 @@ use model_llama::packed::{HEAD_MODULE, HeadQuantization, packed_layout_metadata,
 use model_llama::shards::{ShardState, ShardWriter};
 use model_llama::staging::{StagingDir, sync_path, write_atomic};
 use model_llama::tokenizer::LlamaTokenizer;
-use quant_core::{PackedLinear, QuantDim};
+use quant_core::QuantDim;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{AdadimError, Result};
 use crate::memory::MemoryPlan;
-use crate::pipeline::{Activations, LayerSink, LinearRecord, QuantizeOptions};
+use crate::pipeline::{Activations, FinishedLayer, LayerSink, LinearRecord, QuantizeOptions};
 use crate::report::RunReport;
 
 const PROGRESS_FILE: &str = "adadim_progress.json";
@@ -289,21 +289,15 @@ impl<B: QuantBackend> LayerSink<B> for Outputs<'_> {
     fn layer_done(
         &mut self,
         index: usize,
-        linears: Vec<(String, PackedLinear)>,
-        records: &[LinearRecord],
+        layer: FinishedLayer,
         next_input: &Activations<B>,
     ) -> Result<()> {
-        let src = self.src;
-        let norms = [
-            format!("model.layers.{index}.input_layernorm.weight"),
-            format!("model.layers.{index}.post_attention_layernorm.weight"),
-        ];
         for s in std::iter::once(&mut self.packed).chain(self.fake_quant.as_mut()) {
-            for name in &norms {
-                s.add_source(src, name)?;
+            for (name, w) in &layer.norms {
+                s.add(name, &OwnedTensor::f16_from_f32(vec![w.len()], w), &[])?;
             }
         }
-        for (module, p) in &linears {
+        for (module, p) in &layer.linears {
             let layout = packed_layout_metadata(module, p);
             for (name, t) in packed_tensors(module, p) {
                 self.packed.add(&name, &t, std::slice::from_ref(&layout))?;
@@ -324,7 +318,7 @@ impl<B: QuantBackend> LayerSink<B> for Outputs<'_> {
             self.progress.fake_quant = Some(fake.writer.checkpoint()?);
         }
         self.progress.layers_done = index + 1;
-        self.progress.records.extend_from_slice(records);
+        self.progress.records.extend(layer.records);
         self.save_progress()?;
         if let Some(old) = previous {
             let path = dir.join(old);

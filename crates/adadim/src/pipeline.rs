@@ -21,6 +21,7 @@ use quant_core::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::awq;
 use crate::defaults;
 use crate::error::{AdadimError, Result};
 use crate::memory::{MemoryPlan, gib};
@@ -262,15 +263,23 @@ pub struct ResumePoint<B: QuantBackend> {
     pub input: Activations<B>,
 }
 
+/// A finished decoder layer: what the checkpoint stores of it, and what happened to it.
+pub struct FinishedLayer {
+    /// The packed linears, in checkpoint order.
+    pub linears: Vec<(String, PackedLinear)>,
+    /// The two norm weights by tensor name: the source's, or with AWQ the folded ones.
+    pub norms: Vec<(String, Vec<f32>)>,
+    pub records: Vec<LinearRecord>,
+}
+
 /// Receives each layer as it finishes, in order.
 pub trait LayerSink<B: QuantBackend> {
-    /// Layer `index` is done: its packed linears in checkpoint order, what happened to them,
-    /// and the calibration activations the next layer starts from.
+    /// Layer `index` is done, and `next_input` is the calibration activations the next layer
+    /// starts from.
     fn layer_done(
         &mut self,
         index: usize,
-        linears: Vec<(String, PackedLinear)>,
-        records: &[LinearRecord],
+        layer: FinishedLayer,
         next_input: &Activations<B>,
     ) -> Result<()>;
 }
@@ -280,10 +289,12 @@ pub trait LayerSink<B: QuantBackend> {
 pub struct QuantizedModel {
     pub quantization: QuantizationConfig,
     pub linears: Vec<(String, PackedLinear)>,
+    /// Every layer's norm weights (see [`FinishedLayer::norms`]).
+    pub norms: Vec<(String, Vec<f32>)>,
     pub records: Vec<LinearRecord>,
 }
 
-fn quant_err(context: String) -> impl FnOnce(quant_core::QuantError) -> AdadimError {
+pub(crate) fn quant_err(context: String) -> impl FnOnce(quant_core::QuantError) -> AdadimError {
     move |source| AdadimError::Quant { context, source }
 }
 
@@ -314,21 +325,14 @@ pub fn quantize_model<B: QuantBackend>(
     opts: &QuantizeOptions,
     device: &B::Device,
 ) -> Result<QuantizedModel> {
-    struct Collect(Vec<(String, PackedLinear)>, Vec<LinearRecord>);
+    struct Collect(Vec<FinishedLayer>);
     impl<B: QuantBackend> LayerSink<B> for Collect {
-        fn layer_done(
-            &mut self,
-            _: usize,
-            linears: Vec<(String, PackedLinear)>,
-            records: &[LinearRecord],
-            _: &Activations<B>,
-        ) -> Result<()> {
-            self.0.extend(linears);
-            self.1.extend_from_slice(records);
+        fn layer_done(&mut self, _: usize, layer: FinishedLayer, _: &Activations<B>) -> Result<()> {
+            self.0.push(layer);
             Ok(())
         }
     }
-    let mut sink = Collect(Vec::new(), Vec::new());
+    let mut sink = Collect(Vec::new());
     let plan = opts.memory_plan::<B>(
         src.config(),
         calib.len(),
@@ -336,11 +340,18 @@ pub fn quantize_model<B: QuantBackend>(
         device,
     )?;
     quantize_layers::<B>(src, calib, opts, plan, None, device, &mut sink)?;
-    let dims = sink.0.iter().map(|(m, p)| (m.clone(), p.dim)).collect();
+    let (mut linears, mut norms, mut records) = (Vec::new(), Vec::new(), Vec::new());
+    for layer in sink.0 {
+        linears.extend(layer.linears);
+        norms.extend(layer.norms);
+        records.extend(layer.records);
+    }
+    let dims = linears.iter().map(|(m, p)| (m.clone(), p.dim)).collect();
     Ok(QuantizedModel {
         quantization: opts.quantization_config(dims),
-        linears: sink.0,
-        records: sink.1,
+        linears,
+        norms,
+        records,
     })
 }
 
@@ -409,13 +420,15 @@ pub fn quantize_layers<B: QuantBackend>(
         bar: &bar,
     };
     for i in first..layers {
-        let (linears, records, next) = run.layer(i, x)?;
+        let (finished, next) = run.layer(i, x)?;
         tracing::info!(
             layer = i,
-            ic = records.iter().filter(|r| r.dim == QuantDim::Ic).count(),
+            ic = (finished.records.iter())
+                .filter(|r| r.dim == QuantDim::Ic)
+                .count(),
             "layer done"
         );
-        sink.layer_done(i, linears, &records, &next)?;
+        sink.layer_done(i, finished, &next)?;
         x = next;
     }
     bar.finish_and_clear();
@@ -504,11 +517,7 @@ impl<B: QuantBackend> Winner<B> {
     }
 }
 
-type LayerOutput<B> = (
-    Vec<(String, PackedLinear)>,
-    Vec<LinearRecord>,
-    Activations<B>,
-);
+type LayerOutput<B> = (FinishedLayer, Activations<B>);
 
 /// A linear being quantized: its kind, module path and full-precision weight.
 struct Target<'w> {
@@ -522,6 +531,22 @@ impl<B: QuantBackend> LayerRun<'_, B> {
     /// Quantizes layer `i` whose calibration input is `x`.
     fn layer(&self, i: usize, x: Activations<B>) -> Result<LayerOutput<B>> {
         let mut layer = load_layer::<B>(self.src, i, self.device)?;
+        let mut folded = match self.opts.method {
+            Method::Awq => {
+                let sample = awq_sample(&x, self.plan.seqlen);
+                let f = awq::fold_layer(
+                    self.src,
+                    i,
+                    &mut layer,
+                    sample,
+                    self.rope,
+                    self.base,
+                    self.device,
+                )?;
+                Some(f)
+            }
+            Method::Rtn | Method::Gptq => None,
+        };
         let o_gram = if self.opts.policy.is_adaptive() {
             o_proj_gram(&layer, self.opts.scoring)
         } else {
@@ -536,7 +561,10 @@ impl<B: QuantBackend> LayerRun<'_, B> {
                 .set_message(format!("layer {i} {}", kind.short_name()));
             let t0 = Instant::now();
             let module = kind.hf_prefix(i);
-            let w = self.src.load(&format!("{module}.weight"))?.data;
+            let w = match &mut folded {
+                Some(f) => f.take(kind),
+                None => self.src.load(&format!("{module}.weight"))?.data,
+            };
             let target = Target {
                 kind,
                 shape: linear_shape(self.src.config(), kind),
@@ -573,7 +601,18 @@ impl<B: QuantBackend> LayerRun<'_, B> {
                     .collect(),
             },
         };
-        Ok((linears, records, next))
+        let norms = match folded {
+            Some(f) => f.norms,
+            None => (awq::norm_names(i).into_iter())
+                .map(|name| Ok((name.clone(), self.src.load(&name)?.data)))
+                .collect::<Result<_>>()?,
+        };
+        let finished = FinishedLayer {
+            linears,
+            norms,
+            records,
+        };
+        Ok((finished, next))
     }
 
     /// The layer's full-precision forward over every chunk: what the plan keeps of each chunk,
@@ -591,8 +630,8 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         let streamed: &[Site] = match (self.plan.resident, self.opts.method, adaptive) {
             (true, _, _) => &[],
             (false, Method::Gptq, _) => &Site::ALL,
-            (false, Method::Rtn, true) => &[Site::Context, Site::Gated],
-            (false, Method::Rtn, false) => &[],
+            (false, Method::Rtn | Method::Awq, true) => &[Site::Context, Site::Gated],
+            (false, Method::Rtn | Method::Awq, false) => &[],
         };
         let mut chunks = Vec::with_capacity(x.chunks.len());
         let mut next = Vec::with_capacity(x.chunks.len());
@@ -604,7 +643,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
                 stats.accumulate(site, site.input(&trace.inputs));
             }
             // GPTQ weighs its searched ranges by its Hessian's diagonal instead.
-            if self.opts.range == RangeMode::Search && self.opts.method == Method::Rtn {
+            if self.opts.range == RangeMode::Search && self.opts.method != Method::Gptq {
                 for site in Site::ALL {
                     stats.accumulate_moments(site, site.input(&trace.inputs));
                 }
@@ -659,7 +698,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         dim: QuantDim,
     ) -> Result<Winner<B>> {
         let (q, loss) = match self.opts.method {
-            Method::Rtn => {
+            Method::Rtn | Method::Awq => {
                 let moments = stats.moments(Site::of(t.kind));
                 (self.rtn(t, dim, moments.as_deref())?, None)
             }
@@ -674,7 +713,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
     /// Whether the scored candidates are the method's own result (RTN, or GPTQ-scored GPTQ),
     /// so the winner is kept instead of quantized again in its dim.
     fn candidates_are_final(&self) -> bool {
-        self.opts.method == Method::Rtn || self.opts.score == Score::Gptq
+        self.opts.method != Method::Gptq || self.opts.score == Score::Gptq
     }
 
     /// The dim of `t`: AdaDim scores a candidate of each dim (RTN's, or with `--score gptq`
@@ -912,6 +951,14 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         }
         Ok((winner.packed, winner.linear, winner.gptq_loss))
     }
+}
+
+/// The calibration blocks AWQ's scales are searched on: whole blocks from the start of the
+/// first chunk, about [`awq::SEARCH_TOKENS`] tokens.
+fn awq_sample<B: QuantBackend>(x: &Activations<B>, seqlen: usize) -> Tensor<B, 3> {
+    let first = &x.chunks[0];
+    let blocks = (awq::SEARCH_TOKENS / seqlen).clamp(1, first.dims()[0]);
+    first.clone().narrow(0, 0, blocks)
 }
 
 fn resident<B: QuantBackend>(chunk: &Chunk<B>) -> &Resident<B> {

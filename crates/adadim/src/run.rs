@@ -127,15 +127,17 @@ impl RunSpec {
     pub fn choices(&self) -> Choices {
         let r = self.recipe.choices();
         let method = self.method.unwrap_or(r.method);
-        // A run that makes the method RTN scores RTN candidates, whatever its recipe scores.
-        let recipe_score = match method {
-            Method::Rtn => Score::Rtn,
-            Method::Gptq => r.score,
+        // A run that makes the method round to nearest scores RTN candidates, whatever its
+        // recipe scores; AWQ comes with its clip search (docs/method.md §4.8).
+        let (recipe_score, recipe_range) = match method {
+            Method::Rtn => (Score::Rtn, r.range),
+            Method::Awq => (Score::Rtn, RangeMode::Search),
+            Method::Gptq => (r.score, r.range),
         };
         Choices {
             method,
             dim: self.dim.clone().unwrap_or(r.dim),
-            range: self.range.unwrap_or(r.range),
+            range: self.range.unwrap_or(recipe_range),
             score: self.score.unwrap_or(recipe_score),
             propagate: self.propagate.unwrap_or(r.propagate),
         }

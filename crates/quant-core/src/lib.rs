@@ -42,6 +42,7 @@
 //! its calibration inputs on a device computes `XᵀX` there and hands it over with
 //! [`Hessian::from_matrix`] (the AdaDim pipeline does, in `adadim::stats`).
 
+pub mod awq;
 mod config;
 mod error;
 mod gptq;

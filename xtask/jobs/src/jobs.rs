@@ -329,9 +329,17 @@ mod tests {
             }
         );
         assert!(variant_spec("rtn/oc+sym=true").unwrap().sym);
+        // AWQ comes with its clip search (searched ranges) unless the variant says otherwise.
+        let awq = variant_spec("awq/ada").unwrap().choices();
+        assert_eq!(
+            (awq.method, awq.range),
+            (adadim::Method::Awq, adadim::RangeMode::Search)
+        );
+        let plain = variant_spec("awq/oc+range=minmax").unwrap().choices();
+        assert_eq!(plain.range, adadim::RangeMode::MinMax);
         for bad in [
             "gptq",
-            "awq/ada",
+            "hqq/ada",
             "gptq/ada+range=wide",
             "gptq/ada+sym=yes",
             "gptq/ada+wide=1",
