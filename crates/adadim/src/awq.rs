@@ -16,7 +16,9 @@ use burn::prelude::*;
 use kernels::QuantBackend;
 use model_llama::load::load_host;
 use model_llama::model::Rope;
-use model_llama::{DecoderLayer, LayerTrace, Linear, LinearKind, TensorSource, linear_shape};
+use model_llama::{
+    DecoderLayer, LayerTrace, Linear, LinearKind, LlamaConfig, TensorSource, linear_shape,
+};
 use quant_core::{QuantConfig, QuantDim, awq};
 
 use crate::error::Result;
@@ -77,12 +79,18 @@ impl Folded {
     }
 }
 
-/// The names of layer `i`'s two norms, in [`Folded::norms`]'s order.
-pub fn norm_names(i: usize) -> [String; 2] {
-    [
-        format!("model.layers.{i}.input_layernorm.weight"),
-        format!("model.layers.{i}.post_attention_layernorm.weight"),
-    ]
+/// Layer `i`'s two norm weights from `src`, by tensor name: `input_layernorm`, then
+/// `post_attention_layernorm` (the order [`Folded::norms`] keeps).
+pub fn layer_norms(src: &dyn TensorSource, i: usize) -> Result<Vec<(String, Vec<f32>)>> {
+    let hidden = src.config().hidden_size;
+    ["input_layernorm", "post_attention_layernorm"]
+        .into_iter()
+        .map(|norm| {
+            let name = format!("model.layers.{i}.{norm}.weight");
+            let w = load_host(src, &name, &[hidden])?;
+            Ok((name, w))
+        })
+        .collect()
 }
 
 /// Searches layer `i`'s scales on `sample` (its calibration input), folds them into `layer`
@@ -103,11 +111,7 @@ pub fn fold_layer<B: QuantBackend>(
         let name = format!("{}.weight", kind.hf_prefix(i));
         linears.push(load_host(src, &name, &linear_shape(model, kind))?);
     }
-    let mut norms = Vec::with_capacity(2);
-    for name in norm_names(i) {
-        let w = load_host(src, &name, &[model.hidden_size])?;
-        norms.push((name, w));
-    }
+    let mut norms = layer_norms(src, i)?;
     let (_, trace) = layer.forward_captured(sample, rope);
     let config = config.with_dim(QuantDim::Oc);
     let mut folds = Vec::with_capacity(GROUPS.len());
@@ -119,7 +123,7 @@ pub fn fold_layer<B: QuantBackend>(
             tracing::debug!(layer = i, producer = ?p, "no AWQ scales: the producer is grouped");
             continue;
         }
-        let (alpha, s) = search(layer, &trace, rope, group, &linears, config, device)?;
+        let (alpha, s) = search(model, layer, &trace, rope, group, &linears, config, device)?;
         tracing::debug!(layer = i, readers = ?readers, alpha, "AWQ scales");
         folds.push((group, s));
     }
@@ -151,19 +155,11 @@ pub fn fold_layer<B: QuantBackend>(
     })
 }
 
-/// Each linear's `[out, in]`, in [`LinearKind::ALL`]'s order.
-fn layer_shapes<B: QuantBackend>(layer: &DecoderLayer<B>) -> Vec<[usize; 2]> {
-    (LinearKind::ALL.into_iter())
-        .map(|kind| {
-            let l = layer.linear(kind);
-            [l.out_features(), l.in_features()]
-        })
-        .collect()
-}
-
 /// The exponent, and its scales, whose scaled and quantized readers reproduce the group's
 /// output best on the trace (the first of equals, so no scaling wins a tie).
+#[allow(clippy::too_many_arguments)]
 fn search<B: QuantBackend>(
+    model: &LlamaConfig,
     layer: &DecoderLayer<B>,
     trace: &LayerTrace<B>,
     rope: &Rope<B>,
@@ -173,7 +169,6 @@ fn search<B: QuantBackend>(
     device: &B::Device,
 ) -> Result<(f32, Vec<f32>)> {
     let inputs = &trace.inputs;
-    let model = layer_shapes(layer);
     let x = inputs.of(group.readers[0]);
     let [blocks, t, c] = x.dims();
     let mean_abs: Vec<f32> = (x.clone().abs().reshape([blocks * t, c]))
@@ -190,7 +185,7 @@ fn search<B: QuantBackend>(
         let s = awq::channel_scales(&mean_abs, alpha);
         let mut fake = Vec::with_capacity(group.readers.len());
         for &kind in group.readers {
-            let [out, inp] = model[kind as usize];
+            let [out, inp] = linear_shape(model, kind);
             let w = awq::quantize_scaled(&linears[kind as usize], out, inp, &s, config)
                 .map_err(quant_err(format!("AWQ search of {kind:?}")))?;
             fake.push(Linear::<B>::from_host_weight(&w, [out, inp], device));

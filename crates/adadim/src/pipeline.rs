@@ -603,9 +603,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         };
         let norms = match folded {
             Some(f) => f.norms,
-            None => (awq::norm_names(i).into_iter())
-                .map(|name| Ok((name.clone(), self.src.load(&name)?.data)))
-                .collect::<Result<_>>()?,
+            None => awq::layer_norms(self.src, i)?,
         };
         let finished = FinishedLayer {
             linears,

@@ -337,8 +337,6 @@ fn searched_ranges_reconstruct_the_model_better_for_rtn_and_gptq() {
     }
 }
 
-/// `sym` makes every group of every linear symmetric, in both dims and for both methods, with
-/// ranges searched or not, and the checkpoint's config says so.
 /// AWQ folds its scales into the norms and linears: at 8 bits the folded, quantized model
 /// still computes the original function (the folded norms are written, or the outputs would be
 /// off by the scales), and at 3 bits per-OC AWQ reconstructs the model better than per-OC RTN
@@ -380,6 +378,8 @@ fn awq_folds_preserve_the_model_and_beat_rtn() {
     assert!(awq < rtn, "AWQ {awq} vs RTN {rtn}");
 }
 
+/// `sym` makes every group of every linear symmetric, in both dims and for both methods, with
+/// ranges searched or not, and the checkpoint's config says so.
 #[test]
 fn symmetric_runs_keep_every_zero_point_at_the_centre() {
     let plant = |kind| (kind == LinearKind::V).then_some(Outliers::Columns);
