@@ -108,20 +108,22 @@ pub fn footprint(
     // The loaded weight, two dequantized candidates and their transposed uploads; AWQ holds
     // the folded layer on the host beside it, and a searched group's candidates.
     let weights = F32
-        * match method {
-            Method::Awq => 2 * layer + 4 * largest,
-            Method::Rtn | Method::Gptq => layer + 4 * largest,
+        * if method.folds_awq() {
+            2 * layer + 4 * largest
+        } else {
+            layer + 4 * largest
         };
     let grams = F32 * (3 * h * h + f * f);
     // The widest Gram while it is built (its block products and the full matrix) and added to
     // the running sum (a new matrix).
     let gram_work = F32 * 5 * f.max(h).pow(2) / 2;
     let stats = gram_work
-        + match method {
+        + if method.solves_gptq() {
             // Hessians beside the Grams, and the factorisation's work space on the widest input.
-            Method::Gptq => 2 * grams + 3 * F32 * f.max(h).pow(2),
+            2 * grams + 3 * F32 * f.max(h).pow(2)
+        } else {
             // o and down's Grams, and o_proj's `WᵀW`.
-            Method::Rtn | Method::Awq => F32 * (2 * h * h + f * f),
+            F32 * (2 * h * h + f * f)
         };
     // Every intermediate of the forward (inputs of the four sites, q, k, v, the two sub-block
     // outputs, gate, up) plus a candidate's changed tensors.
@@ -134,12 +136,11 @@ pub fn footprint(
     };
     // AWQ's search runs before the layer's forward, on a sample of its own (less than a
     // resident forward keeps).
-    let chunk = match method {
-        Method::Awq if !resident => {
-            let sample = (crate::awq::SEARCH_TOKENS as u64).clamp(seqlen as u64, tokens);
-            chunk.max(F32 * sample * per_token_state)
-        }
-        _ => chunk,
+    let chunk = if method.folds_awq() && !resident {
+        let sample = (crate::awq::SEARCH_TOKENS as u64).clamp(seqlen as u64, tokens);
+        chunk.max(F32 * sample * per_token_state)
+    } else {
+        chunk
     };
     Footprint {
         weights,

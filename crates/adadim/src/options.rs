@@ -7,15 +7,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::DimPolicy;
 
-/// A fieldless enum with one lowercase name per variant, used as-is by clap, serde and the
-/// report.
+/// A fieldless enum with one name per variant, used as-is by clap, serde and the report.
 macro_rules! named_choice {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        #[serde(rename_all = "lowercase")]
         pub enum $name {
-            $($(#[$vmeta])* $variant,)+
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
         }
 
         impl $name {
@@ -60,6 +58,20 @@ named_choice! {
         /// AWQ's activation-aware channel scales, folded into the layer before RTN
         /// (docs/method.md §4.8).
         Awq = "awq",
+        /// AWQ's channel scales folded in, then GPTQ on the folded layer (docs/method.md §4.8).
+        AwqGptq = "awq-gptq",
+    }
+}
+
+impl Method {
+    /// Whether GPTQ rounds the weights (`gptq`, `awq-gptq`); otherwise RTN does.
+    pub fn solves_gptq(self) -> bool {
+        matches!(self, Method::Gptq | Method::AwqGptq)
+    }
+
+    /// Whether AWQ's channel scales are searched and folded in before rounding.
+    pub fn folds_awq(self) -> bool {
+        matches!(self, Method::Awq | Method::AwqGptq)
     }
 }
 

@@ -84,11 +84,11 @@ impl QuantizeOptions {
     /// GPTQ) and the score's method; the error names the option (`gptq.block_size`,
     /// `gptq.percdamp`, `gptq.static_groups`, `score`).
     pub fn check_options(&self) -> std::result::Result<(), InvalidOption> {
-        if self.method != Method::Gptq {
+        if !self.method.solves_gptq() {
             if self.score == Score::Gptq {
                 return Err(InvalidOption::new(
                     "score",
-                    "`gptq` scores GPTQ-solved candidates, so it needs method gptq",
+                    "`gptq` scores GPTQ-solved candidates, so it needs method gptq or awq-gptq",
                 ));
             }
             return Ok(());
@@ -531,21 +531,20 @@ impl<B: QuantBackend> LayerRun<'_, B> {
     /// Quantizes layer `i` whose calibration input is `x`.
     fn layer(&self, i: usize, x: Activations<B>) -> Result<LayerOutput<B>> {
         let mut layer = load_layer::<B>(self.src, i, self.device)?;
-        let mut folded = match self.opts.method {
-            Method::Awq => {
-                let sample = awq_sample(&x, self.plan.seqlen);
-                let f = awq::fold_layer(
-                    self.src,
-                    i,
-                    &mut layer,
-                    sample,
-                    self.rope,
-                    self.base,
-                    self.device,
-                )?;
-                Some(f)
-            }
-            Method::Rtn | Method::Gptq => None,
+        let mut folded = if self.opts.method.folds_awq() {
+            let sample = awq_sample(&x, self.plan.seqlen);
+            let f = awq::fold_layer(
+                self.src,
+                i,
+                &mut layer,
+                sample,
+                self.rope,
+                self.base,
+                self.device,
+            )?;
+            Some(f)
+        } else {
+            None
         };
         let o_gram = if self.opts.policy.is_adaptive() {
             o_proj_gram(&layer, self.opts.scoring)
@@ -625,11 +624,12 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         stats: &mut InputStats<B>,
     ) -> (Vec<Chunk<B>>, Activations<B>) {
         let adaptive = self.opts.policy.is_adaptive();
-        let streamed: &[Site] = match (self.plan.resident, self.opts.method, adaptive) {
+        let streamed: &[Site] = match (self.plan.resident, self.opts.method.solves_gptq(), adaptive)
+        {
             (true, _, _) => &[],
-            (false, Method::Gptq, _) => &Site::ALL,
-            (false, Method::Rtn | Method::Awq, true) => &[Site::Context, Site::Gated],
-            (false, Method::Rtn | Method::Awq, false) => &[],
+            (false, true, _) => &Site::ALL,
+            (false, false, true) => &[Site::Context, Site::Gated],
+            (false, false, false) => &[],
         };
         let mut chunks = Vec::with_capacity(x.chunks.len());
         let mut next = Vec::with_capacity(x.chunks.len());
@@ -641,7 +641,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
                 stats.accumulate(site, site.input(&trace.inputs));
             }
             // GPTQ weighs its searched ranges by its Hessian's diagonal instead.
-            if self.opts.range == RangeMode::Search && self.opts.method != Method::Gptq {
+            if self.opts.range == RangeMode::Search && !self.opts.method.solves_gptq() {
                 for site in Site::ALL {
                     stats.accumulate_moments(site, site.input(&trace.inputs));
                 }
@@ -695,15 +695,12 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         t: &Target<'_>,
         dim: QuantDim,
     ) -> Result<Winner<B>> {
-        let (q, loss) = match self.opts.method {
-            Method::Rtn | Method::Awq => {
-                let moments = stats.moments(Site::of(t.kind));
-                (self.rtn(t, dim, moments.as_deref())?, None)
-            }
-            Method::Gptq => {
-                let (q, loss) = self.gptq(chunks, stats, t, dim)?;
-                (q, Some(loss))
-            }
+        let (q, loss) = if self.opts.method.solves_gptq() {
+            let (q, loss) = self.gptq(chunks, stats, t, dim)?;
+            (q, Some(loss))
+        } else {
+            let moments = stats.moments(Site::of(t.kind));
+            (self.rtn(t, dim, moments.as_deref())?, None)
         };
         Ok(Winner::new(q, loss, t, self.device))
     }
@@ -711,7 +708,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
     /// Whether the scored candidates are the method's own result (RTN, or GPTQ-scored GPTQ),
     /// so the winner is kept instead of quantized again in its dim.
     fn candidates_are_final(&self) -> bool {
-        self.opts.method != Method::Gptq || self.opts.score == Score::Gptq
+        !self.opts.method.solves_gptq() || self.opts.score == Score::Gptq
     }
 
     /// The dim of `t`: AdaDim scores a candidate of each dim (RTN's, or with `--score gptq`
@@ -849,7 +846,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
     ) -> Vec<Scored<B>> {
         let site = Site::of(t.kind);
         let by_gram = !self.plan.resident
-            || self.opts.method == Method::Gptq
+            || self.opts.method.solves_gptq()
             || (self.opts.scoring).gram(crate::score::gram_is_cheaper(t.shape, candidates.len()));
         let tokens: usize = chunks.iter().map(|c| c.tokens).sum();
         let gram = by_gram.then(|| stats.gram_or(site, || resident_input(chunks, site)));

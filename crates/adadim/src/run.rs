@@ -133,6 +133,7 @@ impl RunSpec {
             Method::Rtn => (Score::Rtn, r.range),
             Method::Awq => (Score::Rtn, RangeMode::Search),
             Method::Gptq => (r.score, r.range),
+            Method::AwqGptq => (r.score, RangeMode::Search),
         };
         Choices {
             method,

@@ -130,7 +130,8 @@ struct QuantizeArgs {
     /// (gptq, ada, search, gptq, quantized) or paper (rtn, ada, minmax, rtn, fp).
     #[arg(long, default_value_t = defaults::RECIPE)]
     recipe: Recipe,
-    /// rtn or gptq [default: from --recipe].
+    /// rtn, gptq, awq (AWQ's channel scales, then RTN) or awq-gptq (AWQ's scales, then GPTQ)
+    /// [default: from --recipe].
     #[arg(long)]
     method: Option<Method>,
     /// oc, ic, ada, or ic:<linears> (e.g. ic:qkv, ic:down, ic:qkv,down, ic:all) [default: from
@@ -143,7 +144,8 @@ struct QuantizeArgs {
     #[arg(long)]
     range: Option<RangeMode>,
     /// What chooses each linear's dim with --dim ada: rtn (RTN candidates, as the paper) or
-    /// gptq (both dims solved by GPTQ; needs --method gptq) [default: from --recipe].
+    /// gptq (both dims solved by GPTQ; needs --method gptq or awq-gptq) [default: from
+    /// --recipe].
     #[arg(long)]
     score: Option<Score>,
     /// What each layer is calibrated on: fp (the full-precision model's activations, as the

@@ -337,6 +337,15 @@ mod tests {
         );
         let plain = variant_spec("awq/oc+range=minmax").unwrap().choices();
         assert_eq!(plain.range, adadim::RangeMode::MinMax);
+        // AWQ before GPTQ keeps the recipe's score and brings the clip search too.
+        let both = variant_spec("recipe=best+awq-gptq/ada").unwrap().choices();
+        assert_eq!(
+            both,
+            adadim::Choices {
+                method: adadim::Method::AwqGptq,
+                ..Recipe::Best.choices()
+            }
+        );
         for bad in [
             "gptq",
             "hqq/ada",

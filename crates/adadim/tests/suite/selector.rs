@@ -340,7 +340,7 @@ fn searched_ranges_reconstruct_the_model_better_for_rtn_and_gptq() {
 /// AWQ folds its scales into the norms and linears: at 8 bits the folded, quantized model
 /// still computes the original function (the folded norms are written, or the outputs would be
 /// off by the scales), and at 3 bits per-OC AWQ reconstructs the model better than per-OC RTN
-/// on planted input-channel outliers. (Per-IC groups are unchanged by the scales, so AWQ-ada is
+/// on planted input-channel outliers, before RTN and before GPTQ alike. (Per-IC groups are unchanged by the scales, so AWQ-ada is
 /// not compared: on this model it picks per-IC where RTN-ada does.)
 #[test]
 fn awq_folds_preserve_the_model_and_beat_rtn() {
@@ -361,21 +361,28 @@ fn awq_folds_preserve_the_model_and_beat_rtn() {
         };
         quantize_model::<B>(&src, &tokens, &o, &Default::default()).unwrap()
     };
-    let q8 = run(Method::Awq, 8, DimPolicy::Fixed(QuantDim::Oc));
-    let changed = q8
-        .norms
-        .iter()
-        .filter(|(name, w)| src.tensors[name].data != *w)
-        .count();
-    assert!(changed > 0, "some norm takes a scale");
-    let e8 = mse(&logits(&dequantized(&src, &q8), &tokens), &reference);
-    assert!(e8 < 1e-3 * power, "8-bit AWQ error {e8} vs power {power}");
+    for method in [Method::Awq, Method::AwqGptq] {
+        let q8 = run(method, 8, DimPolicy::Fixed(QuantDim::Oc));
+        let changed = q8
+            .norms
+            .iter()
+            .filter(|(name, w)| src.tensors[name].data != *w)
+            .count();
+        assert!(changed > 0, "{method}: some norm takes a scale");
+        let e8 = mse(&logits(&dequantized(&src, &q8), &tokens), &reference);
+        assert!(
+            e8 < 1e-3 * power,
+            "8-bit {method} error {e8} vs power {power}"
+        );
+    }
     let err = |method| {
         let q = run(method, 3, DimPolicy::Fixed(QuantDim::Oc));
         mse(&logits(&dequantized(&src, &q), &tokens), &reference)
     };
     let (awq, rtn) = (err(Method::Awq), err(Method::Rtn));
     assert!(awq < rtn, "AWQ {awq} vs RTN {rtn}");
+    let (awq_gptq, gptq) = (err(Method::AwqGptq), err(Method::Gptq));
+    assert!(awq_gptq < gptq, "AWQ-GPTQ {awq_gptq} vs GPTQ {gptq}");
 }
 
 /// `sym` makes every group of every linear symmetric, in both dims and for both methods, with
