@@ -101,7 +101,7 @@ named_choice! {
         /// The paper's method: RTN-AdaDim (RTN-scored, min-max groups, FP propagation).
         Paper = "paper",
         /// This project's most accurate combination (docs/results.md): GPTQ-AdaDim with
-        /// searched ranges, GPTQ-scored dims and quantized propagation.
+        /// searched ranges, GPTQ-scored dims, quantized propagation and refitted groups.
         Best = "best",
     }
 }
@@ -114,6 +114,8 @@ pub struct Choices {
     pub range: RangeMode,
     pub score: Score,
     pub propagate: Propagate,
+    /// GPTQ's per-OC group parameters refitted to its codes (docs/method.md §3.1).
+    pub refit: bool,
 }
 
 impl Recipe {
@@ -125,6 +127,7 @@ impl Recipe {
                 range: RangeMode::MinMax,
                 score: Score::Rtn,
                 propagate: Propagate::Fp,
+                refit: false,
             },
             Recipe::Best => Choices {
                 method: Method::Gptq,
@@ -132,6 +135,7 @@ impl Recipe {
                 range: RangeMode::Search,
                 score: Score::Gptq,
                 propagate: Propagate::Quantized,
+                refit: true,
             },
         }
     }

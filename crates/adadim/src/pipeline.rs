@@ -47,6 +47,8 @@ pub struct QuantizeOptions {
     pub score: Score,
     /// What each layer is calibrated on (docs/method.md §4.6).
     pub propagate: Propagate,
+    /// GPTQ's per-OC group parameters refitted to its codes (docs/method.md §3.1).
+    pub refit: bool,
     /// Symmetric groups: a scale only, zero at the centre code (docs/method.md §2.2).
     pub sym: bool,
     /// The forms the scores are computed in (default: the cheaper; the others check them).
@@ -74,6 +76,7 @@ impl QuantizeOptions {
             range: c.range,
             score: c.score,
             propagate: c.propagate,
+            refit: c.refit,
             sym: false,
             scoring: ScoreForms::default(),
             max_memory: None,
@@ -89,6 +92,13 @@ impl QuantizeOptions {
                 return Err(InvalidOption::new(
                     "score",
                     "`gptq` scores GPTQ-solved candidates, so it needs method gptq or awq-gptq",
+                ));
+            }
+            if self.refit {
+                return Err(InvalidOption::new(
+                    "refit",
+                    "refits GPTQ's groups against its Hessian, so it needs method gptq or \
+                     awq-gptq",
                 ));
             }
             return Ok(());
@@ -679,6 +689,7 @@ impl<B: QuantBackend> LayerRun<'_, B> {
         let h = stats.hessian(site, || resident_input(chunks, site))?;
         let options = GptqOptions {
             range: self.opts.range,
+            refit: self.opts.refit,
             ..self.opts.gptq
         };
         let [out, inp] = t.shape;

@@ -32,6 +32,9 @@ pub struct RunReport {
     /// What each layer was calibrated on (absent in older reports: full precision).
     #[serde(default = "paper_propagate")]
     pub propagate: Propagate,
+    /// GPTQ's per-OC groups refitted (absent in older reports: not).
+    #[serde(default)]
+    pub refit: bool,
     /// Symmetric groups (absent in older reports: asymmetric).
     #[serde(default)]
     pub sym: bool,

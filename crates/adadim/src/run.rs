@@ -76,6 +76,9 @@ pub struct RunSpec {
     /// What each layer is calibrated on: fp, or quantized (docs/method.md §4.6).
     #[serde(default)]
     pub propagate: Option<Propagate>,
+    /// Refit GPTQ's per-OC group parameters to its codes (docs/method.md §3.1).
+    #[serde(default)]
+    pub refit: Option<bool>,
     /// Symmetric groups (docs/method.md §2.2).
     #[serde(default)]
     pub sym: bool,
@@ -114,6 +117,7 @@ impl RunSpec {
             range: None,
             score: None,
             propagate: None,
+            refit: None,
             sym: false,
             out,
             fake_quant: None,
@@ -127,20 +131,23 @@ impl RunSpec {
     pub fn choices(&self) -> Choices {
         let r = self.recipe.choices();
         let method = self.method.unwrap_or(r.method);
-        // A run that makes the method round to nearest scores RTN candidates, whatever its
-        // recipe scores; AWQ comes with its clip search (docs/method.md §4.8).
+        // A run that makes the method round to nearest scores RTN candidates and refits
+        // nothing, whatever its recipe does; AWQ comes with its clip search (docs/method.md
+        // §4.8).
         let (recipe_score, recipe_range) = match method {
             Method::Rtn => (Score::Rtn, r.range),
             Method::Awq => (Score::Rtn, RangeMode::Search),
             Method::Gptq => (r.score, r.range),
             Method::AwqGptq => (r.score, RangeMode::Search),
         };
+        let recipe_refit = r.refit && method.solves_gptq();
         Choices {
             method,
             dim: self.dim.clone().unwrap_or(r.dim),
             range: self.range.unwrap_or(recipe_range),
             score: self.score.unwrap_or(recipe_score),
             propagate: self.propagate.unwrap_or(r.propagate),
+            refit: self.refit.unwrap_or(recipe_refit),
         }
     }
 
@@ -223,6 +230,9 @@ impl RunSpec {
         if c.propagate != paper.propagate {
             fingerprint.insert("propagate".into(), c.propagate.to_string().into());
         }
+        if c.refit != paper.refit {
+            fingerprint.insert("refit".into(), c.refit.into());
+        }
         if self.sym {
             fingerprint.insert("sym".into(), true.into());
         }
@@ -278,6 +288,7 @@ pub fn run<B: QuantBackend>(spec: &RunSpec, device: &B::Device) -> Result<RunRep
         range: opts.range,
         score: opts.score,
         propagate: opts.propagate,
+        refit: opts.refit,
         sym: opts.sym,
         calib_blocks: calib.len(),
         calib_seqlen: spec.calib_seqlen,

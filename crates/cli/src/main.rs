@@ -126,8 +126,9 @@ struct QuantizeArgs {
     /// Group length; -1 is one group over the whole dimension.
     #[arg(long, default_value_t = defaults::GROUP_SIZE, allow_negative_numbers = true)]
     group_size: GroupSize,
-    /// The choices that --method, --dim, --range, --score and --propagate default to: best
-    /// (gptq, ada, search, gptq, quantized) or paper (rtn, ada, minmax, rtn, fp).
+    /// The choices that --method, --dim, --range, --score, --propagate and --refit default to:
+    /// best (gptq, ada, search, gptq, quantized, true) or paper (rtn, ada, minmax, rtn, fp,
+    /// false).
     #[arg(long, default_value_t = defaults::RECIPE)]
     recipe: Recipe,
     /// rtn, gptq, awq (AWQ's channel scales, then RTN) or awq-gptq (AWQ's scales, then GPTQ)
@@ -152,6 +153,10 @@ struct QuantizeArgs {
     /// paper) or quantized (the already quantized layers' outputs) [default: from --recipe].
     #[arg(long)]
     propagate: Option<Propagate>,
+    /// Refit GPTQ's per-OC group scales and zeros to its codes by least squares on the layer's
+    /// Hessian (docs/method.md §3.1): true or false [default: from --recipe].
+    #[arg(long, value_name = "BOOL")]
+    refit: Option<bool>,
     /// Symmetric groups: a scale only, the zero point at the centre code (docs/method.md §2.2).
     #[arg(long)]
     sym: bool,
@@ -220,6 +225,7 @@ impl From<QuantizeArgs> for RunSpec {
             range: a.range,
             score: a.score,
             propagate: a.propagate,
+            refit: a.refit,
             sym: a.sym,
             out: a.out,
             fake_quant: a.fake_quant,
@@ -324,6 +330,7 @@ fn check_quantize_args(args: &RunSpec) -> Result<()> {
                 ("gptq.percdamp", "--gptq-damp"),
                 ("gptq.static_groups", "--gptq-static-groups"),
                 ("score", "--score"),
+                ("refit", "--refit"),
             ],
         )
     })?;
@@ -464,14 +471,15 @@ fn print_summary(report: &RunReport) {
         .map(|(k, n)| format!("{}:{n}", k.short_name()))
         .collect();
     println!(
-        "quantized ({} {}, {}{} ranges, {}-scored, {} propagation) in {:.1} s; per-IC choices \
-         by linear over {} layers: {}",
+        "quantized ({} {}, {}{} ranges, {}-scored, {} propagation{}) in {:.1} s; per-IC \
+         choices by linear over {} layers: {}",
         report.method,
         report.policy,
         if report.sym { "symmetric " } else { "" },
         report.range,
         report.score,
         report.propagate,
+        if report.refit { ", refitted" } else { "" },
         report.seconds,
         report.layers,
         ic.join(" ")

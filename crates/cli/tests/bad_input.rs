@@ -172,6 +172,12 @@ fn bad_inputs_fail_cleanly() {
         (
             &model,
             &calib,
+            vec!["--method", "rtn", "--refit", "true"],
+            vec!["invalid --refit", "needs method gptq"],
+        ),
+        (
+            &model,
+            &calib,
             vec!["--recipe", "fast"],
             vec!["invalid value 'fast' for '--recipe", "paper or best"],
         ),

@@ -48,6 +48,10 @@ pub struct GptqOptions {
     /// config: the run's one `range` option sets it for RTN and GPTQ alike.
     #[serde(skip)]
     pub range: RangeMode,
+    /// Per-OC: refit each group's scale and zero to the final codes against the full Hessian
+    /// (docs/method.md §3.1; false). Like `range`, set by the run, not the `gptq` table.
+    #[serde(skip)]
+    pub refit: bool,
 }
 
 impl Default for GptqOptions {
@@ -58,6 +62,7 @@ impl Default for GptqOptions {
             act_order: true,
             static_groups: true,
             range: RangeMode::MinMax,
+            refit: false,
         }
     }
 }
@@ -68,7 +73,8 @@ pub struct GptqResult {
     /// Codes, scales and zeros of the final weights in the grouped layout;
     /// `quantized.dequantize()` is exactly GPTQ's `Q`.
     pub quantized: Quantized,
-    /// GPTQ's reconstruction loss: `Σ (w − q)² / Hinv[i,i]² / 2` over all weights.
+    /// GPTQ's reconstruction loss: `Σ (w − q)² / Hinv[i,i]² / 2` over all weights (of the
+    /// codes' first parameters, before any refit).
     pub loss: f64,
     /// The relative damping that made the Cholesky succeed (`percdamp`, or more after retries).
     pub damp: f32,
@@ -215,16 +221,21 @@ pub fn gptq(
         ),
         (QuantDim::Oc, ColumnQuantizer::Dynamic { .. }) => unreachable!("per-OC is static"),
     };
+    let mut quantized = Quantized {
+        config,
+        out_features,
+        in_features,
+        group_size,
+        codes,
+        scales: params.iter().map(|p| p.scale).collect(),
+        zeros: params.iter().map(|p| p.zero).collect(),
+    };
+    if options.refit && config.dim == QuantDim::Oc {
+        let r = crate::refit::refit_oc(w, &mut quantized, hessian.matrix())?;
+        tracing::debug!(?r, "refitted per-OC groups");
+    }
     Ok(GptqResult {
-        quantized: Quantized {
-            config,
-            out_features,
-            in_features,
-            group_size,
-            codes,
-            scales: params.iter().map(|p| p.scale).collect(),
-            zeros: params.iter().map(|p| p.zero).collect(),
-        },
+        quantized,
         loss,
         damp,
     })

@@ -52,6 +52,7 @@ pub mod packing;
 mod q8;
 mod quantized;
 mod range;
+pub mod refit;
 mod rtn;
 
 pub use config::{GroupSize, QuantConfig, QuantDim};

@@ -19,7 +19,8 @@ pub struct Quantized {
     pub codes: Vec<u8>,
     /// `[rows, cols / group_size]`.
     pub scales: Vec<f32>,
-    /// `[rows, cols / group_size]`, integers in `0..=maxq`.
+    /// `[rows, cols / group_size]`: codes in `0..=maxq`, or real numbers after a GPTQ refit
+    /// (docs/method.md §3.1).
     pub zeros: Vec<f32>,
 }
 

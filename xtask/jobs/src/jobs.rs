@@ -142,7 +142,7 @@ pub struct AblationArgs {
     #[arg(long, default_value_t = GroupSize::Len(64), allow_negative_numbers = true)]
     pub group_size: GroupSize,
     /// Variants, space-separated: each a `+`-joined list of `method/dim` and `key=value` with
-    /// key recipe, range, score, propagate or sym (e.g. `gptq/ada+range=search`, `recipe=best`),
+    /// key recipe, range, score, propagate, refit or sym (e.g. `gptq/ada+range=search`, `recipe=best`),
     /// on top of the paper's recipe.
     #[arg(
         long,
@@ -249,6 +249,7 @@ fn with_variant(mut spec: RunSpec, variant: &str) -> Result<RunSpec> {
             Some(("score", v)) => spec.score = Some(v.parse().map_err(bad)?),
             Some(("propagate", v)) => spec.propagate = Some(v.parse().map_err(bad)?),
             Some(("sym", v)) => spec.sym = v.parse().map_err(|e| bad(format!("{e}")))?,
+            Some(("refit", v)) => spec.refit = Some(v.parse().map_err(|e| bad(format!("{e}")))?),
             _ => return Err(bad(format!("`{item}` is not method/dim or key=value"))),
         }
     }
@@ -318,13 +319,15 @@ mod tests {
             variant_spec("recipe=best").unwrap().choices(),
             Recipe::Best.choices()
         );
-        // RTN under a GPTQ-scoring recipe scores RTN candidates; other choices stay the recipe's.
+        // RTN under a GPTQ-scoring recipe scores RTN candidates and refits nothing; other
+        // choices stay the recipe's.
         let rtn = variant_spec("recipe=best+rtn/ada").unwrap().choices();
         assert_eq!(
             rtn,
             adadim::Choices {
                 method: adadim::Method::Rtn,
                 score: adadim::Score::Rtn,
+                refit: false,
                 ..Recipe::Best.choices()
             }
         );
