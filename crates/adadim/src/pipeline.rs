@@ -84,8 +84,8 @@ impl QuantizeOptions {
     }
 
     /// The checks that need no model, made before any work: GPTQ's knobs (when the method is
-    /// GPTQ) and the score's method; the error names the option (`gptq.block_size`,
-    /// `gptq.percdamp`, `gptq.static_groups`, `score`).
+    /// GPTQ's) and the options that need GPTQ; the error names the option (`gptq.block_size`,
+    /// `gptq.percdamp`, `gptq.static_groups`, `score`, `refit`).
     pub fn check_options(&self) -> std::result::Result<(), InvalidOption> {
         if !self.method.solves_gptq() {
             if self.score == Score::Gptq {

@@ -71,7 +71,8 @@ impl Default for GptqOptions {
 #[derive(Clone, Debug, PartialEq)]
 pub struct GptqResult {
     /// Codes, scales and zeros of the final weights in the grouped layout;
-    /// `quantized.dequantize()` is exactly GPTQ's `Q`.
+    /// `quantized.dequantize()` is exactly GPTQ's `Q` (with `refit`, its codes on the refitted
+    /// parameters).
     pub quantized: Quantized,
     /// GPTQ's reconstruction loss: `Σ (w − q)² / Hinv[i,i]² / 2` over all weights (of the
     /// codes' first parameters, before any refit).

@@ -38,7 +38,10 @@ pub struct ChatRequest {
     pub stop: Option<Stop>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// Report each generated token's log-probability.
     pub logprobs: Option<bool>,
+    /// With `logprobs`, this many alternatives per position (0..=20).
+    pub top_logprobs: Option<i64>,
     pub n: Option<i64>,
 }
 

@@ -2,10 +2,10 @@
 //! Face directories, packed AdaDim directories); see docs/serve.md.
 //!
 //! * `POST /v1/completions`: text or token-id prompts; `max_tokens`, `temperature`, `top_p`,
-//!   `seed`, `stop`; `stream` (Server-Sent Events); `logprobs` and `echo` (the prompt's
+//!   `seed`, `stop`, `n`; `stream` (Server-Sent Events); `logprobs` and `echo` (the prompt's
 //!   token log-probabilities, as lm-evaluation-harness's `local-completions` asks for);
 //! * `POST /v1/chat/completions`: messages rendered by the checkpoint's chat template, streaming
-//!   too;
+//!   too; `n`; `logprobs` with `top_logprobs`;
 //! * `GET /v1/models`, `GET /health`.
 //!
 //! [`Server::start`] loads the model onto its own thread ([`worker`]), fed through a bounded

@@ -209,14 +209,7 @@ fn sampling(
     top_p: Option<f32>,
     seed: Option<i64>,
     stop: Option<crate::api::Stop>,
-    n: Option<i64>,
 ) -> Result<Sampling, ApiError> {
-    if let Some(n) = n.filter(|&n| n != 1) {
-        return Err(ApiError::invalid(
-            Some("n"),
-            format!("n = {n} is not supported; this server returns one choice per prompt"),
-        ));
-    }
     let max_tokens = match max_tokens {
         Some(m) if m < 0 => {
             return Err(ApiError::invalid(
@@ -243,6 +236,47 @@ fn sampling(
         ),
         stop: stop.map(|s| s.strings()).unwrap_or_default(),
     })
+}
+
+/// The number of choices per prompt, `n`: 1 to the queue's length (more could never all be
+/// queued at once), and 1 when streaming.
+fn choice_count(state: &AppState, n: Option<i64>, stream: bool) -> Result<usize, ApiError> {
+    let capacity = state.queue.capacity();
+    match n.unwrap_or(1) {
+        n if n < 1 => Err(ApiError::invalid(
+            Some("n"),
+            format!("n = {n}: it must be at least 1"),
+        )),
+        n if n as u64 > capacity as u64 => Err(ApiError::invalid(
+            Some("n"),
+            format!("n = {n} is more than this server's queue of {capacity} requests"),
+        )),
+        n if n > 1 && stream => Err(ApiError::invalid(
+            Some("n"),
+            "streaming returns one choice; n must be 1",
+        )),
+        n => Ok(n as usize),
+    }
+}
+
+/// The options of choice `j` of a prompt: its own seed, so that sampled choices differ.
+fn nth_choice(opts: &GenerateOptions, j: usize) -> GenerateOptions {
+    GenerateOptions {
+        seed: opts.seed.wrapping_add(j as u64),
+        ..opts.clone()
+    }
+}
+
+/// Top-`n` alternatives per position, checked to be OpenAI's `0..=20`.
+fn top_count(n: i64, param: &'static str) -> Result<usize, ApiError> {
+    if (0..=20).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(ApiError::invalid(
+            Some(param),
+            format!("{param} = {n} is outside 0..=20"),
+        ))
+    }
 }
 
 /// One finished sequence.
@@ -349,17 +383,10 @@ async fn completions(State(state): State<Shared>, body: Bytes) -> Result<Respons
         req.top_p,
         req.seed,
         req.stop,
-        req.n,
     )?;
-    let logprobs = match req.logprobs {
-        Some(n) if !(0..=20).contains(&n) => {
-            return Err(ApiError::invalid(
-                Some("logprobs"),
-                format!("logprobs = {n} is outside 0..=20"),
-            ));
-        }
-        n => n.map(|n| n as usize),
-    };
+    let logprobs = req.logprobs.map(|n| top_count(n, "logprobs")).transpose()?;
+    let streaming = req.stream.unwrap_or(false);
+    let n = choice_count(&state, req.n, streaming)?;
     let echo = req.echo.unwrap_or(false);
     let prompts = req
         .prompt
@@ -379,7 +406,7 @@ async fn completions(State(state): State<Shared>, body: Bytes) -> Result<Respons
         .collect::<Result<Vec<_>, _>>()?;
     let id = state.id("cmpl");
     let created = now();
-    if req.stream.unwrap_or(false) {
+    if streaming {
         if prompts.len() > 1 || logprobs.is_some() || echo {
             return Err(ApiError::invalid(
                 Some("stream"),
@@ -404,16 +431,25 @@ async fn completions(State(state): State<Shared>, body: Bytes) -> Result<Respons
             },
         ));
     }
+    // Every choice is queued before any is followed, so that they run in one batch.
+    let prompt_lp = (echo && logprobs.is_some()).then_some(logprobs.unwrap_or(0));
+    let mut jobs = Vec::with_capacity(prompts.len() * n);
+    for (prompt, opts) in prompts.iter().zip(&opts) {
+        for j in 0..n {
+            let rx = state.submit(prompt.clone(), nth_choice(opts, j), prompt_lp, logprobs)?;
+            jobs.push((prompt, rx));
+        }
+    }
     let mut choices = Vec::new();
     let (mut prompt_total, mut completion_total) = (0, 0);
-    for (index, (prompt, opts)) in prompts.into_iter().zip(opts).enumerate() {
-        let prompt_lp = (echo && logprobs.is_some()).then_some(logprobs.unwrap_or(0));
-        let rx = state.submit(prompt.clone(), opts, prompt_lp, logprobs)?;
+    for (index, (prompt, rx)) in jobs.into_iter().enumerate() {
         let out = follow(&state, rx, s.stop.clone(), |_| true).await?;
-        prompt_total += prompt.len();
+        if index % n == 0 {
+            prompt_total += prompt.len();
+        }
         completion_total += out.tokens.len();
         let prompt_text = if echo {
-            state.tokenizer.decode(&prompt).unwrap_or_default()
+            state.tokenizer.decode(prompt).unwrap_or_default()
         } else {
             String::new()
         };
@@ -445,19 +481,30 @@ async fn completions(State(state): State<Shared>, body: Bytes) -> Result<Respons
 async fn chat_completions(State(state): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
     let req: ChatRequest = parse(&body)?;
     state.check_model(req.model.as_deref())?;
-    if req.logprobs == Some(true) {
+    let streaming = req.stream.unwrap_or(false);
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (true, top) => Some(top_count(top.unwrap_or(0), "top_logprobs")?),
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                Some("top_logprobs"),
+                "top_logprobs needs logprobs = true",
+            ));
+        }
+    };
+    if streaming && logprobs.is_some() {
         return Err(ApiError::invalid(
             Some("logprobs"),
-            "logprobs are not supported on chat completions; use /v1/completions",
+            "streamed chat completions carry no logprobs; ask without stream",
         ));
     }
+    let n = choice_count(&state, req.n, streaming)?;
     let s = sampling(
         req.max_completion_tokens.or(req.max_tokens),
         req.temperature,
         req.top_p,
         req.seed,
         req.stop,
-        req.n,
     )?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(Some("messages"), "`messages` is empty"));
@@ -472,10 +519,13 @@ async fn chat_completions(State(state): State<Shared>, body: Bytes) -> Result<Re
     let prompt = state.tokens(PromptItem::Text(prompt_text))?;
     let opts = state.options(&s, prompt.len(), "messages")?;
     let prompt_len = prompt.len();
-    let rx = state.submit(prompt, opts, None, None)?;
+    let mut jobs = (0..n)
+        .map(|j| state.submit(prompt.clone(), nth_choice(&opts, j), None, logprobs))
+        .collect::<Result<Vec<_>, _>>()?;
     let id = state.id("chatcmpl");
     let created = now();
-    if req.stream.unwrap_or(false) {
+    if streaming {
+        let rx = jobs.pop().expect("one choice when streaming");
         let include_usage = req.stream_options.unwrap_or_default().include_usage;
         let (model, mut first) = (state.model_name.clone(), true);
         let chunk = move |delta: Value, finish: Option<&str>, usage: Option<Value>| {
@@ -512,18 +562,45 @@ async fn chat_completions(State(state): State<Shared>, body: Bytes) -> Result<Re
             chunks
         }));
     }
-    let out = follow(&state, rx, s.stop, |_| true).await?;
+    let mut choices = Vec::with_capacity(n);
+    let mut completion_total = 0;
+    for (index, rx) in jobs.into_iter().enumerate() {
+        let out = follow(&state, rx, s.stop.clone(), |_| true).await?;
+        completion_total += out.tokens.len();
+        let logprobs = logprobs.map(|_| {
+            // The stop token ends the message but is not part of it.
+            let content: Vec<Value> = (out.tokens.iter())
+                .filter_map(|(_, lp)| lp.as_ref())
+                .filter(|lp| Some(lp.token) != state.tokenizer.eos_id())
+                .map(|lp| chat_logprob(&state, lp))
+                .collect();
+            json!({"content": content})
+        });
+        choices.push(json!({
+            "index": index,
+            "message": {"role": "assistant", "content": out.text},
+            "logprobs": logprobs,
+            "finish_reason": out.finish_reason,
+        }));
+    }
     Ok(Json(json!({
         "id": id, "object": "chat.completion", "created": created, "model": state.model_name,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": out.text},
-            "logprobs": null,
-            "finish_reason": out.finish_reason,
-        }],
-        "usage": usage(prompt_len, out.tokens.len()),
+        "choices": choices,
+        "usage": usage(prompt_len, completion_total),
     }))
     .into_response())
+}
+
+/// A generated token in the chat form of log-probabilities: the token's text and bytes, its
+/// log-probability and the alternatives.
+fn chat_logprob(state: &AppState, lp: &TokenLogprob) -> Value {
+    let entry = |id: u32, logprob: f32| {
+        let token = state.token_text(id);
+        json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
+    };
+    let mut v = entry(lp.token, lp.logprob);
+    v["top_logprobs"] = lp.top.iter().map(|&(id, p)| entry(id, p)).collect();
+    v
 }
 
 enum StreamItem<'a> {

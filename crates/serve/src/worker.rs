@@ -57,6 +57,11 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// How many jobs may wait.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Queues `job`; `Err` (with the job's description) when `capacity` jobs already wait or
     /// the worker has stopped.
     pub fn submit(&self, job: Job) -> Result<(), String> {

@@ -1,5 +1,5 @@
 """The official `openai` client against `adadim serve`: completions, chat, streaming, echo
-logprobs. Run by tests/openai_client.rs as `python openai_client.py BASE_URL MODEL`; any failed
+logprobs, several choices and chat logprobs. Run by tests/openai_client.rs as `python openai_client.py BASE_URL MODEL`; any failed
 assertion or client error exits non-zero."""
 
 import sys
@@ -64,6 +64,20 @@ for c in stream:
 assert "".join(parts) == reply.content, (parts, reply.content)
 assert finish == chat.choices[0].finish_reason, finish
 assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens, usage
+
+# Several choices, and chat log-probabilities in the client's own types.
+two = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=8, temperature=0, n=2, logprobs=True, top_logprobs=2
+)
+assert [c.index for c in two.choices] == [0, 1], two
+assert two.choices[0].message.content == two.choices[1].message.content, two
+content = two.choices[0].logprobs.content
+assert content and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content), content
+assert content[0].top_logprobs[0].token == content[0].token, content[0]
+several = client.completions.create(
+    model=model, prompt=prompt, max_tokens=4, temperature=1.0, seed=3, n=3
+)
+assert [c.index for c in several.choices] == [0, 1, 2], several
 
 # Errors reach the client as OpenAI errors with the server's message.
 try:

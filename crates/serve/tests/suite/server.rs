@@ -92,10 +92,42 @@ fn bad_requests_get_a_clear_400_and_the_server_keeps_serving() {
             "9999999",
         ),
         (
-            "n > 1",
-            Box::new(|| completion(json!({"model": MODEL, "prompt": "x", "n": 3}))),
+            "n = 0",
+            Box::new(|| completion(json!({"model": MODEL, "prompt": "x", "n": 0}))),
             Some("n"),
-            "n = 3",
+            "at least 1",
+        ),
+        (
+            "n beyond the queue",
+            Box::new(|| completion(json!({"model": MODEL, "prompt": "x", "n": 5}))),
+            Some("n"),
+            "queue of 4",
+        ),
+        (
+            "n > 1 streamed",
+            Box::new(|| completion(json!({"model": MODEL, "prompt": "x", "n": 2, "stream": true}))),
+            Some("n"),
+            "streaming returns one choice",
+        ),
+        (
+            "chat top_logprobs beyond 20",
+            Box::new(|| {
+                let body = json!({"model": MODEL, "logprobs": true, "top_logprobs": 21,
+                                  "messages": [{"role": "user", "content": "hi"}]});
+                post(&server, "/v1/chat/completions", &body.to_string())
+            }),
+            Some("top_logprobs"),
+            "0..=20",
+        ),
+        (
+            "chat top_logprobs without logprobs",
+            Box::new(|| {
+                let body = json!({"model": MODEL, "top_logprobs": 2,
+                                  "messages": [{"role": "user", "content": "hi"}]});
+                post(&server, "/v1/chat/completions", &body.to_string())
+            }),
+            Some("top_logprobs"),
+            "needs logprobs",
         ),
         (
             "chat with an unknown model",
@@ -260,5 +292,80 @@ fn echo_logprobs_are_the_models_prompt_logprobs() {
         json!(m.tokenizer.decode(&[next]).unwrap())
     );
     assert_eq!(v["usage"]["prompt_tokens"], json!(ids.len()));
+    server.shutdown().unwrap();
+}
+
+/// `n` choices per prompt run together in the batch, and each is the completion its own seed
+/// gives alone (choice `j` samples with `seed + j`); chat completions report each generated
+/// token's log-probability with its alternatives, most likely first.
+#[test]
+fn n_choices_are_their_seeds_completions_and_chat_reports_logprobs() {
+    let server = start(8);
+    let prompt = "Once upon a time";
+    let sampled = |seed: u64, n: usize| {
+        let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 12,
+                          "temperature": 1.0, "seed": seed, "n": n});
+        let (status, v) = post(&server, "/v1/completions", &body.to_string());
+        assert_eq!(status, 200, "{v}");
+        let choices = v["choices"].as_array().unwrap().clone();
+        assert_eq!(choices.len(), n, "{v}");
+        choices
+            .iter()
+            .enumerate()
+            .map(|(j, c)| {
+                assert_eq!(c["index"], json!(j));
+                c["text"].as_str().unwrap().to_string()
+            })
+            .collect::<Vec<_>>()
+    };
+    let together = sampled(7, 3);
+    let alone: Vec<String> = (7..10).map(|seed| sampled(seed, 1).remove(0)).collect();
+    assert_eq!(together, alone);
+    assert!(
+        together[0] != together[1] || together[1] != together[2],
+        "{together:?}"
+    );
+
+    let body = json!({"model": MODEL, "max_tokens": 8, "temperature": 0, "n": 2,
+                      "logprobs": true, "top_logprobs": 3,
+                      "messages": [{"role": "user", "content": "What is the capital of France?"}]});
+    let (status, v) = post(&server, "/v1/chat/completions", &body.to_string());
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2, "{v}");
+    assert_eq!(
+        choices[0]["message"], choices[1]["message"],
+        "greedy choices agree"
+    );
+    let content = choices[0]["logprobs"]["content"].as_array().unwrap();
+    assert!(!content.is_empty(), "{v}");
+    let mut text = String::new();
+    for entry in content {
+        let (token, logprob) = (
+            entry["token"].as_str().unwrap(),
+            entry["logprob"].as_f64().unwrap(),
+        );
+        assert_eq!(entry["bytes"], json!(token.as_bytes()));
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{entry}");
+        // Greedy: the token is the most likely one, and the alternatives come in order.
+        assert_eq!(
+            (
+                top[0]["token"].as_str().unwrap(),
+                top[0]["logprob"].as_f64().unwrap()
+            ),
+            (token, logprob)
+        );
+        assert!(
+            top.windows(2)
+                .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64())
+        );
+        assert!(logprob <= 0.0);
+        text.push_str(token);
+    }
+    assert_eq!(
+        text.trim(),
+        choices[0]["message"]["content"].as_str().unwrap().trim()
+    );
     server.shutdown().unwrap();
 }
