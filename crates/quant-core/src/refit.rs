@@ -70,8 +70,8 @@ pub fn refit_oc(w: &[f32], q: &mut Quantized, h: &[f32]) -> Result<Refit, QuantE
             .map(|&c| c as f32)
             .collect();
         let wb = &w[r0 * n..(r0 + m) * n];
-        let hw = matmul(wb, m, n, h, n, n);
-        // qh[r][g][h] = q_gᵀ H q_h, one `[m, gs] × [gs, n]` product per h.
+        let hw = matmul(wb, m, n, h, n);
+        // qhq[r][g][h] = q_gᵀ H q_h, from one `[m, gs] × [gs, n]` product per h.
         let mut qhq = vec![0f64; m * groups * groups];
         let mut r_h = vec![0f32; m * n];
         for hh in 0..groups {
@@ -260,8 +260,8 @@ fn dot64(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// `a[m×k] · b[k×n]`, both row-major.
-fn matmul(a: &[f32], m: usize, k: usize, b: &[f32], kb: usize, n: usize) -> Vec<f32> {
-    assert_eq!((a.len(), b.len(), k), (m * k, kb * n, kb));
+fn matmul(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32> {
+    assert_eq!((a.len(), b.len()), (m * k, k * n));
     let mut out = vec![0f32; m * n];
     // SAFETY: the shapes were just checked; `out` is a fresh buffer.
     unsafe {
