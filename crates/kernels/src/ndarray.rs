@@ -18,7 +18,7 @@ use crate::{QuantBackend, QuantLinearError, WeightKind, cpu};
 
 type B = NdArray<f32>;
 
-/// The ndarray weight, kept compact: decode-sized products read it directly, larger ones
+/// The ndarray weight, kept compact: products of few rows read it directly, larger ones
 /// multiply a transient f32 copy that lives for that product only (a model never holds more
 /// than one linear in f32, the one being multiplied).
 #[derive(Clone, Debug)]
@@ -69,9 +69,14 @@ impl NdArrayWeight {
     }
 
     /// `y [m, out] = x [m, in] · Ŵᵀ` by a host kernel that reads the stored weight, when one
-    /// applies (`m` up to [`cpu::MAX_M_PER_PASS`], a supported layout).
-    fn decode_product(&self, x: &[f32], m: usize) -> Option<Vec<f32>> {
-        if m > cpu::MAX_M_PER_PASS {
+    /// applies (`m` up to [`cpu::DIRECT_ROWS_PACKED`] or [`cpu::DIRECT_ROWS_16BIT`], a supported layout).
+    fn direct_product(&self, x: &[f32], m: usize) -> Option<Vec<f32>> {
+        let max_rows = match &*self.stored {
+            Stored::Simd(_) => cpu::DIRECT_ROWS_PACKED,
+            Stored::Packed(_) => 0,
+            Stored::F16(_) | Stored::Bf16(_) => cpu::DIRECT_ROWS_16BIT,
+        };
+        if m > max_rows {
             return None;
         }
         let n = self.out_features;
@@ -300,7 +305,7 @@ impl QuantBackend for B {
         let m = xh.len() / in_features.max(1);
         // Decode-sized M reads the stored weight once (host kernels); larger M would re-read it
         // per 8 rows, where the dense product on the widened weight wins.
-        if let Some(y) = w.decode_product(&xh.row_major(), m) {
+        if let Some(y) = w.direct_product(&xh.row_major(), m) {
             let mut out = dims;
             out[D - 1] = out_features;
             return tensor(y, out);

@@ -148,9 +148,10 @@ pub fn perplexity<B: QuantBackend>(
 /// `layer` builds decoder layer `i` as the model would hold it (packed linears for packed
 /// checkpoints, [`crate::load::load_layer_compact`] otherwise). The head is loaded in f32: it is
 /// multiplied by hundreds of rows at a time, where a compact head gives the same values through
-/// an f32 copy per product. (A window whose last head product has at most 8 rows, which
-/// `seqlen = 2048` never makes, can then differ from the loaded model's in rounding, when that
-/// model keeps its head compact.) `seconds` includes the loading.
+/// an f32 copy per product. (A window whose last head product has at most
+/// `kernels::cpu::DIRECT_ROWS_PACKED` rows (64 for a 16-bit head), which `seqlen = 2048` never
+/// makes, can then differ from the loaded model's in rounding, when that model keeps its head
+/// compact.) `seconds` includes the loading.
 pub fn perplexity_layer_major<B: QuantBackend>(
     src: &dyn TensorSource,
     layer: &dyn Fn(usize) -> Result<DecoderLayer<B>>,

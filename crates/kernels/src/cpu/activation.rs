@@ -1,5 +1,6 @@
 //! The exp-based activations of a LLaMA forward: row softmax, log-sum-exp (and the
-//! cross-entropy built on it) and the SiLU gate, with a vectorisable `exp`.
+//! cross-entropy built on it), the SiLU gate and a decode step's attention of one query (a
+//! softmax between two small products), with a vectorisable `exp`.
 //!
 //! libm's `expf` is a scalar call: on a 2048-token window the attention softmax alone makes
 //! about 7·10⁸ of them, a tenth of the whole evaluation. [`exp`] is branch-free polynomial code
@@ -107,6 +108,64 @@ fn swiglu_generic(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// One attention head's keys and values for a query: `len` rows of `d` contiguous values each,
+/// row `j` starting at `j·stride` of `k` and of `v` (a KV cache's rows of one head).
+#[derive(Clone, Copy, Debug)]
+pub struct HeadRows<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub stride: usize,
+    pub len: usize,
+}
+
+impl<'a> HeadRows<'a> {
+    #[inline(always)]
+    fn rows(&self, m: &'a [f32], d: usize) -> impl Iterator<Item = &'a [f32]> {
+        let stride = self.stride;
+        (0..self.len).map(move |j| &m[j * stride..j * stride + d])
+    }
+}
+
+#[inline(always)]
+fn attend_group_generic(
+    q: &[f32],
+    kv: HeadRows<'_>,
+    rep: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (d, t) = (q.len() / rep, kv.len);
+    scores.resize(rep * t, 0.0);
+    // Scores `[rep, t]`: each key row is read once for the `rep` queries that share it.
+    for (j, kr) in kv.rows(kv.k, d).enumerate() {
+        let (kc, kt) = kr.as_chunks::<LANES>();
+        for (r, qr) in q.chunks_exact(d).enumerate() {
+            let (qc, qt) = qr.as_chunks::<LANES>();
+            let mut acc = [0f32; LANES];
+            for (a, b) in qc.iter().zip(kc) {
+                for l in 0..LANES {
+                    acc[l] += a[l] * b[l];
+                }
+            }
+            let tail: f32 = qt.iter().zip(kt).map(|(a, b)| a * b).sum();
+            scores[r * t + j] = scale * (tail + acc.iter().sum::<f32>());
+        }
+    }
+    for row in scores.chunks_exact_mut(t) {
+        softmax_generic(row);
+    }
+    out.fill(0.0);
+    for (j, vr) in kv.rows(kv.v, d).enumerate() {
+        for (r, o) in out.chunks_exact_mut(d).enumerate() {
+            let p = scores[r * t + j];
+            for (o, &x) in o.iter_mut().zip(vr) {
+                *o += p * x;
+            }
+        }
+    }
+}
+
 /// Compiles the `*_generic` functions for one target feature set.
 macro_rules! path {
     ($module:ident, $feature:literal) => {
@@ -124,6 +183,18 @@ macro_rules! path {
             #[target_feature(enable = $feature)]
             pub(super) unsafe fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
                 super::swiglu_generic(gate, up, out)
+            }
+
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn attend_group(
+                q: &[f32],
+                kv: super::HeadRows<'_>,
+                rep: usize,
+                scale: f32,
+                scores: &mut Vec<f32>,
+                out: &mut [f32],
+            ) {
+                super::attend_group_generic(q, kv, rep, scale, scores, out)
             }
         }
     };
@@ -155,8 +226,33 @@ macro_rules! dispatch {
 /// The portable build, under the names `dispatch!` calls.
 mod generic {
     pub(super) use super::{
-        logsumexp_generic as logsumexp, softmax_generic as softmax, swiglu_generic as swiglu,
+        attend_group_generic as attend_group, logsumexp_generic as logsumexp,
+        softmax_generic as softmax, swiglu_generic as swiglu,
     };
+}
+
+/// `out = softmax(scale·q·Kᵀ)·V` for the `rep` query rows of `q` (`d = q.len() / rep` values
+/// each) that share one key/value head, written as `rep` rows of `out`; `scores` is scratch.
+///
+/// A decode step's attention: a few hundred dot products and axpys of `d` values per head,
+/// too small for a matrix product's setup, and each key and value row is read once for the
+/// `rep` query heads of grouped-query attention. Panics if `q` or `out` is not `rep` rows or
+/// a row of `kv` lies outside its buffers.
+pub fn attend_group(
+    q: &[f32],
+    kv: HeadRows<'_>,
+    rep: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    assert!(
+        rep > 0 && q.len().is_multiple_of(rep) && out.len() == q.len(),
+        "{rep} query rows of {} values do not fit an output of {}",
+        q.len(),
+        out.len()
+    );
+    dispatch!(attend_group(q, kv, rep, scale, scores, out))
 }
 
 /// `xᵢ ← e^(xᵢ) / Σⱼ e^(xⱼ)`, in place (an empty row stays empty).

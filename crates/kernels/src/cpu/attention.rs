@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::activation::softmax_in_place;
+use super::activation::{HeadRows, attend_group, softmax_in_place};
 use super::dense::{MatMut, MatRef, matmul};
 
 /// Queries per task. The block's scores (`block × keys` floats) stay in cache, and the
@@ -106,6 +106,11 @@ pub fn causal_attention(q: HeadsView, k: HeadsView, v: HeadsView, out: &mut [f32
     let rep = heads / kv_heads;
     let offset = t_k - t_q;
     let scale = 1.0 / (d as f32).sqrt();
+    let heads_adjacent = q.strides[1] == d && q.strides[3] == 1;
+    let rows_alike = k.strides[2] == v.strides[2] && k.strides[3] == 1 && v.strides[3] == 1;
+    if t_q == 1 && heads_adjacent && rows_alike {
+        return decode_step(q, k, v, scale, out);
+    }
     out.par_chunks_mut(t_q * row)
         .enumerate()
         .for_each(|(batch, seq_out)| {
@@ -141,6 +146,43 @@ pub fn causal_attention(q: HeadsView, k: HeadsView, v: HeadsView, out: &mut [f32
                     }
                 });
         });
+}
+
+/// Multiply-adds below which a decode step's heads run on the calling thread: rayon's hand-off
+/// costs about as much as a few tens of thousands of them.
+const PARALLEL_DECODE_WORK: usize = 1 << 16;
+
+/// [`causal_attention`] of one query per sequence (a decode step), its heads adjacent and each
+/// key and value row contiguous: each `(sequence, key/value head)` is [`attend_group`] over all `t_k` keys for
+/// its `rep` query heads, which are adjacent in `q` and in `out`. Two `gemm` products per
+/// head cost more in setup than this work, and a block of one query kept a step's attention
+/// on one thread.
+fn decode_step(q: HeadsView, k: HeadsView, v: HeadsView, scale: f32, out: &mut [f32]) {
+    let [_, heads, _, d] = q.dims;
+    let [_, kv_heads, t_k, _] = k.dims;
+    let rep = heads / kv_heads;
+    let group = |(bg, o): (usize, &mut [f32]), scores: &mut Vec<f32>| {
+        let (batch, g) = (bg / kv_heads, bg % kv_heads);
+        let at = |x: &HeadsView<'_>, h: usize| batch * x.strides[0] + h * x.strides[1];
+        let kv = HeadRows {
+            k: &k.data[at(&k, g)..],
+            v: &v.data[at(&v, g)..],
+            stride: k.strides[2],
+            len: t_k,
+        };
+        let q_at = at(&q, g * rep);
+        attend_group(&q.data[q_at..q_at + rep * d], kv, rep, scale, scores, o);
+    };
+    if out.len() * t_k < PARALLEL_DECODE_WORK {
+        let mut scores = Vec::new();
+        out.chunks_mut(rep * d)
+            .enumerate()
+            .for_each(|job| group(job, &mut scores));
+    } else {
+        out.par_chunks_mut(rep * d)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, job| group(job, scores));
+    }
 }
 
 /// Rotary position embedding in the "rotate half" convention: for each `d`-vector of `x`
@@ -237,6 +279,8 @@ mod tests {
         for (b, heads, kv_heads, t_q, t_k, d) in [
             (1, 3, 1, 300, 300, 8),
             (2, 4, 2, 1, 37, 16),
+            // A decode step long enough to run its heads on threads.
+            (3, 6, 2, 1, 700, 16),
             (1, 2, 2, 130, 170, 4),
         ] {
             let qd = [b, heads, t_q, d];

@@ -167,8 +167,8 @@ fn select<H: Half16>(path: SimdPath, m: usize) -> Option<TaskFn> {
 }
 
 /// `y[m, n] = x[m, k] · Wᵀ` for `W [n, k]` in f16, on the best SIMD path. Rows of `x` beyond
-/// [`MAX_M_PER_PASS`] are taken in chunks that each re-read `W`: for large `m`, widen `W` once
-/// and use a dense f32 product instead.
+/// [`MAX_M_PER_PASS`] are taken in chunks that each re-read `W`: for large `m` (beyond
+/// [`super::DIRECT_ROWS_16BIT`]), widen `W` once and use a dense f32 product instead.
 pub fn gemm_f16(
     x: &[f32],
     m: usize,

@@ -12,7 +12,7 @@
 //! [`gemm`] (best SIMD path) or [`gemm_with`] (a forced [`SimdPath`], for tests and
 //! benchmarks). Weights are read once per call (for `M ≤ 8`) and dequantized in registers;
 //! rows of `x` beyond 8 are processed in chunks of 8, each re-reading the weights: for
-//! large `M`, dequantize once and call a dense matmul instead.
+//! large `M` (beyond [`DIRECT_ROWS_PACKED`]), dequantize once and call a dense matmul instead.
 //!
 //! # Loop structure
 //! Both dims are computed by the same tiles: 16 consecutive output channels (one 512-bit
@@ -72,6 +72,20 @@ use layout::LANES;
 
 /// Rows of `x` handled per pass over the weights (accumulators for 8 rows fit in registers).
 pub const MAX_M_PER_PASS: usize = 8;
+
+/// Products of up to this many rows read a packed weight directly on the ndarray backend,
+/// [`MAX_M_PER_PASS`] rows per pass over it; larger ones multiply a transient f32 copy. A fresh
+/// copy is mostly page faults (about 75 ms for a LLaMA-7B 11008 × 4096 linear), so re-reading
+/// the codes wins far beyond one pass: measured on 3-bit g64 weights, the direct product takes
+/// 0.3–0.7× the copy's time at 32–128 rows on LLaMA-7B's MLP shapes and 0.2–1.15× on
+/// SmolLM2's. Prompts (prefill) and decode batches are below it; evaluation windows and
+/// calibration batches are above.
+pub const DIRECT_ROWS_PACKED: usize = 128;
+
+/// [`DIRECT_ROWS_PACKED`] for f16/bf16 weights, whose direct product widens every weight in
+/// registers on each pass: 0.25–0.8× the copy's time at 32–128 rows on 11008 × 4096, 0.8–1.3×
+/// at 32–64 rows on 1536 × 576.
+pub const DIRECT_ROWS_16BIT: usize = 64;
 
 /// Why a CPU product could not run.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]

@@ -1,7 +1,7 @@
 //! f32 copies of compact weights for products with more rows than the decode kernels take.
 //!
-//! Beyond [`super::MAX_M_PER_PASS`] rows, re-reading a compact weight per 8 rows loses to one
-//! dense product on its widened copy. These build that copy, `Ŵᵀ [in, out]` row-major in f32
+//! For products of many rows (an evaluation window, a calibration batch), re-reading a compact
+//! weight per 8 rows loses to one dense product on its widened copy. These build that copy, `Ŵᵀ [in, out]` row-major in f32
 //! (the layout the dense product has always been given, so its results do not change), in one
 //! parallel pass, for the caller to drop after the product: a model then holds only its compact
 //! weights plus, during a product, one transient f32 linear.

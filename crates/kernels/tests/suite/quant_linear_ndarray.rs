@@ -16,8 +16,20 @@ fn forward_matches_reference_both_dims() {
     let device = Default::default();
     let mut rng = rng(11);
     for dim in QuantDim::ALL {
-        // [1, 3]: the SIMD kernel (M ≤ 8); [2, 5]: the dense path.
-        for (bits, lead) in [(3, [1, 3]), (4, [1, 3]), (3, [2, 5]), (4, [2, 5])] {
+        // [1, 3]: one pass of the SIMD kernel; [2, 5]: two passes; [3, 50]: beyond
+        // `DIRECT_ROWS_PACKED`, the dense product on the widened weight.
+        const {
+            assert!(
+                10 <= kernels::cpu::DIRECT_ROWS_PACKED && 150 > kernels::cpu::DIRECT_ROWS_PACKED
+            )
+        };
+        for (bits, lead) in [
+            (3, [1, 3]),
+            (4, [1, 3]),
+            (3, [2, 5]),
+            (4, [2, 5]),
+            (3, [3, 50]),
+        ] {
             let (n, k) = (128, 192);
             let packed = random_packed(&mut rng, dim, bits, 64, n, k);
             let layer = QuantLinear::<B>::new(&packed, &device).unwrap();
@@ -82,8 +94,10 @@ fn check_16bit_weight<T: Copy>(
         .collect();
     let layer = upload(&w, [n, k]).unwrap();
     assert_eq!((layer.out_features(), layer.in_features()), (n, k));
-    // [1, 3]: the 16-bit GEMV (M ≤ 8); [2, 5]: the dense product on the widened weight.
-    for lead in [[1, 3], [2, 5]] {
+    // [1, 3]: one pass of the 16-bit GEMV; [2, 5]: two passes; [2, 40]: beyond
+    // `DIRECT_ROWS_16BIT`, the dense product on the widened weight.
+    const { assert!(10 <= kernels::cpu::DIRECT_ROWS_16BIT && 80 > kernels::cpu::DIRECT_ROWS_16BIT) };
+    for lead in [[1, 3], [2, 5], [2, 40]] {
         let m = lead[0] * lead[1];
         let x = random_x(&mut rng, m * k, false);
         let y = layer.forward(Tensor::<B, 3>::from_data(
@@ -128,16 +142,17 @@ fn bf16_weight_matches_reference() {
     assert!(matches!(err, QuantLinearError::Bf16Shape { .. }), "{err}");
 }
 
-/// Beyond decode sizes every compact weight is multiplied as a dense f32 weight of the same
-/// values: the result is bit for bit the dense product's (model outputs do not depend on
-/// whether a linear is stored compact).
+/// Beyond the direct products' rows every compact weight is multiplied as a dense f32 weight
+/// of the same values: the result is bit for bit the dense product's (an evaluation does not
+/// depend on whether a linear is stored compact).
 #[test]
 fn large_products_equal_the_dense_product_bit_for_bit() {
     use half::{bf16, f16};
     use rand::Rng;
     let device = Default::default();
     let mut rng = rng(16);
-    let (m, n, k) = (37, 96, 128);
+    let m = kernels::cpu::DIRECT_ROWS_PACKED + 9;
+    let (n, k) = (96, 128);
     let x = random_x(&mut rng, m * k, false);
     let x_t = || Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
     let check = |what: &str, layer: QuantLinear<B>, w: Vec<f32>| {

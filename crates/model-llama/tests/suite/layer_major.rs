@@ -31,7 +31,7 @@ fn config(layers: usize) -> LlamaConfig {
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
         rope_scaling: None,
-        max_position_embeddings: 128,
+        max_position_embeddings: 512,
         vocab_size: 61,
         tie_word_embeddings: true,
         bos_token_id: None,
@@ -68,8 +68,8 @@ fn assert_same(what: &str, a: &PerplexityReport, b: &PerplexityReport) {
 }
 
 /// The whole-model path on `model` against the layer-major one with `layer`, for window lengths
-/// whose head products are all beyond decode sizes (where a compact head is multiplied as the
-/// f32 head the layer-major path loads).
+/// whose products are all beyond the direct products' rows (`kernels::cpu::DIRECT_ROWS_*`,
+/// where a compact weight is multiplied as the f32 one the layer-major path loads).
 fn check_layer_major(
     what: &str,
     src: &dyn TensorSource,
@@ -77,8 +77,8 @@ fn check_layer_major(
     layer: &dyn Fn(usize) -> Result<DecoderLayer<B>>,
 ) {
     let device = Default::default();
-    let tokens = tokens(200);
-    for (seqlen, windows) in [(24, None), (40, Some(3)), (12, Some(2))] {
+    let tokens = tokens(600);
+    for (seqlen, windows) in [(136, None), (160, Some(3)), (130, Some(2))] {
         let whole = perplexity(model, &tokens, seqlen, windows).unwrap();
         let streamed =
             perplexity_layer_major(src, layer, &tokens, seqlen, windows, &device).unwrap();
@@ -156,9 +156,9 @@ fn compact_linears_compute_what_f32_ones_do() {
         .unwrap();
     assert!(matches!(layers[0].self_attn.q_proj, Linear::Dense { .. }));
     let dense = assemble(&f16_src, load_periphery(&f16_src, &device).unwrap(), layers);
-    // Beyond 8 tokens both multiply the same f32 values by the same product; up to 8 the
-    // compact linears take the 16-bit GEMV (another summation order).
-    let long = tokens(20);
+    // Beyond `DIRECT_ROWS_16BIT` tokens both multiply the same f32 values by the same product;
+    // up to it the compact linears take the 16-bit GEMV (another summation order).
+    let long = tokens(kernels::cpu::DIRECT_ROWS_16BIT + 6);
     assert_eq!(logits(&compact, &long), logits(&dense, &long));
     let short = &long[..5];
     let (a, b) = (logits(&compact, short), logits(&dense, short));
@@ -267,8 +267,8 @@ fn open_model_streams_a_packed_checkpoint() {
     };
     let model = m.load::<B>(&device).unwrap();
     assert!(matches!(model.layers[0].mlp.down_proj, Linear::Quant(_)));
-    let tokens = tokens(200);
-    for (seqlen, windows) in [(24, None), (40, Some(2))] {
+    let tokens = tokens(600);
+    for (seqlen, windows) in [(136, None), (160, Some(2))] {
         let whole = perplexity(&model, &tokens, seqlen, windows).unwrap();
         let streamed = m
             .perplexity::<B>(&tokens, seqlen, windows, &device)
