@@ -153,10 +153,10 @@ pub fn causal_attention(q: HeadsView, k: HeadsView, v: HeadsView, out: &mut [f32
 const PARALLEL_DECODE_WORK: usize = 1 << 16;
 
 /// [`causal_attention`] of one query per sequence (a decode step), its heads adjacent and each
-/// key and value row contiguous: each `(sequence, key/value head)` is [`attend_group`] over all `t_k` keys for
-/// its `rep` query heads, which are adjacent in `q` and in `out`. Two `gemm` products per
-/// head cost more in setup than this work, and a block of one query kept a step's attention
-/// on one thread.
+/// key and value row contiguous: each `(sequence, key/value head)` is [`attend_group`] over
+/// all `t_k` keys for its `rep` query heads, which are adjacent in `q` and in `out`. Two `gemm`
+/// products per head cost more in setup than this work, and a block of one query kept a
+/// step's attention on one thread.
 fn decode_step(q: HeadsView, k: HeadsView, v: HeadsView, scale: f32, out: &mut [f32]) {
     let [_, heads, _, d] = q.dims;
     let [_, kv_heads, t_k, _] = k.dims;

@@ -75,10 +75,10 @@ pub const MAX_M_PER_PASS: usize = 8;
 
 /// Products of up to this many rows read a packed weight directly on the ndarray backend,
 /// [`MAX_M_PER_PASS`] rows per pass over it; larger ones multiply a transient f32 copy. A fresh
-/// copy is mostly page faults (about 75 ms for a LLaMA-7B 11008 × 4096 linear), so re-reading
-/// the codes wins far beyond one pass: measured on 3-bit g64 weights, the direct product takes
-/// 0.3–0.7× the copy's time at 32–128 rows on LLaMA-7B's MLP shapes and 0.2–1.15× on
-/// SmolLM2's. Prompts (prefill) and decode batches are below it; evaluation windows and
+/// copy is mostly page faults (with the system allocator, about 75 ms for a LLaMA-7B
+/// 11008 × 4096 linear), so re-reading the codes wins far beyond one pass: measured on 3-bit
+/// g64 weights, the direct product takes 0.3–0.7× the copy's time at 32–128 rows on
+/// LLaMA-7B's MLP shapes and 0.2–1.15× on SmolLM2's. Prompts (prefill) and decode batches are below it; evaluation windows and
 /// calibration batches are above.
 pub const DIRECT_ROWS_PACKED: usize = 128;
 
