@@ -1,7 +1,7 @@
 //! The GPTQ Hessian `H = (2/N) Σ XᵀX` of a linear layer's calibration inputs (docs/method.md §3).
 
 use crate::QuantError;
-use crate::linalg::gemm_f32;
+use crate::linalg::{gemm_f32, matmul_into};
 
 /// Running mean of `2 XᵀX` over calibration samples, `in_features × in_features`, row-major f32.
 ///
@@ -139,23 +139,7 @@ impl Hessian {
         let mut sum = 0f64;
         for band in delta.chunks(BAND * n) {
             let m = band.len() / n;
-            // SAFETY: `band` is m×n and `h` n×n, both row-major; `product` holds at least m×n
-            // and is a separate allocation.
-            unsafe {
-                gemm_f32(
-                    m,
-                    n,
-                    n,
-                    product.as_mut_ptr(),
-                    n as isize,
-                    1,
-                    false,
-                    (band.as_ptr(), n as isize, 1),
-                    (self.h.as_ptr(), n as isize, 1),
-                    0.0,
-                    1.0,
-                );
-            }
+            matmul_into(&mut product[..m * n], band, &self.h, [m, n, n]);
             sum += band
                 .iter()
                 .zip(&product)

@@ -43,6 +43,32 @@ pub(crate) unsafe fn gemm_f32(
     }
 }
 
+/// `out[m×n] = a[m×k] · b[k×n]`, all three row-major and contiguous. Panics on other lengths.
+pub(crate) fn matmul_into(out: &mut [f32], a: &[f32], b: &[f32], [m, k, n]: [usize; 3]) {
+    assert_eq!(
+        (out.len(), a.len(), b.len()),
+        (m * n, m * k, k * n),
+        "operands of a [{m}×{k}]·[{k}×{n}] product"
+    );
+    // SAFETY: the lengths were just checked against the row-major strides below, and `out`,
+    // being a unique borrow, overlaps neither operand.
+    unsafe {
+        gemm_f32(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            n as isize,
+            1,
+            false,
+            (a.as_ptr(), k as isize, 1),
+            (b.as_ptr(), n as isize, 1),
+            0.0,
+            1.0,
+        );
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_any<T: 'static>(
     m: usize,

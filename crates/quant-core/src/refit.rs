@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use crate::linalg::{cholesky_lower, gemm_f32};
+use crate::linalg::{cholesky_lower, gemm_f32, matmul_into};
 use crate::{QuantDim, QuantError, Quantized};
 
 /// Rows refitted per batch: bounds the batch's `[rows, in]` temporaries (a few MB on 7B).
@@ -70,7 +70,8 @@ pub fn refit_oc(w: &[f32], q: &mut Quantized, h: &[f32]) -> Result<Refit, QuantE
             .map(|&c| c as f32)
             .collect();
         let wb = &w[r0 * n..(r0 + m) * n];
-        let hw = matmul(wb, m, n, h, n);
+        let mut hw = vec![0f32; m * n];
+        matmul_into(&mut hw, wb, h, [m, n, n]);
         // qhq[r][g][h] = q_gᵀ H q_h, from one `[m, gs] × [gs, n]` product per h.
         let mut qhq = vec![0f64; m * groups * groups];
         let mut r_h = vec![0f32; m * n];
@@ -257,29 +258,6 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 
 fn dot64(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// `a[m×k] · b[k×n]`, both row-major.
-fn matmul(a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Vec<f32> {
-    assert_eq!((a.len(), b.len()), (m * k, k * n));
-    let mut out = vec![0f32; m * n];
-    // SAFETY: the shapes were just checked; `out` is a fresh buffer.
-    unsafe {
-        gemm_f32(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            n as isize,
-            1,
-            false,
-            (a.as_ptr(), k as isize, 1),
-            (b.as_ptr(), n as isize, 1),
-            0.0,
-            1.0,
-        );
-    }
-    out
 }
 
 /// `M θ = v` for a symmetric positive semi-definite `M`, with a ridge of 1e-10 of its mean
