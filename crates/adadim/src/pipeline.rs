@@ -255,15 +255,9 @@ impl<B: QuantBackend> Activations<B> {
 
     /// Every chunk's values on the host, in order (for saving a resumable run).
     pub fn for_each_host_chunk(&self, mut f: impl FnMut(&[f32]) -> Result<()>) -> Result<()> {
-        for c in &self.chunks {
-            let v = c
-                .clone()
-                .into_data()
-                .into_vec::<f32>()
-                .map_err(|e| AdadimError::Invalid(format!("activations: {e:?}")))?;
-            f(&v)?;
-        }
-        Ok(())
+        self.chunks
+            .iter()
+            .try_for_each(|c| B::with_host_values(c, &mut f))
     }
 }
 

@@ -190,7 +190,7 @@ fn update_error<B: QuantBackend>(
         let out = last.forward(update.last_in.clone());
         return mean_square_distance(out, last.forward(reference.clone()));
     }
-    let diff = update.last_in.clone().sub(reference.clone());
+    let diff = B::difference(update.last_in.clone(), reference.clone());
     match last_gram {
         Some(w_gram) => {
             let [blocks, t, _] = diff.dims();
@@ -342,8 +342,7 @@ fn mean_square_distance<B: QuantBackend, const D: usize>(a: Tensor<B, D>, b: Ten
 /// `Xᵀ·X` of a captured input `[blocks, t, features]`: what the error of a change of the
 /// linear reading `X` depends on, and (scaled) GPTQ's Hessian.
 pub fn gram<B: QuantBackend>(x: &Tensor<B, 3>) -> Tensor<B, 2> {
-    let [blocks, t, features] = x.dims();
-    B::gram(x.clone().reshape([blocks * t, features]))
+    B::gram(B::flatten_rows(x.clone()))
 }
 
 /// `WᵀW` of a dense linear's weight `W [OC, IC]` (stored as `Wᵀ`).

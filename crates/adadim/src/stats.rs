@@ -99,10 +99,7 @@ impl<B: QuantBackend> InputStats<B> {
     pub fn accumulate(&mut self, site: Site, x: &Tensor<B, 3>) {
         let slot = &mut self.grams[site.index()];
         *slot = Some(match slot.take() {
-            Some(sum) => {
-                let [blocks, t, features] = x.dims();
-                B::gram_add(sum, x.clone().reshape([blocks * t, features]))
-            }
+            Some(sum) => B::gram_add(sum, B::flatten_rows(x.clone())),
             None => gram(x),
         });
     }
@@ -110,9 +107,7 @@ impl<B: QuantBackend> InputStats<B> {
     /// Adds one chunk's `Σ x_k²` at `site`.
     pub fn accumulate_moments(&mut self, site: Site, x: &Tensor<B, 3>) {
         let [blocks, t, features] = x.dims();
-        let sq = x
-            .clone()
-            .reshape([blocks * t, features])
+        let sq = B::flatten_rows(x.clone())
             .square()
             .sum_dim(0)
             .reshape([features]);

@@ -166,3 +166,21 @@ pub fn squared_distance<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B
 pub fn inner_product<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
     a.mul(b).sum().into_scalar().elem::<f64>()
 }
+
+/// See [`crate::QuantBackend::with_host_values`] (a copy through `into_data`).
+pub fn with_host_values<B: Backend, const D: usize, R>(
+    x: &Tensor<B, D>,
+    f: impl FnOnce(&[f32]) -> R,
+) -> R {
+    let values = (x.clone().into_data().convert::<f32>())
+        .into_vec::<f32>()
+        .expect("a converted tensor holds f32");
+    f(&values)
+}
+
+/// See [`crate::QuantBackend::flatten_rows`].
+pub fn flatten_rows<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 2> {
+    let dims = x.dims();
+    let rows = dims[..D - 1].iter().product();
+    x.reshape([rows, dims[D - 1]])
+}

@@ -360,6 +360,42 @@ impl QuantBackend for B {
         }
     }
 
+    fn flatten_rows<const D: usize>(x: Tensor<Self, D>) -> Tensor<Self, 2> {
+        let dims = x.dims();
+        let rows = dims[..D - 1].iter().product();
+        if let NdArrayTensor::F32(storage) = primitive(&x) {
+            let array = storage.into_owned();
+            if array.is_standard_layout()
+                && let Ok(flat) = array.into_shape_with_order(&[rows, dims[D - 1]][..])
+            {
+                return Tensor::from_primitive(TensorPrimitive::Float(NdArrayTensor::from(flat)));
+            }
+        }
+        crate::generic::flatten_rows(x)
+    }
+
+    fn difference<const D: usize>(a: Tensor<Self, D>, b: Tensor<Self, D>) -> Tensor<Self, D> {
+        let (ap, bp) = (primitive(&a), primitive(&b));
+        match (Host::of(&ap), Host::of(&bp)) {
+            // Other layouts (a transposed weight) would need a serial copy first.
+            (Some(x), Some(y)) if x.dims == y.dims && x.is_row_major() && y.is_row_major() => {
+                let n = x.len();
+                let mut out = vec![0f32; n];
+                cpu::activation::difference(&x.data[..n], &y.data[..n], &mut out);
+                tensor(out, a.dims())
+            }
+            _ => a.sub(b),
+        }
+    }
+
+    fn with_host_values<const D: usize, R>(x: &Tensor<Self, D>, f: impl FnOnce(&[f32]) -> R) -> R {
+        let xp = primitive(x);
+        match Host::of(&xp) {
+            Some(h) => f(&h.row_major()),
+            None => crate::generic::with_host_values(x, f),
+        }
+    }
+
     fn gram(x: Tensor<Self, 2>) -> Tensor<Self, 2> {
         let xp = primitive(&x);
         let Some(h) = Host::of(&xp) else {

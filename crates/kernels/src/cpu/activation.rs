@@ -278,6 +278,23 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
         .for_each(|(o, (g, u))| dispatch!(swiglu(g, u, o)));
 }
 
+/// `outᵢ = aᵢ − bᵢ`, over threads (so that a fresh `out`'s pages fault on every core).
+pub fn difference(a: &[f32], b: &[f32], out: &mut [f32]) {
+    use rayon::prelude::*;
+    assert!(
+        a.len() == b.len() && b.len() == out.len(),
+        "difference operands differ in length"
+    );
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                *o = a - b;
+            }
+        });
+}
+
 /// `Σᵣ −log softmax(logitsᵣ)[targetᵣ]` over the rows of `logits: [targets.len(), vocab]`:
 /// the summed cross-entropy, without materialising the probabilities.
 pub fn sum_nll(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {

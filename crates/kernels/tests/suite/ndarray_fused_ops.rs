@@ -231,3 +231,34 @@ fn squared_distance_and_inner_product_match_generic() {
         }
     }
 }
+
+/// The layout ops the calibration pipeline reads activations through: exact (they only move or
+/// subtract values), on contiguous, axis-swapped and narrowed inputs.
+#[test]
+fn difference_flatten_and_host_values_are_exact() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let narrowed = random(&mut rng, [3, 40, 70], 1.0).narrow(1, 3, 33);
+    for (name, a) in [
+        ("contiguous", projection(&mut rng, [2, 33, 70], 1.0, false)),
+        ("swapped", projection(&mut rng, [2, 33, 70], 1.0, true)),
+        ("narrowed", narrowed.narrow(0, 1, 2)),
+    ] {
+        let b = projection(&mut rng, [2, 33, 70], 1.0, false);
+        B::difference(a.clone(), b.clone())
+            .into_data()
+            .assert_eq(&a.clone().sub(b).into_data(), true);
+        let flat = B::flatten_rows(a.clone());
+        assert_eq!(flat.dims(), [66, 70], "{name}");
+        flat.into_data()
+            .assert_eq(&generic::flatten_rows(a.clone()).into_data(), true);
+        let want = a.clone().into_data().to_vec::<f32>().unwrap();
+        B::with_host_values(&a, |v| assert_eq!(v, want.as_slice(), "{name}"));
+        generic::with_host_values(&a, |v| assert_eq!(v, want.as_slice(), "{name}"));
+    }
+    // A flattened view shares the memory but not the mutations of later ops.
+    let a = random(&mut rng, [2, 5, 8], 1.0);
+    let before = a.clone().into_data();
+    let flat = B::flatten_rows(a.clone()).add_scalar(1.0);
+    a.into_data().assert_eq(&before, true);
+    assert_eq!(flat.dims(), [10, 8]);
+}
