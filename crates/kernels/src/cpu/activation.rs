@@ -267,32 +267,37 @@ pub fn logsumexp(x: &[f32]) -> f32 {
 
 /// `outᵢ = silu(gateᵢ)·upᵢ` (SwiGLU's gating), over threads.
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    use rayon::prelude::*;
-    assert!(
-        gate.len() == up.len() && up.len() == out.len(),
-        "swiglu operands differ in length"
-    );
-    const CHUNK: usize = 1 << 14;
-    out.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .for_each(|(o, (g, u))| dispatch!(swiglu(g, u, o)));
+    elementwise("swiglu", gate, up, out, |g, u, o| {
+        dispatch!(swiglu(g, u, o))
+    });
 }
 
 /// `outᵢ = aᵢ − bᵢ`, over threads (so that a fresh `out`'s pages fault on every core).
 pub fn difference(a: &[f32], b: &[f32], out: &mut [f32]) {
+    elementwise("difference", a, b, out, |a, b, o| {
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = a - b;
+        }
+    });
+}
+
+/// `op` over matching chunks of two operands and the output, on rayon's threads.
+fn elementwise(
+    name: &str,
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    op: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
+) {
     use rayon::prelude::*;
     assert!(
         a.len() == b.len() && b.len() == out.len(),
-        "difference operands differ in length"
+        "{name} operands differ in length"
     );
     const CHUNK: usize = 1 << 14;
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(o, (a, b))| {
-            for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-                *o = a - b;
-            }
-        });
+        .for_each(|(o, (a, b))| op(a, b, o));
 }
 
 /// `Σᵣ −log softmax(logitsᵣ)[targetᵣ]` over the rows of `logits: [targets.len(), vocab]`:
