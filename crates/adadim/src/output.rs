@@ -4,9 +4,10 @@
 //!
 //! After every layer the staging directory holds a progress record: the shards written so far,
 //! the records of the finished layers, and the calibration activations the next layer starts
-//! from (made durable on a thread of their own while the next layer runs). A run that was killed resumes from it (`--resume`) and writes exactly the bytes an
-//! uninterrupted run would: the activations are saved bit for bit and the memory plan, which
-//! decides how sums are chunked, is the interrupted run's.
+//! from (made durable on a thread of their own while the next layer runs). A run that was
+//! killed resumes from it (`--resume`) and writes exactly the bytes an uninterrupted run would:
+//! the activations are saved bit for bit and the memory plan, which decides how sums are
+//! chunked, is the interrupted run's.
 
 use std::collections::BTreeMap;
 use std::fs::File;

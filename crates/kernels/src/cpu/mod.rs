@@ -78,8 +78,8 @@ pub const MAX_M_PER_PASS: usize = 8;
 /// copy is mostly page faults (with the system allocator, about 75 ms for a LLaMA-7B
 /// 11008 × 4096 linear), so re-reading the codes wins far beyond one pass: measured on 3-bit
 /// g64 weights, the direct product takes 0.3–0.7× the copy's time at 32–128 rows on
-/// LLaMA-7B's MLP shapes and 0.2–1.15× on SmolLM2's. Prompts (prefill) and decode batches are below it; evaluation windows and
-/// calibration batches are above.
+/// LLaMA-7B's MLP shapes and 0.2–1.15× on SmolLM2's. Prompts (prefill) and decode batches
+/// are below it; evaluation windows and calibration batches are above.
 pub const DIRECT_ROWS_PACKED: usize = 128;
 
 /// [`DIRECT_ROWS_PACKED`] for f16/bf16 weights, whose direct product widens every weight in
