@@ -110,6 +110,20 @@ pub trait QuantBackend: Backend {
         Self::causal_attention(q, k.narrow(1, 0, len), v.narrow(1, 0, len), heads, kv_heads)
     }
 
+    /// One decode step of attention for `n` sequences with separate KV caches: row `i` of
+    /// `q [1, n, heads·d]` (rotated) attends over the first `len_i` positions of
+    /// `caches[i] = (k, v, len_i)`, buffers `[1, capacity, kv_heads·d]`. Returns the contexts
+    /// `[1, n, heads·d]`: [`QuantBackend::causal_attention_prefix`] of each row, in one call, so
+    /// that backends can spread the whole batch's heads over their threads.
+    fn decode_attention(
+        q: Tensor<Self, 3>,
+        caches: &[(Tensor<Self, 3>, Tensor<Self, 3>, usize)],
+        heads: usize,
+        kv_heads: usize,
+    ) -> Tensor<Self, 3> {
+        crate::generic::decode_attention(q, caches, heads, kv_heads)
+    }
+
     /// Rotary position embedding ("rotate half") of every head of `x [b, t, heads·d]`, with
     /// the tables `cos, sin [t, d]` of its positions.
     fn rotary(

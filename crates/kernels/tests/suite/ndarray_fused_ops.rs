@@ -79,6 +79,31 @@ fn causal_attention_over_a_prefix_ignores_the_rest_of_the_buffers() {
     }
 }
 
+/// A batched decode step over caches of different lengths and capacities equals one prefix
+/// attention per sequence.
+#[test]
+fn decode_attention_matches_generic() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for (heads, kv, d) in [(9, 3, 64), (4, 2, 16)] {
+        let lens = [1, 37, 130];
+        let q = random(&mut rng, [1, lens.len(), heads * d], 2.0);
+        let caches: Vec<_> = lens
+            .iter()
+            .map(|&len| {
+                let capacity = len + 20;
+                let k = random(&mut rng, [1, capacity, kv * d], 2.0);
+                (k, random(&mut rng, [1, capacity, kv * d], 1.0), len)
+            })
+            .collect();
+        assert_close(
+            &format!("decode h{heads} kv{kv} d{d}"),
+            B::decode_attention(q.clone(), &caches, heads, kv),
+            generic::decode_attention::<B>(q, &caches, heads, kv),
+            1e-4,
+        );
+    }
+}
+
 #[test]
 fn rotary_matches_generic() {
     let mut rng = StdRng::seed_from_u64(2);

@@ -29,6 +29,9 @@ pub struct KvCache<B: QuantBackend> {
     k: Option<Tensor<B, 3>>,
     v: Option<Tensor<B, 3>>,
     len: usize,
+    /// Positions the first allocation holds (at least), when the caller knows how long the
+    /// sequence can get: growing copies the history and faults in fresh pages at every doubling.
+    reserve: usize,
 }
 
 impl<B: QuantBackend> KvCache<B> {
@@ -40,25 +43,36 @@ impl<B: QuantBackend> KvCache<B> {
         self.len == 0
     }
 
+    /// An empty cache whose first allocation holds `positions` (more only if needed).
+    pub fn with_capacity(positions: usize) -> Self {
+        Self {
+            k: None,
+            v: None,
+            len: 0,
+            reserve: positions,
+        }
+    }
+
     /// Appends `k, v: [b, t, kv_heads·head_dim]` and returns the buffers, whose first
     /// [`KvCache::len`] rows are all keys and values so far.
     fn append(&mut self, k: Tensor<B, 3>, v: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let rows = self.len..self.len + k.dims()[1];
         self.len = rows.end;
         (
-            write_rows(&mut self.k, k, rows.clone()),
-            write_rows(&mut self.v, v, rows),
+            write_rows(&mut self.k, k, rows.clone(), self.reserve),
+            write_rows(&mut self.v, v, rows, self.reserve),
         )
     }
 }
 
-/// Writes `new` into rows `rows` of `buf` (growing it if needed) and returns the buffer, whose
-/// rows `..rows.end` are valid. Not a slice of it: burn-ndarray copies slices, and attention
+/// Writes `new` into rows `rows` of `buf` (growing it if needed, to at least `reserve` rows)
+/// and returns the buffer, whose rows `..rows.end` are valid. Not a slice of it: burn-ndarray copies slices, and attention
 /// reads the prefix in place ([`QuantBackend::causal_attention_prefix`]).
 fn write_rows<B: QuantBackend>(
     buf: &mut Option<Tensor<B, 3>>,
     new: Tensor<B, 3>,
     rows: Range<usize>,
+    reserve: usize,
 ) -> Tensor<B, 3> {
     let [b, _, d] = new.dims();
     let kept = 0..rows.start;
@@ -69,7 +83,8 @@ fn write_rows<B: QuantBackend>(
             let capacity = rows
                 .end
                 .max(2 * old.as_ref().map_or(0, |o| o.dims()[1]))
-                .max(64);
+                .max(64)
+                .max(reserve);
             let grown = Tensor::zeros([b, capacity, d], &new.device());
             match old {
                 Some(old) => {
@@ -173,8 +188,9 @@ impl<B: QuantBackend> Attention<B> {
     /// holds sequence `i`'s token in row `i`, which continues `caches[i]`.
     ///
     /// The projections run once for all rows (one `M = n` product, which reads each weight
-    /// once); rotation and attention run per sequence, since each has its own position and
-    /// history.
+    /// once), and so do the rotation (each row at its own position) and the attention (each
+    /// row over its own cache, [`QuantBackend::decode_attention`]); only the cache writes are
+    /// per sequence.
     pub fn context_batch(
         &self,
         x: Tensor<B, 3>,
@@ -183,21 +199,20 @@ impl<B: QuantBackend> Attention<B> {
     ) -> Tensor<B, 3> {
         let n = x.dims()[1];
         assert_eq!(n, caches.len(), "one cache per row of the batch");
-        let q = self.q_proj.forward(x.clone());
-        let k = self.k_proj.forward(x.clone());
+        let positions: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let q = rope.apply_at(self.q_proj.forward(x.clone()), self.n_heads, &positions);
+        let k = rope.apply_at(self.k_proj.forward(x.clone()), self.n_kv_heads, &positions);
         let v = self.v_proj.forward(x);
-        let rows = caches
+        let kv: Vec<_> = caches
             .iter_mut()
             .enumerate()
             .map(|(i, cache)| {
                 let row = |t: &Tensor<B, 3>| t.clone().narrow(1, i, 1);
-                let start = cache.len();
-                let q = rope.apply(row(&q), self.n_heads, start);
-                let k = rope.apply(row(&k), self.n_kv_heads, start);
-                self.attend_cached(q, k, row(&v), cache)
+                let (k, v) = cache.append(row(&k), row(&v));
+                (k, v, cache.len())
             })
             .collect();
-        Tensor::cat(rows, 1)
+        B::decode_attention(q, &kv, self.n_heads, self.n_kv_heads)
     }
 }
 

@@ -26,6 +26,9 @@ use crate::config::LlamaConfig;
 /// Rotary tables longer than this are not precomputed (positions beyond it are rejected).
 pub const MAX_ROPE_POSITIONS: usize = 32_768;
 
+/// The most KV-cache memory [`Llama::new_cache_with_capacity`] sets aside per sequence.
+pub const CACHE_RESERVE_BYTES: usize = 64 << 20;
+
 /// A LLaMA causal language model.
 #[derive(Clone, Debug)]
 pub struct Llama<B: QuantBackend> {
@@ -94,5 +97,17 @@ impl<B: QuantBackend> Llama<B> {
     /// An empty KV cache, one entry per layer.
     pub fn new_cache(&self) -> Vec<KvCache<B>> {
         vec![KvCache::default(); self.layers.len()]
+    }
+
+    /// [`Llama::new_cache`] whose buffers are allocated once for up to `positions` positions,
+    /// for a sequence whose greatest length is known in advance. At most
+    /// [`CACHE_RESERVE_BYTES`] are set aside (f32 keys and values of every layer); a longer
+    /// sequence grows its cache as it goes, so a request that may run long but stops early does
+    /// not hold memory it never uses.
+    pub fn new_cache_with_capacity(&self, positions: usize) -> Vec<KvCache<B>> {
+        let c = &self.config;
+        let per_position = 2 * c.num_key_value_heads * c.head_dim() * 4 * self.layers.len();
+        let positions = positions.min(CACHE_RESERVE_BYTES / per_position.max(1));
+        vec![KvCache::with_capacity(positions); self.layers.len()]
     }
 }

@@ -79,4 +79,23 @@ impl<B: QuantBackend> Rope<B> {
         let sin = self.sin.clone().narrow(0, start, seq);
         B::rotary(x, cos, sin, heads)
     }
+
+    /// Rotates row `i` of `x: [1, n, heads·head_dim]` as position `positions[i]`: one new token
+    /// of each of `n` sequences (a batched decode step).
+    pub fn apply_at(&self, x: Tensor<B, 3>, heads: usize, positions: &[usize]) -> Tensor<B, 3> {
+        assert_eq!(x.dims()[1], positions.len(), "one position per row");
+        let last = positions.iter().max().map_or(0, |p| p + 1);
+        assert!(
+            last <= self.max_positions(),
+            "position {} exceeds the rotary table ({} positions)",
+            last - 1,
+            self.max_positions()
+        );
+        let ids: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
+        let ids =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [positions.len()]), &x.device());
+        let cos = self.cos.clone().select(0, ids.clone());
+        let sin = self.sin.clone().select(0, ids);
+        B::rotary(x, cos, sin, heads)
+    }
 }
