@@ -113,7 +113,6 @@ fn causal_bias<B: Backend>(
     Tensor::<B, 2>::from_data(TensorData::new(bias, [rep * c, visible]), device).unsqueeze::<4>()
 }
 
-/// See [`crate::QuantBackend::rotary`].
 /// [`QuantBackend::decode_attention`] as one [`QuantBackend::causal_attention_prefix`] per
 /// sequence.
 pub fn decode_attention<B: QuantBackend>(
@@ -133,6 +132,7 @@ pub fn decode_attention<B: QuantBackend>(
     Tensor::cat(rows, 1)
 }
 
+/// See [`crate::QuantBackend::rotary`].
 pub fn rotary<B: Backend>(
     x: Tensor<B, 3>,
     cos: Tensor<B, 2>,

@@ -66,8 +66,9 @@ impl<B: QuantBackend> KvCache<B> {
 }
 
 /// Writes `new` into rows `rows` of `buf` (growing it if needed, to at least `reserve` rows)
-/// and returns the buffer, whose rows `..rows.end` are valid. Not a slice of it: burn-ndarray copies slices, and attention
-/// reads the prefix in place ([`QuantBackend::causal_attention_prefix`]).
+/// and returns the buffer, whose rows `..rows.end` are valid. Not a slice of it: burn-ndarray
+/// copies slices, and attention reads the prefix in place
+/// ([`QuantBackend::causal_attention_prefix`]).
 fn write_rows<B: QuantBackend>(
     buf: &mut Option<Tensor<B, 3>>,
     new: Tensor<B, 3>,
