@@ -49,7 +49,9 @@
 //! bit-unpacking of straddling 3-bit codes, which SIMD-crate abstractions do not cover
 //! better, is written once for every width. Keep slice accesses in the tile code provably
 //! in bounds (fixed-size arrays, `as_chunks`): a bounds check LLVM cannot hoist stops it
-//! vectorising the loop around it.
+//! vectorising the loop around it. One piece has AVX-512 intrinsics beside its portable
+//! version: the per-IC coefficient pass, where LLVM kept an accumulator in memory
+//! (`tile::Avx512Coefficients`; 1.23× the per-IC product on 4096 × 4096 at 8 rows).
 
 pub mod activation;
 pub mod attention;

@@ -105,11 +105,11 @@ macro_rules! select {
 }
 
 macro_rules! simd_path {
-    ($module:ident, $arith:ty, $regs:tt $(, $feature:literal)?) => {
+    ($module:ident, $arith:ty, $coefs:ty, $regs:tt $(, $feature:literal)?) => {
         pub(crate) mod $module {
             use super::super::layout::{CpuPacked, LANES};
             #[allow(unused_imports)]
-            use super::super::tile::{self, Fused, Unfused};
+            use super::super::tile::{self, Fused, PortableCoefficients, Unfused};
             use super::{IcFn, OcFn};
 
             $(#[target_feature(enable = $feature)])?
@@ -131,7 +131,7 @@ macro_rules! simd_path {
                 coef: &mut Vec<f32>,
                 out: &mut [[f32; LANES]],
             ) {
-                tile::ic_group::<B, M, S, $arith>(w, x_pad, g, coef, out)
+                tile::ic_group::<B, M, S, $arith, $coefs>(w, x_pad, g, coef, out)
             }
 
             pub(crate) fn oc_fn(bits: u32, m: usize) -> OcFn {
@@ -147,18 +147,19 @@ macro_rules! simd_path {
 
 // The register file of each path in 16-lane vectors (see `select!`): x86-64's baseline has
 // 16 xmm (4 vectors), AVX2 16 ymm (8), AVX-512 32 zmm (32), NEON 32 q registers (8).
-simd_path!(scalar, Unfused, 4);
+simd_path!(scalar, Unfused, PortableCoefficients, 4);
 #[cfg(target_arch = "x86_64")]
-simd_path!(avx2, Fused, 8, "avx2,fma");
+simd_path!(avx2, Fused, PortableCoefficients, 8, "avx2,fma");
 #[cfg(target_arch = "x86_64")]
 simd_path!(
     avx512,
     Fused,
+    tile::Avx512Coefficients,
     32,
     "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"
 );
 #[cfg(target_arch = "aarch64")]
-simd_path!(neon, Fused, 8, "neon");
+simd_path!(neon, Fused, PortableCoefficients, 8, "neon");
 
 /// The kernels of `path`, or `None` when this build has no such path.
 pub(crate) fn kernels(path: SimdPath, bits: u32, m: usize) -> Option<(OcFn, IcFn)> {
