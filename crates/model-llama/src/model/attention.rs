@@ -4,7 +4,7 @@ use burn::prelude::*;
 use kernels::QuantBackend;
 
 use super::linear::Linear;
-use super::rope::Rope;
+use super::rope::{Rope, RowPositions};
 use crate::linear_kind::LinearKind;
 
 /// Grouped-query self-attention.
@@ -186,23 +186,30 @@ impl<B: QuantBackend> Attention<B> {
     }
 
     /// The input of `o_proj` for one new token of each of several sequences: `x: [1, n, hidden]`
-    /// holds sequence `i`'s token in row `i`, which continues `caches[i]`.
+    /// holds sequence `i`'s token in row `i`, which continues `caches[i]` at position
+    /// `rows.positions()[i]` (the cache's length).
     ///
     /// The projections run once for all rows (one `M = n` product, which reads each weight
-    /// once), and so do the rotation (each row at its own position) and the attention (each
-    /// row over its own cache, [`QuantBackend::decode_attention`]); only the cache writes are
-    /// per sequence.
+    /// once), and so do the rotation (tables selected once per step, [`RowPositions`]) and the
+    /// attention (each row over its own cache, [`QuantBackend::decode_attention`]); only the
+    /// cache writes are per sequence.
     pub fn context_batch(
         &self,
         x: Tensor<B, 3>,
-        rope: &Rope<B>,
+        rows: &RowPositions<B>,
         caches: &mut [&mut KvCache<B>],
     ) -> Tensor<B, 3> {
         let n = x.dims()[1];
         assert_eq!(n, caches.len(), "one cache per row of the batch");
-        let positions: Vec<usize> = caches.iter().map(|c| c.len()).collect();
-        let q = rope.apply_at(self.q_proj.forward(x.clone()), self.n_heads, &positions);
-        let k = rope.apply_at(self.k_proj.forward(x.clone()), self.n_kv_heads, &positions);
+        assert!(
+            caches
+                .iter()
+                .map(|c| c.len())
+                .eq(rows.positions().iter().copied()),
+            "each row continues its cache at the cache's length"
+        );
+        let q = rows.apply(self.q_proj.forward(x.clone()), self.n_heads);
+        let k = rows.apply(self.k_proj.forward(x.clone()), self.n_kv_heads);
         let v = self.v_proj.forward(x);
         let kv: Vec<_> = caches
             .iter_mut()

@@ -5,7 +5,7 @@ use super::attention::{Attention, KvCache};
 use super::linear::Linear;
 use super::mlp::Mlp;
 use super::norm::RmsNorm;
-use super::rope::Rope;
+use super::rope::{Rope, RowPositions};
 use crate::linear_kind::LinearKind;
 
 /// One pre-norm decoder layer: `h = x + attn(norm₁(x))`, `out = h + mlp(norm₂(h))`.
@@ -77,14 +77,14 @@ impl<B: QuantBackend> DecoderLayer<B> {
     }
 
     /// One new token of each of several sequences, row `i` of `x: [1, n, hidden]` continuing
-    /// `caches[i]` (see [`Attention::context_batch`]).
+    /// `caches[i]` at position `rows.positions()[i]` (see [`Attention::context_batch`]).
     pub fn forward_batch(
         &self,
         x: Tensor<B, 3>,
-        rope: &Rope<B>,
+        rows: &RowPositions<B>,
         caches: &mut [&mut KvCache<B>],
     ) -> Tensor<B, 3> {
-        self.residual(x, |a| self.self_attn.context_batch(a, rope, caches))
+        self.residual(x, |a| self.self_attn.context_batch(a, rows, caches))
     }
 
     /// The layer around its attention context `context(norm₁(x))` (the input of `o_proj`).

@@ -16,7 +16,7 @@ pub use layer::{DecoderLayer, LayerInputs, LayerTrace};
 pub use linear::Linear;
 pub use mlp::Mlp;
 pub use norm::RmsNorm;
-pub use rope::{Rope, inv_freq};
+pub use rope::{Rope, RowPositions, inv_freq};
 
 use burn::prelude::*;
 use kernels::QuantBackend;
@@ -85,11 +85,17 @@ impl<B: QuantBackend> Llama<B> {
         caches: &mut [&mut [KvCache<B>]],
     ) -> Tensor<B, 3> {
         assert_eq!(tokens.dims(), [1, caches.len()], "one cache per sequence");
+        // Every layer's cache of a sequence holds the same positions.
+        let positions: Vec<usize> = caches
+            .iter()
+            .map(|c| c.first().map_or(0, KvCache::len))
+            .collect();
+        let rows = self.rope.at_positions(&positions);
         let mut x = self.embed(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             let mut layer_caches: Vec<&mut KvCache<B>> =
                 caches.iter_mut().map(|c| &mut c[i]).collect();
-            x = layer.forward_batch(x, &self.rope, &mut layer_caches);
+            x = layer.forward_batch(x, &rows, &mut layer_caches);
         }
         x
     }

@@ -80,10 +80,9 @@ impl<B: QuantBackend> Rope<B> {
         B::rotary(x, cos, sin, heads)
     }
 
-    /// Rotates row `i` of `x: [1, n, heads·head_dim]` as position `positions[i]`: one new token
-    /// of each of `n` sequences (a batched decode step).
-    pub fn apply_at(&self, x: Tensor<B, 3>, heads: usize, positions: &[usize]) -> Tensor<B, 3> {
-        assert_eq!(x.dims()[1], positions.len(), "one position per row");
+    /// The tables of one position per row: row `i` of a batched decode step's `[1, n, ..]`
+    /// inputs is at `positions[i]`. Every layer of the step rotates with the same tables.
+    pub fn at_positions(&self, positions: &[usize]) -> RowPositions<B> {
         let last = positions.iter().max().map_or(0, |p| p + 1);
         assert!(
             last <= self.max_positions(),
@@ -92,10 +91,35 @@ impl<B: QuantBackend> Rope<B> {
             self.max_positions()
         );
         let ids: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
-        let ids =
-            Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [positions.len()]), &x.device());
-        let cos = self.cos.clone().select(0, ids.clone());
-        let sin = self.sin.clone().select(0, ids);
-        B::rotary(x, cos, sin, heads)
+        let ids = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(ids, [positions.len()]),
+            &self.cos.device(),
+        );
+        RowPositions {
+            positions: positions.to_vec(),
+            cos: self.cos.clone().select(0, ids.clone()),
+            sin: self.sin.clone().select(0, ids),
+        }
+    }
+}
+
+/// [`Rope::at_positions`]: the rotary tables `[n, head_dim]` of one position per row.
+#[derive(Clone, Debug)]
+pub struct RowPositions<B: QuantBackend> {
+    positions: Vec<usize>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+}
+
+impl<B: QuantBackend> RowPositions<B> {
+    /// The position of each row.
+    pub fn positions(&self) -> &[usize] {
+        &self.positions
+    }
+
+    /// Rotates row `i` of `x: [1, n, heads·head_dim]` as position `positions[i]`.
+    pub fn apply(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
+        assert_eq!(x.dims()[1], self.positions.len(), "one position per row");
+        B::rotary(x, self.cos.clone(), self.sin.clone(), heads)
     }
 }
