@@ -9,10 +9,13 @@
 //!
 //! # Use
 //! Re-lay out a [`quant_core::PackedLinear`] once with [`CpuPacked::new`], then call
-//! [`gemm`] (best SIMD path) or [`gemm_with`] (a forced [`SimdPath`], for tests and
-//! benchmarks). Weights are read once per call (for `M ≤ 8`) and dequantized in registers;
-//! rows of `x` beyond 8 are processed in chunks of 8, each re-reading the weights: for
-//! large `M` (beyond [`DIRECT_ROWS_PACKED`]), dequantize once and call a dense matmul instead.
+//! [`gemm`] (the fastest kernel this CPU has), [`gemm_with`] (f32 on a forced [`SimdPath`], for
+//! tests and benchmarks) or [`vnni::gemm`] (int8 dot products on activations rounded to 8 bits,
+//! which [`gemm`] picks on CPUs with AVX512-VNNI, VBMI and VBMI2; see [`vnni`]). Weights are
+//! read once per call (for `M ≤ 8`) and decoded in registers; rows of `x` beyond 8 are
+//! processed in chunks of 8, each re-reading the weights: for large `M` (beyond
+//! [`DIRECT_ROWS_PACKED`]), dequantize once and call a dense matmul instead. The rest of this
+//! doc describes the f32 kernel.
 //!
 //! # Loop structure
 //! Both dims are computed by the same tiles: 16 consecutive output channels (one 512-bit
@@ -62,6 +65,7 @@ mod layout;
 pub mod reduce;
 mod simd;
 mod tile;
+pub mod vnni;
 pub mod widen;
 
 use quant_core::{QuantDim, QuantError};
@@ -121,10 +125,16 @@ pub enum CpuKernelError {
     },
     #[error("SIMD path {0:?} is not supported on this machine")]
     Unsupported(SimdPath),
+    #[error("this CPU has no int8 dot products (AVX-512 VNNI with VBMI and VBMI2)")]
+    NoInt8,
 }
 
-/// `y[m, out] = x[m, in] · Ŵᵀ` on the best SIMD path of this machine.
+/// `y[m, out] = x[m, in] · Ŵᵀ`, the fastest way this machine has: int8 dot products where the
+/// CPU has them ([`vnni`], activations rounded to 8 bits), otherwise f32 on the best SIMD path.
 pub fn gemm(x: &[f32], m: usize, w: &CpuPacked, y: &mut [f32]) -> Result<(), CpuKernelError> {
+    if vnni::is_supported() {
+        return vnni::gemm(x, m, w, y);
+    }
     gemm_with(SimdPath::best(), x, m, w, y)
 }
 
@@ -152,7 +162,8 @@ pub fn gemm_with(
     Ok(())
 }
 
-/// The checks every product makes before it runs: `x [m, k]`, `y [m, n]`, a supported path.
+/// The checks every product on a given path makes before it runs: [`check_shapes`] and a
+/// supported path.
 fn check_call(
     path: SimdPath,
     x: &[f32],
@@ -161,6 +172,15 @@ fn check_call(
     y: &[f32],
     n: usize,
 ) -> Result<(), CpuKernelError> {
+    check_shapes(x, m, k, y, n)?;
+    if !path.is_supported() {
+        return Err(CpuKernelError::Unsupported(path));
+    }
+    Ok(())
+}
+
+/// The checks every product makes before it runs: `x [m, k]`, `y [m, n]`.
+fn check_shapes(x: &[f32], m: usize, k: usize, y: &[f32], n: usize) -> Result<(), CpuKernelError> {
     if x.len() != m * k {
         return Err(CpuKernelError::XShape {
             got: x.len(),
@@ -174,9 +194,6 @@ fn check_call(
             m,
             out_features: n,
         });
-    }
-    if !path.is_supported() {
-        return Err(CpuKernelError::Unsupported(path));
     }
     Ok(())
 }
@@ -196,11 +213,8 @@ fn pass_oc(f: simd::OcFn, x: &[f32], w: &CpuPacked, y: &mut [f32]) {
 }
 
 fn pass_ic(f: simd::IcFn, x: &[f32], w: &CpuPacked, y: &mut [f32]) {
-    let (k, m) = (w.in_features, y.len() / w.out_features);
-    let mut x_pad = vec![0f32; m * w.k_pad];
-    for (dst, src) in x_pad.chunks_mut(w.k_pad).zip(x.chunks(k)) {
-        dst[..k].copy_from_slice(src);
-    }
+    let m = y.len() / w.out_features;
+    let x_pad = pad_rows(x, w.in_features, w.k_pad);
     let tiles_per_group = w.group_size / LANES;
     let mut out = vec![[0f32; LANES]; w.n_tiles * m];
     out.par_chunks_mut(tiles_per_group * m)
@@ -210,6 +224,15 @@ fn pass_ic(f: simd::IcFn, x: &[f32], w: &CpuPacked, y: &mut [f32]) {
             unsafe { f(w, &x_pad, g, coef, o) }
         });
     scatter(&out, m, w.out_features, y);
+}
+
+/// Rows of `k` values, each zero-padded to `k_pad`.
+fn pad_rows(x: &[f32], k: usize, k_pad: usize) -> Vec<f32> {
+    let mut x_pad = vec![0f32; x.len() / k.max(1) * k_pad];
+    for (dst, src) in x_pad.chunks_mut(k_pad).zip(x.chunks(k)) {
+        dst[..k].copy_from_slice(src);
+    }
+    x_pad
 }
 
 /// Hints the cache line holding `p` into L1. A prefetch never faults, so `p` may point anywhere

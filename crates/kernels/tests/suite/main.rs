@@ -7,6 +7,7 @@
 mod cube_common;
 
 mod cpu_gemm;
+mod cpu_int8;
 mod cube_quant_matmul;
 mod ndarray_fused_ops;
 mod quant_linear_ndarray;

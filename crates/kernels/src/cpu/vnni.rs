@@ -1,0 +1,599 @@
+//! The decode-sized product in int8 dot products (AVX512-VNNI), on the same [`CpuPacked`] as
+//! the f32 kernel. [`super::gemm`] uses it wherever the CPU has the instructions.
+//!
+//! # Arithmetic
+//! The f32 kernel multiplies each code by an f32 activation: 16 multiply-adds per FMA. Here
+//! each row of activations is first rounded to 8 bits in blocks of 32 ([`quantize_block`]: a
+//! scale `d = max|x|/127` and integers `round(x/d)`, llama.cpp's Q8_0), and `vpdpbusd`
+//! multiplies 4 codes (u8) by 4 activations (i8) and adds them into each 32-bit lane: 64
+//! multiply-adds per instruction. The integer sums are exact, so the product is `x̂ · Ŵᵀ`
+//! up to the f32 sums over blocks, where `x̂` is `x` rounded block by block:
+//!
+//! * **per-OC**: `y = Σ_g s_g·(Σ_{b∈g} d_b·Σ_{k∈b} x̂q_k·q_k − z_g·Σ_{k∈g} x̂_k)`;
+//! * **per-IC**: what is rounded is the coefficient `c_k = x_k·s_{g,k}` of each group `g` of
+//!   outputs (the f32 kernel's `coef`), so `y = Σ_b e_b·Σ_{k∈b} ĉq_k·q_k − Σ_k ĉ_k·z_{g,k}`.
+//!
+//! Both run the same block loop ([`block_dot`]). A row's result does not depend on the other
+//! rows of the call, bit for bit: a sequence decodes the same tokens alone and in a batch.
+//! The rounding costs accuracy on the order of Q8_0's; docs/serve.md measures it.
+//!
+//! # Bit layout
+//! `vpdpbusd` multiplies the 4 bytes of a 32-bit lane by the same 4 bytes of a broadcast
+//! activation word. So the 32 codes of a block (one lane's `b` words, see [`CpuPacked`]) are
+//! decoded into 8 *quads*, 4 codes in the 4 bytes of the lane, and the rounded activations of
+//! each block are stored permuted the same way ([`quad_codes`]), 4 bytes per quad. A quad is
+//! 4 codes that one byte-wise shift can take from a single word:
+//!
+//! * 8 bits: word `i` is quad `i`, as stored;
+//! * 4 bits: the low nibbles of word `w` (codes `8w, 8w+2, 8w+4, 8w+6`), then the high ones;
+//! * 2 bits: bits `2s..2s+2` of each byte of word `w` (codes `16w+s+4·{0,1,2,3}`);
+//! * 3 bits: the stream straddles words, so two funnel shifts (`vpshrdd`) first realign codes
+//!   10–19 and 20–29 to bit 0 of a word; `vpmultishiftqb` then takes any 4 codes of a word
+//!   into the 4 bytes, and two quads combine two words under a byte mask.
+
+use std::sync::OnceLock;
+
+use super::layout::{BLOCK, CpuPacked, LANES};
+
+/// Four-code steps per 32-code block.
+const QUADS: usize = BLOCK / 4;
+
+/// The codes (indices within a 32-code block) that quad `i` puts in bytes 0–3 of each lane, for
+/// `bits`-bit codes. The rounded activations of a block are stored in this order.
+pub const fn quad_codes(bits: u32) -> [[u8; 4]; QUADS] {
+    let mut q = [[0u8; 4]; QUADS];
+    let mut i = 0;
+    while i < QUADS {
+        let mut b = 0;
+        while b < 4 {
+            let (i8, b8) = (i as u8, b as u8);
+            q[i][b] = match bits {
+                8 => 4 * i8 + b8,
+                4 => 8 * (i8 / 2) + 2 * b8 + i8 % 2,
+                2 => 16 * (i8 / 4) + 4 * b8 + i8 % 4,
+                _ => THREE_BIT_QUADS[i][b],
+            };
+            b += 1;
+        }
+        i += 1;
+    }
+    q
+}
+
+/// [`quad_codes`] for 3 bits: see [`decode`]. Quads 0–5 come from one word each (the first,
+/// then codes 10–19 and 20–29 realigned); quads 6 and 7 gather the words' last two codes.
+const THREE_BIT_QUADS: [[u8; 4]; QUADS] = [
+    [0, 1, 2, 3],
+    [4, 5, 6, 7],
+    [10, 11, 12, 13],
+    [14, 15, 16, 17],
+    [20, 21, 22, 23],
+    [24, 25, 26, 27],
+    [8, 9, 18, 19],
+    [28, 29, 30, 31],
+];
+
+/// Rounds a block of 32 activations to 8 bits: `(d, q)` with `x ≈ d·q`, `d = max|x|/127` and
+/// `q = round_half_even(x · (127/max|x|))`. An all-zero block gives `d = 0`; a NaN anywhere
+/// gives `d = NaN`, so the product is NaN as the f32 kernel's would be. This is the
+/// definition the kernel's vector code follows operation for operation.
+pub fn quantize_block(x: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
+    if x.iter().any(|v| v.is_nan()) {
+        return (f32::NAN, [0; BLOCK]);
+    }
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    if amax == 0.0 {
+        return (0.0, [0; BLOCK]);
+    }
+    let inv = 127.0 / amax;
+    (amax / 127.0, x.map(|v| (v * inv).round_ties_even() as i8))
+}
+
+/// Whether this CPU runs the int8 kernel (AVX-512 with VNNI, VBMI and VBMI2; detected once).
+pub fn is_supported() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            has!("avx512f")
+                && has!("avx512bw")
+                && has!("avx512vl")
+                && has!("avx512vnni")
+                && has!("avx512vbmi")
+                && has!("avx512vbmi2")
+                && has!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// `y[m, out] = x̂[m, in] · Ŵᵀ` with int8 activations (see the module doc); an error if the
+/// CPU lacks the instructions ([`is_supported`]) or the shapes do not match.
+pub fn gemm(
+    x: &[f32],
+    m: usize,
+    w: &CpuPacked,
+    y: &mut [f32],
+) -> Result<(), super::CpuKernelError> {
+    super::check_shapes(x, m, w.in_features, y, w.out_features)?;
+    if !is_supported() {
+        return Err(super::CpuKernelError::NoInt8);
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (k, n) = (w.in_features, w.out_features);
+        for (xc, yc) in x
+            .chunks(super::MAX_M_PER_PASS * k)
+            .zip(y.chunks_mut(super::MAX_M_PER_PASS * n))
+        {
+            let rows = xc.len() / k.max(1);
+            let x_pad = super::pad_rows(xc, k, w.k_pad);
+            let mut out = vec![[0f32; LANES]; w.n_tiles * rows];
+            // SAFETY: `is_supported` checked every feature the kernels are compiled for.
+            unsafe { x86::pass(w, &x_pad, rows, &mut out) };
+            super::scatter(&out, rows, n, yc);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::super::layout::{BLOCK, CpuPacked, LANES};
+    use super::super::tile::block_at;
+    use super::{QUADS, quad_codes};
+    use quant_core::QuantDim;
+    use rayon::prelude::*;
+
+    /// Runs the product of `rows ≤ 8` padded rows into tile-major `out` (`[tile][row]`).
+    ///
+    /// Safety: the CPU has the features of [`super::is_supported`].
+    pub(super) unsafe fn pass(w: &CpuPacked, x_pad: &[f32], rows: usize, out: &mut [[f32; LANES]]) {
+        macro_rules! by_rows {
+            ($b:literal) => {
+                match rows {
+                    1 => run::<$b, 1>(w, x_pad, out),
+                    2 => run::<$b, 2>(w, x_pad, out),
+                    3 => run::<$b, 3>(w, x_pad, out),
+                    4 => run::<$b, 4>(w, x_pad, out),
+                    5 => run::<$b, 5>(w, x_pad, out),
+                    6 => run::<$b, 6>(w, x_pad, out),
+                    7 => run::<$b, 7>(w, x_pad, out),
+                    _ => run::<$b, 8>(w, x_pad, out),
+                }
+            };
+        }
+        match w.bits {
+            2 => by_rows!(2),
+            3 => by_rows!(3),
+            4 => by_rows!(4),
+            _ => by_rows!(8),
+        }
+    }
+
+    fn run<const B: usize, const M: usize>(w: &CpuPacked, x_pad: &[f32], out: &mut [[f32; LANES]]) {
+        let k = w.k_pad;
+        match w.dim {
+            QuantDim::Oc => {
+                let mut acts = Rounded::new(M, k);
+                let groups = w.groups_along_k();
+                let mut xsum = vec![0f32; M * groups];
+                // SAFETY: the caller (`pass`) guarantees the CPU features.
+                unsafe { round_oc::<B>(x_pad, w.group_size, &mut acts, &mut xsum) };
+                out.par_chunks_mut(M).enumerate().for_each(|(t, o)| {
+                    // SAFETY: as above.
+                    unsafe { oc_tile::<B, M>(w, &acts, &xsum, t, o) }
+                });
+            }
+            QuantDim::Ic => {
+                let tiles = w.group_size / LANES;
+                out.par_chunks_mut(tiles * M).enumerate().for_each_init(
+                    || Rounded::new(M, k),
+                    |acts, (g, o)| {
+                        // SAFETY: as above.
+                        unsafe { ic_group::<B, M>(w, x_pad, g, acts, o) }
+                    },
+                );
+            }
+        }
+    }
+
+    /// Rows of rounded activations: per row, `k/4` words of 4 permuted bytes (one per quad)
+    /// and `k/32` block scales.
+    struct Rounded {
+        k: usize,
+        quads: Vec<i32>,
+        scales: Vec<f32>,
+    }
+
+    impl Rounded {
+        fn new(m: usize, k: usize) -> Self {
+            Self {
+                k,
+                quads: vec![0; m * k / 4],
+                scales: vec![0.0; m * k / BLOCK],
+            }
+        }
+
+        /// Each row's quads (one `[i32; 8]` per block) and block scales.
+        #[inline(always)]
+        fn rows<const M: usize>(&self) -> Rows<'_, M> {
+            let (per_row, blocks) = (self.k / 4, self.k / BLOCK);
+            Rows {
+                quads: std::array::from_fn(|m| {
+                    self.quads[m * per_row..(m + 1) * per_row].as_chunks().0
+                }),
+                scales: std::array::from_fn(|m| &self.scales[m * blocks..(m + 1) * blocks]),
+            }
+        }
+    }
+
+    /// [`Rounded::rows`]: resolved once per tile, so the block loop only indexes by block.
+    struct Rows<'a, const M: usize> {
+        quads: [&'a [[i32; QUADS]]; M],
+        scales: [&'a [f32]; M],
+    }
+
+    /// The bytes of [`quad_codes`]`(B)` as a `vpermb` index: byte `4i + b` takes code
+    /// `quad_codes(B)[i][b]` of the block.
+    #[inline(always)]
+    unsafe fn permutation<const B: usize>() -> __m256i {
+        const fn flat(bits: u32) -> [u8; 32] {
+            let q = quad_codes(bits);
+            let mut out = [0u8; 32];
+            let mut i = 0;
+            while i < 32 {
+                out[i] = q[i / 4][i % 4];
+                i += 1;
+            }
+            out
+        }
+        let idx: [u8; 32] = flat(B as u32);
+        // SAFETY: `idx` is 32 readable bytes; AVX is present (the caller's contract).
+        unsafe { _mm256_loadu_si256(idx.as_ptr().cast()) }
+    }
+
+    /// [`super::quantize_block`] on 32 values in two vectors: stores the permuted bytes at
+    /// `dst` (8 words) and returns `d` and the integers.
+    #[inline(always)]
+    unsafe fn round_block(
+        a: __m512,
+        b: __m512,
+        perm: __m256i,
+        dst: &mut [i32],
+    ) -> (f32, __m512i, __m512i) {
+        assert!(dst.len() >= QUADS);
+        // SAFETY (every intrinsic): the caller has AVX-512F/BW/VL and VBMI; the store writes
+        // 32 bytes at `dst`, which holds at least 8 words (checked above).
+        unsafe {
+            let unordered =
+                _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(b, b);
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            let zero = _mm512_setzero_si512();
+            if unordered != 0 || amax == 0.0 {
+                _mm256_storeu_si256(dst.as_mut_ptr().cast(), _mm256_setzero_si256());
+                let d = if unordered != 0 { f32::NAN } else { 0.0 };
+                return (d, zero, zero);
+            }
+            let inv = _mm512_set1_ps(127.0 / amax);
+            let (qa, qb) = (
+                _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)),
+                _mm512_cvtps_epi32(_mm512_mul_ps(b, inv)),
+            );
+            let bytes = _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm512_cvtepi32_epi8(qa)),
+                _mm512_cvtepi32_epi8(qb),
+            );
+            _mm256_storeu_si256(
+                dst.as_mut_ptr().cast(),
+                _mm256_permutexvar_epi8(perm, bytes),
+            );
+            (amax / 127.0, qa, qb)
+        }
+    }
+
+    /// Rounds per-OC activations (`M` rows of `k_pad`), and sums each group's rounded values:
+    /// `xsum[m·groups + g] = Σ_{k∈g} x̂_k`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+    unsafe fn round_oc<const B: usize>(
+        x_pad: &[f32],
+        group_size: usize,
+        acts: &mut Rounded,
+        xsum: &mut [f32],
+    ) {
+        let k = acts.k;
+        let blocks_per_group = group_size / BLOCK;
+        // SAFETY: the helpers need the features enabled on this function; the loads read the
+        // 32 floats of `x`.
+        unsafe {
+            let perm = permutation::<B>();
+            for (blk, x) in x_pad.chunks_exact(BLOCK).enumerate() {
+                let (row, rb) = (blk / (k / BLOCK), blk % (k / BLOCK));
+                let (a, b) = (
+                    _mm512_loadu_ps(x.as_ptr()),
+                    _mm512_loadu_ps(x.as_ptr().add(16)),
+                );
+                let (d, qa, qb) = round_block(a, b, perm, &mut acts.quads[blk * QUADS..]);
+                acts.scales[blk] = d;
+                let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+                xsum[row * (k / group_size) + rb / blocks_per_group] += d * sum as f32;
+            }
+        }
+    }
+
+    /// Decodes block `blk` of a tile into its 8 quads (see the module doc).
+    #[inline(always)]
+    unsafe fn decode<const B: usize>(codes: &[[u32; LANES]], blk: usize) -> [__m512i; QUADS] {
+        let block = block_at::<B>(codes, blk);
+        // SAFETY (every intrinsic): the caller has AVX-512F/BW, VBMI and VBMI2; each load reads
+        // one 16-word row of `block`.
+        unsafe {
+            let word = |i: usize| _mm512_loadu_si512(block[i].as_ptr().cast());
+            let mut q = [_mm512_setzero_si512(); QUADS];
+            match B {
+                8 => {
+                    for (i, q) in q.iter_mut().enumerate() {
+                        *q = word(i);
+                    }
+                }
+                4 => {
+                    let mask = _mm512_set1_epi32(0x0f0f_0f0f);
+                    for w in 0..4 {
+                        let v = word(w);
+                        q[2 * w] = _mm512_and_si512(v, mask);
+                        q[2 * w + 1] = _mm512_and_si512(_mm512_srli_epi32::<4>(v), mask);
+                    }
+                }
+                2 => {
+                    let mask = _mm512_set1_epi32(0x0303_0303);
+                    for w in 0..2 {
+                        let v = word(w);
+                        q[4 * w] = _mm512_and_si512(v, mask);
+                        q[4 * w + 1] = _mm512_and_si512(_mm512_srli_epi32::<2>(v), mask);
+                        q[4 * w + 2] = _mm512_and_si512(_mm512_srli_epi32::<4>(v), mask);
+                        q[4 * w + 3] = _mm512_and_si512(_mm512_srli_epi32::<6>(v), mask);
+                    }
+                }
+                _ => {
+                    // Stream bits 30.. and 60.. moved to bit 0: codes 10–19 and 20–29 at 3·i.
+                    let (w0, w1, w2) = (word(0), word(1), word(2));
+                    let t1 = _mm512_shrdi_epi32::<30>(w0, w1);
+                    let t2 = _mm512_shrdi_epi32::<28>(w1, w2);
+                    let pick = |offsets: [u8; 4], src: __m512i| {
+                        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(control(offsets)), src)
+                    };
+                    // Bytes 2 and 3 of every lane.
+                    let high_half: __mmask64 = 0xcccc_cccc_cccc_cccc;
+                    let pick_high = |low: __m512i, offsets: [u8; 4], src: __m512i| {
+                        _mm512_mask_multishift_epi64_epi8(
+                            low,
+                            high_half,
+                            _mm512_set1_epi64(control(offsets)),
+                            src,
+                        )
+                    };
+                    let (first, second, last) = ([0, 3, 6, 9], [12, 15, 18, 21], [24, 27, 24, 27]);
+                    q[0] = pick(first, w0);
+                    q[1] = pick(second, w0);
+                    q[2] = pick(first, t1);
+                    q[3] = pick(second, t1);
+                    q[4] = pick(first, t2);
+                    q[5] = pick(second, t2);
+                    q[6] = pick_high(pick(last, w0), last, t1);
+                    // Codes 30 and 31 stay at bits 26 and 29 of the third word.
+                    q[7] = pick_high(pick(last, t2), [0, 0, 26, 29], w2);
+                    let mask = _mm512_set1_epi32(0x0707_0707);
+                    for q in &mut q {
+                        *q = _mm512_and_si512(*q, mask);
+                    }
+                }
+            }
+            q
+        }
+    }
+
+    /// A `vpmultishiftqb` control for one 64-bit element (two lanes): byte `b` of each lane
+    /// takes the 8 bits from bit `offsets[b]` of that lane's word.
+    const fn control(offsets: [u8; 4]) -> i64 {
+        let mut c = 0u64;
+        let mut b = 0;
+        while b < 4 {
+            c |= (offsets[b] as u64) << (8 * b);
+            c |= ((offsets[b] + 32) as u64) << (8 * (b + 4));
+            b += 1;
+        }
+        c as i64
+    }
+
+    /// `acc[m] += d_m · Σ_{k∈blk} q̂_m,k · code_k` for the tile's 16 lanes: the block loop both
+    /// dims share. Quads outermost and rows innermost, so that each row's sum stays in a
+    /// register; at small `M` a row's 8 dot products are split over independent chains, so
+    /// they do not wait on each other's latency.
+    #[inline(always)]
+    unsafe fn block_dot<const B: usize, const M: usize>(
+        codes: &[[u32; LANES]],
+        blk: usize,
+        rows: &Rows<'_, M>,
+        acc: &mut [__m512; M],
+    ) {
+        let chains = (4 / M).max(1);
+        let x: [&[i32; QUADS]; M] = std::array::from_fn(|m| &rows.quads[m][blk]);
+        // SAFETY (every intrinsic): the caller has AVX-512F and VNNI; no memory is touched
+        // but `codes` (through `decode`) and `rows`'s slices.
+        unsafe {
+            let quads = decode::<B>(codes, blk);
+            let mut sums = [[_mm512_setzero_si512(); M]; 4];
+            for (i, &quad) in quads.iter().enumerate() {
+                let sums = &mut sums[i % chains];
+                for m in 0..M {
+                    sums[m] = _mm512_dpbusd_epi32(sums[m], quad, _mm512_set1_epi32(x[m][i]));
+                }
+            }
+            for m in 0..M {
+                let mut sum = sums[0][m];
+                for chain in &sums[1..chains] {
+                    sum = _mm512_add_epi32(sum, chain[m]);
+                }
+                let d = _mm512_set1_ps(rows.scales[m][blk]);
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, acc[m]);
+            }
+        }
+    }
+
+    /// 16 f16 values at `h[at..]`, widened.
+    #[inline(always)]
+    unsafe fn widen(h: &[u16], at: usize) -> __m512 {
+        let h = &h[at..at + LANES];
+        // SAFETY: `h` holds 16 values; the caller has AVX-512F.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr().cast())) }
+    }
+
+    /// Per-OC tile `t`: `out[m] = Σ_g s_g·(acc_g − z_g·xsum_g)` (module doc).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,fma")]
+    unsafe fn oc_tile<const B: usize, const M: usize>(
+        w: &CpuPacked,
+        acts: &Rounded,
+        xsum: &[f32],
+        t: usize,
+        out: &mut [[f32; LANES]],
+    ) {
+        let groups = w.groups_along_k();
+        let blocks_per_group = w.group_size / BLOCK;
+        let codes = w.tile_codes(t);
+        let rows = acts.rows::<M>();
+        let mut y = [_mm512_setzero_ps(); M];
+        // SAFETY: the helpers need the features enabled on this function; each store writes
+        // one 16-float row of `out`.
+        unsafe {
+            for g in 0..groups {
+                let mut acc = [_mm512_setzero_ps(); M];
+                for blk in g * blocks_per_group..(g + 1) * blocks_per_group {
+                    prefetch_block::<B>(codes, blk + PREFETCH_BLOCKS);
+                    block_dot::<B, M>(codes, blk, &rows, &mut acc);
+                }
+                let at = (t * groups + g) * LANES;
+                let s = widen(&w.scales, at);
+                let sz = _mm512_mul_ps(s, widen(&w.zeros, at));
+                for (m, y) in y.iter_mut().enumerate() {
+                    *y = _mm512_fmadd_ps(s, acc[m], *y);
+                    *y = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsum[m * groups + g]), *y);
+                }
+            }
+            for (o, y) in out.iter_mut().zip(y) {
+                _mm512_storeu_ps(o.as_mut_ptr(), y);
+            }
+        }
+    }
+
+    /// Per-IC group `gi`: rounds the group's coefficients `x_k·s_{g,k}` into `acts`, then
+    /// `out[tile·M + m] = acc − Σ_k ĉ_k·z_{g,k}` for each of its tiles (module doc).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,fma")]
+    unsafe fn ic_group<const B: usize, const M: usize>(
+        w: &CpuPacked,
+        x_pad: &[f32],
+        gi: usize,
+        acts: &mut Rounded,
+        out: &mut [[f32; LANES]],
+    ) {
+        let k = w.k_pad;
+        let (scales, zeros) = (
+            &w.scales[gi * k..(gi + 1) * k],
+            &w.zeros[gi * k..(gi + 1) * k],
+        );
+        let mut zterm = [0f32; M];
+        // SAFETY: the helpers need the features enabled on this function; the loads read the
+        // 32 floats of a block of `x`, each store writes one 16-float row of `out`.
+        unsafe {
+            let perm = permutation::<B>();
+            for (m, (x, zterm)) in x_pad.chunks_exact(k).zip(&mut zterm).enumerate() {
+                let mut zt = _mm512_setzero_ps();
+                for blk in 0..k / BLOCK {
+                    let at = blk * BLOCK;
+                    let x = &x[at..at + BLOCK];
+                    let (xa, xb) = (
+                        _mm512_loadu_ps(x.as_ptr()),
+                        _mm512_loadu_ps(x.as_ptr().add(16)),
+                    );
+                    let (sa, sb) = (widen(scales, at), widen(scales, at + 16));
+                    let dst = &mut acts.quads[(m * k + at) / 4..];
+                    let (e, qa, qb) =
+                        round_block(_mm512_mul_ps(xa, sa), _mm512_mul_ps(xb, sb), perm, dst);
+                    acts.scales[(m * k + at) / BLOCK] = e;
+                    let e = _mm512_set1_ps(e);
+                    let ca = _mm512_mul_ps(_mm512_cvtepi32_ps(qa), e);
+                    let cb = _mm512_mul_ps(_mm512_cvtepi32_ps(qb), e);
+                    zt = _mm512_fmadd_ps(ca, widen(zeros, at), zt);
+                    zt = _mm512_fmadd_ps(cb, widen(zeros, at + 16), zt);
+                }
+                *zterm = _mm512_reduce_add_ps(zt);
+            }
+            let tiles = w.group_size / LANES;
+            let rows = acts.rows::<M>();
+            for tt in 0..tiles {
+                let codes = w.tile_codes(gi * tiles + tt);
+                let mut acc = [_mm512_setzero_ps(); M];
+                for blk in 0..k / BLOCK {
+                    prefetch_block::<B>(codes, blk + PREFETCH_BLOCKS);
+                    block_dot::<B, M>(codes, blk, &rows, &mut acc);
+                }
+                for m in 0..M {
+                    let y = _mm512_sub_ps(acc[m], _mm512_set1_ps(zterm[m]));
+                    _mm512_storeu_ps(out[tt * M + m].as_mut_ptr(), y);
+                }
+            }
+        }
+    }
+
+    /// Blocks ahead whose code lines are prefetched (as in the f32 kernel).
+    const PREFETCH_BLOCKS: usize = 8;
+
+    #[inline(always)]
+    fn prefetch_block<const B: usize>(codes: &[[u32; LANES]], blk: usize) {
+        let base = codes.as_ptr().wrapping_add(blk * B);
+        for i in 0..B {
+            super::super::prefetch(base.wrapping_add(i));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code of a block appears in exactly one quad byte, for every width.
+    #[test]
+    fn quads_are_a_permutation_of_the_block() {
+        for bits in [2, 3, 4, 8] {
+            let mut seen = [false; BLOCK];
+            for quad in quad_codes(bits) {
+                for c in quad {
+                    assert!(!seen[c as usize], "{bits} bits: code {c} twice");
+                    seen[c as usize] = true;
+                }
+            }
+            assert!(seen.iter().all(|&s| s), "{bits} bits");
+        }
+    }
+
+    #[test]
+    fn quantize_block_rounds_to_the_nearest_step() {
+        // max|x| = 127/64, so a step is exactly 1/64 and x/step is exact.
+        let mut x = [0f32; BLOCK];
+        x[0] = -127.0 / 64.0;
+        x[1] = 1.0 / 128.0; // half a step: ties go to even (0)
+        x[2] = 3.0 / 128.0; // 1.5 steps → 2
+        x[3] = 5.0 / 128.0; // 2.5 steps → 2
+        x[4] = -7.0 / 128.0; // −3.5 steps → −4
+        x[5] = 0.3; // 19.2 steps → 19
+        let (d, q) = quantize_block(&x);
+        assert_eq!(d, 1.0 / 64.0);
+        assert_eq!(&q[..7], &[-127, 0, 2, 2, -4, 19, 0]);
+        assert_eq!(quantize_block(&[0.0; BLOCK]), (0.0, [0; BLOCK]));
+        x[9] = f32::NAN;
+        assert!(quantize_block(&x).0.is_nan());
+    }
+}

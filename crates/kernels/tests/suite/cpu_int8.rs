@@ -1,0 +1,190 @@
+//! The int8 kernel (`kernels::cpu::vnni`) against its definition: the f64 product of the
+//! dequantized weight with activations rounded block by block by `vnni::quantize_block`.
+
+use crate::cube_common::{random_packed, reference};
+use kernels::cpu::{CpuKernelError, CpuPacked, vnni};
+use quant_core::{PackedLinear, QuantDim};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const BLOCK: usize = 32;
+
+/// `v` zero-padded to whole blocks and rounded block by block: `x̂`.
+fn rounded(v: &[f32]) -> Vec<f64> {
+    let mut padded = v.to_vec();
+    padded.resize(v.len().next_multiple_of(BLOCK), 0.0);
+    padded
+        .chunks_exact(BLOCK)
+        .flat_map(|b| {
+            let (d, q) = vnni::quantize_block(b.try_into().unwrap());
+            q.map(|q| d as f64 * q as f64)
+        })
+        .collect()
+}
+
+/// The module doc's definition, in f64: `(y, bound)` with `bound = Σ |x̂|·|s|·(q + |z|)`, the
+/// scale of the f32 rounding the kernel may add.
+fn int8_reference(packed: &PackedLinear, x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
+    let (n, k) = (packed.out_features, packed.in_features);
+    let (codes, gpr, gs) = (packed.codes(), packed.groups_per_row(), packed.group_size);
+    let sz = |gi: usize| (packed.scales[gi].to_f32(), packed.zeros[gi].to_f32() as f64);
+    let (mut y, mut bound) = (vec![0f64; m * n], vec![0f64; m * n]);
+    for i in 0..m {
+        let row = &x[i * k..(i + 1) * k];
+        let xh = rounded(row);
+        for o in 0..n {
+            let (mut acc, mut b) = (0f64, 0f64);
+            match packed.dim {
+                QuantDim::Oc => {
+                    for kk in 0..k {
+                        let (s, z) = sz(o * gpr + kk / gs);
+                        let q = codes[o * k + kk] as f64;
+                        acc += xh[kk] * (q - z) * s as f64;
+                        b += (xh[kk] * s as f64).abs() * (q + z.abs());
+                    }
+                }
+                QuantDim::Ic => {
+                    // The coefficients x_k·s_{g,k} of o's group, rounded.
+                    let g = o / gs;
+                    let c: Vec<f32> = (0..k).map(|kk| row[kk] * sz(kk * gpr + g).0).collect();
+                    let ch = rounded(&c);
+                    for kk in 0..k {
+                        let (q, z) = (codes[kk * n + o] as f64, sz(kk * gpr + g).1);
+                        acc += ch[kk] * (q - z);
+                        b += ch[kk].abs() * (q + z.abs());
+                    }
+                }
+            }
+            y[i * n + o] = acc;
+            bound[i * n + o] = b;
+        }
+    }
+    (y, bound)
+}
+
+fn supported() -> bool {
+    let yes = vnni::is_supported();
+    if !yes {
+        eprintln!("int8 kernel NOT tested: this CPU lacks AVX-512 VNNI/VBMI/VBMI2");
+    }
+    yes
+}
+
+fn check(dim: QuantDim, bits: u32, group: usize, out: usize, inp: usize, ms: &[usize]) {
+    let mut rng = StdRng::seed_from_u64((out * 31 + inp * 7 + bits as usize * 3 + group) as u64);
+    let packed = random_packed(&mut rng, dim, bits, group, out, inp);
+    let cpu = CpuPacked::new(&packed).unwrap();
+    for &m in ms {
+        let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let (want, bound) = int8_reference(&packed, &x, m);
+        let mut y = vec![f32::NAN; m * out];
+        vnni::gemm(&x, m, &cpu, &mut y).unwrap();
+        for (i, ((&g, &w), &b)) in y.iter().zip(&want).zip(&bound).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= 1e-6 * b + 1e-9,
+                "{dim:?} b{bits} g{group} {out}x{inp} m{m}: y[{i}] = {g}, expected {w} (bound {b})"
+            );
+        }
+    }
+}
+
+#[test]
+fn int8_kernel_matches_its_definition() {
+    if !supported() {
+        return;
+    }
+    // Output counts that are not a multiple of the 16-wide tile (OC: 96+8, 584), per-IC input
+    // counts that are not a multiple of the 32-code block (IC: 100, 1000), and row counts
+    // through every monomorphisation and past one pass of 8.
+    let shapes = [(96, 160), (104, 128), (584, 256), (128, 100), (192, 1000)];
+    for dim in [QuantDim::Oc, QuantDim::Ic] {
+        for bits in [2, 3, 4, 8] {
+            for group in [32, 64, 128] {
+                for &(out, inp) in &shapes {
+                    let (rows, cols) = dim.grouped_shape(out, inp);
+                    if cols % group != 0 || rows == 0 {
+                        continue;
+                    }
+                    check(dim, bits, group, out, inp, &[1, 2, 3, 4, 5, 6, 7, 8, 17]);
+                }
+            }
+        }
+    }
+}
+
+/// A row's result is the same bit for bit whatever else is in the call, so a sequence decodes
+/// the same tokens alone and in a batch.
+#[test]
+fn int8_rows_do_not_depend_on_the_rest_of_the_batch() {
+    if !supported() {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(5);
+    for dim in [QuantDim::Oc, QuantDim::Ic] {
+        let (out, inp) = (192, 320);
+        let packed = random_packed(&mut rng, dim, 3, 64, out, inp);
+        let cpu = CpuPacked::new(&packed).unwrap();
+        let x: Vec<f32> = (0..8 * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut all = vec![0f32; 8 * out];
+        vnni::gemm(&x, 8, &cpu, &mut all).unwrap();
+        for i in 0..8 {
+            let mut one = vec![0f32; out];
+            vnni::gemm(&x[i * inp..(i + 1) * inp], 1, &cpu, &mut one).unwrap();
+            assert_eq!(one, all[i * out..(i + 1) * out], "{dim:?} row {i}");
+        }
+    }
+}
+
+/// The rounding's cost: within 1% of the exact product's scale (Q8_0-like rounding of
+/// uniform activations errs by about 0.2%).
+#[test]
+fn int8_kernel_stays_close_to_the_exact_product() {
+    if !supported() {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(6);
+    for dim in [QuantDim::Oc, QuantDim::Ic] {
+        let (out, inp, m) = (256, 576, 4);
+        let packed = random_packed(&mut rng, dim, 4, 64, out, inp);
+        let cpu = CpuPacked::new(&packed).unwrap();
+        let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let (exact, _) = reference(&packed, &x, m);
+        let mut y = vec![0f32; m * out];
+        vnni::gemm(&x, m, &cpu, &mut y).unwrap();
+        let scale = exact.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let err = y
+            .iter()
+            .zip(&exact)
+            .fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+        assert!(
+            err <= 0.01 * scale,
+            "{dim:?}: max error {err}, max |y| {scale}"
+        );
+        assert!(err > 0.0, "{dim:?}: the activations were not rounded");
+    }
+}
+
+#[test]
+fn int8_bad_inputs_are_errors() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let packed = random_packed(&mut rng, QuantDim::Oc, 4, 64, 32, 64);
+    let cpu = CpuPacked::new(&packed).unwrap();
+    let mut y = vec![0f32; 32];
+    assert!(matches!(
+        vnni::gemm(&[0.0; 63], 1, &cpu, &mut y),
+        Err(CpuKernelError::XShape { got: 63, .. })
+    ));
+    if !vnni::is_supported() {
+        assert_eq!(
+            vnni::gemm(&[0.0; 64], 1, &cpu, &mut y),
+            Err(CpuKernelError::NoInt8)
+        );
+    }
+    // A NaN activation gives NaN outputs, as the f32 kernel's would.
+    if vnni::is_supported() {
+        let mut x = vec![0.5f32; 64];
+        x[40] = f32::NAN;
+        vnni::gemm(&x, 1, &cpu, &mut y).unwrap();
+        assert!(y.iter().all(|v| v.is_nan()));
+    }
+}
