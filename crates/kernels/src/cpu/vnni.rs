@@ -11,7 +11,8 @@
 //!
 //! * **per-OC**: `y = Σ_g s_g·(Σ_{b∈g} d_b·Σ_{k∈b} x̂q_k·q_k − z_g·Σ_{k∈g} x̂_k)`;
 //! * **per-IC**: what is rounded is the coefficient `c_k = x_k·s_{g,k}` of each group `g` of
-//!   outputs (the f32 kernel's `coef`), so `y = Σ_b e_b·Σ_{k∈b} ĉq_k·q_k − Σ_k ĉ_k·z_{g,k}`.
+//!   outputs (the f32 kernel's `coef`), so `y = Σ_b e_b·Σ_{k∈b} ĉq_k·q_k − Σ_k c_k·z_{g,k}`
+//!   (the zero term is one f32 sum per group and row, so it keeps the exact coefficients).
 //!
 //! Both run the same block loop ([`block_dot`]). A row's result does not depend on the other
 //! rows of the call, bit for bit: a sequence decodes the same tokens alone and in a batch.
@@ -73,8 +74,12 @@ const THREE_BIT_QUADS: [[u8; 4]; QUADS] = [
     [28, 29, 30, 31],
 ];
 
-/// Rounds a block of 32 activations to 8 bits: `(d, q)` with `x ≈ d·q`, `d = max|x|/127` and
-/// `q = round_half_even(x · (127/max|x|))`. An all-zero block gives `d = 0`; a NaN anywhere
+/// `1/127` in f32: a block's step is `max|x|·STEP`, a product, so that one division (for
+/// `127/max|x|`) is all a block costs.
+pub const STEP: f32 = 1.0 / 127.0;
+
+/// Rounds a block of 32 activations to 8 bits: `(d, q)` with `x ≈ d·q`, `d = max|x|·`[`STEP`]
+/// and `q = round_half_even(x · (127/max|x|))`. An all-zero block gives `d = 0`; a NaN anywhere
 /// gives `d = NaN`, so the product is NaN as the f32 kernel's would be. This is the
 /// definition the kernel's vector code follows operation for operation.
 pub fn quantize_block(x: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
@@ -86,7 +91,7 @@ pub fn quantize_block(x: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
         return (0.0, [0; BLOCK]);
     }
     let inv = 127.0 / amax;
-    (amax / 127.0, x.map(|v| (v * inv).round_ties_even() as i8))
+    (amax * STEP, x.map(|v| (v * inv).round_ties_even() as i8))
 }
 
 /// Whether this CPU runs the int8 kernel (AVX-512 with VNNI, VBMI and VBMI2; detected once).
@@ -145,7 +150,7 @@ mod x86 {
 
     use super::super::layout::{BLOCK, CpuPacked, LANES};
     use super::super::tile::block_at;
-    use super::{QUADS, quad_codes};
+    use super::{QUADS, STEP, quad_codes};
     use quant_core::QuantDim;
     use rayon::prelude::*;
 
@@ -202,40 +207,44 @@ mod x86 {
         }
     }
 
-    /// Rows of rounded activations: per row, `k/4` words of 4 permuted bytes (one per quad)
-    /// and `k/32` block scales.
+    /// `M` rows of rounded activations, block-major: for each block, each row's 8 words of 4
+    /// permuted bytes (one word per quad), and each row's block scale. Block-major, so that
+    /// the block loop finds all rows at constant offsets from one address.
     struct Rounded {
-        k: usize,
-        quads: Vec<i32>,
+        m: usize,
+        quads: Vec<[i32; QUADS]>,
         scales: Vec<f32>,
     }
 
     impl Rounded {
         fn new(m: usize, k: usize) -> Self {
             Self {
-                k,
-                quads: vec![0; m * k / 4],
+                m,
+                quads: vec![[0; QUADS]; m * k / BLOCK],
                 scales: vec![0.0; m * k / BLOCK],
             }
         }
 
-        /// Each row's quads (one `[i32; 8]` per block) and block scales.
+        /// Where row `m`'s block `blk` goes.
+        fn at(&self, m: usize, blk: usize) -> usize {
+            blk * self.m + m
+        }
+
+        /// Per block, the `M` rows' quads and scales.
         #[inline(always)]
-        fn rows<const M: usize>(&self) -> Rows<'_, M> {
-            let (per_row, blocks) = (self.k / 4, self.k / BLOCK);
-            Rows {
-                quads: std::array::from_fn(|m| {
-                    self.quads[m * per_row..(m + 1) * per_row].as_chunks().0
-                }),
-                scales: std::array::from_fn(|m| &self.scales[m * blocks..(m + 1) * blocks]),
+        fn blocks<const M: usize>(&self) -> Blocks<'_, M> {
+            assert_eq!(self.m, M, "rounded for {} rows", self.m);
+            Blocks {
+                quads: self.quads.as_chunks().0,
+                scales: self.scales.as_chunks().0,
             }
         }
     }
 
-    /// [`Rounded::rows`]: resolved once per tile, so the block loop only indexes by block.
-    struct Rows<'a, const M: usize> {
-        quads: [&'a [[i32; QUADS]]; M],
-        scales: [&'a [f32]; M],
+    /// [`Rounded::blocks`].
+    struct Blocks<'a, const M: usize> {
+        quads: &'a [[[i32; QUADS]; M]],
+        scales: &'a [[f32; M]],
     }
 
     /// The bytes of [`quad_codes`]`(B)` as a `vpermb` index: byte `4i + b` takes code
@@ -264,21 +273,24 @@ mod x86 {
         a: __m512,
         b: __m512,
         perm: __m256i,
-        dst: &mut [i32],
+        dst: &mut [i32; QUADS],
     ) -> (f32, __m512i, __m512i) {
-        assert!(dst.len() >= QUADS);
         // SAFETY (every intrinsic): the caller has AVX-512F/BW/VL and VBMI; the store writes
-        // 32 bytes at `dst`, which holds at least 8 words (checked above).
+        // the 32 bytes of `dst`.
         unsafe {
-            let unordered =
-                _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a) | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(b, b);
-            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            // The largest |x| as an integer max of the bit patterns: for non-negative floats
+            // it orders them as floats do, and a NaN's pattern is above infinity's, so one
+            // comparison below finds a NaN anywhere in the block.
+            let bits =
+                |v: __m512| _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MAX));
+            let amax_bits = _mm512_reduce_max_epi32(_mm512_max_epi32(bits(a), bits(b)));
             let zero = _mm512_setzero_si512();
-            if unordered != 0 || amax == 0.0 {
+            if amax_bits == 0 || amax_bits > f32::INFINITY.to_bits() as i32 {
                 _mm256_storeu_si256(dst.as_mut_ptr().cast(), _mm256_setzero_si256());
-                let d = if unordered != 0 { f32::NAN } else { 0.0 };
+                let d = if amax_bits == 0 { 0.0 } else { f32::NAN };
                 return (d, zero, zero);
             }
+            let amax = f32::from_bits(amax_bits as u32);
             let inv = _mm512_set1_ps(127.0 / amax);
             let (qa, qb) = (
                 _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)),
@@ -292,7 +304,7 @@ mod x86 {
                 dst.as_mut_ptr().cast(),
                 _mm256_permutexvar_epi8(perm, bytes),
             );
-            (amax / 127.0, qa, qb)
+            (amax * STEP, qa, qb)
         }
     }
 
@@ -305,7 +317,7 @@ mod x86 {
         acts: &mut Rounded,
         xsum: &mut [f32],
     ) {
-        let k = acts.k;
+        let k = x_pad.len() / acts.m;
         let blocks_per_group = group_size / BLOCK;
         // SAFETY: the helpers need the features enabled on this function; the loads read the
         // 32 floats of `x`.
@@ -317,8 +329,9 @@ mod x86 {
                     _mm512_loadu_ps(x.as_ptr()),
                     _mm512_loadu_ps(x.as_ptr().add(16)),
                 );
-                let (d, qa, qb) = round_block(a, b, perm, &mut acts.quads[blk * QUADS..]);
-                acts.scales[blk] = d;
+                let at = acts.at(row, rb);
+                let (d, qa, qb) = round_block(a, b, perm, &mut acts.quads[at]);
+                acts.scales[at] = d;
                 let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
                 xsum[row * (k / group_size) + rb / blocks_per_group] += d * sum as f32;
             }
@@ -417,13 +430,13 @@ mod x86 {
     unsafe fn block_dot<const B: usize, const M: usize>(
         codes: &[[u32; LANES]],
         blk: usize,
-        rows: &Rows<'_, M>,
+        acts: &Blocks<'_, M>,
         acc: &mut [__m512; M],
     ) {
         let chains = (4 / M).max(1);
-        let x: [&[i32; QUADS]; M] = std::array::from_fn(|m| &rows.quads[m][blk]);
+        let (x, d) = (&acts.quads[blk], &acts.scales[blk]);
         // SAFETY (every intrinsic): the caller has AVX-512F and VNNI; no memory is touched
-        // but `codes` (through `decode`) and `rows`'s slices.
+        // but `codes` (through `decode`) and `acts`'s slices.
         unsafe {
             let quads = decode::<B>(codes, blk);
             let mut sums = [[_mm512_setzero_si512(); M]; 4];
@@ -438,8 +451,7 @@ mod x86 {
                 for chain in &sums[1..chains] {
                     sum = _mm512_add_epi32(sum, chain[m]);
                 }
-                let d = _mm512_set1_ps(rows.scales[m][blk]);
-                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), d, acc[m]);
+                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d[m]), acc[m]);
             }
         }
     }
@@ -464,7 +476,7 @@ mod x86 {
         let groups = w.groups_along_k();
         let blocks_per_group = w.group_size / BLOCK;
         let codes = w.tile_codes(t);
-        let rows = acts.rows::<M>();
+        let blocks = acts.blocks::<M>();
         let mut y = [_mm512_setzero_ps(); M];
         // SAFETY: the helpers need the features enabled on this function; each store writes
         // one 16-float row of `out`.
@@ -473,7 +485,7 @@ mod x86 {
                 let mut acc = [_mm512_setzero_ps(); M];
                 for blk in g * blocks_per_group..(g + 1) * blocks_per_group {
                     prefetch_block::<B>(codes, blk + PREFETCH_BLOCKS);
-                    block_dot::<B, M>(codes, blk, &rows, &mut acc);
+                    block_dot::<B, M>(codes, blk, &blocks, &mut acc);
                 }
                 let at = (t * groups + g) * LANES;
                 let s = widen(&w.scales, at);
@@ -490,7 +502,7 @@ mod x86 {
     }
 
     /// Per-IC group `gi`: rounds the group's coefficients `x_k·s_{g,k}` into `acts`, then
-    /// `out[tile·M + m] = acc − Σ_k ĉ_k·z_{g,k}` for each of its tiles (module doc).
+    /// `out[tile·M + m] = acc − Σ_k c_k·z_{g,k}` for each of its tiles (module doc).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,fma")]
     unsafe fn ic_group<const B: usize, const M: usize>(
         w: &CpuPacked,
@@ -519,26 +531,22 @@ mod x86 {
                         _mm512_loadu_ps(x.as_ptr().add(16)),
                     );
                     let (sa, sb) = (widen(scales, at), widen(scales, at + 16));
-                    let dst = &mut acts.quads[(m * k + at) / 4..];
-                    let (e, qa, qb) =
-                        round_block(_mm512_mul_ps(xa, sa), _mm512_mul_ps(xb, sb), perm, dst);
-                    acts.scales[(m * k + at) / BLOCK] = e;
-                    let e = _mm512_set1_ps(e);
-                    let ca = _mm512_mul_ps(_mm512_cvtepi32_ps(qa), e);
-                    let cb = _mm512_mul_ps(_mm512_cvtepi32_ps(qb), e);
+                    let (ca, cb) = (_mm512_mul_ps(xa, sa), _mm512_mul_ps(xb, sb));
+                    let dst = acts.at(m, blk);
+                    acts.scales[dst] = round_block(ca, cb, perm, &mut acts.quads[dst]).0;
                     zt = _mm512_fmadd_ps(ca, widen(zeros, at), zt);
                     zt = _mm512_fmadd_ps(cb, widen(zeros, at + 16), zt);
                 }
                 *zterm = _mm512_reduce_add_ps(zt);
             }
             let tiles = w.group_size / LANES;
-            let rows = acts.rows::<M>();
+            let blocks = acts.blocks::<M>();
             for tt in 0..tiles {
                 let codes = w.tile_codes(gi * tiles + tt);
                 let mut acc = [_mm512_setzero_ps(); M];
                 for blk in 0..k / BLOCK {
                     prefetch_block::<B>(codes, blk + PREFETCH_BLOCKS);
-                    block_dot::<B, M>(codes, blk, &rows, &mut acc);
+                    block_dot::<B, M>(codes, blk, &blocks, &mut acc);
                 }
                 for m in 0..M {
                     let y = _mm512_sub_ps(acc[m], _mm512_set1_ps(zterm[m]));
@@ -590,7 +598,7 @@ mod tests {
         x[4] = -7.0 / 128.0; // −3.5 steps → −4
         x[5] = 0.3; // 19.2 steps → 19
         let (d, q) = quantize_block(&x);
-        assert_eq!(d, 1.0 / 64.0);
+        assert_eq!(d, (127.0 / 64.0) * STEP);
         assert_eq!(&q[..7], &[-127, 0, 2, 2, -4, 19, 0]);
         assert_eq!(quantize_block(&[0.0; BLOCK]), (0.0, [0; BLOCK]));
         x[9] = f32::NAN;

@@ -22,8 +22,8 @@ fn rounded(v: &[f32]) -> Vec<f64> {
         .collect()
 }
 
-/// The module doc's definition, in f64: `(y, bound)` with `bound = Σ |x̂|·|s|·(q + |z|)`, the
-/// scale of the f32 rounding the kernel may add.
+/// The module doc's definition, in f64: `(y, bound)` with `bound` the sum of the magnitudes of
+/// the terms, the scale of the f32 rounding the kernel may add.
 fn int8_reference(packed: &PackedLinear, x: &[f32], m: usize) -> (Vec<f64>, Vec<f64>) {
     let (n, k) = (packed.out_features, packed.in_features);
     let (codes, gpr, gs) = (packed.codes(), packed.groups_per_row(), packed.group_size);
@@ -50,8 +50,9 @@ fn int8_reference(packed: &PackedLinear, x: &[f32], m: usize) -> (Vec<f64>, Vec<
                     let ch = rounded(&c);
                     for kk in 0..k {
                         let (q, z) = (codes[kk * n + o] as f64, sz(kk * gpr + g).1);
-                        acc += ch[kk] * (q - z);
-                        b += ch[kk].abs() * (q + z.abs());
+                        // The zero term keeps the exact coefficients (one f32 sum per group).
+                        acc += ch[kk] * q - c[kk] as f64 * z;
+                        b += ch[kk].abs() * q + (c[kk] as f64 * z).abs();
                     }
                 }
             }
