@@ -7,7 +7,9 @@
 //! decode step does when it walks a whole model. The `hot` column repeats one copy
 //! (L3-resident) for comparison.
 //!
-//! `BENCH_CPU_PATHS=scalar,avx2,avx512` benchmarks those SIMD paths instead of the best one.
+//! By default it times the f32 kernel on the best SIMD path and, where the CPU has them, the
+//! int8 dot products that `kernels::cpu::gemm` uses (`int8`); `BENCH_CPU_PATHS=scalar,avx2,
+//! avx512,int8` picks the kernels instead.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -16,7 +18,7 @@ use anyhow::{Context, Result, bail};
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
 use kernels::QuantBackend;
-use kernels::cpu::{CpuPacked, SimdPath, gemm_with};
+use kernels::cpu::{CpuKernelError, CpuPacked, SimdPath, gemm_with, vnni};
 use quant_core::{PackedLinear, QuantConfig, QuantDim, Quantized};
 
 use crate::{BenchKernelsArgs, bench_decode, write_report_section};
@@ -29,7 +31,7 @@ const BANDWIDTH_BYTES: usize = 1 << 30;
 const ROUNDS: usize = 5;
 
 pub fn run(args: &BenchKernelsArgs) -> Result<()> {
-    let paths = paths()?;
+    let paths = kernels()?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!("measuring read bandwidth ({threads} threads, 1 GiB)...");
     let probe = ReadProbe::new(threads);
@@ -81,31 +83,31 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
                         for _ in 0..ROUNDS {
                             let bw_now = probe.gbps(2);
                             let t = time_cycled(args, copies.len(), |i| {
-                                gemm_with(path, &x, m, &copies[i], &mut y)
+                                path.run(&x, m, &copies[i], &mut y)
                             })?;
                             rounds.push((t, bytes as f64 / t.as_secs_f64() / 1e9 / bw_now));
                         }
                         let cold = median_by(&mut rounds, |r| r.0).0;
                         let frac = median_by(&mut rounds, |r| r.1).1;
-                        let hot = time_cycled(args, 1, |_| gemm_with(path, &x, m, &cpu, &mut y))?;
+                        let hot = time_cycled(args, 1, |_| path.run(&x, m, &cpu, &mut y))?;
                         let (us, hot_us, f32_us) = (micros(cold), micros(hot), micros(f32_time));
                         let gbps = bytes as f64 / cold.as_secs_f64() / 1e9;
                         let speedup = f32_us / us;
                         let dim_s = dim.as_str();
                         println!(
-                            "{name:>14} {dim_s} b{bits} m{m} {path:?}: {us:8.1} µs  {gbps:6.2} GB/s \
+                            "{name:>14} {dim_s} b{bits} m{m} {path}: {us:8.1} µs  {gbps:6.2} GB/s \
                              ({:4.1}% bw)  hot {hot_us:8.1} µs  f32 {f32_us:9.1} µs  ×{speedup:.2}",
                             100.0 * frac
                         );
                         writeln!(
                             md,
-                            "| {name} | {dim_s} | {bits} | {m} | {path:?} | {:.1} | {us:.1} | {gbps:.2} | {:.0}% | {hot_us:.1} | {f32_us:.1} | {speedup:.2}× |",
+                            "| {name} | {dim_s} | {bits} | {m} | {path} | {:.1} | {us:.1} | {gbps:.2} | {:.0}% | {hot_us:.1} | {f32_us:.1} | {speedup:.2}× |",
                             bytes as f64 / 1e6,
                             100.0 * frac
                         )?;
                         writeln!(
                             csv,
-                            "{name},{out},{inp},{dim_s},{bits},{},{m},{path:?},{bytes},{us:.2},{gbps:.3},{:.4},{hot_us:.2},{f32_us:.2},{speedup:.3},{bw:.3}",
+                            "{name},{out},{inp},{dim_s},{bits},{},{m},{path},{bytes},{us:.2},{gbps:.3},{:.4},{hot_us:.2},{f32_us:.2},{speedup:.3},{bw:.3}",
                             args.group_size, frac
                         )?;
                     }
@@ -129,20 +131,56 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
     Ok(())
 }
 
-fn paths() -> Result<Vec<SimdPath>> {
+/// A CPU kernel the benchmark times.
+#[derive(Clone, Copy, Debug)]
+enum Kernel {
+    /// f32 on a SIMD path (`gemm_with`).
+    F32(SimdPath),
+    /// Int8 dot products on rounded activations (`vnni::gemm`).
+    Int8,
+}
+
+impl Kernel {
+    fn run(self, x: &[f32], m: usize, w: &CpuPacked, y: &mut [f32]) -> Result<(), CpuKernelError> {
+        match self {
+            Self::F32(path) => gemm_with(path, x, m, w, y),
+            Self::Int8 => vnni::gemm(x, m, w, y),
+        }
+    }
+}
+
+impl std::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::F32(path) => write!(f, "{path:?}"),
+            Self::Int8 => f.write_str("int8"),
+        }
+    }
+}
+
+fn kernels() -> Result<Vec<Kernel>> {
     let Ok(list) = std::env::var("BENCH_CPU_PATHS") else {
-        return Ok(vec![SimdPath::best()]);
+        let mut all = vec![Kernel::F32(SimdPath::best())];
+        all.extend(vnni::is_supported().then_some(Kernel::Int8));
+        return Ok(all);
     };
     list.split(',')
         .map(|name| {
+            let name = name.trim();
+            if name.eq_ignore_ascii_case("int8") {
+                if !vnni::is_supported() {
+                    bail!("int8 in BENCH_CPU_PATHS: {}", CpuKernelError::NoInt8);
+                }
+                return Ok(Kernel::Int8);
+            }
             let path = SimdPath::ALL
                 .into_iter()
-                .find(|p| format!("{p:?}").eq_ignore_ascii_case(name.trim()))
+                .find(|p| format!("{p:?}").eq_ignore_ascii_case(name))
                 .with_context(|| format!("unknown SIMD path {name:?} in BENCH_CPU_PATHS"))?;
             if !path.is_supported() {
                 bail!("SIMD path {path:?} is not supported on this machine");
             }
-            Ok(path)
+            Ok(Kernel::F32(path))
         })
         .collect()
 }

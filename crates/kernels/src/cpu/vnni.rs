@@ -4,7 +4,7 @@
 //! # Arithmetic
 //! The f32 kernel multiplies each code by an f32 activation: 16 multiply-adds per FMA. Here
 //! each row of activations is first rounded to 8 bits in blocks of 32 ([`quantize_block`]: a
-//! scale `d = max|x|/127` and integers `round(x/d)`, llama.cpp's Q8_0), and `vpdpbusd`
+//! step `d = max|x|/127` and integers `round(x/d)`, llama.cpp's Q8_0), and `vpdpbusd`
 //! multiplies 4 codes (u8) by 4 activations (i8) and adds them into each 32-bit lane: 64
 //! multiply-adds per instruction. The integer sums are exact, so the product is `x̂ · Ŵᵀ`
 //! up to the f32 sums over blocks, where `x̂` is `x` rounded block by block:
@@ -14,9 +14,10 @@
 //!   outputs (the f32 kernel's `coef`), so `y = Σ_b e_b·Σ_{k∈b} ĉq_k·q_k − Σ_k c_k·z_{g,k}`
 //!   (the zero term is one f32 sum per group and row, so it keeps the exact coefficients).
 //!
-//! Both run the same block loop ([`block_dot`]). A row's result does not depend on the other
+//! Both run the same block loop (`block_dot`). A row's result does not depend on the other
 //! rows of the call, bit for bit: a sequence decodes the same tokens alone and in a batch.
-//! The rounding costs accuracy on the order of Q8_0's; docs/serve.md measures it.
+//! The rounding costs accuracy on the order of Q8_0's; docs/results.md measures its effect on
+//! perplexity.
 //!
 //! # Bit layout
 //! `vpdpbusd` multiplies the 4 bytes of a 32-bit lane by the same 4 bytes of a broadcast
@@ -47,11 +48,11 @@ pub const fn quad_codes(bits: u32) -> [[u8; 4]; QUADS] {
     while i < QUADS {
         let mut b = 0;
         while b < 4 {
-            let (i8, b8) = (i as u8, b as u8);
+            let (qi, qb) = (i as u8, b as u8);
             q[i][b] = match bits {
-                8 => 4 * i8 + b8,
-                4 => 8 * (i8 / 2) + 2 * b8 + i8 % 2,
-                2 => 16 * (i8 / 4) + 4 * b8 + i8 % 4,
+                8 => 4 * qi + qb,
+                4 => 8 * (qi / 2) + 2 * qb + qi % 2,
+                2 => 16 * (qi / 4) + 4 * qb + qi % 4,
                 _ => THREE_BIT_QUADS[i][b],
             };
             b += 1;
@@ -61,7 +62,7 @@ pub const fn quad_codes(bits: u32) -> [[u8; 4]; QUADS] {
     q
 }
 
-/// [`quad_codes`] for 3 bits: see [`decode`]. Quads 0–5 come from one word each (the first,
+/// [`quad_codes`] for 3 bits: see the module doc. Quads 0–5 come from one word each (the first,
 /// then codes 10–19 and 20–29 realigned); quads 6 and 7 gather the words' last two codes.
 const THREE_BIT_QUADS: [[u8; 4]; QUADS] = [
     [0, 1, 2, 3],
@@ -158,17 +159,18 @@ mod x86 {
     ///
     /// Safety: the CPU has the features of [`super::is_supported`].
     pub(super) unsafe fn pass(w: &CpuPacked, x_pad: &[f32], rows: usize, out: &mut [[f32; LANES]]) {
+        // SAFETY (each arm): this function's contract is `run`'s.
         macro_rules! by_rows {
             ($b:literal) => {
                 match rows {
-                    1 => run::<$b, 1>(w, x_pad, out),
-                    2 => run::<$b, 2>(w, x_pad, out),
-                    3 => run::<$b, 3>(w, x_pad, out),
-                    4 => run::<$b, 4>(w, x_pad, out),
-                    5 => run::<$b, 5>(w, x_pad, out),
-                    6 => run::<$b, 6>(w, x_pad, out),
-                    7 => run::<$b, 7>(w, x_pad, out),
-                    _ => run::<$b, 8>(w, x_pad, out),
+                    1 => unsafe { run::<$b, 1>(w, x_pad, out) },
+                    2 => unsafe { run::<$b, 2>(w, x_pad, out) },
+                    3 => unsafe { run::<$b, 3>(w, x_pad, out) },
+                    4 => unsafe { run::<$b, 4>(w, x_pad, out) },
+                    5 => unsafe { run::<$b, 5>(w, x_pad, out) },
+                    6 => unsafe { run::<$b, 6>(w, x_pad, out) },
+                    7 => unsafe { run::<$b, 7>(w, x_pad, out) },
+                    _ => unsafe { run::<$b, 8>(w, x_pad, out) },
                 }
             };
         }
@@ -180,14 +182,19 @@ mod x86 {
         }
     }
 
-    fn run<const B: usize, const M: usize>(w: &CpuPacked, x_pad: &[f32], out: &mut [[f32; LANES]]) {
+    /// [`pass`] for `M` rows of `B`-bit codes. Safety: as [`pass`].
+    unsafe fn run<const B: usize, const M: usize>(
+        w: &CpuPacked,
+        x_pad: &[f32],
+        out: &mut [[f32; LANES]],
+    ) {
         let k = w.k_pad;
         match w.dim {
             QuantDim::Oc => {
                 let mut acts = Rounded::new(M, k);
                 let groups = w.groups_along_k();
                 let mut xsum = vec![0f32; M * groups];
-                // SAFETY: the caller (`pass`) guarantees the CPU features.
+                // SAFETY: this function's contract guarantees the CPU features.
                 unsafe { round_oc::<B>(x_pad, w.group_size, &mut acts, &mut xsum) };
                 out.par_chunks_mut(M).enumerate().for_each(|(t, o)| {
                     // SAFETY: as above.
@@ -266,46 +273,101 @@ mod x86 {
         unsafe { _mm256_loadu_si256(idx.as_ptr().cast()) }
     }
 
-    /// [`super::quantize_block`] on 32 values in two vectors: stores the permuted bytes at
-    /// `dst` (8 words) and returns `d` and the integers.
+    /// Blocks rounded together by [`round4`].
+    const ROUND_AT_ONCE: usize = 4;
+
+    /// A block of 32 values in two vectors, and what [`round4`] makes of it: the step `d`, the
+    /// permuted bytes, and the integers' lane sums (for the per-OC zero term).
+    type Values = [__m512; 2];
+    type RoundedBlock = (f32, __m256i, __m512i);
+
+    /// [`super::quantize_block`] on 4 blocks at once: their largest magnitudes reduced side by
+    /// side (one vector op per step for all 4, not a horizontal reduction each) and one vector
+    /// division for the 4 `127/max|x|`. No branch: an all-zero block gets `127/0 = ∞` and
+    /// `0·∞ = NaN`, which converts to the integer `i32::MIN`, whose low byte is 0; a NaN
+    /// block's maximum is a NaN (its bit pattern is above infinity's in the integer max), so
+    /// its `d` is NaN and its bytes 0, as the definition says.
     #[inline(always)]
-    unsafe fn round_block(
-        a: __m512,
-        b: __m512,
-        perm: __m256i,
-        dst: &mut [i32; QUADS],
-    ) -> (f32, __m512i, __m512i) {
-        // SAFETY (every intrinsic): the caller has AVX-512F/BW/VL and VBMI; the store writes
-        // the 32 bytes of `dst`.
+    unsafe fn round4(c: &[Values; ROUND_AT_ONCE], perm: __m256i) -> [RoundedBlock; ROUND_AT_ONCE] {
+        // SAFETY (every intrinsic): the caller has AVX-512F/BW/VL and VBMI; nothing touches
+        // memory but the local array `steps`.
         unsafe {
-            // The largest |x| as an integer max of the bit patterns: for non-negative floats
-            // it orders them as floats do, and a NaN's pattern is above infinity's, so one
-            // comparison below finds a NaN anywhere in the block.
-            let bits =
-                |v: __m512| _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(i32::MAX));
-            let amax_bits = _mm512_reduce_max_epi32(_mm512_max_epi32(bits(a), bits(b)));
-            let zero = _mm512_setzero_si512();
-            if amax_bits == 0 || amax_bits > f32::INFINITY.to_bits() as i32 {
-                _mm256_storeu_si256(dst.as_mut_ptr().cast(), _mm256_setzero_si256());
-                let d = if amax_bits == 0 { 0.0 } else { f32::NAN };
-                return (d, zero, zero);
+            // |x| as integers: for non-negative floats the integer order is the float order.
+            // (Loops, not closures over the vectors: a closure does not get the caller's
+            // target features, and its intrinsics would become calls.)
+            let abs_mask = _mm512_set1_epi32(i32::MAX);
+            let mut v = [_mm512_setzero_si512(); ROUND_AT_ONCE];
+            for (v, c) in v.iter_mut().zip(c) {
+                *v = _mm512_max_epi32(
+                    _mm512_and_si512(_mm512_castps_si512(c[0]), abs_mask),
+                    _mm512_and_si512(_mm512_castps_si512(c[1]), abs_mask),
+                );
             }
-            let amax = f32::from_bits(amax_bits as u32);
-            let inv = _mm512_set1_ps(127.0 / amax);
-            let (qa, qb) = (
-                _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)),
-                _mm512_cvtps_epi32(_mm512_mul_ps(b, inv)),
+            // Halves: lanes 0–7 for one block, 8–15 for the next.
+            let t0 = _mm512_max_epi32(
+                _mm512_shuffle_i32x4::<0b01_00_01_00>(v[0], v[1]),
+                _mm512_shuffle_i32x4::<0b11_10_11_10>(v[0], v[1]),
             );
-            let bytes = _mm256_inserti128_si256::<1>(
-                _mm256_castsi128_si256(_mm512_cvtepi32_epi8(qa)),
-                _mm512_cvtepi32_epi8(qb),
+            let t1 = _mm512_max_epi32(
+                _mm512_shuffle_i32x4::<0b01_00_01_00>(v[2], v[3]),
+                _mm512_shuffle_i32x4::<0b11_10_11_10>(v[2], v[3]),
             );
-            _mm256_storeu_si256(
-                dst.as_mut_ptr().cast(),
-                _mm256_permutexvar_epi8(perm, bytes),
+            // Quarters: 128-bit chunk j for block j, then its 4 lanes reduced.
+            let u = _mm512_max_epi32(
+                _mm512_shuffle_i32x4::<0b10_00_10_00>(t0, t1),
+                _mm512_shuffle_i32x4::<0b11_01_11_01>(t0, t1),
             );
-            (amax * STEP, qa, qb)
+            let u = _mm512_max_epi32(u, _mm512_shuffle_epi32::<0b01_00_11_10>(u));
+            let u = _mm512_max_epi32(u, _mm512_shuffle_epi32::<0b10_11_00_01>(u));
+            let amax = _mm512_castsi512_ps(u);
+            let inv = _mm512_div_ps(_mm512_set1_ps(127.0), amax);
+            let mut steps = [0f32; 16];
+            _mm512_storeu_ps(
+                steps.as_mut_ptr(),
+                _mm512_mul_ps(amax, _mm512_set1_ps(STEP)),
+            );
+            let invs = [
+                _mm512_shuffle_f32x4::<0x00>(inv, inv),
+                _mm512_shuffle_f32x4::<0x55>(inv, inv),
+                _mm512_shuffle_f32x4::<0xaa>(inv, inv),
+                _mm512_shuffle_f32x4::<0xff>(inv, inv),
+            ];
+            let mut out = [(0f32, _mm256_setzero_si256(), _mm512_setzero_si512()); ROUND_AT_ONCE];
+            for (j, out) in out.iter_mut().enumerate() {
+                let qa = _mm512_cvtps_epi32(_mm512_mul_ps(c[j][0], invs[j]));
+                let qb = _mm512_cvtps_epi32(_mm512_mul_ps(c[j][1], invs[j]));
+                let bytes = _mm256_inserti128_si256::<1>(
+                    _mm256_castsi128_si256(_mm512_cvtepi32_epi8(qa)),
+                    _mm512_cvtepi32_epi8(qb),
+                );
+                *out = (
+                    steps[4 * j],
+                    _mm256_permutexvar_epi8(perm, bytes),
+                    _mm512_add_epi32(qa, qb),
+                );
+            }
+            out
         }
+    }
+
+    /// Loads the 32 values at `x[at..]`, times `scale(at)` if given.
+    #[inline(always)]
+    unsafe fn load_block(x: &[f32], at: usize) -> Values {
+        let x = &x[at..at + BLOCK];
+        // SAFETY: `x` holds 32 floats; the caller has AVX-512F.
+        unsafe {
+            [
+                _mm512_loadu_ps(x.as_ptr()),
+                _mm512_loadu_ps(x.as_ptr().add(16)),
+            ]
+        }
+    }
+
+    /// Stores a rounded block's bytes.
+    #[inline(always)]
+    unsafe fn store_block(dst: &mut [i32; QUADS], bytes: __m256i) {
+        // SAFETY: `dst` is 32 bytes; the caller has AVX.
+        unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), bytes) }
     }
 
     /// Rounds per-OC activations (`M` rows of `k_pad`), and sums each group's rounded values:
@@ -317,23 +379,26 @@ mod x86 {
         acts: &mut Rounded,
         xsum: &mut [f32],
     ) {
-        let k = x_pad.len() / acts.m;
-        let blocks_per_group = group_size / BLOCK;
-        // SAFETY: the helpers need the features enabled on this function; the loads read the
-        // 32 floats of `x`.
+        let blocks_per_row = x_pad.len() / acts.m / BLOCK;
+        let (all, blocks_per_group) = (x_pad.len() / BLOCK, group_size / BLOCK);
+        // SAFETY: the helpers need the features enabled on this function.
         unsafe {
             let perm = permutation::<B>();
-            for (blk, x) in x_pad.chunks_exact(BLOCK).enumerate() {
-                let (row, rb) = (blk / (k / BLOCK), blk % (k / BLOCK));
-                let (a, b) = (
-                    _mm512_loadu_ps(x.as_ptr()),
-                    _mm512_loadu_ps(x.as_ptr().add(16)),
-                );
-                let at = acts.at(row, rb);
-                let (d, qa, qb) = round_block(a, b, perm, &mut acts.quads[at]);
-                acts.scales[at] = d;
-                let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-                xsum[row * (k / group_size) + rb / blocks_per_group] += d * sum as f32;
+            for first in (0..all).step_by(ROUND_AT_ONCE) {
+                let n = ROUND_AT_ONCE.min(all - first);
+                let mut c = [[_mm512_setzero_ps(); 2]; ROUND_AT_ONCE];
+                for (j, c) in c.iter_mut().enumerate().take(n) {
+                    *c = load_block(x_pad, (first + j) * BLOCK);
+                }
+                for (j, (d, bytes, ints)) in round4(&c, perm).into_iter().take(n).enumerate() {
+                    let (row, blk) = ((first + j) / blocks_per_row, (first + j) % blocks_per_row);
+                    let at = acts.at(row, blk);
+                    store_block(&mut acts.quads[at], bytes);
+                    acts.scales[at] = d;
+                    // A zero block's integers are not 0 (see `round4`), but its d is.
+                    let sum = d * _mm512_reduce_add_epi32(ints) as f32;
+                    xsum[row * (blocks_per_row / blocks_per_group) + blk / blocks_per_group] += sum;
+                }
             }
         }
     }
@@ -523,19 +588,25 @@ mod x86 {
             let perm = permutation::<B>();
             for (m, (x, zterm)) in x_pad.chunks_exact(k).zip(&mut zterm).enumerate() {
                 let mut zt = _mm512_setzero_ps();
-                for blk in 0..k / BLOCK {
-                    let at = blk * BLOCK;
-                    let x = &x[at..at + BLOCK];
-                    let (xa, xb) = (
-                        _mm512_loadu_ps(x.as_ptr()),
-                        _mm512_loadu_ps(x.as_ptr().add(16)),
-                    );
-                    let (sa, sb) = (widen(scales, at), widen(scales, at + 16));
-                    let (ca, cb) = (_mm512_mul_ps(xa, sa), _mm512_mul_ps(xb, sb));
-                    let dst = acts.at(m, blk);
-                    acts.scales[dst] = round_block(ca, cb, perm, &mut acts.quads[dst]).0;
-                    zt = _mm512_fmadd_ps(ca, widen(zeros, at), zt);
-                    zt = _mm512_fmadd_ps(cb, widen(zeros, at + 16), zt);
+                let blocks = k / BLOCK;
+                for first in (0..blocks).step_by(ROUND_AT_ONCE) {
+                    let n = ROUND_AT_ONCE.min(blocks - first);
+                    let mut c = [[_mm512_setzero_ps(); 2]; ROUND_AT_ONCE];
+                    for (j, c) in c.iter_mut().enumerate().take(n) {
+                        let at = (first + j) * BLOCK;
+                        let [xa, xb] = load_block(x, at);
+                        *c = [
+                            _mm512_mul_ps(xa, widen(scales, at)),
+                            _mm512_mul_ps(xb, widen(scales, at + 16)),
+                        ];
+                        zt = _mm512_fmadd_ps(c[0], widen(zeros, at), zt);
+                        zt = _mm512_fmadd_ps(c[1], widen(zeros, at + 16), zt);
+                    }
+                    for (j, (e, bytes, _)) in round4(&c, perm).into_iter().take(n).enumerate() {
+                        let at = acts.at(m, first + j);
+                        store_block(&mut acts.quads[at], bytes);
+                        acts.scales[at] = e;
+                    }
                 }
                 *zterm = _mm512_reduce_add_ps(zt);
             }

@@ -76,7 +76,14 @@ fn check(dim: QuantDim, bits: u32, group: usize, out: usize, inp: usize, ms: &[u
     let packed = random_packed(&mut rng, dim, bits, group, out, inp);
     let cpu = CpuPacked::new(&packed).unwrap();
     for &m in ms {
-        let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+        // An all-zero block in every other row (its step is 0).
+        for row in x.chunks_mut(inp).skip(1).step_by(2) {
+            row[..inp.min(64)]
+                .iter_mut()
+                .skip(32)
+                .for_each(|v| *v = 0.0);
+        }
         let (want, bound) = int8_reference(&packed, &x, m);
         let mut y = vec![f32::NAN; m * out];
         vnni::gemm(&x, m, &cpu, &mut y).unwrap();
