@@ -80,12 +80,12 @@ pub(crate) fn codes_at<const B: usize>(block: &[[u32; LANES]; B], j: usize) -> [
 
 /// Blocks ahead of the current one whose code lines are prefetched: the hardware prefetcher
 /// alone leaves a single core's stream latency-bound while it also decodes.
-const PREFETCH_BLOCKS: usize = 8;
+pub(crate) const PREFETCH_BLOCKS: usize = 8;
 
 /// Hints the cache lines of block `blk` (possibly past this tile: the next tile follows in
 /// memory; out-of-range addresses are only computed, never read).
 #[inline(always)]
-fn prefetch_block<const B: usize>(codes: &[[u32; LANES]], blk: usize) {
+pub(crate) fn prefetch_block<const B: usize>(codes: &[[u32; LANES]], blk: usize) {
     let base = codes.as_ptr().wrapping_add(blk * B);
     for i in 0..B {
         super::prefetch(base.wrapping_add(i));

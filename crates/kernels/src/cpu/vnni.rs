@@ -150,7 +150,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::layout::{BLOCK, CpuPacked, LANES};
-    use super::super::tile::block_at;
+    use super::super::tile::{PREFETCH_BLOCKS, block_at, prefetch_block};
     use super::{QUADS, STEP, quad_codes};
     use quant_core::QuantDim;
     use rayon::prelude::*;
@@ -624,17 +624,6 @@ mod x86 {
                     _mm512_storeu_ps(out[tt * M + m].as_mut_ptr(), y);
                 }
             }
-        }
-    }
-
-    /// Blocks ahead whose code lines are prefetched (as in the f32 kernel).
-    const PREFETCH_BLOCKS: usize = 8;
-
-    #[inline(always)]
-    fn prefetch_block<const B: usize>(codes: &[[u32; LANES]], blk: usize) {
-        let base = codes.as_ptr().wrapping_add(blk * B);
-        for i in 0..B {
-            super::super::prefetch(base.wrapping_add(i));
         }
     }
 }
