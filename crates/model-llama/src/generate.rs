@@ -119,45 +119,78 @@ fn logits_rows<B: QuantBackend>(
     let vocab = flat.len() / rows;
     flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
 }
-/// Picks the next token from `logits`.
+/// Picks the next token from `logits`: the most likely at temperature 0; otherwise a draw from
+/// `softmax(logits / temperature)` restricted to the nucleus, the fewest most likely tokens
+/// whose probability reaches `top_p` (most likely first, ties by id).
+///
+/// It runs once per token and sequence on the model thread, over the whole vocabulary, so it
+/// avoids sorting it: the nucleus is found among the tokens above a falling threshold, which
+/// holds it as soon as their mass reaches `top_p` (the largest weights come first in the
+/// sorted order). With `top_p = 1` every token is kept and the draw walks them in id order.
 pub fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut StdRng) -> u32 {
-    let argmax = || {
-        logits
+    if temperature <= 0.0 {
+        return logits
             .iter()
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i as u32)
-    };
-    if temperature <= 0.0 {
-        return argmax();
+            .map_or(0, |(i, _)| i as u32);
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f64)> = logits
+    // Weights relative to the most likely token's, which is 1.
+    let weights: Vec<f64> = logits
         .iter()
-        .enumerate()
-        .map(|(i, &l)| (i as u32, (((l - max) / temperature) as f64).exp()))
+        .map(|&l| (((l - max) / temperature) as f64).exp())
         .collect();
-    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let total: f64 = probs.iter().map(|p| p.1).sum();
-    let mut kept = 0.0;
-    let mut cut = probs.len();
-    for (i, p) in probs.iter().enumerate() {
-        kept += p.1 / total;
-        if kept >= top_p as f64 {
-            cut = i + 1;
-            break;
+    let total: f64 = weights.iter().sum();
+    if top_p >= 1.0 {
+        let all: Vec<(u32, f64)> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| (i as u32, w))
+            .collect();
+        return draw(&all, total, rng);
+    }
+    let mut threshold = 1.0;
+    loop {
+        threshold /= 16.0;
+        // Below the smallest positive f64 every token is a candidate.
+        let everything = threshold == 0.0;
+        let mut candidates: Vec<(u32, f64)> = weights
+            .iter()
+            .enumerate()
+            .filter(|&(_, &w)| everything || w >= threshold)
+            .map(|(i, &w)| (i as u32, w))
+            .collect();
+        let mass: f64 = candidates.iter().map(|c| c.1).sum();
+        if !everything && mass < top_p as f64 * total {
+            continue;
+        }
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut kept = 0.0;
+        for (i, &(_, w)) in candidates.iter().enumerate() {
+            kept += w / total;
+            if kept >= top_p as f64 {
+                let nucleus = &candidates[..=i];
+                return draw(nucleus, nucleus.iter().map(|c| c.1).sum(), rng);
+            }
+        }
+        // Rounding kept the running sum just below `top_p`: keep what is there, or look further.
+        if everything {
+            return draw(&candidates, mass, rng);
         }
     }
-    let probs = &probs[..cut];
-    let mass: f64 = probs.iter().map(|p| p.1).sum();
+}
+
+/// A token of `tokens` with probability proportional to its weight (`mass` their sum).
+fn draw(tokens: &[(u32, f64)], mass: f64, rng: &mut StdRng) -> u32 {
     let mut u = rng.random::<f64>() * mass;
-    for &(id, p) in probs {
-        if u < p {
+    for &(id, w) in tokens {
+        if u < w {
             return id;
         }
-        u -= p;
+        u -= w;
     }
-    probs[probs.len() - 1].0
+    tokens[tokens.len() - 1].0
 }
 
 fn to_tensor<B: QuantBackend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
@@ -376,6 +409,94 @@ pub fn generate<B: QuantBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sampler's definition, written plainly: every token's weight, sorted, cut at `top_p`.
+    fn sample_by_sorting(logits: &[f32], temperature: f32, top_p: f32, rng: &mut StdRng) -> u32 {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, (((l - max) / temperature) as f64).exp()))
+            .collect();
+        let total: f64 = probs.iter().map(|p| p.1).sum();
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut kept = 0.0;
+        let cut = probs
+            .iter()
+            .position(|p| {
+                kept += p.1 / total;
+                kept >= top_p as f64
+            })
+            .map_or(probs.len(), |i| i + 1);
+        let nucleus = &probs[..cut];
+        draw(nucleus, nucleus.iter().map(|p| p.1).sum(), rng)
+    }
+
+    /// With `top_p < 1`, the same token as sorting the whole vocabulary, for the same random
+    /// draw: peaked, flat and tied logits, a vocabulary the size of the real ones.
+    #[test]
+    fn nucleus_sampling_matches_sorting_the_vocabulary() {
+        let mut noise = StdRng::seed_from_u64(3);
+        // Peaked with noise; nearly flat, with ties; a few tied favourites over a flat rest.
+        let vocabularies: [Vec<f32>; 3] = [
+            (0..49_152)
+                .map(|i| ((i * 7919) % 1000) as f32 / 40.0 + noise.random::<f32>() * 1e-3)
+                .collect(),
+            (0..49_152).map(|i| ((i * 31) % 7) as f32 * 0.01).collect(),
+            (0..49_152)
+                .map(|i| if i % 100 == 3 { 5.0 } else { 1.0 })
+                .collect(),
+        ];
+        for logits in &vocabularies {
+            for (temperature, top_p) in [(0.7, 0.95), (1.0, 0.5), (1.3, 0.99), (0.2, 0.9)] {
+                for seed in 0..20 {
+                    let fast = sample(logits, temperature, top_p, &mut StdRng::seed_from_u64(seed));
+                    let slow = sample_by_sorting(
+                        logits,
+                        temperature,
+                        top_p,
+                        &mut StdRng::seed_from_u64(seed),
+                    );
+                    assert_eq!(
+                        fast, slow,
+                        "temperature {temperature}, top_p {top_p}, seed {seed}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Draw frequencies: the softmax over all tokens at `top_p = 1`, the renormalised nucleus
+    /// below it, the most likely token at temperature 0.
+    #[test]
+    fn sample_frequencies_follow_the_distribution() {
+        let logits = [2.0f32, 1.0, 0.0, -1.0];
+        let softmax: Vec<f64> = {
+            let e: Vec<f64> = logits.iter().map(|&l| (l as f64).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            e.iter().map(|v| v / sum).collect()
+        };
+        let frequencies = |top_p: f32| {
+            let mut rng = StdRng::seed_from_u64(9);
+            let mut counts = [0usize; 4];
+            let draws = 40_000;
+            for _ in 0..draws {
+                counts[sample(&logits, 1.0, top_p, &mut rng) as usize] += 1;
+            }
+            counts.map(|c| c as f64 / draws as f64)
+        };
+        for (f, p) in frequencies(1.0).iter().zip(&softmax) {
+            assert!((f - p).abs() < 0.01, "{f} against {p}");
+        }
+        // softmax ≈ [0.644, 0.237, 0.087, 0.032]: 0.8 keeps the first two.
+        let nucleus = frequencies(0.8);
+        let kept = softmax[0] + softmax[1];
+        assert!((nucleus[0] - softmax[0] / kept).abs() < 0.01, "{nucleus:?}");
+        assert!((nucleus[1] - softmax[1] / kept).abs() < 0.01, "{nucleus:?}");
+        assert_eq!(nucleus[2] + nucleus[3], 0.0, "{nucleus:?}");
+        let mut rng = StdRng::seed_from_u64(1);
+        assert_eq!(sample(&[0.5, 3.0, -1.0], 0.0, 0.5, &mut rng), 1);
+    }
 
     fn config(context: usize) -> LlamaConfig {
         serde_json::from_value(serde_json::json!({
