@@ -36,6 +36,9 @@ pub struct BenchServeArgs {
     pub max_tokens: usize,
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Sampling temperature of the completions (0: greedy); each request has its own seed.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
     /// Write the markdown section to this file (default: print it).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -64,6 +67,12 @@ pub fn run(args: &BenchServeArgs) -> Result<()> {
     if args.concurrency == 0 || args.rounds == 0 || args.max_tokens == 0 {
         bail!("--concurrency, --rounds and --max-tokens must each be at least 1");
     }
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        bail!(
+            "invalid --temperature {}: need a finite value ≥ 0",
+            args.temperature
+        );
+    }
     let path = match &args.model {
         Some(p) => resolve(p)?,
         None => {
@@ -91,11 +100,11 @@ pub fn run(args: &BenchServeArgs) -> Result<()> {
     let load_before = load_average();
 
     // Warm-up: first-touch page faults, the thread pool.
-    complete(&url, 0, 8)?;
+    complete(&url, 0, 8, args.temperature)?;
     let (mut single, mut batched) = (Vec::new(), Vec::new());
     for round in 1..=args.rounds {
-        let one = timed(&url, 1, args.max_tokens)?;
-        let many = timed(&url, args.concurrency, args.max_tokens)?;
+        let one = timed(&url, 1, args.max_tokens, args.temperature)?;
+        let many = timed(&url, args.concurrency, args.max_tokens, args.temperature)?;
         eprintln!(
             "round {round}/{}: 1 sequence {:.1} tokens/s, {} sequences {:.1} tokens/s",
             args.rounds,
@@ -121,11 +130,11 @@ pub fn run(args: &BenchServeArgs) -> Result<()> {
 }
 
 /// `n` concurrent requests (prompts 0..n), timed from the first sent to the last answered.
-fn timed(url: &str, n: usize, max_tokens: usize) -> Result<Run> {
+fn timed(url: &str, n: usize, max_tokens: usize, temperature: f32) -> Result<Run> {
     let t0 = Instant::now();
     let answers = std::thread::scope(|s| {
         let handles: Vec<_> = (0..n)
-            .map(|i| s.spawn(move || complete(url, i, max_tokens)))
+            .map(|i| s.spawn(move || complete(url, i, max_tokens, temperature)))
             .collect();
         handles
             .into_iter()
@@ -138,12 +147,13 @@ fn timed(url: &str, n: usize, max_tokens: usize) -> Result<Run> {
     })
 }
 
-/// A greedy completion of prompt `i`: a count that starts at a different number per prompt.
-fn complete(url: &str, i: usize, max_tokens: usize) -> Result<Answer> {
+/// A completion of prompt `i` (a count that starts at a different number per prompt), greedy at
+/// temperature 0, else sampled with seed `i`.
+fn complete(url: &str, i: usize, max_tokens: usize, temperature: f32) -> Result<Answer> {
     let start = 10 * (i + 1);
     let prompt = format!("Count upwards: {}, {}, {},", start, start + 1, start + 2);
     let body = json!({"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
-                      "temperature": 0});
+                      "temperature": temperature, "seed": i});
     let t0 = Instant::now();
     let mut response = ureq::post(url)
         .send_json(&body)
@@ -171,14 +181,16 @@ fn report(
     writeln!(
         md,
         "### Serving: {} ({} rounds)\n\n\
-         `cargo xtask bench-serve`: greedy completions of {} tokens over HTTP, the server in the \
-         same process with `--max-batch {n}`; one request at a time against {n} at once, \
-         alternating. Load average before and after: {load_before} / {load_after}.\n\n\
+         `cargo xtask bench-serve`: completions of {} tokens over HTTP at temperature {} (0: \
+         greedy), the server in the same process with `--max-batch {n}`; one request at a time \
+         against {n} at once, alternating. Load average before and after: {load_before} / \
+         {load_after}.\n\n\
          | | median tokens/s (total) | range | × one sequence (same round), median | range |\n\
          |---|---|---|---|---|",
         path.display(),
         args.rounds,
-        args.max_tokens
+        args.max_tokens,
+        args.temperature
     )?;
     let (lo, hi) = range(one.iter().copied());
     writeln!(
