@@ -143,12 +143,11 @@ pub fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut StdRng) ->
         .collect();
     let total: f64 = weights.iter().sum();
     if top_p >= 1.0 {
-        let all: Vec<(u32, f64)> = weights
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| (i as u32, w))
-            .collect();
-        return draw(&all, total, rng);
+        return draw(
+            weights.iter().enumerate().map(|(i, &w)| (i as u32, w)),
+            total,
+            rng,
+        );
     }
     let mut threshold = 1.0;
     loop {
@@ -171,26 +170,33 @@ pub fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut StdRng) ->
             kept += w / total;
             if kept >= top_p as f64 {
                 let nucleus = &candidates[..=i];
-                return draw(nucleus, nucleus.iter().map(|c| c.1).sum(), rng);
+                return draw(
+                    nucleus.iter().copied(),
+                    nucleus.iter().map(|c| c.1).sum(),
+                    rng,
+                );
             }
         }
         // Rounding kept the running sum just below `top_p`: keep what is there, or look further.
         if everything {
-            return draw(&candidates, mass, rng);
+            return draw(candidates, mass, rng);
         }
     }
 }
 
-/// A token of `tokens` with probability proportional to its weight (`mass` their sum).
-fn draw(tokens: &[(u32, f64)], mass: f64, rng: &mut StdRng) -> u32 {
+/// A token of `tokens` (ids and weights, at least one) with probability proportional to its
+/// weight, `mass` being their sum; the last one if rounding leaves the draw past the end.
+fn draw(tokens: impl IntoIterator<Item = (u32, f64)>, mass: f64, rng: &mut StdRng) -> u32 {
     let mut u = rng.random::<f64>() * mass;
-    for &(id, w) in tokens {
+    let mut last = 0;
+    for (id, w) in tokens {
         if u < w {
             return id;
         }
         u -= w;
+        last = id;
     }
-    tokens[tokens.len() - 1].0
+    last
 }
 
 fn to_tensor<B: QuantBackend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
@@ -429,7 +435,11 @@ mod tests {
             })
             .map_or(probs.len(), |i| i + 1);
         let nucleus = &probs[..cut];
-        draw(nucleus, nucleus.iter().map(|p| p.1).sum(), rng)
+        draw(
+            nucleus.iter().copied(),
+            nucleus.iter().map(|p| p.1).sum(),
+            rng,
+        )
     }
 
     /// With `top_p < 1`, the same token as sorting the whole vocabulary, for the same random

@@ -226,13 +226,17 @@ fn pass_ic(f: simd::IcFn, x: &[f32], w: &CpuPacked, y: &mut [f32]) {
     scatter(&out, m, w.out_features, y);
 }
 
-/// Rows of `k` values, each zero-padded to `k_pad`.
-fn pad_rows(x: &[f32], k: usize, k_pad: usize) -> Vec<f32> {
+/// Rows of `k` values, each zero-padded to `k_pad`: `x` itself when there is nothing to pad
+/// (every per-OC weight, and per-IC ones whose inputs fill whole blocks).
+fn pad_rows(x: &[f32], k: usize, k_pad: usize) -> std::borrow::Cow<'_, [f32]> {
+    if k == k_pad {
+        return std::borrow::Cow::Borrowed(x);
+    }
     let mut x_pad = vec![0f32; x.len() / k.max(1) * k_pad];
     for (dst, src) in x_pad.chunks_mut(k_pad).zip(x.chunks(k)) {
         dst[..k].copy_from_slice(src);
     }
-    x_pad
+    std::borrow::Cow::Owned(x_pad)
 }
 
 /// Hints the cache line holding `p` into L1. A prefetch never faults, so `p` may point anywhere
