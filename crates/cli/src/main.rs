@@ -9,7 +9,7 @@ use adadim::{
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 use model_llama::generate::{GenerateOptions, generate};
-use model_llama::{InvalidOption, OpenModel, open_checkpoint, open_model};
+use model_llama::{InvalidOption, KvDtype, OpenModel, open_checkpoint, open_model};
 use quant_core::{GptqOptions, GroupSize};
 
 /// Tensor ops allocate a fresh buffer per result; mimalloc reuses freed pages where glibc maps
@@ -86,6 +86,10 @@ enum Cmd {
         /// Recompute the whole sequence every step instead of using the KV cache.
         #[arg(long)]
         no_cache: bool,
+        /// How the KV cache stores keys and values: f16 (half the memory, the default) or f32
+        /// (exact). The GPU backends keep f32.
+        #[arg(long, default_value_t = KvDtype::F16)]
+        kv_cache: KvDtype,
     },
     /// Quantize a model with AdaDim and write a packed checkpoint.
     Quantize(QuantizeArgs),
@@ -104,6 +108,10 @@ enum Cmd {
         /// Requests that may wait beside those running; more get a 503.
         #[arg(long, default_value_t = serve::DEFAULT_QUEUE)]
         queue: usize,
+        /// How the KV cache stores keys and values: f16 (half the memory, the default) or f32
+        /// (exact). The GPU backends keep f32.
+        #[arg(long, default_value_t = KvDtype::F16)]
+        kv_cache: KvDtype,
     },
 }
 
@@ -399,6 +407,7 @@ fn run(cli: Cli) -> Result<()> {
             top_p,
             seed,
             no_cache,
+            kv_cache,
         } => {
             let m = open(&model)?;
             let ids = m.tokenizer.encode(&prompt)?;
@@ -408,6 +417,7 @@ fn run(cli: Cli) -> Result<()> {
                 top_p,
                 seed,
                 use_cache: !no_cache,
+                kv_cache,
                 stop_token: m.tokenizer.eos_id(),
             };
             opts.validate(ids.len(), m.source.config()).map_err(|e| {
@@ -445,6 +455,7 @@ fn run(cli: Cli) -> Result<()> {
             port,
             max_batch,
             queue,
+            kv_cache,
         } => {
             let m = open(&model)?;
             // Clients name the model by the checkpoint's file or directory name.
@@ -454,6 +465,7 @@ fn run(cli: Cli) -> Result<()> {
                 port,
                 max_batch,
                 queue_capacity: queue,
+                kv_cache,
                 ..serve::ServeOptions::new(name.to_string_lossy())
             };
             let server = serve::Server::start::<Backend>(&m, &device, &opts)?;

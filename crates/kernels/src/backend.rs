@@ -11,13 +11,16 @@ use burn::tensor::ops::FloatTensor;
 use half::{bf16, f16};
 use quant_core::PackedLinear;
 
-use crate::{DeviceLimits, QuantLinearError, WeightKind};
+use crate::{DeviceLimits, KvStore, QuantLinearError, WeightKind};
 
 /// A Burn backend that can multiply activations by a [`PackedLinear`] (or a 16-bit weight) held
 /// on its device.
 pub trait QuantBackend: Backend {
     /// A linear layer's weight, resident on the device in one of the forms of [`WeightKind`].
     type Weight: Clone + Send + Sync + std::fmt::Debug;
+
+    /// One layer's KV cache of a sequence, stored as this backend reads it fastest.
+    type KvCache: KvStore<Self>;
 
     /// The largest buffer (and the memory, if known) of `device`, which uploads are checked
     /// against; host backends have none.
@@ -93,35 +96,6 @@ pub trait QuantBackend: Backend {
         kv_heads: usize,
     ) -> Tensor<Self, 3> {
         crate::generic::causal_attention(q, k, v, heads, kv_heads)
-    }
-
-    /// [`QuantBackend::causal_attention`] over the first `len` positions of `k, v
-    /// [b, capacity, kv_heads·d]`, whose later rows are unused (a KV cache's buffers). Backends
-    /// that can read a prefix in place do so; a sliced copy of the history at every decode step
-    /// is what this avoids.
-    fn causal_attention_prefix(
-        q: Tensor<Self, 3>,
-        k: Tensor<Self, 3>,
-        v: Tensor<Self, 3>,
-        len: usize,
-        heads: usize,
-        kv_heads: usize,
-    ) -> Tensor<Self, 3> {
-        Self::causal_attention(q, k.narrow(1, 0, len), v.narrow(1, 0, len), heads, kv_heads)
-    }
-
-    /// One decode step of attention for `n` sequences with separate KV caches: row `i` of
-    /// `q [1, n, heads·d]` (rotated) attends over the first `len_i` positions of
-    /// `caches[i] = (k, v, len_i)`, buffers `[1, capacity, kv_heads·d]`. Returns the contexts
-    /// `[1, n, heads·d]`: [`QuantBackend::causal_attention_prefix`] of each row, in one call, so
-    /// that backends can spread the whole batch's heads over their threads.
-    fn decode_attention(
-        q: Tensor<Self, 3>,
-        caches: &[(Tensor<Self, 3>, Tensor<Self, 3>, usize)],
-        heads: usize,
-        kv_heads: usize,
-    ) -> Tensor<Self, 3> {
-        crate::generic::decode_attention(q, caches, heads, kv_heads)
     }
 
     /// Rotary position embedding ("rotate half") of every head of `x [b, t, heads·d]`, with

@@ -113,25 +113,6 @@ fn causal_bias<B: Backend>(
     Tensor::<B, 2>::from_data(TensorData::new(bias, [rep * c, visible]), device).unsqueeze::<4>()
 }
 
-/// [`QuantBackend::decode_attention`] as one [`QuantBackend::causal_attention_prefix`] per
-/// sequence.
-pub fn decode_attention<B: QuantBackend>(
-    q: Tensor<B, 3>,
-    caches: &[(Tensor<B, 3>, Tensor<B, 3>, usize)],
-    heads: usize,
-    kv_heads: usize,
-) -> Tensor<B, 3> {
-    let rows = caches
-        .iter()
-        .enumerate()
-        .map(|(i, (k, v, len))| {
-            let q = q.clone().narrow(1, i, 1);
-            B::causal_attention_prefix(q, k.clone(), v.clone(), *len, heads, kv_heads)
-        })
-        .collect();
-    Tensor::cat(rows, 1)
-}
-
 /// See [`crate::QuantBackend::rotary`].
 pub fn rotary<B: Backend>(
     x: Tensor<B, 3>,

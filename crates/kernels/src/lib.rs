@@ -16,6 +16,7 @@ pub mod cpu;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub mod cube;
 pub mod generic;
+pub mod kv;
 pub mod limits;
 #[cfg(feature = "ndarray")]
 mod ndarray;
@@ -23,6 +24,7 @@ pub mod quant_linear;
 mod weight_kind;
 
 pub use backend::QuantBackend;
+pub use kv::{KvDtype, KvStore, TensorKv};
 pub use limits::{DeviceLimitError, DeviceLimits};
 #[cfg(feature = "ndarray")]
 pub use ndarray::NdArrayWeight;

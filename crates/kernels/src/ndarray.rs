@@ -11,12 +11,11 @@ use burn::tensor::{TensorPrimitive, ops::FloatTensor};
 use half::{bf16, f16};
 use quant_core::PackedLinear;
 
-use crate::cpu::attention::{
-    HeadsView, causal_attention, decode_attention, decode_rows, rotate_half,
-};
+use crate::cpu::attention::{HeadsView, causal_attention, decode_attention, rotate_half};
 use crate::cpu::dense::{MatRef, gram, matmul_new};
+use crate::cpu::kv::HostKv;
 use crate::quant_linear::{check_bf16_shape, check_f16_shape, dense_transposed};
-use crate::{QuantBackend, QuantLinearError, WeightKind, cpu};
+use crate::{KvDtype, KvStore, QuantBackend, QuantLinearError, WeightKind, cpu};
 
 type B = NdArray<f32>;
 
@@ -240,6 +239,7 @@ fn with_same_layout(a: &Host, b: &Host, reduce: fn(&[f32], &[f32]) -> f64) -> f6
 
 impl QuantBackend for B {
     type Weight = NdArrayWeight;
+    type KvCache = HostKv;
 
     fn upload(
         packed: &PackedLinear,
@@ -437,72 +437,18 @@ impl QuantBackend for B {
         heads: usize,
         kv_heads: usize,
     ) -> Tensor<Self, 3> {
-        let len = k.dims()[1];
-        Self::causal_attention_prefix(q, k, v, len, heads, kv_heads)
-    }
-
-    /// Reads the prefix through the buffers' strides: burn-ndarray's `slice` copies.
-    fn causal_attention_prefix(
-        q: Tensor<Self, 3>,
-        k: Tensor<Self, 3>,
-        v: Tensor<Self, 3>,
-        len: usize,
-        heads: usize,
-        kv_heads: usize,
-    ) -> Tensor<Self, 3> {
         let (qp, kp, vp) = (primitive(&q), primitive(&k), primitive(&v));
         let (Some(qh), Some(kh), Some(vh)) = (Host::of(&qp), Host::of(&kp), Host::of(&vp)) else {
-            let (k, v) = (k.narrow(1, 0, len), v.narrow(1, 0, len));
             return crate::generic::causal_attention(q, k, v, heads, kv_heads);
         };
         let dims = q.dims();
         let mut out = vec![0f32; dims.iter().product()];
         causal_attention(
             qh.heads(heads),
-            kh.heads_prefix(kv_heads, len),
-            vh.heads_prefix(kv_heads, len),
+            kh.heads(kv_heads),
+            vh.heads(kv_heads),
             &mut out,
         );
-        tensor(out, dims)
-    }
-
-    fn decode_attention(
-        q: Tensor<Self, 3>,
-        caches: &[(Tensor<Self, 3>, Tensor<Self, 3>, usize)],
-        heads: usize,
-        kv_heads: usize,
-    ) -> Tensor<Self, 3> {
-        let generic = || crate::generic::decode_attention(q.clone(), caches, heads, kv_heads);
-        let qp = primitive(&q);
-        let kvp: Vec<_> = caches
-            .iter()
-            .map(|(k, v, len)| (primitive(k), primitive(v), *len))
-            .collect();
-        let Some(qh) = Host::of(&qp) else {
-            return generic();
-        };
-        let hosts: Option<Vec<_>> = kvp
-            .iter()
-            .map(|(k, v, len)| Some((Host::of(k)?, Host::of(v)?, *len)))
-            .collect();
-        let Some(hosts) = hosts else {
-            return generic();
-        };
-        let views: Vec<_> = hosts
-            .iter()
-            .map(|(k, v, len)| {
-                (
-                    k.heads_prefix(kv_heads, *len),
-                    v.heads_prefix(kv_heads, *len),
-                )
-            })
-            .collect();
-        if !views.iter().all(|(k, v)| decode_rows(k, v)) {
-            return generic();
-        }
-        let dims = q.dims();
-        let mut out = vec![0f32; dims.iter().product()];
-        decode_attention(&qh.row_major(), &views, heads, &mut out);
         tensor(out, dims)
     }
 
@@ -540,5 +486,51 @@ impl QuantBackend for B {
             Some(h) => cpu::activation::sum_nll(&h.row_major(), h.dims[1], targets),
             None => crate::generic::sum_nll(logits, targets),
         }
+    }
+}
+
+/// Keys and values on the host ([`HostKv`]), read in place by the fused attention kernels.
+impl KvStore<B> for HostKv {
+    fn new(
+        dtype: KvDtype,
+        kv_heads: usize,
+        reserve: usize,
+        _device: &burn::backend::ndarray::NdArrayDevice,
+    ) -> Self {
+        HostKv::empty(dtype, kv_heads, reserve)
+    }
+
+    fn len(&self) -> usize {
+        HostKv::len(self)
+    }
+
+    fn append(&mut self, k: Tensor<B, 3>, v: Tensor<B, 3>) {
+        let [b, t, _] = k.dims();
+        let (kp, vp) = (primitive(&k), primitive(&v));
+        let (Some(kh), Some(vh)) = (Host::of(&kp), Host::of(&vp)) else {
+            panic!("keys and values of a KV cache must be f32 tensors");
+        };
+        HostKv::append_rows(self, &kh.row_major(), &vh.row_major(), b, t);
+    }
+
+    fn attend(&self, q: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
+        let dims = q.dims();
+        if dims[..2] == [1, 1] {
+            return Self::attend_batch(q, &[self], heads);
+        }
+        let qp = primitive(&q);
+        let qh = Host::of(&qp).expect("f32 queries");
+        let mut out = vec![0f32; dims.iter().product()];
+        self.with_heads(|k, v| causal_attention(qh.heads(heads), k, v, &mut out));
+        tensor(out, dims)
+    }
+
+    fn attend_batch(q: Tensor<B, 3>, caches: &[&Self], heads: usize) -> Tensor<B, 3> {
+        let qp = primitive(&q);
+        let qh = Host::of(&qp).expect("f32 queries");
+        let dims = q.dims();
+        let mut out = vec![0f32; dims.iter().product()];
+        decode_attention(&qh.row_major(), caches, heads, &mut out);
+        tensor(out, dims)
     }
 }

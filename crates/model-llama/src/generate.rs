@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use burn::prelude::*;
-use kernels::QuantBackend;
+use kernels::{KvDtype, QuantBackend};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -21,6 +21,8 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// Without the cache every step reruns the whole sequence (a reference for tests).
     pub use_cache: bool,
+    /// How the cache stores keys and values.
+    pub kv_cache: KvDtype,
     pub stop_token: Option<u32>,
 }
 
@@ -79,6 +81,7 @@ impl Default for GenerateOptions {
             top_p: 1.0,
             seed: 42,
             use_cache: true,
+            kv_cache: KvDtype::default(),
             stop_token: None,
         }
     }
@@ -277,7 +280,8 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
         assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
         // Room for every position the sequence can reach: no growth (a copy of the history and
         // fresh pages) in the middle of decoding.
-        let mut cache = model.new_cache_with_capacity(prompt.len() + opts.max_new_tokens);
+        let mut cache =
+            model.new_cache_with_capacity(opts.kv_cache, prompt.len() + opts.max_new_tokens);
         let hidden = model.hidden_states(
             to_tensor(prompt, &model.device()),
             opts.use_cache.then_some(cache.as_mut_slice()),

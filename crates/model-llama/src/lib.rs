@@ -34,6 +34,7 @@ pub use checkpoint::{HostTensor, MemorySource, TensorSource};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{InvalidOption, ModelError, Result};
 pub use gguf::{GgufCheckpoint, GgufFile};
+pub use kernels::KvDtype;
 pub use linear_kind::{LinearKind, linear_shape};
 pub use model::{DecoderLayer, LayerInputs, LayerTrace, Linear, Llama};
 pub use open::{OpenModel, open_checkpoint, open_model};

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use kernels::QuantBackend;
+use model_llama::KvDtype;
 use model_llama::{Llama, OpenModel};
 use tokio::sync::oneshot;
 
@@ -48,6 +49,8 @@ pub struct ServeOptions {
     pub queue_capacity: usize,
     /// Sequences decoded together, one token each per forward (continuous batching).
     pub max_batch: usize,
+    /// How each sequence's KV cache stores keys and values.
+    pub kv_cache: KvDtype,
 }
 
 impl ServeOptions {
@@ -59,6 +62,7 @@ impl ServeOptions {
             model_name: model_name.into(),
             queue_capacity: DEFAULT_QUEUE,
             max_batch: DEFAULT_MAX_BATCH,
+            kv_cache: KvDtype::default(),
         }
     }
 }
@@ -109,6 +113,7 @@ impl Server {
             chat,
             model_name: opts.model_name.clone(),
             context: config.context_length(),
+            kv_cache: opts.kv_cache,
             config,
             next_id: AtomicU64::new(0),
         });

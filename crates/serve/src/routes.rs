@@ -36,6 +36,8 @@ pub(crate) struct AppState {
     pub config: model_llama::LlamaConfig,
     /// `config`'s context length.
     pub context: usize,
+    /// How each sequence's KV cache stores keys and values.
+    pub kv_cache: model_llama::KvDtype,
     pub next_id: AtomicU64,
 }
 
@@ -147,6 +149,7 @@ impl AppState {
             top_p: s.top_p,
             seed: s.seed,
             use_cache: true,
+            kv_cache: self.kv_cache,
             stop_token: self.tokenizer.eos_id(),
         };
         // What remains to check: the sampling ranges.

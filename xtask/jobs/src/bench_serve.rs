@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::backend::NdArray;
+use model_llama::KvDtype;
 use serde_json::{Value, json};
 
 use crate::bench_decode::{median, range};
@@ -39,6 +40,9 @@ pub struct BenchServeArgs {
     /// Sampling temperature of the completions (0: greedy); each request has its own seed.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
+    /// How the server's KV caches store keys and values (f16 or f32).
+    #[arg(long, default_value_t = KvDtype::F16)]
+    pub kv_cache: KvDtype,
     /// Write the markdown section to this file (default: print it).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -93,6 +97,7 @@ pub fn run(args: &BenchServeArgs) -> Result<()> {
         port: 0,
         max_batch: args.concurrency,
         queue_capacity: args.concurrency,
+        kv_cache: args.kv_cache,
         ..serve::ServeOptions::new(MODEL_NAME)
     };
     let server = serve::Server::start::<B>(&model, &Default::default(), &opts)?;
@@ -182,15 +187,16 @@ fn report(
         md,
         "### Serving: {} ({} rounds)\n\n\
          `cargo xtask bench-serve`: completions of {} tokens over HTTP at temperature {} (0: \
-         greedy), the server in the same process with `--max-batch {n}`; one request at a time \
-         against {n} at once, alternating. Load average before and after: {load_before} / \
+         greedy), the server in the same process with `--max-batch {n}` and {} KV caches; one \
+         request at a time against {n} at once, alternating. Load average before and after: {load_before} / \
          {load_after}.\n\n\
          | | median tokens/s (total) | range | × one sequence (same round), median | range |\n\
          |---|---|---|---|---|",
         path.display(),
         args.rounds,
         args.max_tokens,
-        args.temperature
+        args.temperature,
+        args.kv_cache
     )?;
     let (lo, hi) = range(one.iter().copied());
     writeln!(

@@ -72,6 +72,7 @@ fn packed_generation_matches_with_and_without_cache_and_its_dequantized_twin() {
             top_p: 0.9,
             seed: 3,
             use_cache,
+            kv_cache: Default::default(),
             stop_token: None,
         };
         generate(model, &prompt, &o).tokens

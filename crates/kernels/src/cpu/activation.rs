@@ -108,28 +108,103 @@ fn swiglu_generic(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// An element type of a KV cache: `f32`, or `f16` at half the memory and half the bytes read
+/// per decode step. Values are rounded once, when written; attention widens them to f32.
+pub trait KvElem: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
+    /// The value as f32.
+    fn widen(self) -> f32;
+
+    /// `dst[i] = src[i]` rounded to nearest.
+    fn narrow_from(dst: &mut [Self], src: &[f32]);
+
+    /// Sixteen consecutive values from `p`, widened. Inlined into [`avx512_heads`]' kernels,
+    /// whose AVX-512 context it compiles in.
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F and `p` points to 16 readable values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+
+    fn narrow_from(dst: &mut [Self], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        super::f16::h2f_exact(self.to_bits())
+    }
+
+    fn narrow_from(dst: &mut [Self], src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract; `vcvtph2ps` is exact (every f16 is an f32).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+}
+
 /// One attention head's keys and values for a query: `len` rows of `d` contiguous values each,
 /// row `j` starting at `j·stride` of `k` and of `v` (a KV cache's rows of one head).
-#[derive(Clone, Copy, Debug)]
-pub struct HeadRows<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+#[derive(Debug)]
+pub struct HeadRows<'a, T = f32> {
+    pub k: &'a [T],
+    pub v: &'a [T],
     pub stride: usize,
     pub len: usize,
 }
 
-impl<'a> HeadRows<'a> {
+impl<T> Clone for HeadRows<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for HeadRows<'_, T> {}
+
+impl<'a, T: KvElem> HeadRows<'a, T> {
+    /// Panics unless every row lies inside both buffers.
+    fn check(&self, d: usize) {
+        assert!(
+            self.len == 0 || (self.len - 1) * self.stride + d <= self.k.len().min(self.v.len()),
+            "{} rows of {d} values, {} apart, do not fit the buffers",
+            self.len,
+            self.stride
+        );
+    }
+
     #[inline(always)]
-    fn rows(&self, m: &'a [f32], d: usize) -> impl Iterator<Item = &'a [f32]> {
+    fn rows(&self, m: &'a [T], d: usize) -> impl Iterator<Item = &'a [T]> {
         let stride = self.stride;
         (0..self.len).map(move |j| &m[j * stride..j * stride + d])
     }
 }
 
-/// Rows ahead of the current one whose key and value lines are prefetched. When many sequences
-/// share a decode step, their caches no longer fit in L2, and each row (a few cache lines,
-/// `stride` apart) is read once: latency-bound without the hint.
-const PREFETCH_ROWS: usize = 8;
+/// Bytes ahead of the current key or value row that are prefetched. Each row is read once, and
+/// a step's caches do not stay in cache between steps (the weights stream through in between):
+/// without the hint the loop waits on memory at every row. About two DRAM latencies' worth of
+/// the loop's reading speed.
+const PREFETCH_BYTES: usize = 2048;
 
 /// `Σ aᵢ` as a tree of halvings: a left-to-right sum would chain 15 dependent adds into each
 /// dot product (float adds are not reassociated for us).
@@ -146,24 +221,29 @@ fn tree_sum(mut a: [f32; LANES]) -> f32 {
 }
 
 #[inline(always)]
-fn attend_group_generic(
+fn attend_group_generic<T: KvElem>(
     q: &[f32],
-    kv: HeadRows<'_>,
+    kv: HeadRows<'_, T>,
     rep: usize,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let (d, t) = (q.len() / rep, kv.len);
+    kv.check(d);
     scores.resize(rep * t, 0.0);
+    let mut row = vec![0f32; d];
+    let ahead = PREFETCH_BYTES / std::mem::size_of::<T>();
     // Scores `[rep, t]`: each key row is read once for the `rep` queries that share it.
     for (j, kr) in kv.rows(kv.k, d).enumerate() {
-        let ahead = (j + PREFETCH_ROWS) * kv.stride;
-        for line in (0..d).step_by(LANES) {
-            super::prefetch(kv.k.as_ptr().wrapping_add(ahead + line));
-            super::prefetch(kv.v.as_ptr().wrapping_add(ahead + line));
+        for line in (0..d).step_by(64 / std::mem::size_of::<T>()) {
+            super::prefetch(kr.as_ptr().wrapping_add(ahead + line));
+            super::prefetch(kv.v.as_ptr().wrapping_add(j * kv.stride + line));
         }
-        let (kc, kt) = kr.as_chunks::<LANES>();
+        for (w, &x) in row.iter_mut().zip(kr) {
+            *w = x.widen();
+        }
+        let (kc, kt) = row.as_chunks::<LANES>();
         for (r, qr) in q.chunks_exact(d).enumerate() {
             let (qc, qt) = qr.as_chunks::<LANES>();
             let mut acc = [0f32; LANES];
@@ -176,14 +256,17 @@ fn attend_group_generic(
             scores[r * t + j] = scale * (tail + tree_sum(acc));
         }
     }
-    for row in scores.chunks_exact_mut(t) {
-        softmax_generic(row);
+    for p in scores.chunks_exact_mut(t) {
+        softmax_generic(p);
     }
     out.fill(0.0);
     for (j, vr) in kv.rows(kv.v, d).enumerate() {
+        for (w, &x) in row.iter_mut().zip(vr) {
+            *w = x.widen();
+        }
         for (r, o) in out.chunks_exact_mut(d).enumerate() {
             let p = scores[r * t + j];
-            for (o, &x) in o.iter_mut().zip(vr) {
+            for (o, &x) in o.iter_mut().zip(&row) {
                 *o += p * x;
             }
         }
@@ -210,9 +293,9 @@ macro_rules! path {
             }
 
             #[target_feature(enable = $feature)]
-            pub(super) unsafe fn attend_group(
+            pub(super) unsafe fn attend_group<T: super::KvElem>(
                 q: &[f32],
-                kv: super::HeadRows<'_>,
+                kv: super::HeadRows<'_, T>,
                 rep: usize,
                 scale: f32,
                 scores: &mut Vec<f32>,
@@ -234,67 +317,151 @@ path!(neon, "neon");
 /// [`attend_group`] on AVX-512 for heads of `C·16` values (LLaMA's 64 and 128), written with
 /// intrinsics: from portable lane loops over fixed-size rows, LLVM vectorises across key rows
 /// (gathers and scatters, several times slower) rather than along the lanes, whatever the loop
-/// order. 2.7× the portable code's speed on a decode step over 78 keys (3 query heads of 64 per
-/// key/value head).
+/// order.
+///
+/// Up to `16 / C` query rows go through the keys and values together, their `C`-vector rows
+/// held in registers: each key or value row is loaded (and widened) once for all of them, and
+/// the weighted sums of values are `16` independent accumulator chains.
 #[cfg(target_arch = "x86_64")]
 mod avx512_heads {
     use std::arch::x86_64::*;
 
-    use super::avx512::softmax;
-    use super::{HeadRows, PREFETCH_ROWS};
+    use super::{HeadRows, KvElem, PREFETCH_BYTES};
 
     /// # Safety
     /// The CPU supports [`super::SimdPath::Avx512`]; `q` and `out` are `rep` rows of `C·16`
     /// values. (The rows of `kv` are checked here.)
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn attend_group<const C: usize>(
+    pub(super) unsafe fn attend_group<const C: usize, T: KvElem>(
         q: &[f32],
-        kv: HeadRows<'_>,
+        kv: HeadRows<'_, T>,
         scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
         let d = C * 16;
+        kv.check(d);
         let (t, rep) = (kv.len, q.len() / d);
-        assert!(
-            t == 0 || (t - 1) * kv.stride + d <= kv.k.len().min(kv.v.len()),
-            "{t} rows of {d} values, {} apart, do not fit the buffers",
-            kv.stride
-        );
         scores.resize(rep * t, 0.0);
+        let pass = 16 / C;
+        let mut first = 0;
+        while first < rep {
+            let rows = first..rep.min(first + pass);
+            let (q, p) = (
+                &q[rows.start * d..rows.end * d],
+                &mut scores[rows.start * t..rows.end * t],
+            );
+            // SAFETY (each arm): the caller's contract, and `q`, `p` hold `R` rows.
+            unsafe {
+                match rows.len() {
+                    1 => scores_of::<C, 1, T>(q, kv, scale, p),
+                    2 => scores_of::<C, 2, T>(q, kv, scale, p),
+                    3 => scores_of::<C, 3, T>(q, kv, scale, p),
+                    _ => scores_of::<C, 4, T>(q, kv, scale, p),
+                }
+            }
+            first = rows.end;
+        }
+        super::softmax_rows(scores, t);
+        let mut first = 0;
+        while first < rep {
+            let rows = first..rep.min(first + pass);
+            let (p, o) = (
+                &scores[rows.start * t..rows.end * t],
+                &mut out[rows.start * d..rows.end * d],
+            );
+            // SAFETY (each arm): as above.
+            unsafe {
+                match rows.len() {
+                    1 => weighted_values::<C, 1, T>(p, kv, o),
+                    2 => weighted_values::<C, 2, T>(p, kv, o),
+                    3 => weighted_values::<C, 3, T>(p, kv, o),
+                    _ => weighted_values::<C, 4, T>(p, kv, o),
+                }
+            }
+            first = rows.end;
+        }
+    }
+
+    /// `p[r][j] = scale·q_r·k_j` for the `R` query rows of `q`. Also hints each value row into
+    /// L2, long before [`weighted_values`] reads it.
+    ///
+    /// # Safety
+    /// As [`attend_group`]; `q` is `R` rows of `C·16`, `p` is `R` rows of `kv.len`, and the
+    /// rows of `kv` were checked.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn scores_of<const C: usize, const R: usize, T: KvElem>(
+        q: &[f32],
+        kv: HeadRows<'_, T>,
+        scale: f32,
+        p: &mut [f32],
+    ) {
+        let (d, t) = (C * 16, kv.len);
+        debug_assert!(q.len() == R * d && p.len() == R * t);
+        // SAFETY (loads below): `q` holds `R·d` values; row `j < t` of `k` holds `d` values at
+        // `j·stride` (checked by the caller). Prefetches never fault.
+        let qv: [[__m512; C]; R] = std::array::from_fn(|r| {
+            std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q.as_ptr().add(r * d + c * 16)) })
+        });
         let (k, v) = (kv.k.as_ptr(), kv.v.as_ptr());
-        let ahead = PREFETCH_ROWS * kv.stride;
-        for ((qr, p), o) in q
-            .chunks_exact(d)
-            .zip(scores.chunks_exact_mut(t))
-            .zip(out.chunks_exact_mut(d))
-        {
-            // SAFETY (loads below): row `j < t` of `k` and `v` holds `d` values at `j·stride`,
-            // checked above; `qr` and `o` are `d` values. Prefetches never fault.
-            let qv: [__m512; C] =
-                std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qr.as_ptr().add(c * 16)) });
-            for (j, s) in p.iter_mut().enumerate() {
-                let row = unsafe { k.add(j * kv.stride) };
-                let mut acc = _mm512_setzero_ps();
-                for (c, &qc) in qv.iter().enumerate() {
-                    super::super::prefetch(row.wrapping_add(ahead + c * 16));
-                    acc = _mm512_fmadd_ps(qc, unsafe { _mm512_loadu_ps(row.add(c * 16)) }, acc);
-                }
-                *s = scale * _mm512_reduce_add_ps(acc);
+        let line = 64 / size_of::<T>();
+        let ahead = PREFETCH_BYTES / size_of::<T>();
+        for j in 0..t {
+            let row = k.wrapping_add(j * kv.stride);
+            for l in (0..d).step_by(line) {
+                super::super::prefetch(row.wrapping_add(ahead + l));
+                _mm_prefetch::<_MM_HINT_T1>(v.wrapping_add(j * kv.stride + l) as *const i8);
             }
-            // SAFETY: the CPU supports the AVX-512 path (the caller's contract).
-            unsafe { softmax(p) };
-            let mut acc = [_mm512_setzero_ps(); C];
-            for (j, &pj) in p.iter().enumerate() {
-                let row = unsafe { v.add(j * kv.stride) };
-                let pj = _mm512_set1_ps(pj);
-                for (c, a) in acc.iter_mut().enumerate() {
-                    super::super::prefetch(row.wrapping_add(ahead + c * 16));
-                    *a = _mm512_fmadd_ps(pj, unsafe { _mm512_loadu_ps(row.add(c * 16)) }, *a);
+            let kr: [__m512; C] = std::array::from_fn(|c| unsafe { T::load16(row.add(c * 16)) });
+            for r in 0..R {
+                // Two chains: half the dependent FMAs before the reduction.
+                let mut even = _mm512_mul_ps(qv[r][0], kr[0]);
+                let mut odd = _mm512_mul_ps(qv[r][1], kr[1]);
+                for c in (2..C).step_by(2) {
+                    even = _mm512_fmadd_ps(qv[r][c], kr[c], even);
+                    odd = _mm512_fmadd_ps(qv[r][c + 1], kr[c + 1], odd);
+                }
+                p[r * t + j] = scale * _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
+            }
+        }
+    }
+
+    /// `out_r = Σ_j p[r][j]·v_j` for the `R` rows of `p`.
+    ///
+    /// # Safety
+    /// As [`scores_of`], with `out` `R` rows of `C·16`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn weighted_values<const C: usize, const R: usize, T: KvElem>(
+        p: &[f32],
+        kv: HeadRows<'_, T>,
+        out: &mut [f32],
+    ) {
+        let (d, t) = (C * 16, kv.len);
+        debug_assert!(out.len() == R * d && p.len() == R * t);
+        let v = kv.v.as_ptr();
+        let line = 64 / size_of::<T>();
+        let ahead = PREFETCH_BYTES / size_of::<T>();
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        for j in 0..t {
+            let row = v.wrapping_add(j * kv.stride);
+            for l in (0..d).step_by(line) {
+                super::super::prefetch(row.wrapping_add(ahead + l));
+            }
+            // SAFETY: row `j < t` of `v` holds `d` values (checked by the caller).
+            let vr: [__m512; C] = std::array::from_fn(|c| unsafe { T::load16(row.add(c * 16)) });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pj = _mm512_set1_ps(p[r * t + j]);
+                for (a, &x) in acc.iter_mut().zip(&vr) {
+                    *a = _mm512_fmadd_ps(pj, x, *a);
                 }
             }
-            for (c, a) in acc.into_iter().enumerate() {
-                unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(c * 16), a) };
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (c, &a) in acc.iter().enumerate() {
+                // SAFETY: `out` holds `R·d` values.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(r * d + c * 16), a) };
             }
         }
     }
@@ -331,9 +498,9 @@ mod generic {
 /// too small for a matrix product's setup, and each key and value row is read once for the
 /// `rep` query heads of grouped-query attention. Panics if `q` or `out` is not `rep` rows or
 /// a row of `kv` lies outside its buffers.
-pub fn attend_group(
+pub fn attend_group<T: KvElem>(
     q: &[f32],
-    kv: HeadRows<'_>,
+    kv: HeadRows<'_, T>,
     rep: usize,
     scale: f32,
     scores: &mut Vec<f32>,
@@ -350,12 +517,21 @@ pub fn attend_group(
         // SAFETY: `best` returns only a path the CPU supports; `q` and `out` are `rep` rows of
         // `d` values (asserted above).
         match q.len() / rep {
-            64 => return unsafe { avx512_heads::attend_group::<4>(q, kv, scale, scores, out) },
-            128 => return unsafe { avx512_heads::attend_group::<8>(q, kv, scale, scores, out) },
+            64 => return unsafe { avx512_heads::attend_group::<4, T>(q, kv, scale, scores, out) },
+            128 => return unsafe { avx512_heads::attend_group::<8, T>(q, kv, scale, scores, out) },
             _ => {}
         }
     }
     dispatch!(attend_group(q, kv, rep, scale, scores, out))
+}
+
+/// [`softmax_in_place`] of each `len`-value row of `x`.
+fn softmax_rows(x: &mut [f32], len: usize) {
+    if len > 0 {
+        for row in x.chunks_exact_mut(len) {
+            softmax_in_place(row);
+        }
+    }
 }
 
 /// `xᵢ ← e^(xᵢ) / Σⱼ e^(xⱼ)`, in place (an empty row stays empty).

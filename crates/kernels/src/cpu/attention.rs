@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::activation::{HeadRows, attend_group, softmax_in_place};
 use super::dense::{MatMut, MatRef, matmul};
+use super::kv::{HostKv, Rows};
 
 /// Queries per task. The block's scores (`block × keys` floats) stay in cache, and the
 /// masked triangle of the diagonal block, which the matmuls still compute, is `block/2` keys
@@ -165,55 +166,44 @@ fn decode_step(q: HeadsView, k: HeadsView, v: HeadsView, scale: f32, out: &mut [
     });
 }
 
-/// One decode step of `n` sequences whose KV caches are separate buffers: row `i` of `q` (`n`
-/// rows of `heads·d`, rotated) attends over every position of `kv[i] = (k, v)`, views
-/// `[1, kv_heads, len_i, d]` with contiguous rows, and the context is written to row `i` of
-/// `out`. One call for the whole batch, so that its `n · kv_heads` independent pieces of work
-/// share the threads; a call per sequence ran each on one thread, or split three heads over two.
+/// One decode step of `n` sequences with separate KV caches: row `i` of `q` (`n` rows of
+/// `heads·d`, rotated) attends over every position of `kv[i]` (one sequence each), and the
+/// context is written to row `i` of `out`. One call for the whole batch, so that its
+/// `n · kv_heads` independent pieces of work share the threads; a call per sequence ran each on
+/// one thread, or split three heads over two.
 ///
-/// Panics if a view is not of that form or the sizes disagree.
-pub fn decode_attention(q: &[f32], kv: &[(HeadsView, HeadsView)], heads: usize, out: &mut [f32]) {
+/// Panics if a cache holds more than one sequence or the sizes disagree.
+pub fn decode_attention(q: &[f32], kv: &[&HostKv], heads: usize, out: &mut [f32]) {
     let n = kv.len();
     assert!(n > 0 && heads > 0, "no sequences or no heads");
     let row = q.len() / n;
     let d = row / heads;
-    let [_, kv_heads, _, _] = kv[0].0.dims;
+    let [_, kv_heads, _, _] = kv[0].dims();
     assert!(
         q.len() == n * heads * d && out.len() == q.len() && heads.is_multiple_of(kv_heads),
         "{n} queries of {heads} heads in {} values do not fit an output of {}",
         q.len(),
         out.len()
     );
-    for (k, v) in kv {
-        let [_, h, _, kd] = k.dims;
+    for cache in kv {
+        let [b, h, _, kd] = cache.dims();
         assert!(
-            decode_rows(k, v) && h == kv_heads && kd == d,
-            "a cache view {:?} does not hold {kv_heads} heads of {d} contiguous values",
-            k.dims
+            b == 1 && h == kv_heads && kd == d,
+            "a cache of {:?} is not one sequence of {kv_heads} heads of {d}",
+            cache.dims()
         );
     }
     let rep = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let work = kv.iter().map(|(k, _)| k.dims[2]).sum::<usize>() * row;
+    let work = kv.iter().map(|c| c.len()).sum::<usize>() * row;
     attend_groups(out, rep * d, work, |ig, o, scores| {
         let (i, g) = (ig / kv_heads, ig % kv_heads);
-        let (k, v) = &kv[i];
-        let q_at = i * row + g * rep * d;
-        attend_group(
-            &q[q_at..q_at + rep * d],
-            head_rows(k, v, 0, g),
-            rep,
-            scale,
-            scores,
-            o,
-        );
+        let q = &q[i * row + g * rep * d..][..rep * d];
+        match kv[i].head_rows(0, g) {
+            Rows::F32(rows) => attend_group(q, rows, rep, scale, scores, o),
+            Rows::F16(rows) => attend_group(q, rows, rep, scale, scores, o),
+        }
     });
-}
-
-/// Whether [`decode_attention`] takes these cache views: one sequence whose key and value rows
-/// are contiguous and as far apart in both buffers.
-pub fn decode_rows(k: &HeadsView, v: &HeadsView) -> bool {
-    k.dims[0] == 1 && v.dims == k.dims && rows_alike(k, v)
 }
 
 /// Key and value rows contiguous, and as far apart in both buffers.
@@ -296,7 +286,10 @@ pub fn rotate_half(x: HeadsView, cos: &[f32], sin: &[f32], out: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
+    use half::f16;
+
     use super::*;
+    use crate::kv::KvDtype;
 
     /// Straight from the definition, in f64.
     fn naive(q: &[f32], k: &[f32], v: &[f32], qd: [usize; 4], kd: [usize; 4]) -> Vec<f64> {
@@ -397,72 +390,86 @@ mod tests {
         assert_eq!(a, b);
     }
 
-    /// Sequences of different lengths in buffers of their own, larger than what they hold (KV
-    /// caches): each query row gets the definition's attention over its own sequence. Head
-    /// sizes 64 and 128 take the AVX-512 path where the CPU has it, 16 and 24 the portable one;
-    /// the longest case is enough work to run on threads.
+    /// Sequences of different lengths in caches of their own, filled in two appends (the
+    /// second grows the buffers past their first 64 positions): each query row gets the
+    /// definition's attention over its own sequence's keys and values as the cache stores them
+    /// (rounded to f16 for an f16 cache). Head sizes 64 and 128 take the AVX-512 path where the
+    /// CPU has it, 16 and 24 the portable one; the longest case is enough work to run on
+    /// threads.
     #[test]
     fn decode_attention_matches_the_definition_per_sequence() {
-        for (heads, kv_heads, d, lens) in [
-            (9, 3, 64, vec![1, 17, 142]),
-            (4, 4, 128, vec![33, 2]),
-            (8, 2, 16, vec![5, 90, 1, 64]),
-            (6, 3, 24, vec![12]),
-            (4, 2, 64, vec![700, 650, 3]),
-        ] {
-            let (n, row, kv_row) = (lens.len(), heads * d, kv_heads * d);
-            let q = values(n * row, 1);
-            let buffers: Vec<(Vec<f32>, Vec<f32>)> = lens
-                .iter()
-                .enumerate()
-                .map(|(i, &len)| {
-                    let capacity = len + 7;
-                    let seed = 10 * i as u32;
-                    (
-                        values(capacity * kv_row, seed + 2),
-                        values(capacity * kv_row, seed + 3),
-                    )
-                })
-                .collect();
-            let views: Vec<_> = buffers
-                .iter()
-                .zip(&lens)
-                .map(|((k, v), &len)| {
-                    let dims = [1, kv_heads, len, d];
-                    let strides = [len * kv_row, d, kv_row, 1];
-                    (
-                        HeadsView::new(k, dims, strides),
-                        HeadsView::new(v, dims, strides),
-                    )
-                })
-                .collect();
-            let mut out = vec![f32::NAN; n * row];
-            decode_attention(&q, &views, heads, &mut out);
-            for (i, &len) in lens.iter().enumerate() {
-                // The definition's operands: [1, heads, 1, d] and [1, kv_heads, len, d].
-                let split = |m: &[f32]| -> Vec<f32> {
-                    let mut t = vec![0f32; kv_heads * len * d];
-                    for (j, r) in m.chunks_exact(kv_row).take(len).enumerate() {
-                        for (h, x) in r.chunks_exact(d).enumerate() {
-                            t[(h * len + j) * d..(h * len + j + 1) * d].copy_from_slice(x);
-                        }
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            for (heads, kv_heads, d, lens) in [
+                (9, 3, 64, vec![1, 17, 142]),
+                (4, 4, 128, vec![33, 2]),
+                (8, 2, 16, vec![5, 90, 1, 64]),
+                (6, 3, 24, vec![12]),
+                (4, 2, 64, vec![700, 650, 3]),
+            ] {
+                decode_case(dtype, heads, kv_heads, d, &lens);
+            }
+        }
+    }
+
+    fn decode_case(dtype: KvDtype, heads: usize, kv_heads: usize, d: usize, lens: &[usize]) {
+        let (n, row, kv_row) = (lens.len(), heads * d, kv_heads * d);
+        let q = values(n * row, 1);
+        let buffers: Vec<(Vec<f32>, Vec<f32>)> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let seed = 10 * i as u32;
+                (
+                    values(len * kv_row, seed + 2),
+                    values(len * kv_row, seed + 3),
+                )
+            })
+            .collect();
+        let caches: Vec<HostKv> = buffers
+            .iter()
+            .zip(lens)
+            .map(|((k, v), &len)| {
+                let mut cache = HostKv::empty(dtype, kv_heads, 0);
+                let at = len / 2 * kv_row;
+                cache.append_rows(&k[..at], &v[..at], 1, len / 2);
+                cache.append_rows(&k[at..], &v[at..], 1, len - len / 2);
+                assert_eq!(cache.dims(), [1, kv_heads, len, d]);
+                cache
+            })
+            .collect();
+        let refs: Vec<&HostKv> = caches.iter().collect();
+        let mut out = vec![f32::NAN; n * row];
+        decode_attention(&q, &refs, heads, &mut out);
+        let stored = |m: &[f32]| -> Vec<f32> {
+            match dtype {
+                KvDtype::F32 => m.to_vec(),
+                KvDtype::F16 => m.iter().map(|&x| f16::from_f32(x).to_f32()).collect(),
+            }
+        };
+        for (i, &len) in lens.iter().enumerate() {
+            // The definition's operands: [1, heads, 1, d] and [1, kv_heads, len, d].
+            let split = |m: &[f32]| -> Vec<f32> {
+                let mut t = vec![0f32; kv_heads * len * d];
+                for (j, r) in m.chunks_exact(kv_row).take(len).enumerate() {
+                    for (h, x) in r.chunks_exact(d).enumerate() {
+                        t[(h * len + j) * d..(h * len + j + 1) * d].copy_from_slice(x);
                     }
-                    t
-                };
-                let (k, v) = (split(&buffers[i].0), split(&buffers[i].1));
-                let want = naive(
-                    &q[i * row..(i + 1) * row],
-                    &k,
-                    &v,
-                    [1, heads, 1, d],
-                    [1, kv_heads, len, d],
-                );
-                for (got, want) in out[i * row..(i + 1) * row].iter().zip(want) {
-                    assert!(
-                        (*got as f64 - want).abs() < 1e-4,
-                        "d {d}, sequence {i} of {len}: {got} vs {want}"
-                    );
                 }
+                t
+            };
+            let (k, v) = (split(&stored(&buffers[i].0)), split(&stored(&buffers[i].1)));
+            let want = naive(
+                &q[i * row..(i + 1) * row],
+                &k,
+                &v,
+                [1, heads, 1, d],
+                [1, kv_heads, len, d],
+            );
+            for (got, want) in out[i * row..(i + 1) * row].iter().zip(want) {
+                assert!(
+                    (*got as f64 - want).abs() < 1e-4,
+                    "d {d}, sequence {i} of {len}: {got} vs {want}"
+                );
             }
         }
     }

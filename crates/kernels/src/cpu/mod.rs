@@ -61,6 +61,7 @@ pub mod attention;
 pub mod dense;
 pub mod dense_f16;
 mod f16;
+pub mod kv;
 mod layout;
 pub mod reduce;
 mod simd;

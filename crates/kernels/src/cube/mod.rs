@@ -547,6 +547,7 @@ where
     BT: BoolElement,
 {
     type Weight = CubeWeight<R>;
+    type KvCache = crate::TensorKv<Self>;
 
     fn device_limits(device: &Self::Device) -> DeviceLimits {
         device_limits::<R>(device)

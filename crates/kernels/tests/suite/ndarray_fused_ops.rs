@@ -4,7 +4,7 @@
 
 use burn::backend::NdArray;
 use burn::prelude::*;
-use kernels::{QuantBackend, generic};
+use kernels::{KvDtype, KvStore, QuantBackend, TensorKv, generic};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -59,48 +59,85 @@ fn causal_attention_matches_generic() {
     }
 }
 
-/// Attention over the first `len` rows of larger buffers (a KV cache's) equals attention over
-/// those rows alone.
-#[test]
-fn causal_attention_over_a_prefix_ignores_the_rest_of_the_buffers() {
-    let mut rng = StdRng::seed_from_u64(4);
-    let (heads, kv, d, capacity) = (4, 2, 16, 64);
-    for (t_q, len) in [(1, 1), (1, 37), (5, 40), (64, 64)] {
-        let q = random(&mut rng, [2, t_q, heads * d], 2.0);
-        let k = random(&mut rng, [2, capacity, kv * d], 2.0);
-        let v = random(&mut rng, [2, capacity, kv * d], 1.0);
-        let (k_len, v_len) = (k.clone().narrow(1, 0, len), v.clone().narrow(1, 0, len));
-        assert_close(
-            &format!("prefix {t_q}/{len} of {capacity}"),
-            B::causal_attention_prefix(q.clone(), k, v, len, heads, kv),
-            generic::causal_attention(q, k_len, v_len, heads, kv),
-            1e-4,
-        );
+/// `t` as a KV cache of `dtype` stores it.
+fn stored(t: Tensor<B, 3>, dtype: KvDtype) -> Tensor<B, 3> {
+    match dtype {
+        KvDtype::F32 => t,
+        KvDtype::F16 => {
+            let dims = t.dims();
+            let values = t.into_data().to_vec::<f32>().unwrap();
+            let rounded = values.iter().map(|&x| half::f16::from_f32(x).to_f32());
+            Tensor::from_data(
+                TensorData::new(rounded.collect(), dims),
+                &Default::default(),
+            )
+        }
     }
 }
 
-/// A batched decode step over caches of different lengths and capacities equals one prefix
-/// attention per sequence.
+/// The host cache (head-major, f16 or f32) against the backend-generic tensor cache fed the
+/// same values at the host cache's precision: appended in chunks (a prompt, single tokens, a
+/// chunk that grows the buffers past 64 positions, strided projections), attention of each
+/// chunk's queries over everything held agrees.
 #[test]
-fn decode_attention_matches_generic() {
+fn host_kv_cache_matches_the_tensor_cache() {
+    let mut rng = StdRng::seed_from_u64(4);
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        for (b, heads, kv, d, strided) in [(1, 9, 3, 64, false), (2, 4, 2, 16, true)] {
+            let device = Default::default();
+            let mut host = <B as QuantBackend>::KvCache::new(dtype, kv, 0, &device);
+            let mut reference = TensorKv::<B>::new(dtype, kv, 0, &device);
+            for t in [5, 1, 1, 70, 1, 3] {
+                let q = projection(&mut rng, [b, t, heads * d], 2.0, strided);
+                let k = projection(&mut rng, [b, t, kv * d], 2.0, strided);
+                let v = projection(&mut rng, [b, t, kv * d], 1.0, strided);
+                host.append(k.clone(), v.clone());
+                reference.append(stored(k, dtype), stored(v, dtype));
+                assert_eq!(host.len(), reference.len());
+                assert_close(
+                    &format!("{dtype} b{b} h{heads} kv{kv} d{d}: {t} at {}", host.len()),
+                    host.attend(q.clone(), heads),
+                    reference.attend(q, heads),
+                    1e-4,
+                );
+            }
+        }
+    }
+}
+
+/// A batched decode step over caches of different lengths equals attending each cache alone
+/// (through the tensor cache).
+#[test]
+fn batched_decode_matches_attending_each_cache() {
     let mut rng = StdRng::seed_from_u64(5);
-    for (heads, kv, d) in [(9, 3, 64), (4, 2, 16)] {
-        let lens = [1, 37, 130];
-        let q = random(&mut rng, [1, lens.len(), heads * d], 2.0);
-        let caches: Vec<_> = lens
-            .iter()
-            .map(|&len| {
-                let capacity = len + 20;
-                let k = random(&mut rng, [1, capacity, kv * d], 2.0);
-                (k, random(&mut rng, [1, capacity, kv * d], 1.0), len)
-            })
-            .collect();
-        assert_close(
-            &format!("decode h{heads} kv{kv} d{d}"),
-            B::decode_attention(q.clone(), &caches, heads, kv),
-            generic::decode_attention::<B>(q, &caches, heads, kv),
-            1e-4,
-        );
+    let device = Default::default();
+    for dtype in [KvDtype::F32, KvDtype::F16] {
+        for (heads, kv, d) in [(9, 3, 64), (4, 2, 16), (8, 8, 128)] {
+            let lens = [1, 37, 130];
+            let q = random(&mut rng, [1, lens.len(), heads * d], 2.0);
+            let mut host = Vec::new();
+            let mut alone = Vec::new();
+            for len in lens {
+                let (k, v) = (
+                    random(&mut rng, [1, len, kv * d], 2.0),
+                    random(&mut rng, [1, len, kv * d], 1.0),
+                );
+                let mut cache = <B as QuantBackend>::KvCache::new(dtype, kv, 0, &device);
+                cache.append(k.clone(), v.clone());
+                let mut reference = TensorKv::<B>::new(dtype, kv, 0, &device);
+                reference.append(stored(k, dtype), stored(v, dtype));
+                let i = alone.len();
+                alone.push(reference.attend(q.clone().narrow(1, i, 1), heads));
+                host.push(cache);
+            }
+            let host: Vec<_> = host.iter().collect();
+            assert_close(
+                &format!("{dtype} decode h{heads} kv{kv} d{d}"),
+                KvStore::attend_batch(q, &host, heads),
+                Tensor::cat(alone, 1),
+                1e-4,
+            );
+        }
     }
 }
 

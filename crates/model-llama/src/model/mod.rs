@@ -19,7 +19,7 @@ pub use norm::RmsNorm;
 pub use rope::{Rope, RowPositions, inv_freq};
 
 use burn::prelude::*;
-use kernels::QuantBackend;
+use kernels::{KvDtype, KvStore, QuantBackend};
 
 use crate::config::LlamaConfig;
 
@@ -88,7 +88,7 @@ impl<B: QuantBackend> Llama<B> {
         // Every layer's cache of a sequence holds the same positions.
         let positions: Vec<usize> = caches
             .iter()
-            .map(|c| c.first().map_or(0, KvCache::len))
+            .map(|c| c.first().map_or(0, KvStore::len))
             .collect();
         let rows = self.rope.at_positions(&positions);
         let mut x = self.embed(tokens);
@@ -100,20 +100,22 @@ impl<B: QuantBackend> Llama<B> {
         x
     }
 
-    /// An empty KV cache, one entry per layer.
-    pub fn new_cache(&self) -> Vec<KvCache<B>> {
-        vec![KvCache::default(); self.layers.len()]
+    /// An empty KV cache storing `dtype`, one entry per layer.
+    pub fn new_cache(&self, dtype: KvDtype) -> Vec<KvCache<B>> {
+        self.new_cache_with_capacity(dtype, 0)
     }
 
     /// [`Llama::new_cache`] whose buffers are allocated once for up to `positions` positions,
     /// for a sequence whose greatest length is known in advance. At most
-    /// [`CACHE_RESERVE_BYTES`] are set aside (f32 keys and values of every layer); a longer
+    /// [`CACHE_RESERVE_BYTES`] are set aside (keys and values of every layer); a longer
     /// sequence grows its cache as it goes, so a request that may run long but stops early does
     /// not hold memory it never uses.
-    pub fn new_cache_with_capacity(&self, positions: usize) -> Vec<KvCache<B>> {
+    pub fn new_cache_with_capacity(&self, dtype: KvDtype, positions: usize) -> Vec<KvCache<B>> {
         let c = &self.config;
-        let per_position = 2 * c.num_key_value_heads * c.head_dim() * 4 * self.layers.len();
+        let per_position =
+            2 * c.num_key_value_heads * c.head_dim() * dtype.bytes() * self.layers.len();
         let positions = positions.min(CACHE_RESERVE_BYTES / per_position.max(1));
-        vec![KvCache::with_capacity(positions); self.layers.len()]
+        let cache = KvStore::new(dtype, c.num_key_value_heads, positions, &self.device());
+        vec![cache; self.layers.len()]
     }
 }

@@ -5,7 +5,7 @@ use burn::prelude::*;
 use model_llama::generate::{Decoder, GenerateOptions, generate};
 use model_llama::load::load_model;
 use model_llama::perplexity::perplexity;
-use model_llama::{HostTensor, LlamaConfig, MemorySource, RopeScaling, TensorSource};
+use model_llama::{HostTensor, KvDtype, LlamaConfig, MemorySource, RopeScaling, TensorSource};
 
 type B = NdArray<f32>;
 
@@ -211,32 +211,45 @@ fn perplexity_matches_naive_cross_entropy() {
     );
 }
 
+/// Generation through the KV cache gives the tokens of recomputing the whole sequence at every
+/// step, greedy and sampled, for an exact (f32) cache and for the default f16 one.
 #[test]
 fn kv_cache_generation_matches_full_recompute() {
     let src = random_source(tiny_config(None), 4);
     let model = load_model::<B>(&src, &Default::default()).unwrap();
     let prompt = [3u32, 14, 15, 9, 26];
-    for (temperature, top_p) in [(0.0, 1.0), (0.8, 0.9)] {
-        let opts = |use_cache| GenerateOptions {
-            max_new_tokens: 20,
-            temperature,
-            top_p,
-            seed: 7,
-            use_cache,
-            stop_token: None,
-        };
-        let cached = generate(&model, &prompt, &opts(true));
-        let full = generate(&model, &prompt, &opts(false));
-        assert_eq!(cached.tokens.len(), 20);
-        assert_eq!(cached.tokens, full.tokens, "temperature {temperature}");
+    for kv_cache in [KvDtype::F32, KvDtype::F16] {
+        for (temperature, top_p) in [(0.0, 1.0), (0.8, 0.9)] {
+            let opts = |use_cache| GenerateOptions {
+                max_new_tokens: 20,
+                temperature,
+                top_p,
+                seed: 7,
+                use_cache,
+                kv_cache,
+                stop_token: None,
+            };
+            let cached = generate(&model, &prompt, &opts(true));
+            let full = generate(&model, &prompt, &opts(false));
+            assert_eq!(cached.tokens.len(), 20);
+            assert_eq!(
+                cached.tokens, full.tokens,
+                "{kv_cache}, temperature {temperature}"
+            );
+        }
     }
 }
 
 /// Sequences of different lengths advanced together (continuous batching: one joins late,
-/// one ends early) see the naive model's logits at every step, and produce the tokens each
-/// produces alone.
+/// one ends early) see the naive model's logits at every step (within f16's rounding of the
+/// keys and values for an f16 cache), and produce the tokens each produces alone.
 #[test]
 fn sequences_advanced_together_match_the_naive_model_and_running_alone() {
+    advanced_together(KvDtype::F32, 1e-3);
+    advanced_together(KvDtype::F16, 1e-2);
+}
+
+fn advanced_together(kv_cache: KvDtype, tolerance: f64) {
     let src = random_source(tiny_config(None), 9);
     let model = load_model::<B>(&src, &Default::default()).unwrap();
     let prompts: [&[u32]; 3] = [
@@ -250,6 +263,7 @@ fn sequences_advanced_together_match_the_naive_model_and_running_alone() {
         top_p: 0.95,
         seed: 11 + i as u64,
         use_cache: true,
+        kv_cache,
         stop_token: None,
     };
     let alone: Vec<Vec<u32>> = (0..3)
@@ -278,8 +292,8 @@ fn sequences_advanced_together_match_the_naive_model_and_running_alone() {
             let naive = naive.last().unwrap();
             for (got, want) in d.last_logits().iter().zip(naive) {
                 assert!(
-                    (*got as f64 - want).abs() < 1e-3,
-                    "sequence {i}, step {step}"
+                    (*got as f64 - want).abs() < tolerance,
+                    "{kv_cache}: sequence {i}, step {step}: {got} vs {want}"
                 );
             }
             generated[i].push(token);
@@ -295,14 +309,21 @@ fn sequences_advanced_together_match_the_naive_model_and_running_alone() {
     );
 }
 
+/// Within f16's rounding of the keys and values for an f16 cache.
 #[test]
 fn prompt_logprobs_are_the_naive_log_softmax() {
+    prompt_logprobs(KvDtype::F32, 1e-3);
+    prompt_logprobs(KvDtype::F16, 1e-2);
+}
+
+fn prompt_logprobs(kv_cache: KvDtype, tolerance: f64) {
     let src = random_source(tiny_config(None), 6);
     let model = load_model::<B>(&src, &Default::default()).unwrap();
     let prompt = [3u32, 14, 15, 9, 26, 41, 0];
     let naive = naive_logits(&src, &prompt);
     let opts = GenerateOptions {
         max_new_tokens: 1,
+        kv_cache,
         ..GenerateOptions::default()
     };
     let (mut decoder, logprobs) = Decoder::with_prompt_logprobs(&model, &prompt, &opts, Some(3));
@@ -316,8 +337,8 @@ fn prompt_logprobs_are_the_naive_log_softmax() {
         assert_eq!(lp.token, prompt[i + 1]);
         let expected = log_softmax(row, prompt[i + 1] as usize);
         assert!(
-            (lp.logprob as f64 - expected).abs() < 1e-3,
-            "{i}: {lp:?} vs {expected}"
+            (lp.logprob as f64 - expected).abs() < tolerance,
+            "{kv_cache}, {i}: {lp:?} vs {expected}"
         );
         let mut order: Vec<usize> = (0..row.len()).collect();
         order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
