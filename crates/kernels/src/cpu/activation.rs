@@ -343,14 +343,12 @@ mod avx512_heads {
         kv.check(d);
         let (t, rep) = (kv.len, q.len() / d);
         scores.resize(rep * t, 0.0);
-        let pass = 16 / C;
-        let mut first = 0;
-        while first < rep {
-            let rows = first..rep.min(first + pass);
-            let (q, p) = (
-                &q[rows.start * d..rows.end * d],
-                &mut scores[rows.start * t..rows.end * t],
-            );
+        let passes = (0..rep)
+            .step_by(16 / C)
+            .map(|first| first..rep.min(first + 16 / C));
+        for rows in passes.clone() {
+            let q = &q[rows.start * d..rows.end * d];
+            let p = &mut scores[rows.start * t..rows.end * t];
             // SAFETY (each arm): the caller's contract, and `q`, `p` hold `R` rows.
             unsafe {
                 match rows.len() {
@@ -360,16 +358,11 @@ mod avx512_heads {
                     _ => scores_of::<C, 4, T>(q, kv, scale, p),
                 }
             }
-            first = rows.end;
         }
         super::softmax_rows(scores, t);
-        let mut first = 0;
-        while first < rep {
-            let rows = first..rep.min(first + pass);
-            let (p, o) = (
-                &scores[rows.start * t..rows.end * t],
-                &mut out[rows.start * d..rows.end * d],
-            );
+        for rows in passes {
+            let p = &scores[rows.start * t..rows.end * t];
+            let o = &mut out[rows.start * d..rows.end * d];
             // SAFETY (each arm): as above.
             unsafe {
                 match rows.len() {
@@ -379,7 +372,6 @@ mod avx512_heads {
                     _ => weighted_values::<C, 4, T>(p, kv, o),
                 }
             }
-            first = rows.end;
         }
     }
 

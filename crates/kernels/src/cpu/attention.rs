@@ -405,6 +405,10 @@ mod tests {
                 (8, 2, 16, vec![5, 90, 1, 64]),
                 (6, 3, 24, vec![12]),
                 (4, 2, 64, vec![700, 650, 3]),
+                // More query heads per key/value head than one pass of the AVX-512 kernel
+                // holds (4 of 64, 2 of 128; Llama 3 8B has 4 of 128).
+                (12, 2, 64, vec![5, 40]),
+                (8, 2, 128, vec![3, 70]),
             ] {
                 decode_case(dtype, heads, kv_heads, d, &lens);
             }

@@ -45,6 +45,8 @@ pub enum Rows<'a> {
 }
 
 impl HostKv {
+    /// An empty cache for `kv_heads` key/value heads whose first allocation holds `reserve`
+    /// positions (more if the first append needs them).
     pub fn empty(dtype: KvDtype, kv_heads: usize, reserve: usize) -> Self {
         assert!(kv_heads > 0, "a KV cache needs at least one head");
         let planes = match dtype {
@@ -59,13 +61,6 @@ impl HostKv {
             len: 0,
             capacity: 0,
             reserve,
-        }
-    }
-
-    pub fn dtype(&self) -> KvDtype {
-        match self.planes {
-            Planes::F32(_) => KvDtype::F32,
-            Planes::F16(_) => KvDtype::F16,
         }
     }
 

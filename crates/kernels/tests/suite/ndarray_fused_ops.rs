@@ -75,31 +75,40 @@ fn stored(t: Tensor<B, 3>, dtype: KvDtype) -> Tensor<B, 3> {
     }
 }
 
-/// The host cache (head-major, f16 or f32) against the backend-generic tensor cache fed the
-/// same values at the host cache's precision: appended in chunks (a prompt, single tokens, a
-/// chunk that grows the buffers past 64 positions, strided projections), attention of each
-/// chunk's queries over everything held agrees.
+/// The host cache (head-major, f16 or f32) and the backend-generic tensor cache, appended in
+/// chunks (a prompt, single tokens, a chunk that grows the buffers past 64 positions, strided
+/// projections): attention of each chunk's queries over everything held is attention over the
+/// concatenation of all keys and values appended, at the cache's precision.
 #[test]
-fn host_kv_cache_matches_the_tensor_cache() {
+fn kv_caches_attend_over_everything_appended() {
     let mut rng = StdRng::seed_from_u64(4);
     for dtype in [KvDtype::F32, KvDtype::F16] {
         for (b, heads, kv, d, strided) in [(1, 9, 3, 64, false), (2, 4, 2, 16, true)] {
             let device = Default::default();
             let mut host = <B as QuantBackend>::KvCache::new(dtype, kv, 0, &device);
             let mut reference = TensorKv::<B>::new(dtype, kv, 0, &device);
+            let (mut all_k, mut all_v) = (Vec::new(), Vec::new());
             for t in [5, 1, 1, 70, 1, 3] {
                 let q = projection(&mut rng, [b, t, heads * d], 2.0, strided);
                 let k = projection(&mut rng, [b, t, kv * d], 2.0, strided);
                 let v = projection(&mut rng, [b, t, kv * d], 1.0, strided);
                 host.append(k.clone(), v.clone());
-                reference.append(stored(k, dtype), stored(v, dtype));
+                let (k, v) = (stored(k, dtype), stored(v, dtype));
+                reference.append(k.clone(), v.clone());
+                all_k.push(k);
+                all_v.push(v);
                 assert_eq!(host.len(), reference.len());
-                assert_close(
-                    &format!("{dtype} b{b} h{heads} kv{kv} d{d}: {t} at {}", host.len()),
-                    host.attend(q.clone(), heads),
-                    reference.attend(q, heads),
-                    1e-4,
+                // Attention over everything appended so far, concatenated.
+                let want = generic::causal_attention(
+                    q.clone(),
+                    Tensor::cat(all_k.clone(), 1),
+                    Tensor::cat(all_v.clone(), 1),
+                    heads,
+                    kv,
                 );
+                let what = format!("{dtype} b{b} h{heads} kv{kv} d{d}: {t} at {}", host.len());
+                assert_close(&what, host.attend(q.clone(), heads), want.clone(), 1e-4);
+                assert_close(&what, reference.attend(q, heads), want, 1e-4);
             }
         }
     }
