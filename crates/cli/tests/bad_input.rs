@@ -252,6 +252,11 @@ fn bad_generate_and_eval_options_fail_before_loading() {
             vec!["invalid --max-tokens", "9000 new tokens", "8192"],
         ),
         (
+            vec!["generate", "--kv-cache", "q4_0"],
+            &text,
+            vec!["--kv-cache", "unknown KV cache type `q4_0`", "f16 or f32"],
+        ),
+        (
             vec!["eval", "--windows", "0"],
             &text,
             vec!["invalid --windows"],
