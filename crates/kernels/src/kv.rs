@@ -64,6 +64,11 @@ pub trait KvStore<B: Backend>: Clone + Send + Sync + fmt::Debug {
     /// positions (more only if needed).
     fn new(dtype: KvDtype, kv_heads: usize, reserve: usize, device: &B::Device) -> Self;
 
+    /// Bytes a cache made for `dtype` stores per value (what reserving memory for it costs).
+    fn value_bytes(dtype: KvDtype) -> usize {
+        dtype.bytes()
+    }
+
     /// Positions held.
     fn len(&self) -> usize;
 
@@ -115,6 +120,10 @@ impl<B: QuantBackend> KvStore<B> for TensorKv<B> {
         }
     }
 
+    fn value_bytes(_dtype: KvDtype) -> usize {
+        size_of::<f32>()
+    }
+
     fn len(&self) -> usize {
         self.len
     }
@@ -147,6 +156,13 @@ impl<B: QuantBackend> KvStore<B> for TensorKv<B> {
     }
 }
 
+/// Positions a cache holding `capacity` grows to when it must hold `needed`: at least double
+/// (which keeps the total copying linear in the sequence length), at least 64, and at least the
+/// `reserve` its first allocation was asked for.
+pub(crate) fn grown_capacity(needed: usize, capacity: usize, reserve: usize) -> usize {
+    needed.max(2 * capacity).max(64).max(reserve)
+}
+
 /// Writes `new` into rows `rows` of `buf`, growing it if needed (to at least `reserve` rows).
 fn write_rows<B: Backend>(
     buf: &mut Option<Tensor<B, 3>>,
@@ -159,12 +175,8 @@ fn write_rows<B: Backend>(
     let full = match buf.take() {
         Some(old) if old.dims()[1] >= rows.end => old,
         old => {
-            // At least doubling keeps the total copying linear in the sequence length.
-            let capacity = rows
-                .end
-                .max(2 * old.as_ref().map_or(0, |o| o.dims()[1]))
-                .max(64)
-                .max(reserve);
+            let held = old.as_ref().map_or(0, |o| o.dims()[1]);
+            let capacity = grown_capacity(rows.end, held, reserve);
             let grown = Tensor::zeros([b, capacity, d], &new.device());
             match old {
                 Some(old) => {

@@ -9,7 +9,7 @@ use half::f16;
 
 use super::activation::{HeadRows, KvElem};
 use super::attention::HeadsView;
-use crate::kv::KvDtype;
+use crate::kv::{KvDtype, grown_capacity};
 
 /// One layer's keys and values of a sequence (or of a batch of equally long sequences).
 #[derive(Clone, Debug)]
@@ -106,8 +106,7 @@ impl HostKv {
         );
         let end = self.len + t;
         if end > self.capacity {
-            // At least doubling keeps the total copying linear in the sequence length.
-            let capacity = end.max(2 * self.capacity).max(64).max(self.reserve);
+            let capacity = grown_capacity(end, self.capacity, self.reserve);
             let shape = self.shape();
             match &mut self.planes {
                 Planes::F32(p) => p.grow(shape, self.len, capacity),

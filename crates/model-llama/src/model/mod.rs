@@ -112,8 +112,9 @@ impl<B: QuantBackend> Llama<B> {
     /// not hold memory it never uses.
     pub fn new_cache_with_capacity(&self, dtype: KvDtype, positions: usize) -> Vec<KvCache<B>> {
         let c = &self.config;
+        let value_bytes = <KvCache<B> as KvStore<B>>::value_bytes(dtype);
         let per_position =
-            2 * c.num_key_value_heads * c.head_dim() * dtype.bytes() * self.layers.len();
+            2 * c.num_key_value_heads * c.head_dim() * value_bytes * self.layers.len();
         let positions = positions.min(CACHE_RESERVE_BYTES / per_position.max(1));
         let cache = KvStore::new(dtype, c.num_key_value_heads, positions, &self.device());
         vec![cache; self.layers.len()]
