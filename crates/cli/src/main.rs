@@ -112,6 +112,11 @@ enum Cmd {
         /// (exact). The GPU backends keep f32.
         #[arg(long, default_value_t = KvDtype::F16)]
         kv_cache: KvDtype,
+        /// KV cache memory the running requests may reserve together, each for its prompt and
+        /// max_tokens (e.g. `12GiB`); a request waits until its share fits. Default: 3/4 of the
+        /// memory available once the model is loaded.
+        #[arg(long)]
+        kv_memory: Option<bytesize::ByteSize>,
     },
 }
 
@@ -456,7 +461,11 @@ fn run(cli: Cli) -> Result<()> {
             max_batch,
             queue,
             kv_cache,
+            kv_memory,
         } => {
+            if kv_memory.is_some_and(|m| m.as_u64() == 0) {
+                bail!("invalid --kv-memory 0: it holds no sequence; give a size such as 8GiB");
+            }
             let m = open(&model)?;
             // Clients name the model by the checkpoint's file or directory name.
             let name = model.file_stem().unwrap_or(model.as_os_str());
@@ -466,6 +475,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_batch,
                 queue_capacity: queue,
                 kv_cache,
+                kv_memory,
                 ..serve::ServeOptions::new(name.to_string_lossy())
             };
             let server = serve::Server::start::<Backend>(&m, &device, &opts)?;

@@ -286,3 +286,26 @@ fn bad_generate_and_eval_options_fail_before_loading() {
         );
     }
 }
+
+#[test]
+fn bad_serve_options_fail_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = test_assets::smollm2_gguf().unwrap();
+    let serve = |extra: &[&str]| {
+        let mut all = os(&["serve", "--port", "0", "--model"]);
+        all.push(model.clone().into());
+        all.extend(os(extra));
+        adadim(d, &all)
+    };
+    let cases: [(&[&str], &[&str]); 2] = [
+        (
+            &["--kv-memory", "0"],
+            &["invalid --kv-memory 0", "holds no"],
+        ),
+        (&["--kv-memory", "12XB"], &["--kv-memory", "12XB"]),
+    ];
+    for (extra, expect) in cases {
+        check_failure(d, &format!("{extra:?}"), || serve(extra), expect);
+    }
+}

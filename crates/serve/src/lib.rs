@@ -10,7 +10,8 @@
 //!
 //! [`Server::start`] loads the model onto its own thread ([`worker`]), fed through a bounded
 //! queue: a request that finds the queue full gets a 503, a bad request a 400 with an
-//! OpenAI-style error body ([`ApiError`]). [`Server::run_until_signal`] serves until SIGINT or
+//! OpenAI-style error body ([`ApiError`]). The running sequences' KV caches stay within a
+//! memory budget ([`ServeOptions::kv_memory`]); a request that could never fit in it is a 400. [`Server::run_until_signal`] serves until SIGINT or
 //! SIGTERM, then finishes the requests in flight.
 
 pub mod api;
@@ -24,6 +25,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use bytesize::ByteSize;
+
 use kernels::QuantBackend;
 use model_llama::KvDtype;
 use model_llama::{Llama, OpenModel};
@@ -31,6 +34,7 @@ use tokio::sync::oneshot;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use error::{ApiError, ServeError};
+pub use worker::{KvBudget, Load};
 
 /// Sequences decoded together by default: the CPU kernels read a weight once for up to 8 rows.
 pub const DEFAULT_MAX_BATCH: usize = 8;
@@ -51,7 +55,15 @@ pub struct ServeOptions {
     pub max_batch: usize,
     /// How each sequence's KV cache stores keys and values.
     pub kv_cache: KvDtype,
+    /// KV cache memory the running sequences may reserve together (each its prompt and
+    /// `max_tokens`); `None`: [`AUTO_KV_MEMORY`] of the memory available once the model is
+    /// loaded.
+    pub kv_memory: Option<ByteSize>,
 }
+
+/// The share of the available memory the KV caches may take by default: the rest is left to
+/// the process's buffers and the machine's other work.
+pub const AUTO_KV_MEMORY: f64 = 0.75;
 
 impl ServeOptions {
     /// Serves `model_name` on 127.0.0.1:8080, 8 sequences at a time with 16 more waiting.
@@ -63,6 +75,7 @@ impl ServeOptions {
             queue_capacity: DEFAULT_QUEUE,
             max_batch: DEFAULT_MAX_BATCH,
             kv_cache: KvDtype::default(),
+            kv_memory: None,
         }
     }
 }
@@ -74,6 +87,8 @@ pub struct Server {
     stop: oneshot::Sender<()>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     worker: std::thread::JoinHandle<()>,
+    load: Arc<Load>,
+    kv: KvBudget,
 }
 
 impl Server {
@@ -105,10 +120,43 @@ impl Server {
         if let Err(why) = &chat {
             tracing::warn!("chat completions are off: {why}");
         }
+        if opts.kv_memory.is_some_and(|m| m.as_u64() == 0) {
+            return Err(ServeError::Option {
+                option: "kv_memory",
+                reason: "0 bytes hold no sequence; need more".into(),
+            });
+        }
         let llama = model.load::<B>(device)?;
-        let (queue, worker) = worker::spawn(llama, opts.queue_capacity, opts.max_batch)?;
+        let kv = KvBudget {
+            per_position: llama.kv_bytes_per_position(opts.kv_cache) as u64,
+            limit: opts
+                .kv_memory
+                .map(|m| m.as_u64())
+                .or_else(|| available_memory().map(|a| (a as f64 * AUTO_KV_MEMORY) as u64)),
+        };
+        match kv.limit {
+            Some(limit) => tracing::info!(
+                "KV caches: at most {} ({} positions of {} each){}",
+                worker::bytes(limit),
+                limit / kv.per_position.max(1),
+                worker::bytes(kv.per_position),
+                if opts.kv_memory.is_none() {
+                    "; --kv-memory sets it"
+                } else {
+                    ""
+                }
+            ),
+            None => {
+                tracing::warn!("no memory figure on this system: the KV caches are not limited")
+            }
+        }
+        let load = Arc::new(Load::default());
+        let (queue, worker) =
+            worker::spawn(llama, opts.queue_capacity, opts.max_batch, kv, load.clone())?;
         let state = Arc::new(routes::AppState {
             queue,
+            load: load.clone(),
+            kv,
             tokenizer,
             chat,
             model_name: opts.model_name.clone(),
@@ -146,7 +194,19 @@ impl Server {
             stop,
             http,
             worker,
+            load,
+            kv,
         })
+    }
+
+    /// What the model worker runs now.
+    pub fn load(&self) -> &Load {
+        &self.load
+    }
+
+    /// The KV cache budget the server runs under.
+    pub fn kv_budget(&self) -> KvBudget {
+        self.kv
     }
 
     /// The address the server listens on.
@@ -188,6 +248,14 @@ impl Server {
         self.worker.join().map_err(|_| ServeError::WorkerPanicked)?;
         Ok(served?)
     }
+}
+
+/// Linux's estimate of the memory available without swapping (`MemAvailable`), in bytes.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The checkpoint's chat template, compiled, or why chat completions cannot be served.

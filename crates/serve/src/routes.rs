@@ -24,7 +24,7 @@ use crate::api::{ChatRequest, CompletionRequest, PromptItem};
 use crate::chat::ChatTemplate;
 use crate::error::ApiError;
 use crate::text::TextStream;
-use crate::worker::{Event, Job, Queue};
+use crate::worker::{Event, Job, KvBudget, Load, Queue};
 
 /// What every handler shares.
 pub(crate) struct AppState {
@@ -38,6 +38,9 @@ pub(crate) struct AppState {
     pub context: usize,
     /// How each sequence's KV cache stores keys and values.
     pub kv_cache: model_llama::KvDtype,
+    /// The KV memory the running sequences may reserve, and what they reserve now.
+    pub kv: KvBudget,
+    pub load: Arc<Load>,
     pub next_id: AtomicU64,
 }
 
@@ -53,8 +56,12 @@ pub(crate) fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+async fn health(State(state): State<Shared>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "running": state.load.running(),
+        "kv_cache": {"reserved_bytes": state.load.kv_reserved(), "limit_bytes": state.kv.limit},
+    }))
 }
 
 async fn models(State(state): State<Shared>) -> Json<Value> {
@@ -125,9 +132,14 @@ impl AppState {
                 format!("`{param}` is empty"),
             ));
         }
+        // Without max_tokens, a sequence may run to the context's end, or to as far as the KV
+        // memory holds.
+        let fits = self.kv.limit.map_or(usize::MAX, |l| {
+            usize::try_from(l / self.kv.per_position.max(1)).unwrap_or(usize::MAX)
+        });
         let max_new_tokens = s
             .max_tokens
-            .unwrap_or(self.context.saturating_sub(prompt_len));
+            .unwrap_or(self.context.min(fits).saturating_sub(prompt_len));
         if prompt_len.saturating_add(max_new_tokens) > self.context {
             return Err(ApiError::invalid(
                 Some(if prompt_len > self.context {
@@ -139,6 +151,25 @@ impl AppState {
                     "this model's maximum context length is {} tokens; the prompt has {prompt_len} \
                      tokens and max_tokens asks for {max_new_tokens} more",
                     self.context
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        let need = self.kv.need(prompt_len + max_new_tokens);
+        if let Some(limit) = self.kv.limit.filter(|&l| need > l) {
+            return Err(ApiError::invalid(
+                Some(if prompt_len > fits {
+                    param
+                } else {
+                    "max_tokens"
+                }),
+                format!(
+                    "the prompt's {prompt_len} tokens and max_tokens' {max_new_tokens} need {} of \
+                     KV cache ({} per position); this server's KV caches hold at most {} ({fits} \
+                     positions; `adadim serve --kv-memory` sets it)",
+                    crate::worker::bytes(need),
+                    crate::worker::bytes(self.kv.per_position),
+                    crate::worker::bytes(limit),
                 ),
             )
             .with_code("context_length_exceeded"));

@@ -8,10 +8,17 @@
 //! costs. A waiting job joins the batch at the next step, after its own prefill; a finished one
 //! leaves it.
 //!
+//! Each running sequence reserves the KV cache of its longest possible length (prompt and
+//! `max_new_tokens`) against a [`KvBudget`]; a job that does not fit waits, first in line, until
+//! enough sequences end. So a server holds at most its budget in caches, whatever its clients
+//! ask, instead of running out of memory mid-generation.
+//!
 //! The model runs here, not on tokio's executor: a forward pass is long CPU work (rayon-parallel
 //! products) that would stall every connection the executor serves meanwhile.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 
@@ -31,6 +38,66 @@ pub struct Job {
     pub token_logprobs: Option<usize>,
     /// Where the job's events go; dropping the receiving side cancels the job.
     pub events: UnboundedSender<Event>,
+}
+
+impl Job {
+    /// The most positions its sequence can reach.
+    pub fn positions(&self) -> usize {
+        self.prompt.len() + self.opts.max_new_tokens
+    }
+}
+
+/// How much KV cache the running sequences may hold together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvBudget {
+    /// Bytes one sequence's cache holds per position (all layers, keys and values).
+    pub per_position: u64,
+    /// Bytes all running sequences may reserve together; `None`: no limit.
+    pub limit: Option<u64>,
+}
+
+impl KvBudget {
+    /// What a sequence of up to `positions` positions reserves.
+    pub fn need(&self, positions: usize) -> u64 {
+        (positions as u64).saturating_mul(self.per_position)
+    }
+
+    /// Whether `need` more bytes fit beside `reserved`.
+    fn fits(&self, reserved: u64, need: u64) -> bool {
+        self.limit
+            .is_none_or(|limit| reserved.saturating_add(need) <= limit)
+    }
+}
+
+/// What the worker runs, as it runs it (shared with the server, which reports it).
+#[derive(Debug, Default)]
+pub struct Load {
+    running: AtomicUsize,
+    peak_running: AtomicUsize,
+    kv_reserved: AtomicU64,
+}
+
+impl Load {
+    /// Sequences running now.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    /// The most sequences that ever ran at once.
+    pub fn peak_running(&self) -> usize {
+        self.peak_running.load(Ordering::Relaxed)
+    }
+
+    /// KV cache bytes the running sequences reserve.
+    pub fn kv_reserved(&self) -> u64 {
+        self.kv_reserved.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, running: usize, kv_reserved: u64) {
+        self.running.store(running, Ordering::Relaxed);
+        self.peak_running.fetch_max(running, Ordering::Relaxed);
+        self.kv_reserved.store(kv_reserved, Ordering::Relaxed);
+    }
 }
 
 /// What a job reports, in this order: `PromptLogprobs` (when asked), `Token`s, then `Done`
@@ -75,13 +142,15 @@ impl Queue {
     }
 }
 
-/// Starts the worker thread on `model`; it runs up to `max_batch` jobs at once, and at most
-/// `capacity` more wait. The thread ends when every [`Queue`] clone is dropped and its jobs are
-/// done.
+/// Starts the worker thread on `model`; it runs up to `max_batch` jobs at once within
+/// `budget`, and at most `capacity` more wait. `load` follows what it runs. The thread ends
+/// when every [`Queue`] clone is dropped and its jobs are done.
 pub fn spawn<B>(
     model: Llama<B>,
     capacity: usize,
     max_batch: usize,
+    budget: KvBudget,
+    load: Arc<Load>,
 ) -> std::io::Result<(Queue, JoinHandle<()>)>
 where
     B: QuantBackend + 'static,
@@ -91,7 +160,7 @@ where
     let (jobs, rx) = sync_channel(capacity);
     let handle = std::thread::Builder::new()
         .name("model".into())
-        .spawn(move || run(&model, rx, max_batch))?;
+        .spawn(move || run(&model, rx, max_batch, budget, &load))?;
     Ok((Queue { jobs, capacity }, handle))
 }
 
@@ -99,6 +168,8 @@ where
 struct Running<'m, B: QuantBackend> {
     decoder: Decoder<'m, B>,
     job: Job,
+    /// KV cache bytes it reserves.
+    kv_need: u64,
 }
 
 /// What a job whose model work panicked is told.
@@ -111,12 +182,13 @@ impl<B: QuantBackend> Running<'_, B> {
         self.job.events.send(event).is_ok()
     }
 
-    /// Samples and sends the next token; `false` once the job has ended (its last token sent,
-    /// or its client gone).
-    fn emit(&mut self) -> bool {
+    /// Samples and sends the next token; once the job has ended (its last token sent, or its
+    /// client gone), `Some` of the event that closes it, for the caller to send after it has
+    /// released what the job held.
+    fn emit(&mut self) -> Option<Option<Event>> {
         // A closed channel is a client that went away: stop spending the model on it.
         if self.job.events.is_closed() {
-            return false;
+            return Some(None);
         }
         if let Some(id) = self.decoder.next_token() {
             let logprob = self
@@ -124,34 +196,73 @@ impl<B: QuantBackend> Running<'_, B> {
                 .token_logprobs
                 .map(|n| model_llama::generate::token_logprob(self.decoder.last_logits(), id, n));
             if !self.send(Event::Token { id, logprob }) {
-                return false;
+                return Some(None);
             }
         }
         if self.decoder.is_finished() {
             let last = self.decoder.generated().last().copied();
             let stopped = last.is_some() && last == self.job.opts.stop_token;
-            self.send(Event::Done { stopped });
-            return false;
+            return Some(Some(Event::Done { stopped }));
         }
-        true
+        None
     }
 }
 
-fn run<B: QuantBackend>(model: &Llama<B>, jobs: Receiver<Job>, max_batch: usize) {
+fn run<B: QuantBackend>(
+    model: &Llama<B>,
+    jobs: Receiver<Job>,
+    max_batch: usize,
+    budget: KvBudget,
+    load: &Load,
+) {
     let mut batch: Vec<Running<'_, B>> = Vec::with_capacity(max_batch);
+    // A job taken from the queue that waits for KV memory; it starts before any later one.
+    let mut waiting: Option<Job> = None;
+    let mut reserved = 0u64;
     loop {
-        // Idle: wait for a job. Running: take those waiting, without waiting, up to the batch.
-        if batch.is_empty() {
+        // Idle: wait for a job. Running: take those waiting, without waiting, up to the batch
+        // and the budget.
+        if batch.is_empty() && waiting.is_none() {
             match jobs.recv() {
-                Ok(job) => batch.extend(start(model, job)),
+                Ok(job) => waiting = Some(job),
                 Err(_) => break,
             }
         }
         while batch.len() < max_batch {
-            let Ok(job) = jobs.try_recv() else { break };
-            batch.extend(start(model, job));
+            let Some(job) = waiting.take().or_else(|| jobs.try_recv().ok()) else {
+                break;
+            };
+            let need = budget.need(job.positions());
+            if budget.fits(reserved, need) {
+                if let Some(running) = start(model, job, need) {
+                    reserved += need;
+                    batch.push(running);
+                }
+            } else if batch.is_empty() {
+                // The server turns such requests away; a job queued by other means fails here.
+                let _ = job.events.send(Event::Failed(format!(
+                    "the request needs {} of KV cache, more than the server's limit of {}",
+                    bytes(need),
+                    bytes(budget.limit.unwrap_or(0))
+                )));
+            } else {
+                waiting = Some(job);
+                break;
+            }
         }
-        batch.retain_mut(Running::emit);
+        load.set(batch.len(), reserved);
+        let mut ended = Vec::new();
+        batch.retain_mut(|r| {
+            let Some(last) = r.emit() else { return true };
+            reserved -= r.kv_need;
+            ended.extend(last.map(|e| (r.job.events.clone(), e)));
+            false
+        });
+        // What a finished job held is free before its client hears that it has finished.
+        load.set(batch.len(), reserved);
+        for (events, last) in ended {
+            let _ = events.send(last);
+        }
         let mut decoders: Vec<&mut Decoder<'_, B>> =
             batch.iter_mut().map(|r| &mut r.decoder).collect();
         // The products run inside rayon's pool (see `model_llama::generate::generate`).
@@ -159,14 +270,21 @@ fn run<B: QuantBackend>(model: &Llama<B>, jobs: Receiver<Job>, max_batch: usize)
             for r in batch.drain(..) {
                 r.send(failed());
             }
+            reserved = 0;
         }
     }
+    load.set(0, 0);
     tracing::debug!("model worker stopped");
+}
+
+/// `n` bytes for people (`1.5 GiB`).
+pub(crate) fn bytes(n: u64) -> String {
+    bytesize::ByteSize::b(n).display().iec().to_string()
 }
 
 /// Runs `job`'s prefill (and sends its prompt log-probabilities); `None` if it failed or its
 /// client has gone.
-fn start<B: QuantBackend>(model: &Llama<B>, job: Job) -> Option<Running<'_, B>> {
+fn start<B: QuantBackend>(model: &Llama<B>, job: Job, kv_need: u64) -> Option<Running<'_, B>> {
     let prefill = || {
         rayon::scope(|_| {
             Decoder::with_prompt_logprobs(model, &job.prompt, &job.opts, job.prompt_logprobs)
@@ -176,7 +294,11 @@ fn start<B: QuantBackend>(model: &Llama<B>, job: Job) -> Option<Running<'_, B>> 
         let _ = job.events.send(failed());
         return None;
     };
-    let running = Running { decoder, job };
+    let running = Running {
+        decoder,
+        job,
+        kv_need,
+    };
     let wanted = running.job.prompt_logprobs.is_some();
     (!wanted || running.send(Event::PromptLogprobs(prompt_logprobs))).then_some(running)
 }

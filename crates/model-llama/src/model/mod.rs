@@ -100,6 +100,14 @@ impl<B: QuantBackend> Llama<B> {
         x
     }
 
+    /// Bytes a sequence's KV cache holds per position: keys and values of every layer, stored
+    /// as `dtype` (or as this backend's cache stores them).
+    pub fn kv_bytes_per_position(&self, dtype: KvDtype) -> usize {
+        let c = &self.config;
+        let value_bytes = <KvCache<B> as KvStore<B>>::value_bytes(dtype);
+        2 * c.num_key_value_heads * c.head_dim() * value_bytes * self.layers.len()
+    }
+
     /// An empty KV cache storing `dtype`, one entry per layer.
     pub fn new_cache(&self, dtype: KvDtype) -> Vec<KvCache<B>> {
         self.new_cache_with_capacity(dtype, 0)
@@ -112,10 +120,8 @@ impl<B: QuantBackend> Llama<B> {
     /// not hold memory it never uses.
     pub fn new_cache_with_capacity(&self, dtype: KvDtype, positions: usize) -> Vec<KvCache<B>> {
         let c = &self.config;
-        let value_bytes = <KvCache<B> as KvStore<B>>::value_bytes(dtype);
-        let per_position =
-            2 * c.num_key_value_heads * c.head_dim() * value_bytes * self.layers.len();
-        let positions = positions.min(CACHE_RESERVE_BYTES / per_position.max(1));
+        let reserve = CACHE_RESERVE_BYTES / self.kv_bytes_per_position(dtype).max(1);
+        let positions = positions.min(reserve);
         let cache = KvStore::new(dtype, c.num_key_value_heads, positions, &self.device());
         vec![cache; self.layers.len()]
     }

@@ -5,7 +5,8 @@ use crate::support;
 
 use model_llama::generate::{Decoder, GenerateOptions};
 use serde_json::{Value, json};
-use support::{MODEL, get, greedy, post, start, start_with};
+use serve::ServeOptions;
+use support::{MODEL, get, greedy, post, start, start_opts, start_with};
 
 /// A 400 with an OpenAI-style error naming `param` and saying `says`.
 fn assert_400(answer: (u16, Value), param: Option<&str>, says: &str) {
@@ -157,7 +158,10 @@ fn bad_requests_get_a_clear_400_and_the_server_keeps_serving() {
     }
     let (status, v) = get(&server, "/v1/nothing");
     assert_eq!((status, &v["error"]["code"]), (404, &json!("not_found")));
-    assert_eq!(get(&server, "/health"), (200, json!({"status": "ok"})));
+    let (status, health) = get(&server, "/health");
+    assert_eq!((status, &health["status"]), (200, &json!("ok")), "{health}");
+    assert_eq!(health["running"], 0, "{health}");
+    assert_eq!(health["kv_cache"]["reserved_bytes"], 0, "{health}");
     let (status, models) = get(&server, "/v1/models");
     assert_eq!((status, &models["data"][0]["id"]), (200, &json!(MODEL)));
     server.shutdown().unwrap();
@@ -206,6 +210,75 @@ fn concurrent_greedy_requests_return_the_sequential_tokens() {
         "stop {stop:?} in {full:?}"
     );
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    server.shutdown().unwrap();
+}
+
+/// Under a KV memory limit for two of them, four concurrent requests run two at a time and
+/// return what they return alone; a request that could never fit is a 400, and one without
+/// `max_tokens` runs as far as the memory holds.
+#[test]
+fn the_kv_memory_limit_holds_requests_back_until_they_fit() {
+    let prompts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Water boils at",
+        "My favourite book is",
+    ];
+    let new_tokens = 16;
+    let free = start(8);
+    let per_position = free.kv_budget().per_position;
+    let (texts, prompt_tokens): (Vec<String>, Vec<u64>) = prompts
+        .iter()
+        .map(|p| {
+            let body = json!({"model": MODEL, "prompt": p, "max_tokens": new_tokens,
+                              "temperature": 0});
+            let (status, v) = post(&free, "/v1/completions", &body.to_string());
+            assert_eq!(status, 200, "{v}");
+            let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+            (text, v["usage"]["prompt_tokens"].as_u64().unwrap())
+        })
+        .unzip();
+    assert_eq!(free.load().peak_running(), 1);
+    free.shutdown().unwrap();
+
+    // Room for the two longest requests, so for any two and never for three.
+    let mut needs: Vec<u64> = prompt_tokens.iter().map(|p| p + new_tokens).collect();
+    needs.sort_unstable();
+    let positions = needs[2] + needs[3];
+    let limit = positions * per_position;
+    let server = start_opts(ServeOptions {
+        kv_memory: Some(bytesize::ByteSize::b(limit)),
+        ..ServeOptions::new(MODEL)
+    });
+    assert_eq!(server.kv_budget().limit, Some(limit));
+    let concurrent: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| s.spawn(|| greedy(&server, p, new_tokens as usize)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(concurrent, texts);
+    assert_eq!(server.load().peak_running(), 2);
+    assert_eq!(server.load().kv_reserved(), 0);
+
+    let body = json!({"model": MODEL, "prompt": prompts[0], "max_tokens": positions,
+                      "temperature": 0});
+    let (status, v) = post(&server, "/v1/completions", &body.to_string());
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "max_tokens", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("--kv-memory"), "{message}");
+
+    let body = json!({"model": MODEL, "prompt": prompts[0], "temperature": 0});
+    let (status, v) = post(&server, "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{v}");
+    let used = v["usage"]["prompt_tokens"].as_u64().unwrap()
+        + v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(used <= positions, "{v}");
+    let (_, health) = get(&server, "/health");
+    assert_eq!(health["kv_cache"]["limit_bytes"], limit, "{health}");
+    assert_eq!(greedy(&server, prompts[1], new_tokens as usize), texts[1]);
     server.shutdown().unwrap();
 }
 

@@ -17,14 +17,18 @@ pub fn start(queue_capacity: usize) -> Server {
 
 /// [`start`], running at most `max_batch` requests at once.
 pub fn start_with(queue_capacity: usize, max_batch: usize) -> Server {
-    let path = test_assets::smollm2_gguf().expect("the test model can be fetched");
-    let model = model_llama::open_model(&path).unwrap();
-    let opts = ServeOptions {
-        port: 0,
+    start_opts(ServeOptions {
         queue_capacity,
         max_batch,
         ..ServeOptions::new(MODEL)
-    };
+    })
+}
+
+/// A server of the shipped test model with `opts`, on a free port.
+pub fn start_opts(opts: ServeOptions) -> Server {
+    let path = test_assets::smollm2_gguf().expect("the test model can be fetched");
+    let model = model_llama::open_model(&path).unwrap();
+    let opts = ServeOptions { port: 0, ..opts };
     Server::start::<Cpu>(&model, &Default::default(), &opts).unwrap()
 }
 
