@@ -86,8 +86,9 @@ enum Cmd {
         /// Recompute the whole sequence every step instead of using the KV cache.
         #[arg(long)]
         no_cache: bool,
-        /// How the KV cache stores keys and values: f16 (half the memory, the default) or f32
-        /// (exact). The GPU backends keep f32.
+        /// How the KV cache stores keys and values: f16 (half the memory, the default), f32
+        /// (exact) or q8_0 (8-bit blocks, just over half of f16's memory). The GPU backends
+        /// keep f32.
         #[arg(long, default_value_t = KvDtype::F16)]
         kv_cache: KvDtype,
     },
@@ -108,8 +109,9 @@ enum Cmd {
         /// Requests that may wait beside those running; more get a 503.
         #[arg(long, default_value_t = serve::DEFAULT_QUEUE)]
         queue: usize,
-        /// How the KV cache stores keys and values: f16 (half the memory, the default) or f32
-        /// (exact). The GPU backends keep f32.
+        /// How the KV cache stores keys and values: f16 (half the memory, the default), f32
+        /// (exact) or q8_0 (8-bit blocks, just over half of f16's memory). The GPU backends
+        /// keep f32.
         #[arg(long, default_value_t = KvDtype::F16)]
         kv_cache: KvDtype,
         /// KV cache memory the running requests may reserve together, each for its prompt and
@@ -433,6 +435,7 @@ fn run(cli: Cli) -> Result<()> {
                         ("top_p", "--top-p"),
                         ("max_new_tokens", "--max-tokens"),
                         ("prompt", "--prompt"),
+                        ("kv_cache", "--kv-cache"),
                     ],
                 )
             })?;

@@ -254,7 +254,11 @@ fn bad_generate_and_eval_options_fail_before_loading() {
         (
             vec!["generate", "--kv-cache", "q4_0"],
             &text,
-            vec!["--kv-cache", "unknown KV cache type `q4_0`", "f16 or f32"],
+            vec![
+                "--kv-cache",
+                "unknown KV cache type `q4_0`",
+                "f16, f32 or q8_0",
+            ],
         ),
         (
             vec!["eval", "--windows", "0"],

@@ -23,15 +23,58 @@ pub enum KvDtype {
     F16,
     /// Exact: the same attention as recomputing the whole sequence.
     F32,
+    /// llama.cpp's Q8_0: blocks of 32 values as 8-bit integers with one f16 step each
+    /// ([`crate::cpu::activation::Q8Block`]), 34 bytes per 32 values, just over half of f16's
+    /// memory (relative error ≤ 1/254 of a block's largest magnitude). Needs heads whose size is
+    /// a multiple of 32.
+    Q8_0,
 }
 
 impl KvDtype {
-    /// Bytes per stored value.
-    pub fn bytes(self) -> usize {
+    /// Values per block of [`KvDtype::Q8_0`].
+    pub const Q8_BLOCK: usize = 32;
+
+    /// Bytes a row of `d` values takes.
+    pub fn row_bytes(self, d: usize) -> usize {
         match self {
-            Self::F16 => 2,
-            Self::F32 => 4,
+            Self::F16 => 2 * d,
+            Self::F32 => 4 * d,
+            Self::Q8_0 => d.div_ceil(Self::Q8_BLOCK) * (Self::Q8_BLOCK + 2),
         }
+    }
+
+    /// `x` as a cache of this type gives it back: rounded to f16, or block by block to Q8_0
+    /// (`x` holds whole blocks then: rows whose size is a multiple of 32).
+    pub fn as_stored(self, x: &[f32]) -> Vec<f32> {
+        use crate::cpu::activation::{KvElem, Q8Block};
+        match self {
+            Self::F32 => x.to_vec(),
+            Self::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+            Self::Q8_0 => {
+                let mut blocks = vec![Q8Block::default(); x.len() / Self::Q8_BLOCK];
+                Q8Block::narrow_from(&mut blocks, x);
+                let mut out = vec![0f32; x.len()];
+                Q8Block::widen_row(&blocks, &mut out);
+                out
+            }
+        }
+    }
+
+    /// Whether it stores heads of `d` values: Q8_0's blocks must tile a row.
+    pub fn holds_heads_of(self, d: usize) -> bool {
+        self.check_heads(d).is_ok()
+    }
+
+    /// [`KvDtype::holds_heads_of`], or why not.
+    pub fn check_heads(self, d: usize) -> Result<(), String> {
+        if self == Self::Q8_0 && !d.is_multiple_of(Self::Q8_BLOCK) {
+            return Err(format!(
+                "{self} stores heads whose size is a multiple of {}; this model's heads have {d} \
+                 values (use f16 or f32)",
+                Self::Q8_BLOCK
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -40,6 +83,7 @@ impl fmt::Display for KvDtype {
         f.write_str(match self {
             Self::F16 => "f16",
             Self::F32 => "f32",
+            Self::Q8_0 => "q8_0",
         })
     }
 }
@@ -51,8 +95,9 @@ impl FromStr for KvDtype {
         match s {
             "f16" => Ok(Self::F16),
             "f32" => Ok(Self::F32),
+            "q8_0" => Ok(Self::Q8_0),
             other => Err(format!(
-                "unknown KV cache type `{other}` (expected f16 or f32)"
+                "unknown KV cache type `{other}` (expected f16, f32 or q8_0)"
             )),
         }
     }
@@ -64,9 +109,10 @@ pub trait KvStore<B: Backend>: Clone + Send + Sync + fmt::Debug {
     /// positions (more only if needed).
     fn new(dtype: KvDtype, kv_heads: usize, reserve: usize, device: &B::Device) -> Self;
 
-    /// Bytes a cache made for `dtype` stores per value (what reserving memory for it costs).
-    fn value_bytes(dtype: KvDtype) -> usize {
-        dtype.bytes()
+    /// Bytes a cache made for `dtype` stores per row of `d` values (what reserving memory for
+    /// it costs).
+    fn row_bytes(dtype: KvDtype, d: usize) -> usize {
+        dtype.row_bytes(d)
     }
 
     /// Positions held.
@@ -120,8 +166,8 @@ impl<B: QuantBackend> KvStore<B> for TensorKv<B> {
         }
     }
 
-    fn value_bytes(_dtype: KvDtype) -> usize {
-        size_of::<f32>()
+    fn row_bytes(_dtype: KvDtype, d: usize) -> usize {
+        KvDtype::F32.row_bytes(d)
     }
 
     fn len(&self) -> usize {

@@ -50,6 +50,11 @@ impl GenerateOptions {
         if prompt_tokens == 0 {
             return Err(InvalidOption::new("prompt", "it is empty"));
         }
+        if self.use_cache {
+            self.kv_cache
+                .check_heads(config.head_dim())
+                .map_err(|reason| InvalidOption::new("kv_cache", reason))?;
+        }
         let context = config.context_length();
         if prompt_tokens > context {
             return Err(InvalidOption::new(
@@ -611,6 +616,10 @@ mod tests {
         );
         assert_eq!(option(|_| {}, 0), "prompt");
         assert_eq!(option(|o| o.max_new_tokens = 0, 101), "prompt");
+        // Heads of 4 values do not fill a Q8_0 block; without a cache nothing is stored.
+        assert_eq!(option(|o| o.kv_cache = KvDtype::Q8_0, 1), "kv_cache");
+        let no_cache = |o: &mut GenerateOptions| (o.kv_cache, o.use_cache) = (KvDtype::Q8_0, false);
+        assert_eq!(check(no_cache, 1), Ok(()));
         let e = check(|o| o.max_new_tokens = 91, 10)
             .unwrap_err()
             .to_string();

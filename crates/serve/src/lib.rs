@@ -115,6 +115,12 @@ impl Server {
             });
         }
         let config = model.source.config().clone();
+        opts.kv_cache
+            .check_heads(config.head_dim())
+            .map_err(|reason| ServeError::Option {
+                option: "kv_cache",
+                reason,
+            })?;
         let tokenizer = model.tokenizer.clone();
         let chat = chat_template(&tokenizer);
         if let Err(why) = &chat {

@@ -40,7 +40,7 @@ pub struct BenchServeArgs {
     /// Sampling temperature of the completions (0: greedy); each request has its own seed.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
-    /// How the server's KV caches store keys and values (f16 or f32).
+    /// How the server's KV caches store keys and values (f16, f32 or q8_0).
     #[arg(long, default_value_t = KvDtype::F16)]
     pub kv_cache: KvDtype,
     /// Write the markdown section to this file (default: print it).

@@ -108,28 +108,33 @@ fn swiglu_generic(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
-/// An element type of a KV cache: `f32`, or `f16` at half the memory and half the bytes read
-/// per decode step. Values are rounded once, when written; attention widens them to f32.
+/// An element type of a KV cache: `f32`; `f16` at half the memory and half the bytes read per
+/// decode step; or a [`Q8Block`] of 32 values at just over a quarter. Values are rounded once,
+/// when written; attention widens them to f32.
 pub trait KvElem: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
-    /// The value as f32.
-    fn widen(self) -> f32;
+    /// Values one element holds.
+    const VALUES: usize;
 
-    /// `dst[i] = src[i]` rounded to nearest.
+    /// `dst[i]` = value `i` of `src`, widened (`dst.len() = src.len() · VALUES`).
+    fn widen_row(src: &[Self], dst: &mut [f32]);
+
+    /// `src` rounded into `dst` (`src.len() = dst.len() · VALUES`).
     fn narrow_from(dst: &mut [Self], src: &[f32]);
 
-    /// Sixteen consecutive values from `p`, widened. Inlined into [`avx512_heads`]' kernels,
-    /// whose AVX-512 context it compiles in.
+    /// Values `16c..16c + 16` of the row at `row`, widened. Inlined into [`avx512_heads`]'
+    /// kernels, whose AVX-512 context it compiles in.
     ///
     /// # Safety
-    /// The CPU supports AVX-512F and `p` points to 16 readable values.
+    /// The CPU supports AVX-512F and the row at `row` holds those values.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    unsafe fn load16(row: *const Self, c: usize) -> std::arch::x86_64::__m512;
 }
 
 impl KvElem for f32 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self
+    const VALUES: usize = 1;
+
+    fn widen_row(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
     }
 
     fn narrow_from(dst: &mut [Self], src: &[f32]) {
@@ -138,16 +143,19 @@ impl KvElem for f32 {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+    unsafe fn load16(row: *const Self, c: usize) -> std::arch::x86_64::__m512 {
         // SAFETY: the caller's contract.
-        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(row.add(16 * c)) }
     }
 }
 
 impl KvElem for half::f16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        super::f16::h2f_exact(self.to_bits())
+    const VALUES: usize = 1;
+
+    fn widen_row(src: &[Self], dst: &mut [f32]) {
+        for (d, &h) in dst.iter_mut().zip(src) {
+            *d = super::f16::h2f_exact(h.to_bits());
+        }
     }
 
     fn narrow_from(dst: &mut [Self], src: &[f32]) {
@@ -157,15 +165,89 @@ impl KvElem for half::f16 {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+    unsafe fn load16(row: *const Self, c: usize) -> std::arch::x86_64::__m512 {
         use std::arch::x86_64::*;
         // SAFETY: the caller's contract; `vcvtph2ps` is exact (every f16 is an f32).
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * c) as *const __m256i)) }
+    }
+}
+
+/// 32 values of a [`crate::KvDtype::Q8_0`] cache, llama.cpp's `block_q8_0`: value `i` is
+/// `d · q[i]`, with `d = max|x| / 127` (as f16) and `q[i] = round(x_i / d)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C)]
+pub struct Q8Block {
+    pub d: half::f16,
+    pub q: [i8; Q8Block::LEN],
+}
+
+impl Q8Block {
+    /// Values per block.
+    pub const LEN: usize = crate::KvDtype::Q8_BLOCK;
+
+    /// The block of `x`. The step is rounded to f16 after the codes are taken (as llama.cpp
+    /// does); a NaN anywhere makes the step NaN, so every value reads back as NaN.
+    pub fn quantize(x: &[f32; Self::LEN]) -> Self {
+        if x.iter().any(|v| v.is_nan()) {
+            return Self {
+                d: half::f16::NAN,
+                q: [0; Self::LEN],
+            };
+        }
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+        Self {
+            d: half::f16::from_f32(d),
+            q: x.map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8),
+        }
+    }
+}
+
+impl KvElem for Q8Block {
+    const VALUES: usize = Self::LEN;
+
+    fn widen_row(src: &[Self], dst: &mut [f32]) {
+        for (b, out) in src.iter().zip(dst.chunks_exact_mut(Self::LEN)) {
+            let d = b.d.to_f32();
+            for (o, &q) in out.iter_mut().zip(&b.q) {
+                *o = d * f32::from(q);
+            }
+        }
+    }
+
+    fn narrow_from(dst: &mut [Self], src: &[f32]) {
+        let (blocks, rest) = src.as_chunks::<{ Self::LEN }>();
+        assert!(
+            rest.is_empty() && blocks.len() == dst.len(),
+            "{} values do not fill {} blocks of {}",
+            src.len(),
+            dst.len(),
+            Self::LEN
+        );
+        for (d, x) in dst.iter_mut().zip(blocks) {
+            *d = Self::quantize(x);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(row: *const Self, c: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract: block `c / 2` of the row exists; its 16 codes from
+        // `16 · (c % 2)` are in bounds.
+        unsafe {
+            let block = row.add(c / 2);
+            let codes = (&raw const (*block).q).cast::<i8>().add(16 * (c % 2));
+            let ints = _mm512_cvtepi8_epi32(_mm_loadu_si128(codes as *const __m128i));
+            let d = _mm512_set1_ps(super::f16::h2f_exact((*block).d.to_bits()));
+            _mm512_mul_ps(_mm512_cvtepi32_ps(ints), d)
+        }
     }
 }
 
 /// One attention head's keys and values for a query: `len` rows of `d` contiguous values each,
-/// row `j` starting at `j·stride` of `k` and of `v` (a KV cache's rows of one head).
+/// row `j` starting at element `j·stride` of `k` and of `v` (a KV cache's rows of one head).
 #[derive(Debug)]
 pub struct HeadRows<'a, T = f32> {
     pub k: &'a [T],
@@ -183,20 +265,25 @@ impl<T> Clone for HeadRows<'_, T> {
 impl<T> Copy for HeadRows<'_, T> {}
 
 impl<'a, T: KvElem> HeadRows<'a, T> {
-    /// Panics unless every row lies inside both buffers.
+    /// Panics unless every row of `d` values lies inside both buffers (and `d` fills whole
+    /// elements).
     fn check(&self, d: usize) {
+        let w = d / T::VALUES;
         assert!(
-            self.len == 0 || (self.len - 1) * self.stride + d <= self.k.len().min(self.v.len()),
-            "{} rows of {d} values, {} apart, do not fit the buffers",
+            d.is_multiple_of(T::VALUES)
+                && (self.len == 0
+                    || (self.len - 1) * self.stride + w <= self.k.len().min(self.v.len())),
+            "{} rows of {d} values, {} elements apart, do not fit the buffers",
             self.len,
             self.stride
         );
     }
 
+    /// The rows of `m`, `d` values each.
     #[inline(always)]
     fn rows(&self, m: &'a [T], d: usize) -> impl Iterator<Item = &'a [T]> {
-        let stride = self.stride;
-        (0..self.len).map(move |j| &m[j * stride..j * stride + d])
+        let (stride, w) = (self.stride, d / T::VALUES);
+        (0..self.len).map(move |j| &m[j * stride..j * stride + w])
     }
 }
 
@@ -233,16 +320,15 @@ fn attend_group_generic<T: KvElem>(
     kv.check(d);
     scores.resize(rep * t, 0.0);
     let mut row = vec![0f32; d];
-    let ahead = PREFETCH_BYTES / std::mem::size_of::<T>();
+    let ahead = PREFETCH_BYTES / size_of::<T>();
+    let line = (64 / size_of::<T>()).max(1);
     // Scores `[rep, t]`: each key row is read once for the `rep` queries that share it.
     for (j, kr) in kv.rows(kv.k, d).enumerate() {
-        for line in (0..d).step_by(64 / std::mem::size_of::<T>()) {
-            super::prefetch(kr.as_ptr().wrapping_add(ahead + line));
-            super::prefetch(kv.v.as_ptr().wrapping_add(j * kv.stride + line));
+        for l in (0..kr.len()).step_by(line) {
+            super::prefetch(kr.as_ptr().wrapping_add(ahead + l));
+            super::prefetch(kv.v.as_ptr().wrapping_add(j * kv.stride + l));
         }
-        for (w, &x) in row.iter_mut().zip(kr) {
-            *w = x.widen();
-        }
+        T::widen_row(kr, &mut row);
         let (kc, kt) = row.as_chunks::<LANES>();
         for (r, qr) in q.chunks_exact(d).enumerate() {
             let (qc, qt) = qr.as_chunks::<LANES>();
@@ -261,9 +347,7 @@ fn attend_group_generic<T: KvElem>(
     }
     out.fill(0.0);
     for (j, vr) in kv.rows(kv.v, d).enumerate() {
-        for (w, &x) in row.iter_mut().zip(vr) {
-            *w = x.widen();
-        }
+        T::widen_row(vr, &mut row);
         for (r, o) in out.chunks_exact_mut(d).enumerate() {
             let p = scores[r * t + j];
             for (o, &x) in o.iter_mut().zip(&row) {
@@ -397,15 +481,15 @@ mod avx512_heads {
             std::array::from_fn(|c| unsafe { _mm512_loadu_ps(q.as_ptr().add(r * d + c * 16)) })
         });
         let (k, v) = (kv.k.as_ptr(), kv.v.as_ptr());
-        let line = 64 / size_of::<T>();
+        let line = (64 / size_of::<T>()).max(1);
         let ahead = PREFETCH_BYTES / size_of::<T>();
         for j in 0..t {
             let row = k.wrapping_add(j * kv.stride);
-            for l in (0..d).step_by(line) {
+            for l in (0..d / T::VALUES).step_by(line) {
                 super::super::prefetch(row.wrapping_add(ahead + l));
                 _mm_prefetch::<_MM_HINT_T1>(v.wrapping_add(j * kv.stride + l) as *const i8);
             }
-            let kr: [__m512; C] = std::array::from_fn(|c| unsafe { T::load16(row.add(c * 16)) });
+            let kr: [__m512; C] = std::array::from_fn(|c| unsafe { T::load16(row, c) });
             for r in 0..R {
                 // Two chains: half the dependent FMAs before the reduction.
                 let mut even = _mm512_mul_ps(qv[r][0], kr[0]);
@@ -433,16 +517,16 @@ mod avx512_heads {
         let (d, t) = (C * 16, kv.len);
         debug_assert!(out.len() == R * d && p.len() == R * t);
         let v = kv.v.as_ptr();
-        let line = 64 / size_of::<T>();
+        let line = (64 / size_of::<T>()).max(1);
         let ahead = PREFETCH_BYTES / size_of::<T>();
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         for j in 0..t {
             let row = v.wrapping_add(j * kv.stride);
-            for l in (0..d).step_by(line) {
+            for l in (0..d / T::VALUES).step_by(line) {
                 super::super::prefetch(row.wrapping_add(ahead + l));
             }
             // SAFETY: row `j < t` of `v` holds `d` values (checked by the caller).
-            let vr: [__m512; C] = std::array::from_fn(|c| unsafe { T::load16(row.add(c * 16)) });
+            let vr: [__m512; C] = std::array::from_fn(|c| unsafe { T::load16(row, c) });
             for (r, acc) in acc.iter_mut().enumerate() {
                 let pj = _mm512_set1_ps(p[r * t + j]);
                 for (a, &x) in acc.iter_mut().zip(&vr) {
@@ -603,6 +687,34 @@ mod tests {
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
         assert!((0.0..1e-37).contains(&exp(f32::NEG_INFINITY)));
+    }
+
+    /// Q8_0 blocks as llama.cpp's `quantize_row_q8_0_ref` makes them: step `max|x|/127`,
+    /// codes rounded half away from zero; zeros and NaNs read back as themselves.
+    #[test]
+    fn q8_blocks_round_to_the_nearest_step() {
+        // max|x| = 127/64: the step is exactly 1/64 (an f16), and x/step is exact.
+        let mut x = [0f32; 32];
+        x[0] = -127.0 / 64.0;
+        x[1] = 1.0 / 128.0; // half a step: away from zero (1)
+        x[2] = -3.0 / 128.0; // −1.5 steps → −2
+        x[3] = 0.3; // 19.2 steps → 19
+        x[31] = 127.0 / 64.0;
+        let b = Q8Block::quantize(&x);
+        assert_eq!(b.d.to_f32(), 1.0 / 64.0);
+        assert_eq!(&b.q[..4], &[-127, 1, -2, 19]);
+        assert_eq!(b.q[31], 127);
+        let mut back = [0f32; 32];
+        Q8Block::widen_row(&[b], &mut back);
+        assert_eq!(back[3], 19.0 / 64.0);
+        for (y, x) in back.iter().zip(&x) {
+            assert!((y - x).abs() <= 0.5 / 64.0, "{y} for {x}");
+        }
+        Q8Block::widen_row(&[Q8Block::quantize(&[0.0; 32])], &mut back);
+        assert_eq!(back, [0.0; 32]);
+        x[7] = f32::NAN;
+        Q8Block::widen_row(&[Q8Block::quantize(&x)], &mut back);
+        assert!(back.iter().all(|v| v.is_nan()));
     }
 
     fn soft_input(n: usize) -> Vec<f32> {

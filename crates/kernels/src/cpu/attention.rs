@@ -202,6 +202,7 @@ pub fn decode_attention(q: &[f32], kv: &[&HostKv], heads: usize, out: &mut [f32]
         match kv[i].head_rows(0, g) {
             Rows::F32(rows) => attend_group(q, rows, rep, scale, scores, o),
             Rows::F16(rows) => attend_group(q, rows, rep, scale, scores, o),
+            Rows::Q8(rows) => attend_group(q, rows, rep, scale, scores, o),
         }
     });
 }
@@ -286,7 +287,6 @@ pub fn rotate_half(x: HeadsView, cos: &[f32], sin: &[f32], out: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
-    use half::f16;
 
     use super::*;
     use crate::kv::KvDtype;
@@ -393,12 +393,12 @@ mod tests {
     /// Sequences of different lengths in caches of their own, filled in two appends (the
     /// second grows the buffers past their first 64 positions): each query row gets the
     /// definition's attention over its own sequence's keys and values as the cache stores them
-    /// (rounded to f16 for an f16 cache). Head sizes 64 and 128 take the AVX-512 path where the
-    /// CPU has it, 16 and 24 the portable one; the longest case is enough work to run on
-    /// threads.
+    /// (rounded to f16, or to Q8_0 blocks). Head sizes 64 and 128 take the AVX-512 path where
+    /// the CPU has it, 16 and 24 the portable one (not for Q8_0, whose blocks need multiples of
+    /// 32); the longest case is enough work to run on threads.
     #[test]
     fn decode_attention_matches_the_definition_per_sequence() {
-        for dtype in [KvDtype::F32, KvDtype::F16] {
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0] {
             for (heads, kv_heads, d, lens) in [
                 (9, 3, 64, vec![1, 17, 142]),
                 (4, 4, 128, vec![33, 2]),
@@ -409,8 +409,12 @@ mod tests {
                 // holds (4 of 64, 2 of 128; Llama 3 8B has 4 of 128).
                 (12, 2, 64, vec![5, 40]),
                 (8, 2, 128, vec![3, 70]),
+                // The portable path for Q8_0 too.
+                (4, 2, 32, vec![5, 40]),
             ] {
-                decode_case(dtype, heads, kv_heads, d, &lens);
+                if dtype.holds_heads_of(d) {
+                    decode_case(dtype, heads, kv_heads, d, &lens);
+                }
             }
         }
     }
@@ -444,12 +448,7 @@ mod tests {
         let refs: Vec<&HostKv> = caches.iter().collect();
         let mut out = vec![f32::NAN; n * row];
         decode_attention(&q, &refs, heads, &mut out);
-        let stored = |m: &[f32]| -> Vec<f32> {
-            match dtype {
-                KvDtype::F32 => m.to_vec(),
-                KvDtype::F16 => m.iter().map(|&x| f16::from_f32(x).to_f32()).collect(),
-            }
-        };
+        let stored = |m: &[f32]| dtype.as_stored(m);
         for (i, &len) in lens.iter().enumerate() {
             // The definition's operands: [1, heads, 1, d] and [1, kv_heads, len, d].
             let split = |m: &[f32]| -> Vec<f32> {

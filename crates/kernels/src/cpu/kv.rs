@@ -1,13 +1,13 @@
-//! A KV cache in host memory, head-major and f16 or f32 ([`HostKv`]).
+//! A KV cache in host memory, head-major and f16, f32 or Q8_0 ([`HostKv`]).
 //!
-//! Layout: keys and values are each one buffer `[batch][kv_heads][capacity][d]`, so the rows
-//! a decode step reads for one head are one contiguous run (the hardware prefetcher follows
-//! it), rather than `d` values out of every `kv_heads·d` of a position-major buffer. Positions
-//! `len..capacity` are unused; the buffers grow geometrically.
+//! Layout: keys and values are each one buffer `[batch][kv_heads][capacity][d]` (`d / 32`
+//! blocks for Q8_0), so the rows a decode step reads for one head are one contiguous run (the
+//! hardware prefetcher follows it), rather than `d` values out of every `kv_heads·d` of a
+//! position-major buffer. Positions `len..capacity` are unused; the buffers grow geometrically.
 
 use half::f16;
 
-use super::activation::{HeadRows, KvElem};
+use super::activation::{HeadRows, KvElem, Q8Block};
 use super::attention::HeadsView;
 use crate::kv::{KvDtype, grown_capacity};
 
@@ -29,9 +29,10 @@ pub struct HostKv {
 enum Planes {
     F32(Plane<f32>),
     F16(Plane<f16>),
+    Q8(Plane<Q8Block>),
 }
 
-/// Keys and values at one precision.
+/// Keys and values at one precision: rows of `d / T::VALUES` elements.
 #[derive(Clone, Debug, Default)]
 struct Plane<T> {
     k: Vec<T>,
@@ -42,6 +43,7 @@ struct Plane<T> {
 pub enum Rows<'a> {
     F32(HeadRows<'a, f32>),
     F16(HeadRows<'a, f16>),
+    Q8(HeadRows<'a, Q8Block>),
 }
 
 impl HostKv {
@@ -52,6 +54,7 @@ impl HostKv {
         let planes = match dtype {
             KvDtype::F32 => Planes::F32(Plane::default()),
             KvDtype::F16 => Planes::F16(Plane::default()),
+            KvDtype::Q8_0 => Planes::Q8(Plane::default()),
         };
         Self {
             planes,
@@ -97,6 +100,12 @@ impl HostKv {
         }
         if self.head_dim == 0 {
             (self.batch, self.head_dim) = (batch, width / self.kv_heads);
+            assert!(
+                self.dtype().holds_heads_of(self.head_dim),
+                "a {} KV cache cannot hold heads of {} values",
+                self.dtype(),
+                self.head_dim
+            );
         }
         assert!(
             (batch, width) == (self.batch, self.kv_heads * self.head_dim),
@@ -111,6 +120,7 @@ impl HostKv {
             match &mut self.planes {
                 Planes::F32(p) => p.grow(shape, self.len, capacity),
                 Planes::F16(p) => p.grow(shape, self.len, capacity),
+                Planes::Q8(p) => p.grow(shape, self.len, capacity),
             }
             self.capacity = capacity;
         }
@@ -118,6 +128,7 @@ impl HostKv {
         match &mut self.planes {
             Planes::F32(p) => p.write(shape, self.len, (k, v), t),
             Planes::F16(p) => p.write(shape, self.len, (k, v), t),
+            Planes::Q8(p) => p.write(shape, self.len, (k, v), t),
         }
         self.len = end;
     }
@@ -132,31 +143,39 @@ impl HostKv {
         match &self.planes {
             Planes::F32(p) => Rows::F32(p.rows(at, self.head_dim, self.len)),
             Planes::F16(p) => Rows::F16(p.rows(at, self.head_dim, self.len)),
+            Planes::Q8(p) => Rows::Q8(p.rows(at, self.head_dim, self.len)),
         }
     }
 
     /// `f(k, v)` with f32 views `[batch, kv_heads, len, d]` of everything held: the buffers
-    /// themselves for f32, a widened copy for f16 (a prompt's attention, whose products want
+    /// themselves for f32, a widened copy otherwise (a prompt's attention, whose products want
     /// f32 operands; the copy is small against them).
     pub fn with_heads<R>(&self, f: impl FnOnce(HeadsView<'_>, HeadsView<'_>) -> R) -> R {
         let dims = self.dims();
         let [_, _, cap, d] = self.shape();
-        match &self.planes {
+        let (k, v) = match &self.planes {
             Planes::F32(p) => {
                 let strides = [self.kv_heads * cap * d, cap * d, d, 1];
-                f(
+                return f(
                     HeadsView::new(&p.k, dims, strides),
                     HeadsView::new(&p.v, dims, strides),
-                )
+                );
             }
-            Planes::F16(p) => {
-                let widen = |buf| Plane::widened(buf, self.shape(), self.len);
-                let (k, v) = (widen(&p.k), widen(&p.v));
-                f(
-                    HeadsView::contiguous(&k, dims),
-                    HeadsView::contiguous(&v, dims),
-                )
-            }
+            Planes::F16(p) => p.widened(self.shape(), self.len),
+            Planes::Q8(p) => p.widened(self.shape(), self.len),
+        };
+        f(
+            HeadsView::contiguous(&k, dims),
+            HeadsView::contiguous(&v, dims),
+        )
+    }
+
+    /// What it stores.
+    fn dtype(&self) -> KvDtype {
+        match self.planes {
+            Planes::F32(_) => KvDtype::F32,
+            Planes::F16(_) => KvDtype::F16,
+            Planes::Q8(_) => KvDtype::Q8_0,
         }
     }
 
@@ -167,24 +186,26 @@ impl HostKv {
 }
 
 impl<T: KvElem> Plane<T> {
-    /// The `len` rows of the head starting at element `at`.
+    /// The `len` rows of `d` values of the head whose first value is value `at` of the planes.
     fn rows(&self, at: usize, d: usize, len: usize) -> HeadRows<'_, T> {
+        let at = at / T::VALUES;
         HeadRows {
             k: &self.k[at..],
             v: &self.v[at..],
-            stride: d,
+            stride: d / T::VALUES,
             len,
         }
     }
 
     /// Reallocates for `capacity` positions, keeping the first `len` of each head.
     fn grow(&mut self, [b, h, old_cap, d]: [usize; 4], len: usize, capacity: usize) {
+        let w = d / T::VALUES;
         for buf in [&mut self.k, &mut self.v] {
-            let mut grown = vec![T::default(); b * h * capacity * d];
+            let mut grown = vec![T::default(); b * h * capacity * w];
             if len > 0 {
-                let old = buf.chunks_exact(old_cap * d);
-                for (new, old) in grown.chunks_exact_mut(capacity * d).zip(old) {
-                    new[..len * d].copy_from_slice(&old[..len * d]);
+                let old = buf.chunks_exact(old_cap * w);
+                for (new, old) in grown.chunks_exact_mut(capacity * w).zip(old) {
+                    new[..len * w].copy_from_slice(&old[..len * w]);
                 }
             }
             *buf = grown;
@@ -199,24 +220,32 @@ impl<T: KvElem> Plane<T> {
         (k, v): (&[f32], &[f32]),
         t: usize,
     ) {
+        let w = d / T::VALUES;
         for (buf, src) in [(&mut self.k, k), (&mut self.v, v)] {
             for (bi, seq) in src.chunks_exact(t * h * d).enumerate() {
                 for (i, pos) in seq.chunks_exact(h * d).enumerate() {
                     for (g, head) in pos.chunks_exact(d).enumerate() {
-                        let at = ((bi * h + g) * cap + len + i) * d;
-                        T::narrow_from(&mut buf[at..at + d], head);
+                        let at = ((bi * h + g) * cap + len + i) * w;
+                        T::narrow_from(&mut buf[at..at + w], head);
                     }
                 }
             }
         }
     }
 
-    /// The first `len` positions of `buf`, widened to a contiguous `[b, h, len, d]`.
-    fn widened(buf: &[T], [b, h, cap, d]: [usize; 4], len: usize) -> Vec<f32> {
-        let mut out = Vec::with_capacity(b * h * len * d);
-        for head in buf.chunks_exact(cap * d).take(b * h) {
-            out.extend(head[..len * d].iter().map(|x| x.widen()));
-        }
-        out
+    /// The first `len` positions of keys and values, widened to contiguous `[b, h, len, d]`.
+    fn widened(&self, [b, h, cap, d]: [usize; 4], len: usize) -> (Vec<f32>, Vec<f32>) {
+        let w = d / T::VALUES;
+        let widen = |buf: &[T]| {
+            let mut out = vec![0f32; b * h * len * d];
+            if out.is_empty() {
+                return out;
+            }
+            for (head, out) in buf.chunks_exact(cap * w).zip(out.chunks_exact_mut(len * d)) {
+                T::widen_row(&head[..len * w], out);
+            }
+            out
+        };
+        (widen(&self.k), widen(&self.v))
     }
 }

@@ -61,29 +61,27 @@ fn causal_attention_matches_generic() {
 
 /// `t` as a KV cache of `dtype` stores it.
 fn stored(t: Tensor<B, 3>, dtype: KvDtype) -> Tensor<B, 3> {
-    match dtype {
-        KvDtype::F32 => t,
-        KvDtype::F16 => {
-            let dims = t.dims();
-            let values = t.into_data().to_vec::<f32>().unwrap();
-            let rounded = values.iter().map(|&x| half::f16::from_f32(x).to_f32());
-            Tensor::from_data(
-                TensorData::new(rounded.collect(), dims),
-                &Default::default(),
-            )
-        }
-    }
+    let dims = t.dims();
+    let values = dtype.as_stored(&t.into_data().to_vec::<f32>().unwrap());
+    Tensor::from_data(TensorData::new(values, dims), &Default::default())
 }
 
-/// The host cache (head-major, f16 or f32) and the backend-generic tensor cache, appended in
+/// The host cache (head-major, f16, f32 or Q8_0) and the backend-generic tensor cache, appended in
 /// chunks (a prompt, single tokens, a chunk that grows the buffers past 64 positions, strided
 /// projections): attention of each chunk's queries over everything held is attention over the
 /// concatenation of all keys and values appended, at the cache's precision.
 #[test]
 fn kv_caches_attend_over_everything_appended() {
     let mut rng = StdRng::seed_from_u64(4);
-    for dtype in [KvDtype::F32, KvDtype::F16] {
-        for (b, heads, kv, d, strided) in [(1, 9, 3, 64, false), (2, 4, 2, 16, true)] {
+    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0] {
+        for (b, heads, kv, d, strided) in [
+            (1, 9, 3, 64, false),
+            (2, 4, 2, 16, true),
+            (2, 4, 2, 32, true),
+        ] {
+            if !dtype.holds_heads_of(d) {
+                continue;
+            }
             let device = Default::default();
             let mut host = <B as QuantBackend>::KvCache::new(dtype, kv, 0, &device);
             let mut reference = TensorKv::<B>::new(dtype, kv, 0, &device);
@@ -120,8 +118,11 @@ fn kv_caches_attend_over_everything_appended() {
 fn batched_decode_matches_attending_each_cache() {
     let mut rng = StdRng::seed_from_u64(5);
     let device = Default::default();
-    for dtype in [KvDtype::F32, KvDtype::F16] {
+    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0] {
         for (heads, kv, d) in [(9, 3, 64), (4, 2, 16), (8, 8, 128)] {
+            if !dtype.holds_heads_of(d) {
+                continue;
+            }
             let lens = [1, 37, 130];
             let q = random(&mut rng, [1, lens.len(), heads * d], 2.0);
             let mut host = Vec::new();

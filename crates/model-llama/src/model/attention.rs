@@ -18,7 +18,7 @@ pub struct Attention<B: QuantBackend> {
 }
 
 /// Keys and values of the positions seen so far, of one layer: stored as the backend chooses
-/// ([`QuantBackend::KvCache`]; f16 or f32 on the host, see [`kernels::KvDtype`]).
+/// ([`QuantBackend::KvCache`]; f16, f32 or Q8_0 on the host, see [`kernels::KvDtype`]).
 pub type KvCache<B> = <B as QuantBackend>::KvCache;
 
 impl<B: QuantBackend> Attention<B> {

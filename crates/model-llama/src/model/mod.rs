@@ -104,8 +104,8 @@ impl<B: QuantBackend> Llama<B> {
     /// as `dtype` (or as this backend's cache stores them).
     pub fn kv_bytes_per_position(&self, dtype: KvDtype) -> usize {
         let c = &self.config;
-        let value_bytes = <KvCache<B> as KvStore<B>>::value_bytes(dtype);
-        2 * c.num_key_value_heads * c.head_dim() * value_bytes * self.layers.len()
+        let row_bytes = <KvCache<B> as KvStore<B>>::row_bytes(dtype, c.head_dim());
+        2 * c.num_key_value_heads * row_bytes * self.layers.len()
     }
 
     /// An empty KV cache storing `dtype`, one entry per layer.

@@ -27,6 +27,24 @@ fn tiny_config(rope_scaling: Option<RopeScaling>) -> LlamaConfig {
     }
 }
 
+/// [`tiny_config`] with heads of 32 values, as a Q8_0 cache needs.
+fn q8_config() -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 64,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        ..tiny_config(None)
+    }
+}
+
+/// The config the tests of a `kv_cache` run on.
+fn config_for(kv_cache: KvDtype) -> LlamaConfig {
+    match kv_cache {
+        KvDtype::Q8_0 => q8_config(),
+        _ => tiny_config(None),
+    }
+}
+
 fn random_source(config: LlamaConfig, seed: u64) -> MemorySource {
     MemorySource::random(config, seed)
 }
@@ -241,16 +259,17 @@ fn kv_cache_generation_matches_full_recompute() {
 }
 
 /// Sequences of different lengths advanced together (continuous batching: one joins late,
-/// one ends early) see the naive model's logits at every step (within f16's rounding of the
-/// keys and values for an f16 cache), and produce the tokens each produces alone.
+/// one ends early) see the naive model's logits at every step (within the rounding of the
+/// keys and values for an f16 or Q8_0 cache), and produce the tokens each produces alone.
 #[test]
 fn sequences_advanced_together_match_the_naive_model_and_running_alone() {
     advanced_together(KvDtype::F32, 1e-3);
     advanced_together(KvDtype::F16, 1e-2);
+    advanced_together(KvDtype::Q8_0, 0.1);
 }
 
 fn advanced_together(kv_cache: KvDtype, tolerance: f64) {
-    let src = random_source(tiny_config(None), 9);
+    let src = random_source(config_for(kv_cache), 9);
     let model = load_model::<B>(&src, &Default::default()).unwrap();
     let prompts: [&[u32]; 3] = [
         &[3, 14, 15, 9, 26],
@@ -309,15 +328,16 @@ fn advanced_together(kv_cache: KvDtype, tolerance: f64) {
     );
 }
 
-/// Within f16's rounding of the keys and values for an f16 cache.
+/// Within the rounding of the keys and values for an f16 or Q8_0 cache.
 #[test]
 fn prompt_logprobs_are_the_naive_log_softmax() {
     prompt_logprobs(KvDtype::F32, 1e-3);
     prompt_logprobs(KvDtype::F16, 1e-2);
+    prompt_logprobs(KvDtype::Q8_0, 0.1);
 }
 
 fn prompt_logprobs(kv_cache: KvDtype, tolerance: f64) {
-    let src = random_source(tiny_config(None), 6);
+    let src = random_source(config_for(kv_cache), 6);
     let model = load_model::<B>(&src, &Default::default()).unwrap();
     let prompt = [3u32, 14, 15, 9, 26, 41, 0];
     let naive = naive_logits(&src, &prompt);
