@@ -121,9 +121,17 @@ pub fn run(args: &BenchServeArgs) -> Result<()> {
         batched.push(many);
     }
     let load_after = load_average();
+    let peak = server.load().peak_running();
     server.shutdown()?;
 
-    let md = report(args, &path, &single, &batched, (load_before, load_after))?;
+    let md = report(
+        args,
+        &path,
+        &single,
+        &batched,
+        (load_before, load_after),
+        peak,
+    )?;
     match &args.out {
         Some(out) => {
             std::fs::write(out, &md).with_context(|| format!("writing {}", out.display()))?;
@@ -177,6 +185,7 @@ fn report(
     single: &[Run],
     batched: &[Run],
     (load_before, load_after): (String, String),
+    peak: usize,
 ) -> Result<String> {
     let rates = |runs: &[Run]| -> Vec<f64> { runs.iter().map(Run::tokens_per_second).collect() };
     let (one, many) = (rates(single), rates(batched));
@@ -188,8 +197,8 @@ fn report(
         "### Serving: {} ({} rounds)\n\n\
          `cargo xtask bench-serve`: completions of {} tokens over HTTP at temperature {} (0: \
          greedy), the server in the same process with `--max-batch {n}` and {} KV caches; one \
-         request at a time against {n} at once, alternating. Load average before and after: {load_before} / \
-         {load_after}.\n\n\
+         request at a time against {n} at once, alternating (at most {peak} sequences ran at \
+         once). Load average before and after: {load_before} / {load_after}.\n\n\
          | | median tokens/s (total) | range | × one sequence (same round), median | range |\n\
          |---|---|---|---|---|",
         path.display(),
