@@ -11,8 +11,9 @@
 //! [`Server::start`] loads the model onto its own thread ([`worker`]), fed through a bounded
 //! queue: a request that finds the queue full gets a 503, a bad request a 400 with an
 //! OpenAI-style error body ([`ApiError`]). The running sequences' KV caches stay within a
-//! memory budget ([`ServeOptions::kv_memory`]); a request that could never fit in it is a 400. [`Server::run_until_signal`] serves until SIGINT or
-//! SIGTERM, then finishes the requests in flight.
+//! memory budget ([`ServeOptions::kv_memory`]); a request that could never fit in it is a 400.
+//! [`Server::run_until_signal`] serves until SIGINT or SIGTERM, then finishes the requests in
+//! flight.
 
 pub mod api;
 pub mod chat;
@@ -114,6 +115,12 @@ impl Server {
                 reason: "0 would run no request; need at least 1".into(),
             });
         }
+        if opts.kv_memory.is_some_and(|m| m.as_u64() == 0) {
+            return Err(ServeError::Option {
+                option: "kv_memory",
+                reason: "0 bytes hold no sequence; need more".into(),
+            });
+        }
         let config = model.source.config().clone();
         opts.kv_cache
             .check_heads(config.head_dim())
@@ -125,12 +132,6 @@ impl Server {
         let chat = chat_template(&tokenizer);
         if let Err(why) = &chat {
             tracing::warn!("chat completions are off: {why}");
-        }
-        if opts.kv_memory.is_some_and(|m| m.as_u64() == 0) {
-            return Err(ServeError::Option {
-                option: "kv_memory",
-                reason: "0 bytes hold no sequence; need more".into(),
-            });
         }
         let llama = model.load::<B>(device)?;
         let kv = KvBudget {

@@ -66,10 +66,10 @@ fn stored(t: Tensor<B, 3>, dtype: KvDtype) -> Tensor<B, 3> {
     Tensor::from_data(TensorData::new(values, dims), &Default::default())
 }
 
-/// The host cache (head-major, f16, f32 or Q8_0) and the backend-generic tensor cache, appended in
-/// chunks (a prompt, single tokens, a chunk that grows the buffers past 64 positions, strided
-/// projections): attention of each chunk's queries over everything held is attention over the
-/// concatenation of all keys and values appended, at the cache's precision.
+/// The host cache (head-major, f16, f32 or Q8_0) and the backend-generic tensor cache, appended
+/// in chunks (a prompt, single tokens, a chunk that grows the buffers past 64 positions,
+/// strided projections): attention of each chunk's queries over everything held is attention
+/// over the concatenation of all keys and values appended, at the cache's precision.
 #[test]
 fn kv_caches_attend_over_everything_appended() {
     let mut rng = StdRng::seed_from_u64(4);
