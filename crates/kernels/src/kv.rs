@@ -12,6 +12,7 @@ use std::str::FromStr;
 use burn::prelude::*;
 
 use crate::QuantBackend;
+use crate::cpu::activation::{KvElem, Q8Block};
 
 /// The precision a KV cache stores keys and values at.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -39,14 +40,13 @@ impl KvDtype {
         match self {
             Self::F16 => 2 * d,
             Self::F32 => 4 * d,
-            Self::Q8_0 => d.div_ceil(Self::Q8_BLOCK) * (Self::Q8_BLOCK + 2),
+            Self::Q8_0 => d.div_ceil(Self::Q8_BLOCK) * size_of::<Q8Block>(),
         }
     }
 
     /// `x` as a cache of this type gives it back: rounded to f16, or block by block to Q8_0
     /// (`x` holds whole blocks then: rows whose size is a multiple of 32).
     pub fn as_stored(self, x: &[f32]) -> Vec<f32> {
-        use crate::cpu::activation::{KvElem, Q8Block};
         match self {
             Self::F32 => x.to_vec(),
             Self::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),

@@ -141,11 +141,10 @@ impl Server {
                 .map(|m| m.as_u64())
                 .or_else(|| available_memory().map(|a| (a as f64 * AUTO_KV_MEMORY) as u64)),
         };
-        match kv.limit {
-            Some(limit) => tracing::info!(
-                "KV caches: at most {} ({} positions of {} each){}",
+        match kv.limit.zip(kv.max_positions()) {
+            Some((limit, positions)) => tracing::info!(
+                "KV caches: at most {} ({positions} positions of {} each){}",
                 worker::bytes(limit),
-                limit / kv.per_position.max(1),
                 worker::bytes(kv.per_position),
                 if opts.kv_memory.is_none() {
                     "; --kv-memory sets it"

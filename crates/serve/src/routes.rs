@@ -134,9 +134,7 @@ impl AppState {
         }
         // Without max_tokens, a sequence may run to the context's end, or to as far as the KV
         // memory holds.
-        let fits = self.kv.limit.map_or(usize::MAX, |l| {
-            usize::try_from(l / self.kv.per_position.max(1)).unwrap_or(usize::MAX)
-        });
+        let fits = self.kv.max_positions().unwrap_or(usize::MAX);
         let max_new_tokens = s
             .max_tokens
             .unwrap_or(self.context.min(fits).saturating_sub(prompt_len));

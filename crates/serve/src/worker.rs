@@ -62,6 +62,12 @@ impl KvBudget {
         (positions as u64).saturating_mul(self.per_position)
     }
 
+    /// The most positions one sequence can hold within the limit (`None`: no limit).
+    pub fn max_positions(&self) -> Option<usize> {
+        let positions = self.limit? / self.per_position.max(1);
+        Some(usize::try_from(positions).unwrap_or(usize::MAX))
+    }
+
     /// Whether `need` more bytes fit beside `reserved`.
     fn fits(&self, reserved: u64, need: u64) -> bool {
         self.limit

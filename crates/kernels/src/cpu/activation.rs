@@ -701,6 +701,8 @@ mod tests {
         x[3] = 0.3; // 19.2 steps → 19
         x[31] = 127.0 / 64.0;
         let b = Q8Block::quantize(&x);
+        // llama.cpp's 34 bytes per block, which the KV memory budget counts.
+        assert_eq!(crate::KvDtype::Q8_0.row_bytes(64), 2 * 34);
         assert_eq!(b.d.to_f32(), 1.0 / 64.0);
         assert_eq!(&b.q[..4], &[-127, 1, -2, 19]);
         assert_eq!(b.q[31], 127);
