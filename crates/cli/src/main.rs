@@ -109,6 +109,11 @@ enum Cmd {
         /// Requests that may wait beside those running; more get a 503.
         #[arg(long, default_value_t = serve::DEFAULT_QUEUE)]
         queue: usize,
+        /// Prompt tokens run per step while other requests decode (chunked prefill): smaller
+        /// keeps their tokens flowing during a long prompt, larger gives that prompt its first
+        /// token sooner.
+        #[arg(long, default_value_t = serve::DEFAULT_PREFILL_CHUNK)]
+        prefill_chunk: std::num::NonZeroUsize,
         /// How the KV cache stores keys and values: f16 (half the memory, the default), f32
         /// (exact) or q8_0 (8-bit blocks, just over half of f16's memory). The GPU backends
         /// keep f32.
@@ -463,6 +468,7 @@ fn run(cli: Cli) -> Result<()> {
             port,
             max_batch,
             queue,
+            prefill_chunk,
             kv_cache,
             kv_memory,
         } => {
@@ -476,6 +482,7 @@ fn run(cli: Cli) -> Result<()> {
                 host,
                 port,
                 max_batch,
+                prefill_chunk,
                 queue_capacity: queue,
                 kv_cache,
                 kv_memory,

@@ -302,12 +302,13 @@ fn bad_serve_options_fail_before_loading() {
         all.extend(os(extra));
         adadim(d, &all)
     };
-    let cases: [(&[&str], &[&str]); 2] = [
+    let cases: [(&[&str], &[&str]); 3] = [
         (
             &["--kv-memory", "0"],
             &["invalid --kv-memory 0", "holds no"],
         ),
         (&["--kv-memory", "12XB"], &["--kv-memory", "12XB"]),
+        (&["--prefill-chunk", "0"], &["--prefill-chunk", "would be zero"]),
     ];
     for (extra, expect) in cases {
         check_failure(d, &format!("{extra:?}"), || serve(extra), expect);

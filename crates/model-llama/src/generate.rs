@@ -111,20 +111,32 @@ impl Generation {
     }
 }
 
-/// Logits `[rows, vocab]` of the hidden states at the last `rows` positions, one `Vec` per row.
-fn logits_rows<B: QuantBackend>(
+/// Logits of the hidden states `[1, t, hidden]` at positions `rows`, one `Vec` per row.
+fn logits_at<B: QuantBackend>(
     model: &Llama<B>,
     hidden: Tensor<B, 3>,
-    rows: usize,
+    rows: &[usize],
 ) -> Vec<Vec<f32>> {
+    if rows.is_empty() {
+        return Vec::new();
+    }
     let [_, t, h] = hidden.dims();
-    let last = hidden.narrow(1, t - rows, rows).reshape([rows, h]);
+    let hidden = hidden.reshape([t, h]);
+    let picked = if rows.len() == t && rows.iter().copied().eq(0..t) {
+        hidden
+    } else {
+        let ids: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let ids =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [rows.len()]), &hidden.device());
+        hidden.select(0, ids)
+    };
     // Read in place: the logits of a batched step are megabytes, copied on the model thread.
-    B::with_host_values(&model.head(last), |flat| {
-        let vocab = flat.len() / rows;
+    B::with_host_values(&model.head(picked), |flat| {
+        let vocab = flat.len() / rows.len();
         flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
     })
 }
+
 /// Picks the next token from `logits`: the most likely at temperature 0; otherwise a draw from
 /// `softmax(logits / temperature)` restricted to the nucleus, the fewest most likely tokens
 /// whose probability reaches `top_p` (most likely first, ties by id).
@@ -282,7 +294,11 @@ pub fn token_logprob(logits: &[f32], token: u32, top_n: usize) -> TokenLogprob {
 }
 
 /// One sequence being generated, a token at a time: its KV cache, the sampler's state and the
-/// logits of the next position. The prefill runs in [`Decoder::new`]; each
+/// logits of the next position.
+///
+/// [`Decoder::new`] runs the whole prompt (the prefill) at once. [`Decoder::start`] runs none of
+/// it: [`Decoder::step_together`] then runs it in chunks, in the same forwards as other
+/// sequences' decode steps, so that a long prompt does not stall them (chunked prefill). Each
 /// [`Decoder::next_token`] samples a token, and the forward for the following one runs only
 /// when it is asked for, so a caller can hand a token on before the model works on the next.
 pub struct Decoder<'m, B: QuantBackend> {
@@ -293,11 +309,17 @@ pub struct Decoder<'m, B: QuantBackend> {
     /// Prompt and generated tokens.
     tokens: Vec<u32>,
     prompt_len: usize,
+    /// Prompt tokens run through the model so far.
+    prefilled: usize,
+    /// Score the prompt's tokens with this many alternatives each, as the prefill runs them.
+    prompt_top_n: Option<usize>,
+    prompt_logprobs: Vec<TokenLogprob>,
     /// Logits the last sampled token was drawn from (or, before any, of the first new token).
     logits: Vec<f32>,
     /// A sampled token not yet run through the model.
     pending: bool,
-    finished: bool,
+    /// `max_new_tokens` tokens were sampled, or the stop token.
+    done: bool,
 }
 
 impl<'m, B: QuantBackend> Decoder<'m, B> {
@@ -314,44 +336,61 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
         opts: &GenerateOptions,
         top_n: Option<usize>,
     ) -> (Self, Vec<TokenLogprob>) {
+        let mut decoder = Self::start(model, prompt, opts, top_n);
+        decoder.prefill();
+        let logprobs = decoder.take_prompt_logprobs();
+        (decoder, logprobs)
+    }
+
+    /// A decoder of `prompt` (non-empty) whose prefill has not run: [`Decoder::step_together`]
+    /// runs it, in chunks, or [`Decoder::next_token`] all at once. With `top_n`, the prefill
+    /// also scores the prompt's tokens ([`Decoder::take_prompt_logprobs`]).
+    pub fn start(
+        model: &'m Llama<B>,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        top_n: Option<usize>,
+    ) -> Self {
         assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
         // Room for every position the sequence can reach: no growth (a copy of the history and
         // fresh pages) in the middle of decoding.
-        let mut cache =
+        let cache =
             model.new_cache_with_capacity(opts.kv_cache, prompt.len() + opts.max_new_tokens);
-        let hidden = model.hidden_states(
-            to_tensor(prompt, &model.device()),
-            opts.use_cache.then_some(cache.as_mut_slice()),
-        );
-        let rows = if top_n.is_some() { prompt.len() } else { 1 };
-        let mut logits = logits_rows(model, hidden, rows);
-        let next = logits.pop().expect("one row per position");
-        let prompt_logprobs = logits
-            .iter()
-            .zip(&prompt[1..])
-            .map(|(row, &t)| token_logprob(row, t, top_n.unwrap_or(0)))
-            .collect();
-        let decoder = Self {
+        Self {
             model,
             opts: opts.clone(),
             cache,
             rng: StdRng::seed_from_u64(opts.seed),
             tokens: prompt.to_vec(),
             prompt_len: prompt.len(),
-            logits: next,
+            prefilled: 0,
+            prompt_top_n: top_n,
+            prompt_logprobs: Vec::new(),
+            logits: Vec::new(),
             pending: false,
-            finished: opts.max_new_tokens == 0,
-        };
-        (decoder, prompt_logprobs)
+            done: opts.max_new_tokens == 0,
+        }
     }
 
-    /// The next token, or `None` once the stop token or `max_new_tokens` was reached.
+    /// Whether part of the prompt has still to run through the model.
+    pub fn is_prefilling(&self) -> bool {
+        self.prefilled < self.prompt_len
+    }
+
+    /// The prompt's log-probabilities scored so far (see [`Decoder::start`]), taken out.
+    pub fn take_prompt_logprobs(&mut self) -> Vec<TokenLogprob> {
+        std::mem::take(&mut self.prompt_logprobs)
+    }
+
+    /// The next token, or `None` once the stop token or `max_new_tokens` was reached. Runs
+    /// what is left of the prefill first.
     pub fn next_token(&mut self) -> Option<u32> {
-        if self.finished {
+        self.prefill();
+        if self.done {
             return None;
         }
         if self.pending {
-            self.advance();
+            Self::step_together(&mut [self], 0);
         }
         let next = sample(
             &self.logits,
@@ -360,39 +399,47 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
             &mut self.rng,
         );
         self.tokens.push(next);
-        self.finished = Some(next) == self.opts.stop_token
+        self.done = Some(next) == self.opts.stop_token
             || self.generated().len() == self.opts.max_new_tokens;
-        self.pending = !self.finished;
+        self.pending = !self.done;
         Some(next)
     }
 
-    /// Runs the last sampled token through the model: the logits of the next position.
-    fn advance(&mut self) {
-        let input = if self.opts.use_cache {
-            &self.tokens[self.tokens.len() - 1..]
-        } else {
-            &self.tokens[..]
-        };
-        let hidden = self.model.hidden_states(
-            to_tensor(input, &self.model.device()),
-            self.opts.use_cache.then_some(self.cache.as_mut_slice()),
-        );
-        self.logits = logits_rows(self.model, hidden, 1).remove(0);
-        self.pending = false;
+    /// Runs what is left of the prompt through the model.
+    fn prefill(&mut self) {
+        if self.is_prefilling() {
+            Self::step_together(&mut [self], usize::MAX);
+        }
     }
 
-    /// Runs the sampled tokens of several decoders of one model through it together
-    /// (continuous batching): one forward whose linears are `M = n` products, which read each
-    /// weight once for all `n` sequences. The next [`Decoder::next_token`] of each then only
-    /// samples. Decoders with nothing pending are left alone; those without a KV cache run on
-    /// their own.
-    pub fn advance_together(decoders: &mut [&mut Self]) {
+    /// One forward for several decoders of one model (continuous batching): the sampled token
+    /// of each decoder that has one pending, and up to `prefill_tokens` prompt tokens of those
+    /// still prefilling (in order; a prompt may be cut into chunks across steps). Its linears
+    /// are `M = rows` products, which read each weight once for all of them. Afterwards the
+    /// next [`Decoder::next_token`] of each decoder with a pending token, or whose prompt has
+    /// now run to its end, only samples. Decoders without a KV cache run alone.
+    pub fn step_together(decoders: &mut [&mut Self], prefill_tokens: usize) {
+        let mut budget = prefill_tokens;
         let mut batch = Vec::with_capacity(decoders.len());
-        for d in decoders.iter_mut().filter(|d| d.pending) {
+        let mut spans = Vec::with_capacity(decoders.len());
+        for d in decoders.iter_mut() {
+            let span = if d.is_prefilling() {
+                let n = (d.prompt_len - d.prefilled).min(budget);
+                budget -= n;
+                (d.prefilled, n)
+            } else if d.pending {
+                (d.tokens.len() - 1, 1)
+            } else {
+                continue;
+            };
+            if span.1 == 0 {
+                continue;
+            }
             if d.opts.use_cache {
                 batch.push(&mut **d);
+                spans.push(span);
             } else {
-                d.advance();
+                d.run_uncached(span);
             }
         }
         let Some(model) = batch.first().map(|d| d.model) else {
@@ -400,17 +447,70 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
         };
         assert!(
             batch.iter().all(|d| std::ptr::eq(d.model, model)),
-            "decoders advanced together share one model"
+            "decoders stepped together share one model"
         );
-        let tokens: Vec<u32> = batch.iter().map(|d| d.tokens[d.tokens.len() - 1]).collect();
+        let tokens: Vec<u32> = batch
+            .iter()
+            .zip(&spans)
+            .flat_map(|(d, &(start, n))| d.tokens[start..start + n].iter().copied())
+            .collect();
+        let lens: Vec<usize> = spans.iter().map(|s| s.1).collect();
         let mut caches: Vec<&mut [crate::model::KvCache<B>]> =
             batch.iter_mut().map(|d| d.cache.as_mut_slice()).collect();
-        let hidden = model.hidden_states_batch(to_tensor(&tokens, &model.device()), &mut caches);
-        let logits = logits_rows(model, hidden, tokens.len());
-        for (d, logits) in batch.into_iter().zip(logits) {
-            d.logits = logits;
-            d.pending = false;
+        let hidden =
+            model.hidden_states_batch(to_tensor(&tokens, &model.device()), &mut caches, &lens);
+        // One head product for the rows whose logits someone reads.
+        let mut rows = Vec::new();
+        let mut offset = 0;
+        for (d, &(start, n)) in batch.iter().zip(&spans) {
+            rows.extend(d.rows_read(start, n).map(|r| offset + r));
+            offset += n;
         }
+        let mut logits = logits_at(model, hidden, &rows).into_iter();
+        for (d, (start, n)) in batch.into_iter().zip(spans) {
+            let read: Vec<usize> = d.rows_read(start, n).collect();
+            d.absorb(start, n, read.into_iter().zip(logits.by_ref()));
+        }
+    }
+
+    /// The rows (offsets within a span of `n` tokens from position `start`) whose logits this
+    /// decoder reads: the one that predicts the next new token, and while prefilling with
+    /// prompt scores, those that predict prompt tokens.
+    fn rows_read(&self, start: usize, n: usize) -> impl Iterator<Item = usize> + use<'_, 'm, B> {
+        let scoring = self.is_prefilling() && self.prompt_top_n.is_some();
+        (0..n).filter(move |&r| {
+            let next = start + r + 1;
+            next == self.tokens.len() || (scoring && next < self.prompt_len)
+        })
+    }
+
+    /// Takes in the logits of a span's rows (see [`Decoder::rows_read`]) once it has run.
+    fn absorb(&mut self, start: usize, n: usize, rows: impl Iterator<Item = (usize, Vec<f32>)>) {
+        for (r, logits) in rows {
+            let next = start + r + 1;
+            if next < self.prompt_len {
+                let top_n = self.prompt_top_n.unwrap_or(0);
+                let scored = token_logprob(&logits, self.tokens[next], top_n);
+                self.prompt_logprobs.push(scored);
+            } else {
+                self.logits = logits;
+                self.pending = false;
+            }
+        }
+        self.prefilled = self.prefilled.max((start + n).min(self.prompt_len));
+    }
+
+    /// A reference without a cache: every step reruns the whole sequence (`span` decides which
+    /// rows are read, as with a cache).
+    fn run_uncached(&mut self, (start, n): (usize, usize)) {
+        let end = start + n;
+        let hidden = self
+            .model
+            .hidden_states(to_tensor(&self.tokens[..end], &self.model.device()), None);
+        let read: Vec<usize> = self.rows_read(start, n).collect();
+        let at: Vec<usize> = read.iter().map(|r| start + r).collect();
+        let logits = logits_at(self.model, hidden, &at);
+        self.absorb(start, n, read.into_iter().zip(logits));
     }
 
     /// The logits the last token of [`Decoder::next_token`] was sampled from.
@@ -423,9 +523,9 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
         &self.tokens[self.prompt_len..]
     }
 
-    /// Whether the stop token or `max_new_tokens` ended the sequence.
+    /// Whether the stop token or `max_new_tokens` ended the sequence (its prompt has run).
     pub fn is_finished(&self) -> bool {
-        self.finished
+        self.done && !self.is_prefilling()
     }
 }
 

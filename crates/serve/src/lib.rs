@@ -23,6 +23,7 @@ pub mod text;
 pub mod worker;
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -41,6 +42,10 @@ pub use worker::{KvBudget, Load};
 pub const DEFAULT_MAX_BATCH: usize = 8;
 /// Requests that may wait by default.
 pub const DEFAULT_QUEUE: usize = 16;
+/// Prompt tokens run per step beside decoding sequences by default: eight of the CPU kernels'
+/// 8-row passes over the weights, so a step that carries a chunk takes about nine decode steps'
+/// time, and a prompt's own prefill slows by about an eighth.
+pub const DEFAULT_PREFILL_CHUNK: NonZeroUsize = NonZeroUsize::new(64).unwrap();
 
 /// Where and how to serve.
 #[derive(Clone, Debug)]
@@ -54,6 +59,10 @@ pub struct ServeOptions {
     pub queue_capacity: usize,
     /// Sequences decoded together, one token each per forward (continuous batching).
     pub max_batch: usize,
+    /// Prompt tokens run per forward while other sequences decode (chunked prefill): a long
+    /// prompt delays their tokens by this many tokens' work at each step, instead of stalling
+    /// them for its whole prefill.
+    pub prefill_chunk: NonZeroUsize,
     /// How each sequence's KV cache stores keys and values.
     pub kv_cache: KvDtype,
     /// KV cache memory the running sequences may reserve together (each its prompt and
@@ -75,6 +84,7 @@ impl ServeOptions {
             model_name: model_name.into(),
             queue_capacity: DEFAULT_QUEUE,
             max_batch: DEFAULT_MAX_BATCH,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
             kv_cache: KvDtype::default(),
             kv_memory: None,
         }
@@ -157,8 +167,12 @@ impl Server {
             }
         }
         let load = Arc::new(Load::default());
-        let (queue, worker) =
-            worker::spawn(llama, opts.queue_capacity, opts.max_batch, kv, load.clone())?;
+        let schedule = worker::Schedule {
+            capacity: opts.queue_capacity,
+            max_batch: opts.max_batch,
+            prefill_chunk: opts.prefill_chunk,
+        };
+        let (queue, worker) = worker::spawn(llama, schedule, kv, load.clone())?;
         let state = Arc::new(routes::AppState {
             queue,
             load: load.clone(),

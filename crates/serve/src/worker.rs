@@ -3,10 +3,14 @@
 //! come.
 //!
 //! Every step samples one token for each running sequence, then runs all their new tokens
-//! through the model in one forward ([`Decoder::advance_together`]): the linears become
+//! through the model in one forward ([`Decoder::step_together`]): the linears become
 //! `M = n` products that read each weight once for all sequences, which is what a decode step
-//! costs. A waiting job joins the batch at the next step, after its own prefill; a finished one
-//! leaves it.
+//! costs. A waiting job joins the batch at the next step; a finished one leaves it.
+//!
+//! A joining job's prompt runs in the same forwards, at most `prefill_chunk` prompt tokens per
+//! step (chunked prefill), so a long prompt delays the running sequences' next tokens by a
+//! chunk's time at each step instead of stalling them for its whole prefill. With no sequence
+//! decoding there is nothing to stall, and prompts run whole.
 //!
 //! Each running sequence reserves the KV cache of its longest possible length (prompt and
 //! `max_new_tokens`) against a [`KvBudget`]; a job that does not fit waits, first in line, until
@@ -16,6 +20,7 @@
 //! The model runs here, not on tokio's executor: a forward pass is long CPU work (rayon-parallel
 //! products) that would stall every connection the executor serves meanwhile.
 
+use std::num::NonZeroUsize;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -148,13 +153,23 @@ impl Queue {
     }
 }
 
-/// Starts the worker thread on `model`; it runs up to `max_batch` jobs at once within
-/// `budget`, and at most `capacity` more wait. `load` follows what it runs. The thread ends
-/// when every [`Queue`] clone is dropped and its jobs are done.
+/// How the worker schedules its jobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    /// Jobs that may wait beside those running.
+    pub capacity: usize,
+    /// Sequences run at once.
+    pub max_batch: usize,
+    /// Prompt tokens run per step while other sequences decode.
+    pub prefill_chunk: NonZeroUsize,
+}
+
+/// Starts the worker thread on `model`; it runs jobs as `schedule` says, within `budget`.
+/// `load` follows what it runs. The thread ends when every [`Queue`] clone is dropped and its
+/// jobs are done.
 pub fn spawn<B>(
     model: Llama<B>,
-    capacity: usize,
-    max_batch: usize,
+    schedule: Schedule,
     budget: KvBudget,
     load: Arc<Load>,
 ) -> std::io::Result<(Queue, JoinHandle<()>)>
@@ -162,11 +177,15 @@ where
     B: QuantBackend + 'static,
     Llama<B>: Send,
 {
-    assert!(max_batch > 0, "a batch holds at least one sequence");
-    let (jobs, rx) = sync_channel(capacity);
+    assert!(
+        schedule.max_batch > 0,
+        "a batch holds at least one sequence"
+    );
+    let (jobs, rx) = sync_channel(schedule.capacity);
     let handle = std::thread::Builder::new()
         .name("model".into())
-        .spawn(move || run(&model, rx, max_batch, budget, &load))?;
+        .spawn(move || run(&model, rx, schedule, budget, &load))?;
+    let capacity = schedule.capacity;
     Ok((Queue { jobs, capacity }, handle))
 }
 
@@ -176,6 +195,8 @@ struct Running<'m, B: QuantBackend> {
     job: Job,
     /// KV cache bytes it reserves.
     kv_need: u64,
+    /// Its prompt log-probabilities were sent (or not asked for).
+    prompt_sent: bool,
 }
 
 /// What a job whose model work panicked is told.
@@ -195,6 +216,16 @@ impl<B: QuantBackend> Running<'_, B> {
         // A closed channel is a client that went away: stop spending the model on it.
         if self.job.events.is_closed() {
             return Some(None);
+        }
+        if self.decoder.is_prefilling() {
+            return None;
+        }
+        if !self.prompt_sent {
+            self.prompt_sent = true;
+            let logprobs = self.decoder.take_prompt_logprobs();
+            if !self.send(Event::PromptLogprobs(logprobs)) {
+                return Some(None);
+            }
         }
         if let Some(id) = self.decoder.next_token() {
             let logprob = self
@@ -217,10 +248,11 @@ impl<B: QuantBackend> Running<'_, B> {
 fn run<B: QuantBackend>(
     model: &Llama<B>,
     jobs: Receiver<Job>,
-    max_batch: usize,
+    schedule: Schedule,
     budget: KvBudget,
     load: &Load,
 ) {
+    let max_batch = schedule.max_batch;
     let mut batch: Vec<Running<'_, B>> = Vec::with_capacity(max_batch);
     // A job taken from the queue that waits for KV memory; it starts before any later one.
     let mut waiting: Option<Job> = None;
@@ -269,10 +301,18 @@ fn run<B: QuantBackend>(
         for (events, last) in ended {
             let _ = events.send(last);
         }
+        // Prompts run whole when no sequence is decoding: there is nothing to stall.
+        let decoding = batch.iter().any(|r| !r.decoder.is_prefilling());
+        let chunk = if decoding {
+            schedule.prefill_chunk.get()
+        } else {
+            usize::MAX
+        };
         let mut decoders: Vec<&mut Decoder<'_, B>> =
             batch.iter_mut().map(|r| &mut r.decoder).collect();
         // The products run inside rayon's pool (see `model_llama::generate::generate`).
-        if guarded(|| rayon::scope(|_| Decoder::advance_together(&mut decoders))).is_none() {
+        let step = || rayon::scope(|_| Decoder::step_together(&mut decoders, chunk));
+        if guarded(step).is_none() {
             for r in batch.drain(..) {
                 r.send(failed());
             }
@@ -288,25 +328,20 @@ pub(crate) fn bytes(n: u64) -> String {
     bytesize::ByteSize::b(n).display().iec().to_string()
 }
 
-/// Runs `job`'s prefill (and sends its prompt log-probabilities); `None` if it failed or its
-/// client has gone.
+/// Sets `job` up to run (its prefill runs in the steps that follow); `None` if that failed.
 fn start<B: QuantBackend>(model: &Llama<B>, job: Job, kv_need: u64) -> Option<Running<'_, B>> {
-    let prefill = || {
-        rayon::scope(|_| {
-            Decoder::with_prompt_logprobs(model, &job.prompt, &job.opts, job.prompt_logprobs)
-        })
-    };
-    let Some((decoder, prompt_logprobs)) = guarded(prefill) else {
+    let start = || Decoder::start(model, &job.prompt, &job.opts, job.prompt_logprobs);
+    let Some(decoder) = guarded(start) else {
         let _ = job.events.send(failed());
         return None;
     };
-    let running = Running {
+    let prompt_sent = job.prompt_logprobs.is_none();
+    Some(Running {
         decoder,
         job,
         kv_need,
-    };
-    let wanted = running.job.prompt_logprobs.is_some();
-    (!wanted || running.send(Event::PromptLogprobs(prompt_logprobs))).then_some(running)
+        prompt_sent,
+    })
 }
 
 /// `f()`, or `None` if it panicked: a panic in one request (a bug) must not take the server

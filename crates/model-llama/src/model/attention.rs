@@ -104,37 +104,63 @@ impl<B: QuantBackend> Attention<B> {
         cache.attend(q, self.n_heads)
     }
 
-    /// The input of `o_proj` for one new token of each of several sequences: `x: [1, n, hidden]`
-    /// holds sequence `i`'s token in row `i`, which continues `caches[i]` at position
-    /// `rows.positions()[i]` (the cache's length).
+    /// The input of `o_proj` for new tokens of several sequences: `x: [1, R, hidden]` holds
+    /// sequence `i`'s `spans[i]` tokens in consecutive rows, which continue `caches[i]` at the
+    /// cache's length (`rows` gives each row its position).
     ///
-    /// The projections run once for all rows (one `M = n` product, which reads each weight
-    /// once), and so do the rotation (tables selected once per step, [`RowPositions`]) and the
-    /// attention (each row over its own cache, [`KvStore::attend_batch`]); only the
-    /// cache writes are per sequence.
+    /// The projections run once for all rows (one `M = R` product, which reads each weight
+    /// once), and so does the rotation (tables selected once per step, [`RowPositions`]).
+    /// Consecutive one-row spans (decode steps) share one attention call
+    /// ([`KvStore::attend_batch`]: each row over its own cache); a longer span (a chunk of a
+    /// prompt) attends causally over its own cache, as a whole prompt would. Only the cache
+    /// writes are per sequence.
     pub fn context_batch(
         &self,
         x: Tensor<B, 3>,
         rows: &RowPositions<B>,
         caches: &mut [&mut KvCache<B>],
+        spans: &[usize],
     ) -> Tensor<B, 3> {
-        let n = x.dims()[1];
-        assert_eq!(n, caches.len(), "one cache per row of the batch");
+        assert_eq!(spans.len(), caches.len(), "one span per cache");
         assert!(
             caches
                 .iter()
-                .map(|c| c.len())
+                .zip(spans)
+                .flat_map(|(c, &n)| c.len()..c.len() + n)
                 .eq(rows.positions().iter().copied()),
-            "each row continues its cache at the cache's length"
+            "each span continues its cache at the cache's length"
         );
         let q = rows.apply(self.q_proj.forward(x.clone()), self.n_heads);
         let k = rows.apply(self.k_proj.forward(x.clone()), self.n_kv_heads);
         let v = self.v_proj.forward(x);
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let row = |t: &Tensor<B, 3>| t.clone().narrow(1, i, 1);
-            cache.append(row(&k), row(&v));
+        let starts: Vec<usize> = spans
+            .iter()
+            .scan(0, |at, &n| {
+                *at += n;
+                Some(*at - n)
+            })
+            .collect();
+        for ((cache, &start), &n) in caches.iter_mut().zip(&starts).zip(spans) {
+            cache.append(k.clone().narrow(1, start, n), v.clone().narrow(1, start, n));
         }
-        let caches: Vec<&KvCache<B>> = caches.iter().map(|c| &**c).collect();
-        KvStore::attend_batch(q, &caches, self.n_heads)
+        let mut parts = Vec::new();
+        let mut i = 0;
+        while i < spans.len() {
+            let (start, n) = (starts[i], spans[i]);
+            if n > 1 {
+                parts.push(caches[i].attend(q.clone().narrow(1, start, n), self.n_heads));
+                i += 1;
+                continue;
+            }
+            let run = spans[i..].iter().take_while(|&&n| n == 1).count();
+            let run_caches: Vec<&KvCache<B>> = caches[i..i + run].iter().map(|c| &**c).collect();
+            let q_run = q.clone().narrow(1, start, run);
+            parts.push(KvStore::attend_batch(q_run, &run_caches, self.n_heads));
+            i += run;
+        }
+        match parts.len() {
+            1 => parts.pop().expect("one part"),
+            _ => Tensor::cat(parts, 1),
+        }
     }
 }

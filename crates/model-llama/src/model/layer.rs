@@ -76,15 +76,16 @@ impl<B: QuantBackend> DecoderLayer<B> {
         self.residual(x, |a| self.self_attn.context(a, rope, cache))
     }
 
-    /// One new token of each of several sequences, row `i` of `x: [1, n, hidden]` continuing
-    /// `caches[i]` at position `rows.positions()[i]` (see [`Attention::context_batch`]).
+    /// New tokens of several sequences, `spans[i]` consecutive rows of `x: [1, R, hidden]`
+    /// continuing `caches[i]` (see [`Attention::context_batch`]).
     pub fn forward_batch(
         &self,
         x: Tensor<B, 3>,
         rows: &RowPositions<B>,
         caches: &mut [&mut KvCache<B>],
+        spans: &[usize],
     ) -> Tensor<B, 3> {
-        self.residual(x, |a| self.self_attn.context_batch(a, rows, caches))
+        self.residual(x, |a| self.self_attn.context_batch(a, rows, caches, spans))
     }
 
     /// The layer around its attention context `context(norm₁(x))` (the input of `o_proj`).

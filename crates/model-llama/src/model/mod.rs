@@ -76,26 +76,36 @@ impl<B: QuantBackend> Llama<B> {
         x
     }
 
-    /// Last hidden states `[1, n, hidden]` of one new token for each of `n` sequences: the
-    /// `i`-th id of `tokens: [1, n]` continues the sequence cached in `caches[i]` (one entry per
-    /// layer), which is extended. The linears run once for all sequences, as `M = n` products.
+    /// Last hidden states `[1, R, hidden]` of new tokens of several sequences: sequence `i`
+    /// contributes `spans[i]` (at least 1) consecutive ids of `tokens: [1, R]`, which continue
+    /// the sequence cached in `caches[i]` (one entry per layer); the caches are extended. The
+    /// linears run once for all rows, as `M = R` products, so one forward can hold a decode
+    /// step's token of each running sequence beside a chunk of a prompt (chunked prefill).
     pub fn hidden_states_batch(
         &self,
         tokens: Tensor<B, 2, Int>,
         caches: &mut [&mut [KvCache<B>]],
+        spans: &[usize],
     ) -> Tensor<B, 3> {
-        assert_eq!(tokens.dims(), [1, caches.len()], "one cache per sequence");
+        assert_eq!(spans.len(), caches.len(), "one span per cache");
+        assert!(spans.iter().all(|&n| n > 0), "every span holds a token");
+        let rows: usize = spans.iter().sum();
+        assert_eq!(tokens.dims(), [1, rows], "the spans cover the tokens");
         // Every layer's cache of a sequence holds the same positions.
         let positions: Vec<usize> = caches
             .iter()
-            .map(|c| c.first().map_or(0, KvStore::len))
+            .zip(spans)
+            .flat_map(|(c, &n)| {
+                let start = c.first().map_or(0, KvStore::len);
+                start..start + n
+            })
             .collect();
         let rows = self.rope.at_positions(&positions);
         let mut x = self.embed(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             let mut layer_caches: Vec<&mut KvCache<B>> =
                 caches.iter_mut().map(|c| &mut c[i]).collect();
-            x = layer.forward_batch(x, &rows, &mut layer_caches);
+            x = layer.forward_batch(x, &rows, &mut layer_caches, spans);
         }
         x
     }

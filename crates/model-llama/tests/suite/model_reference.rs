@@ -258,9 +258,10 @@ fn kv_cache_generation_matches_full_recompute() {
     }
 }
 
-/// Sequences of different lengths advanced together (continuous batching: one joins late,
-/// one ends early) see the naive model's logits at every step (within the rounding of the
-/// keys and values for an f16 or Q8_0 cache), and produce the tokens each produces alone.
+/// Sequences of different lengths advanced together (continuous batching: one joins late, its
+/// prompt run in chunks of 3 tokens beside the others' decode steps, and one ends early) see
+/// the naive model's logits at every step (within the rounding of the keys and values for an
+/// f16 or Q8_0 cache), and produce the tokens each produces alone.
 #[test]
 fn sequences_advanced_together_match_the_naive_model_and_running_alone() {
     advanced_together(KvDtype::F32, 1e-3);
@@ -299,9 +300,15 @@ fn advanced_together(kv_cache: KvDtype, tolerance: f64) {
             _ => 0..0,
         };
         for i in joining {
-            decoders.push(Decoder::new(&model, prompts[i], &opts(i)));
+            decoders.push(match i {
+                2 => Decoder::start(&model, prompts[i], &opts(i), None),
+                _ => Decoder::new(&model, prompts[i], &opts(i)),
+            });
         }
         for (i, d) in decoders.iter_mut().enumerate() {
+            if d.is_prefilling() {
+                continue;
+            }
             let Some(token) = d.next_token() else {
                 continue;
             };
@@ -318,7 +325,7 @@ fn advanced_together(kv_cache: KvDtype, tolerance: f64) {
             generated[i].push(token);
         }
         let mut refs: Vec<&mut Decoder<'_, B>> = decoders.iter_mut().collect();
-        Decoder::advance_together(&mut refs);
+        Decoder::step_together(&mut refs, 3);
     }
     assert!(decoders.iter().all(Decoder::is_finished));
     assert_eq!(generated, alone);
@@ -328,7 +335,8 @@ fn advanced_together(kv_cache: KvDtype, tolerance: f64) {
     );
 }
 
-/// Within the rounding of the keys and values for an f16 or Q8_0 cache.
+/// Within the rounding of the keys and values for an f16 or Q8_0 cache; a prefill in chunks
+/// scores the prompt as a whole one does.
 #[test]
 fn prompt_logprobs_are_the_naive_log_softmax() {
     prompt_logprobs(KvDtype::F32, 1e-3);
@@ -348,6 +356,23 @@ fn prompt_logprobs(kv_cache: KvDtype, tolerance: f64) {
     };
     let (mut decoder, logprobs) = Decoder::with_prompt_logprobs(&model, &prompt, &opts, Some(3));
     assert_eq!(logprobs.len(), prompt.len() - 1);
+    // A prefill in chunks scores the same tokens, and leaves the same next-token logits.
+    let mut chunked = Decoder::start(&model, &prompt, &opts, Some(3));
+    let mut steps = 0;
+    while chunked.is_prefilling() {
+        Decoder::step_together(&mut [&mut chunked], 2);
+        steps += 1;
+    }
+    assert_eq!(steps, prompt.len().div_ceil(2));
+    let chunked_logprobs = chunked.take_prompt_logprobs();
+    assert_eq!(chunked_logprobs.len(), logprobs.len());
+    for (c, w) in chunked_logprobs.iter().zip(&logprobs) {
+        assert_eq!(c.token, w.token);
+        assert!(
+            (c.logprob - w.logprob).abs() < 1e-4,
+            "{kv_cache}: {c:?} vs {w:?}"
+        );
+    }
     let log_softmax = |row: &[f64], t: usize| {
         let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         row[t] - max - row.iter().map(|l| (l - max).exp()).sum::<f64>().ln()
@@ -373,6 +398,8 @@ fn prompt_logprobs(kv_cache: KvDtype, tolerance: f64) {
     assert_eq!(decoder.next_token(), Some(argmax as u32));
     assert_eq!(decoder.next_token(), None);
     assert!(decoder.is_finished());
+    assert_eq!(chunked.next_token(), Some(argmax as u32));
+    assert!(chunked.is_finished());
 }
 
 #[test]

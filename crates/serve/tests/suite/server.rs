@@ -6,7 +6,7 @@ use crate::support;
 use model_llama::generate::{Decoder, GenerateOptions};
 use serde_json::{Value, json};
 use serve::ServeOptions;
-use support::{MODEL, get, greedy, post, start, start_opts, start_with};
+use support::{MODEL, agent, get, greedy, post, start, start_opts, start_with};
 
 /// A 400 with an OpenAI-style error naming `param` and saying `says`.
 fn assert_400(answer: (u16, Value), param: Option<&str>, says: &str) {
@@ -279,6 +279,74 @@ fn the_kv_memory_limit_holds_requests_back_until_they_fit() {
     let (_, health) = get(&server, "/health");
     assert_eq!(health["kv_cache"]["limit_bytes"], limit, "{health}");
     assert_eq!(greedy(&server, prompts[1], new_tokens as usize), texts[1]);
+    server.shutdown().unwrap();
+}
+
+/// A long prompt that arrives while another request streams runs in chunks between that
+/// stream's tokens (chunked prefill): the stream keeps receiving tokens during the prefill,
+/// and the long request gets the answer it gets alone.
+#[test]
+fn a_long_prompt_does_not_stall_a_running_stream() {
+    use std::io::BufRead;
+    use std::time::Instant;
+
+    let (chunks, chunk) = (30, 16);
+    let server = start_opts(ServeOptions {
+        prefill_chunk: std::num::NonZeroUsize::new(chunk as usize).unwrap(),
+        ..ServeOptions::new(MODEL)
+    });
+    let long: Vec<u32> = (0..chunks * chunk).map(|i| 100 + (i * 37) % 5000).collect();
+    let long_body = json!({"model": MODEL, "prompt": long, "max_tokens": 4, "temperature": 0});
+    let (status, alone) = post(&server, "/v1/completions", &long_body.to_string());
+    assert_eq!(status, 200, "{alone}");
+
+    let (arrivals, arrived) = std::sync::mpsc::channel::<Instant>();
+    let (long_answer, started, ended, streamed) = std::thread::scope(|s| {
+        let stream = s.spawn(|| {
+            let body = json!({"model": MODEL, "prompt": "Count from 1 to 500: 1, 2, 3,",
+                              "max_tokens": 300, "temperature": 0, "stream": true});
+            let mut r = agent()
+                .post(format!("http://{}/v1/completions", server.addr()))
+                .header("content-type", "application/json")
+                .send(body.to_string())
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            let mut tokens = 0;
+            for line in std::io::BufReader::new(r.body_mut().as_reader()).lines() {
+                if line.unwrap().starts_with("data: {") {
+                    tokens += 1;
+                    arrivals.send(Instant::now()).unwrap();
+                }
+            }
+            tokens
+        });
+        // The stream is under way before the long prompt arrives.
+        for _ in 0..3 {
+            arrived.recv().unwrap();
+        }
+        let started = Instant::now();
+        let (status, answer) = post(&server, "/v1/completions", &long_body.to_string());
+        let ended = Instant::now();
+        assert_eq!(status, 200, "{answer}");
+        (answer, started, ended, stream.join().unwrap())
+    });
+    // A chunk per token, and the last one with the finish reason.
+    assert_eq!(streamed, 301);
+    let during = arrived
+        .try_iter()
+        .filter(|&t| t > started && t < ended)
+        .count();
+    // One stream token per step, and the prompt takes `chunks` steps; run whole, it would
+    // take one.
+    assert!(
+        during >= chunks as usize * 2 / 3,
+        "{during} tokens streamed during the long prefill"
+    );
+    assert_eq!(
+        long_answer["choices"][0]["text"],
+        alone["choices"][0]["text"]
+    );
+    assert_eq!(server.load().peak_running(), 2);
     server.shutdown().unwrap();
 }
 
