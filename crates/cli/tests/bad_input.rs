@@ -308,7 +308,10 @@ fn bad_serve_options_fail_before_loading() {
             &["invalid --kv-memory 0", "holds no"],
         ),
         (&["--kv-memory", "12XB"], &["--kv-memory", "12XB"]),
-        (&["--prefill-chunk", "0"], &["--prefill-chunk", "would be zero"]),
+        (
+            &["--prefill-chunk", "0"],
+            &["--prefill-chunk", "would be zero"],
+        ),
     ];
     for (extra, expect) in cases {
         check_failure(d, &format!("{extra:?}"), || serve(extra), expect);

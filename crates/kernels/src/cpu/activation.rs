@@ -487,7 +487,7 @@ mod avx512_heads {
             let row = k.wrapping_add(j * kv.stride);
             for l in (0..d / T::VALUES).step_by(line) {
                 super::super::prefetch(row.wrapping_add(ahead + l));
-                _mm_prefetch::<_MM_HINT_T1>(v.wrapping_add(j * kv.stride + l) as *const i8);
+                super::super::prefetch_l2(v.wrapping_add(j * kv.stride + l));
             }
             let kr: [__m512; C] = std::array::from_fn(|c| unsafe { T::load16(row, c) });
             for r in 0..R {

@@ -253,6 +253,18 @@ pub(crate) fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// [`prefetch`] into L2 only, for lines needed later than L1 could hold them.
+#[inline(always)]
+pub(crate) fn prefetch_l2<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching has no memory-safety effect, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Tile-major `[tile][m][lane]` → row-major `y[m, n]`, dropping the padding lanes.
 fn scatter(out: &[[f32; LANES]], m: usize, n: usize, y: &mut [f32]) {
     for (t, tile) in out.chunks(m).enumerate() {

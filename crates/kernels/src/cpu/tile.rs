@@ -78,17 +78,26 @@ pub(crate) fn codes_at<const B: usize>(block: &[[u32; LANES]; B], j: usize) -> [
     q
 }
 
-/// Blocks ahead of the current one whose code lines are prefetched: the hardware prefetcher
-/// alone leaves a single core's stream latency-bound while it also decodes.
-pub(crate) const PREFETCH_BLOCKS: usize = 8;
+/// Blocks ahead of the current one whose code lines are prefetched into L1, and further ahead
+/// into L2: the hardware prefetcher alone leaves a single core's stream latency-bound while it
+/// also decodes, and it stops at each 4 KiB page. Measured on LLaMA-7B's shapes with the
+/// weights streaming from memory (3-bit g128, 1 row, interleaved runs): 8 blocks ahead into
+/// L1 only, 5.0–5.5 ms a layer; 16 into L1 and 64 or 128 into L2, 4.0–4.4 ms (docs/serve.md,
+/// session 33).
+pub(crate) const PREFETCH_BLOCKS: usize = 16;
+/// See [`PREFETCH_BLOCKS`].
+pub(crate) const PREFETCH_L2_BLOCKS: usize = 64;
 
-/// Hints the cache lines of block `blk` (possibly past this tile: the next tile follows in
-/// memory; out-of-range addresses are only computed, never read).
+/// Hints the cache lines of the blocks [`PREFETCH_BLOCKS`] and [`PREFETCH_L2_BLOCKS`] after
+/// block `blk` (possibly past this tile: the next tile follows in memory; out-of-range
+/// addresses are only computed, never read).
 #[inline(always)]
-pub(crate) fn prefetch_block<const B: usize>(codes: &[[u32; LANES]], blk: usize) {
-    let base = codes.as_ptr().wrapping_add(blk * B);
+pub(crate) fn prefetch_ahead<const B: usize>(codes: &[[u32; LANES]], blk: usize) {
+    let near = codes.as_ptr().wrapping_add((blk + PREFETCH_BLOCKS) * B);
+    let far = codes.as_ptr().wrapping_add((blk + PREFETCH_L2_BLOCKS) * B);
     for i in 0..B {
-        super::prefetch(base.wrapping_add(i));
+        super::prefetch(near.wrapping_add(i));
+        super::prefetch_l2(far.wrapping_add(i));
     }
 }
 
@@ -182,7 +191,7 @@ pub(crate) fn oc_tile<const B: usize, const M: usize, const S: usize, A: Madd>(
     for g in 0..groups {
         let mut acc = [[[0f32; LANES]; M]; S];
         for blk in g * blocks_per_group..(g + 1) * blocks_per_group {
-            prefetch_block::<B>(codes, blk + PREFETCH_BLOCKS);
+            prefetch_ahead::<B>(codes, blk);
             block_fma::<B, M, S, A>(
                 block_at::<B>(codes, blk),
                 rows_at::<M>(x, k, blk * BLOCK),
@@ -364,7 +373,7 @@ pub(crate) fn ic_group<
         let codes = w.tile_codes(gi * tiles + tt);
         let mut acc = [[[0f32; LANES]; M]; S];
         for blk in 0..k / BLOCK {
-            prefetch_block::<B>(codes, blk + PREFETCH_BLOCKS);
+            prefetch_ahead::<B>(codes, blk);
             block_fma::<B, M, S, A>(
                 block_at::<B>(codes, blk),
                 rows_at::<M>(coef, k, blk * BLOCK),

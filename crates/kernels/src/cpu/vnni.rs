@@ -150,7 +150,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::layout::{BLOCK, CpuPacked, LANES};
-    use super::super::tile::{PREFETCH_BLOCKS, block_at, prefetch_block};
+    use super::super::tile::{block_at, prefetch_ahead};
     use super::{QUADS, STEP, quad_codes};
     use quant_core::QuantDim;
     use rayon::prelude::*;
@@ -549,7 +549,7 @@ mod x86 {
             for g in 0..groups {
                 let mut acc = [_mm512_setzero_ps(); M];
                 for blk in g * blocks_per_group..(g + 1) * blocks_per_group {
-                    prefetch_block::<B>(codes, blk + PREFETCH_BLOCKS);
+                    prefetch_ahead::<B>(codes, blk);
                     block_dot::<B, M>(codes, blk, &blocks, &mut acc);
                 }
                 let at = (t * groups + g) * LANES;
@@ -616,7 +616,7 @@ mod x86 {
                 let codes = w.tile_codes(gi * tiles + tt);
                 let mut acc = [_mm512_setzero_ps(); M];
                 for blk in 0..k / BLOCK {
-                    prefetch_block::<B>(codes, blk + PREFETCH_BLOCKS);
+                    prefetch_ahead::<B>(codes, blk);
                     block_dot::<B, M>(codes, blk, &blocks, &mut acc);
                 }
                 for m in 0..M {
