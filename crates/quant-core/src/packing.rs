@@ -36,10 +36,15 @@ pub fn pack_row(codes: &[u8], bits: u32, out: &mut [u32]) {
 
 /// Unpacks `out.len()` codes of `bits` bits from `words`.
 pub fn unpack_row(words: &[u32], bits: u32, out: &mut [u8]) {
+    unpack_range(words, bits, 0, out);
+}
+
+/// Unpacks codes `start..start + out.len()` of the stream in `words`.
+pub fn unpack_range(words: &[u32], bits: u32, start: usize, out: &mut [u8]) {
     let b = bits as usize;
     let mask = (1u64 << b) - 1;
     for (j, o) in out.iter_mut().enumerate() {
-        let bit = j * b;
+        let bit = (start + j) * b;
         let (w, s) = (bit / 32, bit % 32);
         let mut v = (words[w] as u64) >> s;
         if s + b > 32 {

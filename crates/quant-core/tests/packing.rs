@@ -1,7 +1,7 @@
 //! Pack/unpack round trips for every bit width, and the packed layout the kernels read.
 
 use proptest::prelude::*;
-use quant_core::packing::{pack_row, unpack_row, words_for};
+use quant_core::packing::{pack_row, unpack_range, unpack_row, words_for};
 use quant_core::{GroupSize, QuantConfig, QuantDim, quantize_rtn};
 
 fn codes_strategy() -> impl Strategy<Value = (u32, Vec<u8>)> {
@@ -19,6 +19,12 @@ proptest! {
         let mut back = vec![0u8; codes.len()];
         unpack_row(&words, bits, &mut back);
         prop_assert_eq!(&back, &codes);
+        // Any range of the stream is those codes.
+        for start in [0, 1, codes.len() / 3, codes.len() / 2] {
+            let mut part = vec![0u8; codes.len() - start];
+            unpack_range(&words, bits, start, &mut part);
+            prop_assert_eq!(&part[..], &codes[start..]);
+        }
         // No stray bits past the last code: padding is zero.
         let used = codes.len() * bits as usize;
         if !used.is_multiple_of(32) {
