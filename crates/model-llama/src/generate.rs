@@ -460,15 +460,19 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
         let hidden =
             model.hidden_states_batch(to_tensor(&tokens, &model.device()), &mut caches, &lens);
         // One head product for the rows whose logits someone reads.
+        let reads: Vec<Vec<usize>> = batch
+            .iter()
+            .zip(&spans)
+            .map(|(d, &(start, n))| d.rows_read(start, n).collect())
+            .collect();
         let mut rows = Vec::new();
         let mut offset = 0;
-        for (d, &(start, n)) in batch.iter().zip(&spans) {
-            rows.extend(d.rows_read(start, n).map(|r| offset + r));
+        for (read, &(_, n)) in reads.iter().zip(&spans) {
+            rows.extend(read.iter().map(|r| offset + r));
             offset += n;
         }
         let mut logits = logits_at(model, hidden, &rows).into_iter();
-        for (d, (start, n)) in batch.into_iter().zip(spans) {
-            let read: Vec<usize> = d.rows_read(start, n).collect();
+        for ((d, (start, n)), read) in batch.into_iter().zip(spans).zip(reads) {
             d.absorb(start, n, read.into_iter().zip(logits.by_ref()));
         }
     }
