@@ -184,6 +184,7 @@ impl<'a> Outputs<'a> {
             )));
         }
         check_fingerprint(&progress.fingerprint, fingerprint, staging.path())?;
+        remove_stale_activations(staging.path(), progress.activations.as_deref())?;
         let writer = ShardWriter::resume(staging.path(), MAX_SHARD_BYTES, &progress.packed)?;
         let packed = Staged { staging, writer };
         let fake = match (fake_quant, &progress.fake_quant) {
@@ -342,7 +343,7 @@ impl<B: QuantBackend> LayerSink<B> for Outputs<'_> {
             self.progress.dims.insert(module.clone(), p.dim);
         }
         self.saving.wait()?;
-        let name = format!("adadim_activations-{}.bin", index + 1);
+        let name = format!("{ACTIVATIONS_PREFIX}{}.bin", index + 1);
         let previous = self.progress.activations.replace(name.clone());
         self.progress.packed = self.packed.writer.checkpoint()?;
         if let Some(fake) = &mut self.fake_quant {
@@ -375,6 +376,32 @@ impl<B: QuantBackend> LayerSink<B> for Outputs<'_> {
         self.saving = PendingSave(Some(handle));
         Ok(())
     }
+}
+
+/// How the activation files a run keeps between layers are named: this, the layers done, `.bin`.
+const ACTIVATIONS_PREFIX: &str = "adadim_activations-";
+
+/// Removes the activation files in the run's staging directory `dir` other than `current`, the
+/// one its progress record names. A run killed after recording a layer but before removing the
+/// layer before's activations leaves that file behind; it is this tool's scratch, and would
+/// otherwise end up in the finished checkpoint.
+fn remove_stale_activations(dir: &Path, current: Option<&str>) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AdadimError::Io { path, source }
+    };
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let stale =
+            name.starts_with(ACTIVATIONS_PREFIX) && name.ends_with(".bin") && Some(name) != current;
+        if stale {
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes the progress record into the staging directory `dir`, durably.
