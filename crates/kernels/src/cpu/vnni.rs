@@ -196,9 +196,18 @@ mod x86 {
                 let mut xsum = vec![0f32; M * groups];
                 // SAFETY: this function's contract guarantees the CPU features.
                 unsafe { round_oc::<B>(x_pad, w.group_size, &mut acts, &mut xsum) };
-                out.par_chunks_mut(M).enumerate().for_each(|(t, o)| {
+                // Tiles in pairs from `PAIRED_ROWS` rows on (see `block_dot`); an odd last one
+                // alone.
+                let pair = if M >= PAIRED_ROWS { 2 } else { 1 };
+                out.par_chunks_mut(pair * M).enumerate().for_each(|(c, o)| {
                     // SAFETY: as above.
-                    unsafe { oc_tile::<B, M>(w, &acts, &xsum, t, o) }
+                    unsafe {
+                        if o.len() == 2 * M {
+                            oc_tiles::<B, M, 2>(w, &acts, &xsum, 2 * c, o)
+                        } else {
+                            oc_tiles::<B, M, 1>(w, &acts, &xsum, pair * c, o)
+                        }
+                    }
                 });
             }
             QuantDim::Ic => {
@@ -207,12 +216,21 @@ mod x86 {
                     || Rounded::new(M, k),
                     |acts, (g, o)| {
                         // SAFETY: as above.
-                        unsafe { ic_group::<B, M>(w, x_pad, g, acts, o) }
+                        unsafe {
+                            if M >= PAIRED_ROWS {
+                                ic_group::<B, M, 2>(w, x_pad, g, acts, o)
+                            } else {
+                                ic_group::<B, M, 1>(w, x_pad, g, acts, o)
+                            }
+                        }
                     },
                 );
             }
         }
     }
+
+    /// From this many rows on, tiles run two at a time ([`block_dot`]).
+    const PAIRED_ROWS: usize = 4;
 
     /// `M` rows of rounded activations, block-major: for each block, each row's 8 words of 4
     /// permuted bytes (one word per quad), and each row's block scale. Block-major, so that
@@ -254,23 +272,31 @@ mod x86 {
         scales: &'a [[f32; M]],
     }
 
-    /// The bytes of [`quad_codes`]`(B)` as a `vpermb` index: byte `4i + b` takes code
-    /// `quad_codes(B)[i][b]` of the block.
+    /// [`quad_codes`]`(B)` as a `vpermt2b` index into a block's 32 integers, codes 0–15 as the
+    /// 32-bit lanes of the first source and 16–31 of the second: byte `4i + b` takes the low
+    /// byte of code `quad_codes(B)[i][b]`. That truncation is `vpmovdb`'s, so one instruction
+    /// narrows and permutes the block (bytes 32–63 are not used).
     #[inline(always)]
-    unsafe fn permutation<const B: usize>() -> __m256i {
-        const fn flat(bits: u32) -> [u8; 32] {
+    unsafe fn permutation<const B: usize>() -> __m512i {
+        const fn index(bits: u32) -> [u8; 64] {
             let q = quad_codes(bits);
-            let mut out = [0u8; 32];
+            let mut out = [0u8; 64];
             let mut i = 0;
-            while i < 32 {
-                out[i] = q[i / 4][i % 4];
+            while i < BLOCK {
+                let code = q[i / 4][i % 4];
+                // Bit 6 of a `vpermt2b` index picks the second source.
+                out[i] = if code < 16 {
+                    4 * code
+                } else {
+                    64 + 4 * (code - 16)
+                };
                 i += 1;
             }
             out
         }
-        let idx: [u8; 32] = flat(B as u32);
-        // SAFETY: `idx` is 32 readable bytes; AVX is present (the caller's contract).
-        unsafe { _mm256_loadu_si256(idx.as_ptr().cast()) }
+        let idx: [u8; 64] = index(B as u32);
+        // SAFETY: `idx` is 64 readable bytes; AVX-512F is present (the caller's contract).
+        unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
     }
 
     /// Blocks rounded together by [`round4`].
@@ -288,7 +314,7 @@ mod x86 {
     /// block's maximum is a NaN (its bit pattern is above infinity's in the integer max), so
     /// its `d` is NaN and its bytes 0, as the definition says.
     #[inline(always)]
-    unsafe fn round4(c: &[Values; ROUND_AT_ONCE], perm: __m256i) -> [RoundedBlock; ROUND_AT_ONCE] {
+    unsafe fn round4(c: &[Values; ROUND_AT_ONCE], perm: __m512i) -> [RoundedBlock; ROUND_AT_ONCE] {
         // SAFETY (every intrinsic): the caller has AVX-512F/BW/VL and VBMI; nothing touches
         // memory but the local array `steps`.
         unsafe {
@@ -336,13 +362,9 @@ mod x86 {
             for (j, out) in out.iter_mut().enumerate() {
                 let qa = _mm512_cvtps_epi32(_mm512_mul_ps(c[j][0], invs[j]));
                 let qb = _mm512_cvtps_epi32(_mm512_mul_ps(c[j][1], invs[j]));
-                let bytes = _mm256_inserti128_si256::<1>(
-                    _mm256_castsi128_si256(_mm512_cvtepi32_epi8(qa)),
-                    _mm512_cvtepi32_epi8(qb),
-                );
                 *out = (
                     steps[4 * j],
-                    _mm256_permutexvar_epi8(perm, bytes),
+                    _mm512_castsi512_si256(_mm512_permutex2var_epi8(qa, perm, qb)),
                     _mm512_add_epi32(qa, qb),
                 );
             }
@@ -487,36 +509,46 @@ mod x86 {
         c as i64
     }
 
-    /// `acc[m] += d_m · Σ_{k∈blk} q̂_m,k · code_k` for the tile's 16 lanes: the block loop both
-    /// dims share. Quads outermost and rows innermost, so that each row's sum stays in a
-    /// register; at small `M` a row's 8 dot products are split over independent chains, so
-    /// they do not wait on each other's latency.
+    /// `acc[t][m] += d_m · Σ_{k∈blk} q̂_m,k · code_k` for the 16 lanes of each of `T` tiles: the
+    /// block loop both dims share. Quads outermost and rows innermost, so that each row's sum
+    /// stays in a register. A row's 8 dot products form a chain, each waiting on the one before
+    /// (`vpdpbusd`'s latency is about 2.3 ns here, docs/serve.md): at small `M·T` they are split
+    /// over independent chains, and at large `M` two tiles share the block's activations so
+    /// that twice as many chains run side by side.
     #[inline(always)]
-    unsafe fn block_dot<const B: usize, const M: usize>(
-        codes: &[[u32; LANES]],
+    unsafe fn block_dot<const B: usize, const M: usize, const T: usize>(
+        codes: [&[[u32; LANES]]; T],
         blk: usize,
         acts: &Blocks<'_, M>,
-        acc: &mut [__m512; M],
+        acc: &mut [[__m512; M]; T],
     ) {
-        let chains = (4 / M).max(1);
+        let chains = (4 / (M * T)).max(1);
         let (x, d) = (&acts.quads[blk], &acts.scales[blk]);
         // SAFETY (every intrinsic): the caller has AVX-512F and VNNI; no memory is touched
         // but `codes` (through `decode`) and `acts`'s slices.
         unsafe {
-            let quads = decode::<B>(codes, blk);
-            let mut sums = [[_mm512_setzero_si512(); M]; 4];
-            for (i, &quad) in quads.iter().enumerate() {
+            let mut quads = [[_mm512_setzero_si512(); QUADS]; T];
+            for (quads, codes) in quads.iter_mut().zip(codes) {
+                *quads = decode::<B>(codes, blk);
+            }
+            let mut sums = [[[_mm512_setzero_si512(); M]; T]; 4];
+            for i in 0..QUADS {
                 let sums = &mut sums[i % chains];
                 for m in 0..M {
-                    sums[m] = _mm512_dpbusd_epi32(sums[m], quad, _mm512_set1_epi32(x[m][i]));
+                    let x = _mm512_set1_epi32(x[m][i]);
+                    for (sums, quads) in sums.iter_mut().zip(&quads) {
+                        sums[m] = _mm512_dpbusd_epi32(sums[m], quads[i], x);
+                    }
                 }
             }
-            for m in 0..M {
-                let mut sum = sums[0][m];
-                for chain in &sums[1..chains] {
-                    sum = _mm512_add_epi32(sum, chain[m]);
+            for (t, acc) in acc.iter_mut().enumerate() {
+                for m in 0..M {
+                    let mut sum = sums[0][t][m];
+                    for chain in &sums[1..chains] {
+                        sum = _mm512_add_epi32(sum, chain[t][m]);
+                    }
+                    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d[m]), acc[m]);
                 }
-                acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d[m]), acc[m]);
             }
         }
     }
@@ -529,39 +561,44 @@ mod x86 {
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr().cast())) }
     }
 
-    /// Per-OC tile `t`: `out[m] = Σ_g s_g·(acc_g − z_g·xsum_g)` (module doc).
+    /// Per-OC tiles `first..first + T`: `out[t·M + m] = Σ_g s_g·(acc_g − z_g·xsum_g)` (module
+    /// doc).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,fma")]
-    unsafe fn oc_tile<const B: usize, const M: usize>(
+    unsafe fn oc_tiles<const B: usize, const M: usize, const T: usize>(
         w: &CpuPacked,
         acts: &Rounded,
         xsum: &[f32],
-        t: usize,
+        first: usize,
         out: &mut [[f32; LANES]],
     ) {
         let groups = w.groups_along_k();
         let blocks_per_group = w.group_size / BLOCK;
-        let codes = w.tile_codes(t);
+        let codes: [_; T] = std::array::from_fn(|t| w.tile_codes(first + t));
         let blocks = acts.blocks::<M>();
-        let mut y = [_mm512_setzero_ps(); M];
+        let mut y = [[_mm512_setzero_ps(); M]; T];
         // SAFETY: the helpers need the features enabled on this function; each store writes
         // one 16-float row of `out`.
         unsafe {
             for g in 0..groups {
-                let mut acc = [_mm512_setzero_ps(); M];
+                let mut acc = [[_mm512_setzero_ps(); M]; T];
                 for blk in g * blocks_per_group..(g + 1) * blocks_per_group {
-                    prefetch_ahead::<B>(codes, blk);
-                    block_dot::<B, M>(codes, blk, &blocks, &mut acc);
+                    for codes in codes {
+                        prefetch_ahead::<B>(codes, blk);
+                    }
+                    block_dot::<B, M, T>(codes, blk, &blocks, &mut acc);
                 }
-                let at = (t * groups + g) * LANES;
-                let s = widen(&w.scales, at);
-                let sz = _mm512_mul_ps(s, widen(&w.zeros, at));
-                for (m, y) in y.iter_mut().enumerate() {
-                    *y = _mm512_fmadd_ps(s, acc[m], *y);
-                    *y = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsum[m * groups + g]), *y);
+                for (t, (y, acc)) in y.iter_mut().zip(&acc).enumerate() {
+                    let at = ((first + t) * groups + g) * LANES;
+                    let s = widen(&w.scales, at);
+                    let sz = _mm512_mul_ps(s, widen(&w.zeros, at));
+                    for (m, y) in y.iter_mut().enumerate() {
+                        *y = _mm512_fmadd_ps(s, acc[m], *y);
+                        *y = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsum[m * groups + g]), *y);
+                    }
                 }
             }
-            for (o, y) in out.iter_mut().zip(y) {
-                _mm512_storeu_ps(o.as_mut_ptr(), y);
+            for (o, y) in out.iter_mut().zip(y.as_flattened()) {
+                _mm512_storeu_ps(o.as_mut_ptr(), *y);
             }
         }
     }
@@ -569,7 +606,7 @@ mod x86 {
     /// Per-IC group `gi`: rounds the group's coefficients `x_k·s_{g,k}` into `acts`, then
     /// `out[tile·M + m] = acc − Σ_k c_k·z_{g,k}` for each of its tiles (module doc).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,fma")]
-    unsafe fn ic_group<const B: usize, const M: usize>(
+    unsafe fn ic_group<const B: usize, const M: usize, const T: usize>(
         w: &CpuPacked,
         x_pad: &[f32],
         gi: usize,
@@ -581,47 +618,67 @@ mod x86 {
             &w.scales[gi * k..(gi + 1) * k],
             &w.zeros[gi * k..(gi + 1) * k],
         );
-        let mut zterm = [0f32; M];
+        let mut zt = [_mm512_setzero_ps(); M];
         // SAFETY: the helpers need the features enabled on this function; the loads read the
         // 32 floats of a block of `x`, each store writes one 16-float row of `out`.
         unsafe {
+            // Blocks outermost and rows innermost, so that a block's scales and zeros are
+            // widened once for all rows; `round4` takes 4 consecutive (block, row) units.
             let perm = permutation::<B>();
-            for (m, (x, zterm)) in x_pad.chunks_exact(k).zip(&mut zterm).enumerate() {
-                let mut zt = _mm512_setzero_ps();
-                let blocks = k / BLOCK;
-                for first in (0..blocks).step_by(ROUND_AT_ONCE) {
-                    let n = ROUND_AT_ONCE.min(blocks - first);
+            let blocks = k / BLOCK;
+            for first in (0..blocks).step_by(ROUND_AT_ONCE) {
+                let n = ROUND_AT_ONCE.min(blocks - first);
+                let mut sz = [[_mm512_setzero_ps(); 4]; ROUND_AT_ONCE];
+                for (j, sz) in sz.iter_mut().enumerate().take(n) {
+                    let at = (first + j) * BLOCK;
+                    *sz = [
+                        widen(scales, at),
+                        widen(scales, at + 16),
+                        widen(zeros, at),
+                        widen(zeros, at + 16),
+                    ];
+                }
+                let units = n * M;
+                for u0 in (0..units).step_by(ROUND_AT_ONCE) {
+                    let count = ROUND_AT_ONCE.min(units - u0);
                     let mut c = [[_mm512_setzero_ps(); 2]; ROUND_AT_ONCE];
-                    for (j, c) in c.iter_mut().enumerate().take(n) {
-                        let at = (first + j) * BLOCK;
-                        let [xa, xb] = load_block(x, at);
-                        *c = [
-                            _mm512_mul_ps(xa, widen(scales, at)),
-                            _mm512_mul_ps(xb, widen(scales, at + 16)),
-                        ];
-                        zt = _mm512_fmadd_ps(c[0], widen(zeros, at), zt);
-                        zt = _mm512_fmadd_ps(c[1], widen(zeros, at + 16), zt);
+                    for (i, c) in c.iter_mut().enumerate().take(count) {
+                        let (j, m) = ((u0 + i) / M, (u0 + i) % M);
+                        let [xa, xb] = load_block(x_pad, m * k + (first + j) * BLOCK);
+                        let [s0, s1, z0, z1] = sz[j];
+                        *c = [_mm512_mul_ps(xa, s0), _mm512_mul_ps(xb, s1)];
+                        zt[m] = _mm512_fmadd_ps(c[0], z0, zt[m]);
+                        zt[m] = _mm512_fmadd_ps(c[1], z1, zt[m]);
                     }
-                    for (j, (e, bytes, _)) in round4(&c, perm).into_iter().take(n).enumerate() {
+                    for (i, (e, bytes, _)) in round4(&c, perm).into_iter().take(count).enumerate() {
+                        let (j, m) = ((u0 + i) / M, (u0 + i) % M);
                         let at = acts.at(m, first + j);
                         store_block(&mut acts.quads[at], bytes);
                         acts.scales[at] = e;
                     }
                 }
+            }
+            let mut zterm = [0f32; M];
+            for (zterm, zt) in zterm.iter_mut().zip(zt) {
                 *zterm = _mm512_reduce_add_ps(zt);
             }
+            // A group's tiles come in pairs (a group is a whole number of 32-output blocks).
             let tiles = w.group_size / LANES;
             let blocks = acts.blocks::<M>();
-            for tt in 0..tiles {
-                let codes = w.tile_codes(gi * tiles + tt);
-                let mut acc = [_mm512_setzero_ps(); M];
+            for first in (0..tiles).step_by(T) {
+                let codes: [_; T] = std::array::from_fn(|t| w.tile_codes(gi * tiles + first + t));
+                let mut acc = [[_mm512_setzero_ps(); M]; T];
                 for blk in 0..k / BLOCK {
-                    prefetch_ahead::<B>(codes, blk);
-                    block_dot::<B, M>(codes, blk, &blocks, &mut acc);
+                    for codes in codes {
+                        prefetch_ahead::<B>(codes, blk);
+                    }
+                    block_dot::<B, M, T>(codes, blk, &blocks, &mut acc);
                 }
-                for m in 0..M {
-                    let y = _mm512_sub_ps(acc[m], _mm512_set1_ps(zterm[m]));
-                    _mm512_storeu_ps(out[tt * M + m].as_mut_ptr(), y);
+                for (t, acc) in acc.iter().enumerate() {
+                    for m in 0..M {
+                        let y = _mm512_sub_ps(acc[m], _mm512_set1_ps(zterm[m]));
+                        _mm512_storeu_ps(out[(first + t) * M + m].as_mut_ptr(), y);
+                    }
                 }
             }
         }
