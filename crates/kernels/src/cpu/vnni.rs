@@ -662,7 +662,8 @@ mod x86 {
             for (zterm, zt) in zterm.iter_mut().zip(zt) {
                 *zterm = _mm512_reduce_add_ps(zt);
             }
-            // A group's tiles come in pairs (a group is a whole number of 32-output blocks).
+            // A group's length is a multiple of the 32-code block, so `T` (1 or 2) divides its
+            // tiles.
             let tiles = w.group_size / LANES;
             let blocks = acts.blocks::<M>();
             for first in (0..tiles).step_by(T) {
