@@ -200,12 +200,13 @@ mod x86 {
                 // alone.
                 let pair = if M >= PAIRED_ROWS { 2 } else { 1 };
                 out.par_chunks_mut(pair * M).enumerate().for_each(|(c, o)| {
+                    let first = pair * c;
                     // SAFETY: as above.
                     unsafe {
                         if o.len() == 2 * M {
-                            oc_tiles::<B, M, 2>(w, &acts, &xsum, 2 * c, o)
+                            oc_tiles::<B, M, 2>(w, &acts, &xsum, first, o)
                         } else {
-                            oc_tiles::<B, M, 1>(w, &acts, &xsum, pair * c, o)
+                            oc_tiles::<B, M, 1>(w, &acts, &xsum, first, o)
                         }
                     }
                 });
@@ -641,9 +642,11 @@ mod x86 {
                 let units = n * M;
                 for u0 in (0..units).step_by(ROUND_AT_ONCE) {
                     let count = ROUND_AT_ONCE.min(units - u0);
+                    // Unit `u0 + i`'s block (of the `n`) and row.
+                    let unit = |i: usize| ((u0 + i) / M, (u0 + i) % M);
                     let mut c = [[_mm512_setzero_ps(); 2]; ROUND_AT_ONCE];
                     for (i, c) in c.iter_mut().enumerate().take(count) {
-                        let (j, m) = ((u0 + i) / M, (u0 + i) % M);
+                        let (j, m) = unit(i);
                         let [xa, xb] = load_block(x_pad, m * k + (first + j) * BLOCK);
                         let [s0, s1, z0, z1] = sz[j];
                         *c = [_mm512_mul_ps(xa, s0), _mm512_mul_ps(xb, s1)];
@@ -651,7 +654,7 @@ mod x86 {
                         zt[m] = _mm512_fmadd_ps(c[1], z1, zt[m]);
                     }
                     for (i, (e, bytes, _)) in round4(&c, perm).into_iter().take(count).enumerate() {
-                        let (j, m) = ((u0 + i) / M, (u0 + i) % M);
+                        let (j, m) = unit(i);
                         let at = acts.at(m, first + j);
                         store_block(&mut acts.quads[at], bytes);
                         acts.scales[at] = e;
