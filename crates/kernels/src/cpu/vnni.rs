@@ -35,7 +35,7 @@
 
 use std::sync::OnceLock;
 
-use super::layout::{BLOCK, CpuPacked, LANES};
+use super::layout::{BLOCK, CpuPacked};
 
 /// Four-code steps per 32-code block.
 const QUADS: usize = BLOCK / 4;
@@ -136,10 +136,9 @@ pub fn gemm(
         {
             let rows = xc.len() / k.max(1);
             let x_pad = super::pad_rows(xc, k, w.k_pad);
-            let mut out = vec![[0f32; LANES]; w.n_tiles * rows];
-            // SAFETY: `is_supported` checked every feature the kernels are compiled for.
-            unsafe { x86::pass(w, &x_pad, rows, &mut out) };
-            super::scatter(&out, rows, n, yc);
+            // SAFETY: `is_supported` checked every feature the kernels are compiled for, and
+            // `yc` holds `rows` rows of `n`.
+            unsafe { x86::pass(w, &x_pad, rows, yc) };
         }
     }
     Ok(())
@@ -155,10 +154,14 @@ mod x86 {
     use quant_core::QuantDim;
     use rayon::prelude::*;
 
-    /// Runs the product of `rows ≤ 8` padded rows into tile-major `out` (`[tile][row]`).
+    /// Runs the product of `rows ≤ 8` padded rows into `y` (`[row][out_features]`).
     ///
     /// Safety: the CPU has the features of [`super::is_supported`].
-    pub(super) unsafe fn pass(w: &CpuPacked, x_pad: &[f32], rows: usize, out: &mut [[f32; LANES]]) {
+    pub(super) unsafe fn pass(w: &CpuPacked, x_pad: &[f32], rows: usize, y: &mut [f32]) {
+        let out = &Out {
+            y: y.as_mut_ptr(),
+            n: w.out_features,
+        };
         // SAFETY (each arm): this function's contract is `run`'s.
         macro_rules! by_rows {
             ($b:literal) => {
@@ -183,11 +186,7 @@ mod x86 {
     }
 
     /// [`pass`] for `M` rows of `B`-bit codes. Safety: as [`pass`].
-    unsafe fn run<const B: usize, const M: usize>(
-        w: &CpuPacked,
-        x_pad: &[f32],
-        out: &mut [[f32; LANES]],
-    ) {
+    unsafe fn run<const B: usize, const M: usize>(w: &CpuPacked, x_pad: &[f32], out: &Out) {
         let k = w.k_pad;
         match w.dim {
             QuantDim::Oc => {
@@ -195,37 +194,70 @@ mod x86 {
                 let groups = w.groups_along_k();
                 let mut xsum = vec![0f32; M * groups];
                 // SAFETY: this function's contract guarantees the CPU features.
-                unsafe { round_oc::<B>(x_pad, w.group_size, &mut acts, &mut xsum) };
+                unsafe { round_activations::<B, M>(x_pad, &mut acts, &mut xsum) };
                 // Tiles in pairs from `PAIRED_ROWS` rows on (see `block_dot`); an odd last one
                 // alone.
                 let pair = if M >= PAIRED_ROWS { 2 } else { 1 };
-                out.par_chunks_mut(pair * M).enumerate().for_each(|(c, o)| {
-                    let first = pair * c;
-                    // SAFETY: as above.
-                    unsafe {
-                        if o.len() == 2 * M {
-                            oc_tiles::<B, M, 2>(w, &acts, &xsum, first, o)
-                        } else {
-                            oc_tiles::<B, M, 1>(w, &acts, &xsum, first, o)
+                let per_tile = w.codes.len() / w.n_tiles;
+                w.codes
+                    .par_chunks(pair * per_tile)
+                    .enumerate()
+                    .for_each(|(c, codes)| {
+                        let first = pair * c;
+                        // SAFETY: as above; each call writes its own tiles.
+                        unsafe {
+                            if codes.len() == 2 * per_tile {
+                                oc_tiles::<B, M, 2>(w, &acts, &xsum, first, codes, out)
+                            } else {
+                                oc_tiles::<B, M, 1>(w, &acts, &xsum, first, codes, out)
+                            }
                         }
-                    }
-                });
+                    });
             }
             QuantDim::Ic => {
-                let tiles = w.group_size / LANES;
-                out.par_chunks_mut(tiles * M).enumerate().for_each_init(
+                let per_group = w.codes.len() / w.n_tiles * (w.group_size / LANES);
+                w.codes.par_chunks(per_group).enumerate().for_each_init(
                     || Rounded::new(M, k),
-                    |acts, (g, o)| {
-                        // SAFETY: as above.
+                    |acts, (g, codes)| {
+                        // SAFETY: as above; each call writes its own group's tiles.
                         unsafe {
                             if M >= PAIRED_ROWS {
-                                ic_group::<B, M, 2>(w, x_pad, g, acts, o)
+                                ic_group::<B, M, 2>(w, x_pad, g, codes, acts, out)
                             } else {
-                                ic_group::<B, M, 1>(w, x_pad, g, acts, o)
+                                ic_group::<B, M, 1>(w, x_pad, g, codes, acts, out)
                             }
                         }
                     },
                 );
+            }
+        }
+    }
+
+    /// Where a pass writes: `y[m·n + o]`, row-major, which the tasks share. Each task writes
+    /// only the outputs of its own tiles ([`Out::store`]), so their writes never overlap.
+    struct Out {
+        y: *mut f32,
+        n: usize,
+    }
+
+    // SAFETY: tasks write disjoint outputs (see `Out`); `y` outlives the pass that shares it.
+    unsafe impl Sync for Out {}
+
+    impl Out {
+        /// Writes tile `tile`'s lanes of row `m`, the lanes past `n` left out.
+        ///
+        /// Safety: row `m` exists, the caller's task owns `tile`, and the CPU has AVX-512F.
+        #[inline(always)]
+        unsafe fn store(&self, m: usize, tile: usize, v: __m512) {
+            let first = tile * LANES;
+            let lanes = (self.n - first).min(LANES);
+            // SAFETY: `first + lanes ≤ n`, so the masked store stays inside row `m`.
+            unsafe {
+                _mm512_mask_storeu_ps(
+                    self.y.add(m * self.n + first),
+                    ((1u32 << lanes) - 1) as __mmask16,
+                    v,
+                )
             }
         }
     }
@@ -251,11 +283,6 @@ mod x86 {
             }
         }
 
-        /// Where row `m`'s block `blk` goes.
-        fn at(&self, m: usize, blk: usize) -> usize {
-            blk * self.m + m
-        }
-
         /// Per block, the `M` rows' quads and scales.
         #[inline(always)]
         fn blocks<const M: usize>(&self) -> Blocks<'_, M> {
@@ -277,10 +304,12 @@ mod x86 {
     /// 32-bit lanes of the first source and 16–31 of the second: byte `4i + b` takes the low
     /// byte of code `quad_codes(B)[i][b]`. That truncation is `vpmovdb`'s, so one instruction
     /// narrows and permutes the block (bytes 32–63 are not used).
-    #[inline(always)]
-    unsafe fn permutation<const B: usize>() -> __m512i {
-        const fn index(bits: u32) -> [u8; 64] {
-            let q = quad_codes(bits);
+    struct Permutation<const B: usize>;
+
+    impl<const B: usize> Permutation<B> {
+        /// Evaluated at compile time, once per width.
+        const INDEX: [u8; 64] = {
+            let q = quad_codes(B as u32);
             let mut out = [0u8; 64];
             let mut i = 0;
             while i < BLOCK {
@@ -294,135 +323,122 @@ mod x86 {
                 i += 1;
             }
             out
+        };
+
+        #[inline(always)]
+        unsafe fn load() -> __m512i {
+            // SAFETY: `INDEX` is 64 readable bytes; the caller has AVX-512F.
+            unsafe { _mm512_loadu_si512(Self::INDEX.as_ptr().cast()) }
         }
-        let idx: [u8; 64] = index(B as u32);
-        // SAFETY: `idx` is 64 readable bytes; AVX-512F is present (the caller's contract).
-        unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) }
     }
 
-    /// Blocks rounded together by [`round4`].
-    const ROUND_AT_ONCE: usize = 4;
+    /// Blocks rounded together by [`round16`]: one vector of their largest magnitudes.
+    const UNITS: usize = 16;
 
-    /// A block of 32 values in two vectors, and what [`round4`] makes of it: the step `d`, the
-    /// permuted bytes, and the integers' lane sums (for the per-OC zero term).
-    type Values = [__m512; 2];
-    type RoundedBlock = (f32, __m256i, __m512i);
-
-    /// [`super::quantize_block`] on 4 blocks at once: their largest magnitudes reduced side by
-    /// side (one vector op per step for all 4, not a horizontal reduction each) and one vector
-    /// division for the 4 `127/max|x|`. No branch: an all-zero block gets `127/0 = ∞` and
-    /// `0·∞ = NaN`, which converts to the integer `i32::MIN`, whose low byte is 0; a NaN
-    /// block's maximum is a NaN (its bit pattern is above infinity's in the integer max), so
-    /// its `d` is NaN and its bytes 0, as the definition says.
+    /// Lane `u` of the result is the largest lane of `v[u]` (as integers): a tree of
+    /// two-source shuffles, each step halving the lanes per unit, so 16 units take 15 steps of
+    /// three instructions and a final permute instead of a horizontal reduction each.
     #[inline(always)]
-    unsafe fn round4(c: &[Values; ROUND_AT_ONCE], perm: __m512i) -> [RoundedBlock; ROUND_AT_ONCE] {
+    unsafe fn reduce16(v: &[__m512i; UNITS]) -> __m512i {
+        /// Lane `4c + l` of the tree's last step holds unit `4l + c`.
+        const ORDER: [i32; UNITS] = {
+            let mut o = [0; UNITS];
+            let mut u = 0;
+            while u < UNITS {
+                o[u] = (4 * (u % 4) + u / 4) as i32;
+                u += 1;
+            }
+            o
+        };
+        // SAFETY (every intrinsic): the caller has AVX-512F; only `ORDER` is read.
+        unsafe {
+            // 8 lanes a unit: chunks 0–1 unit 2i, chunks 2–3 unit 2i + 1.
+            let mut h = [_mm512_setzero_si512(); 8];
+            for (i, h) in h.iter_mut().enumerate() {
+                let (a, b) = (v[2 * i], v[2 * i + 1]);
+                *h = _mm512_max_epi32(
+                    _mm512_shuffle_i32x4::<0b01_00_01_00>(a, b),
+                    _mm512_shuffle_i32x4::<0b11_10_11_10>(a, b),
+                );
+            }
+            // 4 lanes a unit: chunk c unit 4i + c.
+            let mut q = [_mm512_setzero_si512(); 4];
+            for (i, q) in q.iter_mut().enumerate() {
+                let (a, b) = (h[2 * i], h[2 * i + 1]);
+                *q = _mm512_max_epi32(
+                    _mm512_shuffle_i32x4::<0b10_00_10_00>(a, b),
+                    _mm512_shuffle_i32x4::<0b11_01_11_01>(a, b),
+                );
+            }
+            // Chunk c: halves of units 8i + c and 8i + 4 + c; then lane 4c + l: unit 4l + c.
+            let e = [pair_max(q[0], q[1]), pair_max(q[2], q[3])];
+            let t = pair_max(e[0], e[1]);
+            _mm512_permutexvar_epi32(_mm512_loadu_si512(ORDER.as_ptr().cast()), t)
+        }
+    }
+
+    /// Within each 128-bit chunk, lanes `[a0∨a1, a2∨a3, b0∨b1, b2∨b3]`.
+    #[inline(always)]
+    unsafe fn pair_max(a: __m512i, b: __m512i) -> __m512i {
+        // SAFETY: the caller has AVX-512F; no memory is touched.
+        unsafe {
+            let (a, b) = (_mm512_castsi512_ps(a), _mm512_castsi512_ps(b));
+            _mm512_max_epi32(
+                _mm512_castps_si512(_mm512_shuffle_ps::<0b10_00_10_00>(a, b)),
+                _mm512_castps_si512(_mm512_shuffle_ps::<0b11_01_11_01>(a, b)),
+            )
+        }
+    }
+
+    /// A block of 32 values in two vectors, and what [`round16`] makes of it: the permuted
+    /// bytes, and the integers' lane sums (for the per-OC zero term).
+    type Values = [__m512; 2];
+    type RoundedBlock = (__m256i, __m512i);
+
+    /// [`super::quantize_block`] on the first `units` of 16 blocks at once: their largest
+    /// magnitudes reduced side by side ([`reduce16`]) and one vector division for all the
+    /// `127/max|x|`. Returns the steps `d`, one lane per block, and each block's bytes. No
+    /// branch: an all-zero block gets `127/0 = ∞` and `0·∞ = NaN`, which converts to the
+    /// integer `i32::MIN`, whose low byte is 0; a NaN block's maximum is a NaN (its bit
+    /// pattern is above infinity's in the integer max), so its `d` is NaN and its bytes 0, as
+    /// the definition says.
+    #[inline(always)]
+    unsafe fn round16(
+        c: &[Values; UNITS],
+        units: usize,
+        perm: __m512i,
+    ) -> (__m512, [RoundedBlock; UNITS]) {
         // SAFETY (every intrinsic): the caller has AVX-512F/BW/VL and VBMI; nothing touches
-        // memory but the local array `steps`.
+        // memory but the local array `invs`.
         unsafe {
             // |x| as integers: for non-negative floats the integer order is the float order.
             // (Loops, not closures over the vectors: a closure does not get the caller's
             // target features, and its intrinsics would become calls.)
             let abs_mask = _mm512_set1_epi32(i32::MAX);
-            let mut v = [_mm512_setzero_si512(); ROUND_AT_ONCE];
-            for (v, c) in v.iter_mut().zip(c) {
+            let mut v = [_mm512_setzero_si512(); UNITS];
+            for (v, c) in v.iter_mut().zip(c).take(units) {
                 *v = _mm512_max_epi32(
                     _mm512_and_si512(_mm512_castps_si512(c[0]), abs_mask),
                     _mm512_and_si512(_mm512_castps_si512(c[1]), abs_mask),
                 );
             }
-            // Halves: lanes 0–7 for one block, 8–15 for the next.
-            let t0 = _mm512_max_epi32(
-                _mm512_shuffle_i32x4::<0b01_00_01_00>(v[0], v[1]),
-                _mm512_shuffle_i32x4::<0b11_10_11_10>(v[0], v[1]),
-            );
-            let t1 = _mm512_max_epi32(
-                _mm512_shuffle_i32x4::<0b01_00_01_00>(v[2], v[3]),
-                _mm512_shuffle_i32x4::<0b11_10_11_10>(v[2], v[3]),
-            );
-            // Quarters: 128-bit chunk j for block j, then its 4 lanes reduced.
-            let u = _mm512_max_epi32(
-                _mm512_shuffle_i32x4::<0b10_00_10_00>(t0, t1),
-                _mm512_shuffle_i32x4::<0b11_01_11_01>(t0, t1),
-            );
-            let u = _mm512_max_epi32(u, _mm512_shuffle_epi32::<0b01_00_11_10>(u));
-            let u = _mm512_max_epi32(u, _mm512_shuffle_epi32::<0b10_11_00_01>(u));
-            let amax = _mm512_castsi512_ps(u);
-            let inv = _mm512_div_ps(_mm512_set1_ps(127.0), amax);
-            let mut steps = [0f32; 16];
+            let amax = _mm512_castsi512_ps(reduce16(&v));
+            let mut invs = [0f32; UNITS];
             _mm512_storeu_ps(
-                steps.as_mut_ptr(),
-                _mm512_mul_ps(amax, _mm512_set1_ps(STEP)),
+                invs.as_mut_ptr(),
+                _mm512_div_ps(_mm512_set1_ps(127.0), amax),
             );
-            let invs = [
-                _mm512_shuffle_f32x4::<0x00>(inv, inv),
-                _mm512_shuffle_f32x4::<0x55>(inv, inv),
-                _mm512_shuffle_f32x4::<0xaa>(inv, inv),
-                _mm512_shuffle_f32x4::<0xff>(inv, inv),
-            ];
-            let mut out = [(0f32, _mm256_setzero_si256(), _mm512_setzero_si512()); ROUND_AT_ONCE];
-            for (j, out) in out.iter_mut().enumerate() {
-                let qa = _mm512_cvtps_epi32(_mm512_mul_ps(c[j][0], invs[j]));
-                let qb = _mm512_cvtps_epi32(_mm512_mul_ps(c[j][1], invs[j]));
+            let mut out = [(_mm256_setzero_si256(), _mm512_setzero_si512()); UNITS];
+            for (u, out) in out.iter_mut().enumerate().take(units) {
+                let inv = _mm512_set1_ps(invs[u]);
+                let qa = _mm512_cvtps_epi32(_mm512_mul_ps(c[u][0], inv));
+                let qb = _mm512_cvtps_epi32(_mm512_mul_ps(c[u][1], inv));
                 *out = (
-                    steps[4 * j],
                     _mm512_castsi512_si256(_mm512_permutex2var_epi8(qa, perm, qb)),
                     _mm512_add_epi32(qa, qb),
                 );
             }
-            out
-        }
-    }
-
-    /// Loads the 32 values at `x[at..]`, times `scale(at)` if given.
-    #[inline(always)]
-    unsafe fn load_block(x: &[f32], at: usize) -> Values {
-        let x = &x[at..at + BLOCK];
-        // SAFETY: `x` holds 32 floats; the caller has AVX-512F.
-        unsafe {
-            [
-                _mm512_loadu_ps(x.as_ptr()),
-                _mm512_loadu_ps(x.as_ptr().add(16)),
-            ]
-        }
-    }
-
-    /// Stores a rounded block's bytes.
-    #[inline(always)]
-    unsafe fn store_block(dst: &mut [i32; QUADS], bytes: __m256i) {
-        // SAFETY: `dst` is 32 bytes; the caller has AVX.
-        unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), bytes) }
-    }
-
-    /// Rounds per-OC activations (`M` rows of `k_pad`), and sums each group's rounded values:
-    /// `xsum[m·groups + g] = Σ_{k∈g} x̂_k`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
-    unsafe fn round_oc<const B: usize>(
-        x_pad: &[f32],
-        group_size: usize,
-        acts: &mut Rounded,
-        xsum: &mut [f32],
-    ) {
-        let blocks_per_row = x_pad.len() / acts.m / BLOCK;
-        let (all, blocks_per_group) = (x_pad.len() / BLOCK, group_size / BLOCK);
-        // SAFETY: the helpers need the features enabled on this function.
-        unsafe {
-            let perm = permutation::<B>();
-            for first in (0..all).step_by(ROUND_AT_ONCE) {
-                let n = ROUND_AT_ONCE.min(all - first);
-                let mut c = [[_mm512_setzero_ps(); 2]; ROUND_AT_ONCE];
-                for (j, c) in c.iter_mut().enumerate().take(n) {
-                    *c = load_block(x_pad, (first + j) * BLOCK);
-                }
-                for (j, (d, bytes, ints)) in round4(&c, perm).into_iter().take(n).enumerate() {
-                    let (row, blk) = ((first + j) / blocks_per_row, (first + j) % blocks_per_row);
-                    let at = acts.at(row, blk);
-                    store_block(&mut acts.quads[at], bytes);
-                    acts.scales[at] = d;
-                    // A zero block's integers are not 0 (see `round4`), but its d is.
-                    let sum = d * _mm512_reduce_add_epi32(ints) as f32;
-                    xsum[row * (blocks_per_row / blocks_per_group) + blk / blocks_per_group] += sum;
-                }
-            }
+            (_mm512_mul_ps(amax, _mm512_set1_ps(STEP)), out)
         }
     }
 
@@ -554,31 +570,46 @@ mod x86 {
         }
     }
 
+    /// The code words of `T` consecutive tiles, split.
+    fn split_tiles<const T: usize>(codes: &[[u32; LANES]]) -> [&[[u32; LANES]]; T] {
+        let per_tile = codes.len() / T;
+        std::array::from_fn(|t| &codes[t * per_tile..(t + 1) * per_tile])
+    }
+
     /// 16 f16 values at `h[at..]`, widened.
     #[inline(always)]
     unsafe fn widen(h: &[u16], at: usize) -> __m512 {
         let h = &h[at..at + LANES];
         // SAFETY: `h` holds 16 values; the caller has AVX-512F.
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr().cast())) }
+        unsafe { widen_at(h.as_ptr()) }
     }
 
-    /// Per-OC tiles `first..first + T`: `out[t·M + m] = Σ_g s_g·(acc_g − z_g·xsum_g)` (module
-    /// doc).
+    /// [`widen`] without the bounds check. Safety: `h` points to 16 values; the CPU has
+    /// AVX-512F.
+    #[inline(always)]
+    unsafe fn widen_at(h: *const u16) -> __m512 {
+        // SAFETY: the function's contract.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(h.cast())) }
+    }
+
+    /// Per-OC tiles `first..first + T`, whose code words are `codes`:
+    /// `y = Σ_g s_g·(acc_g − z_g·xsum_g)` (module doc).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,fma")]
     unsafe fn oc_tiles<const B: usize, const M: usize, const T: usize>(
         w: &CpuPacked,
         acts: &Rounded,
         xsum: &[f32],
         first: usize,
-        out: &mut [[f32; LANES]],
+        codes: &[[u32; LANES]],
+        out: &Out,
     ) {
         let groups = w.groups_along_k();
         let blocks_per_group = w.group_size / BLOCK;
-        let codes: [_; T] = std::array::from_fn(|t| w.tile_codes(first + t));
+        let codes = split_tiles::<T>(codes);
         let blocks = acts.blocks::<M>();
         let mut y = [[_mm512_setzero_ps(); M]; T];
-        // SAFETY: the helpers need the features enabled on this function; each store writes
-        // one 16-float row of `out`.
+        // SAFETY: the helpers need the features enabled on this function; the caller owns
+        // tiles `first..first + T` of `out`.
         unsafe {
             for g in 0..groups {
                 let mut acc = [[_mm512_setzero_ps(); M]; T];
@@ -598,21 +629,180 @@ mod x86 {
                     }
                 }
             }
-            for (o, y) in out.iter_mut().zip(y.as_flattened()) {
-                _mm512_storeu_ps(o.as_mut_ptr(), *y);
+            for (t, y) in y.iter().enumerate() {
+                for (m, y) in y.iter().enumerate() {
+                    out.store(m, first + t, *y);
+                }
             }
         }
     }
 
-    /// Per-IC group `gi`: rounds the group's coefficients `x_k·s_{g,k}` into `acts`, then
-    /// `out[tile·M + m] = acc − Σ_k c_k·z_{g,k}` for each of its tiles (module doc).
+    /// What a dim rounds: per-OC the activations themselves, per-IC a group's coefficients
+    /// `c_k = x_k·s_{g,k}` (its `k` f16 scales and zeros).
+    #[derive(Clone, Copy)]
+    enum Coefficients<'a> {
+        Activations,
+        Group { scales: &'a [u16], zeros: &'a [u16] },
+    }
+
+    /// Rounds `M` rows of `k_pad` (`x_pad`) into `acts` ([`round16`] on each block of
+    /// [`Coefficients`]). Per-OC it adds each block's `d·Σq̂` into its group's
+    /// `xsum[m·groups + g]`; per-IC each row's `c·z` into `zt[m]`. `16 / M` blocks of all rows
+    /// go to one [`round16`], rows innermost, so a row's index is a constant (its `zt` stays
+    /// in a register), and since `acts` is block-major those 16 units are 16 consecutive slots.
+    ///
+    /// Safety: the CPU has AVX-512F/BW/VL, VBMI and FMA. Inlined, so that the dim's branches
+    /// fold away in each caller.
+    #[inline(always)]
+    unsafe fn round_rows<const B: usize, const M: usize>(
+        x_pad: &[f32],
+        coefficients: Coefficients<'_>,
+        acts: &mut Rounded,
+        zt: &mut [__m512; M],
+        xsum: &mut [f32],
+    ) {
+        let k = x_pad.len() / M;
+        let (blocks, per) = (k / BLOCK, UNITS / M);
+        assert!(acts.m == M && acts.quads.len() == M * blocks && acts.scales.len() == M * blocks);
+        let group = match coefficients {
+            Coefficients::Activations => None,
+            Coefficients::Group { scales, zeros } => {
+                assert!(scales.len() == k && zeros.len() == k);
+                Some((scales.as_ptr(), zeros.as_ptr()))
+            }
+        };
+        let at = Rows {
+            x: x_pad.as_ptr(),
+            k,
+            group,
+            quads: acts.quads.as_mut_ptr(),
+            steps: acts.scales.as_mut_ptr(),
+        };
+        let groups = xsum.len() / M;
+        let whole = blocks / per * per;
+        // SAFETY: the asserts bound every block the calls touch; the caller has the features.
+        unsafe {
+            let perm = Permutation::<B>::load();
+            let mut add = |first: usize, sums: [f32; UNITS], n: usize| {
+                for j in 0..n {
+                    let g = (first + j) * groups / blocks;
+                    for m in 0..M {
+                        xsum[m * groups + g] += sums[j * M + m];
+                    }
+                }
+            };
+            for first in (0..whole).step_by(per) {
+                let sums = round_units::<M>(&at, first, per, perm, zt);
+                if group.is_none() {
+                    add(first, sums, per);
+                }
+            }
+            for first in whole..blocks {
+                let sums = round_units::<M>(&at, first, 1, perm, zt);
+                if group.is_none() {
+                    add(first, sums, 1);
+                }
+            }
+        }
+    }
+
+    /// [`round_rows`] per-OC. Safety: the CPU has the features enabled here.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,fma")]
+    unsafe fn round_activations<const B: usize, const M: usize>(
+        x_pad: &[f32],
+        acts: &mut Rounded,
+        xsum: &mut [f32],
+    ) {
+        let mut zt = [_mm512_setzero_ps(); M];
+        // SAFETY: the features are enabled on this function.
+        unsafe { round_rows::<B, M>(x_pad, Coefficients::Activations, acts, &mut zt, xsum) }
+    }
+
+    /// What [`round_units`] reads and writes: `M` rows of `k` values, the `k` scales and zeros
+    /// of a [`Coefficients::Group`], and `acts`'s slots. Raw pointers, so that the fully
+    /// unrolled loops carry no bounds checks.
+    struct Rows {
+        x: *const f32,
+        k: usize,
+        group: Option<(*const u16, *const u16)>,
+        quads: *mut [i32; QUADS],
+        steps: *mut f32,
+    }
+
+    /// Blocks `first..first + n` of [`round_rows`], all `M` rows (`n·M ≤ 16`); returns each
+    /// unit's `d·Σq̂` (the per-OC zero term's share).
+    ///
+    /// Safety: those blocks are in bounds of every pointer of `at`, and the CPU has
+    /// AVX-512F/BW/VL, VBMI and FMA.
+    #[inline(always)]
+    unsafe fn round_units<const M: usize>(
+        at: &Rows,
+        first: usize,
+        n: usize,
+        perm: __m512i,
+        zt: &mut [__m512; M],
+    ) -> [f32; UNITS] {
+        // SAFETY: the function's contract; each load reads 16 values of one block.
+        unsafe {
+            let mut c = [[_mm512_setzero_ps(); 2]; UNITS];
+            for j in 0..n {
+                let k0 = (first + j) * BLOCK;
+                // Not `Option::map`: a closure does not get the caller's target features.
+                let mut sz = None;
+                if let Some((s, z)) = at.group {
+                    sz = Some((
+                        widen_at(s.add(k0)),
+                        widen_at(s.add(k0 + 16)),
+                        widen_at(z.add(k0)),
+                        widen_at(z.add(k0 + 16)),
+                    ));
+                }
+                for (m, zt) in zt.iter_mut().enumerate() {
+                    let x = at.x.add(m * at.k + k0);
+                    let (xa, xb) = (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)));
+                    let c = &mut c[j * M + m];
+                    *c = match sz {
+                        None => [xa, xb],
+                        Some((s0, s1, z0, z1)) => {
+                            let c = [_mm512_mul_ps(xa, s0), _mm512_mul_ps(xb, s1)];
+                            *zt = _mm512_fmadd_ps(c[0], z0, *zt);
+                            *zt = _mm512_fmadd_ps(c[1], z1, *zt);
+                            c
+                        }
+                    };
+                }
+            }
+            // Row m's block first + j sits at (first + j)·M + m: the units are consecutive.
+            let (units, base) = (n * M, first * M);
+            let (steps, blocks) = round16(&c, units, perm);
+            _mm512_mask_storeu_ps(
+                at.steps.add(base),
+                ((1u32 << units) - 1) as __mmask16,
+                steps,
+            );
+            let mut d = [0f32; UNITS];
+            _mm512_storeu_ps(d.as_mut_ptr(), steps);
+            let mut sums = [0f32; UNITS];
+            for (u, (bytes, ints)) in blocks.into_iter().enumerate().take(units) {
+                _mm256_storeu_si256(at.quads.add(base + u).cast(), bytes);
+                // A zero block's integers are not 0 (see `round16`), but its d is.
+                sums[u] = d[u] * _mm512_reduce_add_epi32(ints) as f32;
+            }
+            sums
+        }
+    }
+
+    /// Per-IC group `gi`, whose tiles' code words are `codes`: rounds the group's coefficients
+    /// `x_k·s_{g,k}` into `acts`, then `y = acc − Σ_k c_k·z_{g,k}` for each of its tiles
+    /// (module doc).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,fma")]
     unsafe fn ic_group<const B: usize, const M: usize, const T: usize>(
         w: &CpuPacked,
         x_pad: &[f32],
         gi: usize,
+        codes: &[[u32; LANES]],
         acts: &mut Rounded,
-        out: &mut [[f32; LANES]],
+        out: &Out,
     ) {
         let k = w.k_pad;
         let (scales, zeros) = (
@@ -620,47 +810,11 @@ mod x86 {
             &w.zeros[gi * k..(gi + 1) * k],
         );
         let mut zt = [_mm512_setzero_ps(); M];
-        // SAFETY: the helpers need the features enabled on this function; the loads read the
-        // 32 floats of a block of `x`, each store writes one 16-float row of `out`.
+        // SAFETY: the helpers need the features enabled on this function; the caller owns the
+        // group's tiles of `out`.
         unsafe {
-            // Blocks outermost and rows innermost, so that a block's scales and zeros are
-            // widened once for all rows; `round4` takes 4 consecutive (block, row) units.
-            let perm = permutation::<B>();
-            let blocks = k / BLOCK;
-            for first in (0..blocks).step_by(ROUND_AT_ONCE) {
-                let n = ROUND_AT_ONCE.min(blocks - first);
-                let mut sz = [[_mm512_setzero_ps(); 4]; ROUND_AT_ONCE];
-                for (j, sz) in sz.iter_mut().enumerate().take(n) {
-                    let at = (first + j) * BLOCK;
-                    *sz = [
-                        widen(scales, at),
-                        widen(scales, at + 16),
-                        widen(zeros, at),
-                        widen(zeros, at + 16),
-                    ];
-                }
-                let units = n * M;
-                for u0 in (0..units).step_by(ROUND_AT_ONCE) {
-                    let count = ROUND_AT_ONCE.min(units - u0);
-                    // Unit `u0 + i`'s block (of the `n`) and row.
-                    let unit = |i: usize| ((u0 + i) / M, (u0 + i) % M);
-                    let mut c = [[_mm512_setzero_ps(); 2]; ROUND_AT_ONCE];
-                    for (i, c) in c.iter_mut().enumerate().take(count) {
-                        let (j, m) = unit(i);
-                        let [xa, xb] = load_block(x_pad, m * k + (first + j) * BLOCK);
-                        let [s0, s1, z0, z1] = sz[j];
-                        *c = [_mm512_mul_ps(xa, s0), _mm512_mul_ps(xb, s1)];
-                        zt[m] = _mm512_fmadd_ps(c[0], z0, zt[m]);
-                        zt[m] = _mm512_fmadd_ps(c[1], z1, zt[m]);
-                    }
-                    for (i, (e, bytes, _)) in round4(&c, perm).into_iter().take(count).enumerate() {
-                        let (j, m) = unit(i);
-                        let at = acts.at(m, first + j);
-                        store_block(&mut acts.quads[at], bytes);
-                        acts.scales[at] = e;
-                    }
-                }
-            }
+            let group = Coefficients::Group { scales, zeros };
+            round_rows::<B, M>(x_pad, group, acts, &mut zt, &mut []);
             let mut zterm = [0f32; M];
             for (zterm, zt) in zterm.iter_mut().zip(zt) {
                 *zterm = _mm512_reduce_add_ps(zt);
@@ -669,8 +823,8 @@ mod x86 {
             // tiles.
             let tiles = w.group_size / LANES;
             let blocks = acts.blocks::<M>();
-            for first in (0..tiles).step_by(T) {
-                let codes: [_; T] = std::array::from_fn(|t| w.tile_codes(gi * tiles + first + t));
+            for (first, codes) in codes.chunks(codes.len() / tiles * T).enumerate() {
+                let (first, codes) = (first * T, split_tiles::<T>(codes));
                 let mut acc = [[_mm512_setzero_ps(); M]; T];
                 for blk in 0..k / BLOCK {
                     for codes in codes {
@@ -681,7 +835,7 @@ mod x86 {
                 for (t, acc) in acc.iter().enumerate() {
                     for m in 0..M {
                         let y = _mm512_sub_ps(acc[m], _mm512_set1_ps(zterm[m]));
-                        _mm512_storeu_ps(out[(first + t) * M + m].as_mut_ptr(), y);
+                        out.store(m, gi * tiles + first + t, y);
                     }
                 }
             }
