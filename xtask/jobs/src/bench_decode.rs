@@ -13,7 +13,6 @@ use burn::backend::NdArray;
 use model_llama::generate::{GenerateOptions, generate};
 use model_llama::model::Llama;
 
-use crate::bench_cpu::median_by;
 use crate::jobs::{load_job, repo_root, resolve};
 
 type B = NdArray<f32>;
@@ -114,6 +113,26 @@ pub fn range(xs: impl Iterator<Item = f64>) -> (f64, f64) {
     })
 }
 
+/// The median of `xs`: of an even count, the mean of the middle two (the upper one alone
+/// would report the better of two rounds as their median).
 pub fn median(xs: &[f64]) -> f64 {
-    median_by(&mut xs.to_vec(), |&x| x)
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 0 {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
 }
