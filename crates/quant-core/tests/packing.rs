@@ -16,11 +16,20 @@ proptest! {
     fn pack_unpack_round_trip((bits, codes) in codes_strategy()) {
         let mut words = vec![0u32; words_for(codes.len(), bits)];
         pack_row(&codes, bits, &mut words);
+        // The stream built bit by bit: code j's bit i at stream bit j·bits + i.
+        let mut want = vec![0u32; words.len()];
+        for (j, &c) in codes.iter().enumerate() {
+            for i in 0..bits as usize {
+                let bit = j * bits as usize + i;
+                want[bit / 32] |= ((c as u32 >> i) & 1) << (bit % 32);
+            }
+        }
+        prop_assert_eq!(&words, &want);
         let mut back = vec![0u8; codes.len()];
         unpack_row(&words, bits, &mut back);
         prop_assert_eq!(&back, &codes);
         // Any range of the stream is those codes.
-        for start in [0, 1, codes.len() / 3, codes.len() / 2].into_iter().filter(|&s| s <= codes.len()) {
+        for start in [0, 1, 7, 13, codes.len() / 3, codes.len() / 2].into_iter().filter(|&s| s <= codes.len()) {
             let mut part = vec![0u8; codes.len() - start];
             unpack_range(&words, bits, start, &mut part);
             prop_assert_eq!(&part[..], &codes[start..]);
