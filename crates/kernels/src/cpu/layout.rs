@@ -155,9 +155,14 @@ impl CpuPacked {
         self.codes.len() * LANES * 4 + (self.scales.len() + self.zeros.len()) * 2
     }
 
+    /// Code words of one tile (`k_pad · bits / 32`, each `[u32; LANES]`).
+    pub(crate) fn words_per_tile(&self) -> usize {
+        self.codes.len() / self.n_tiles
+    }
+
     /// Code words of tile `t`: `[k_pad · bits / 32][LANES]`.
     pub(crate) fn tile_codes(&self, t: usize) -> &[[u32; LANES]] {
-        let wpl = self.codes.len() / self.n_tiles;
+        let wpl = self.words_per_tile();
         &self.codes[t * wpl..(t + 1) * wpl]
     }
 

@@ -198,7 +198,7 @@ mod x86 {
                 // Tiles in pairs from `PAIRED_ROWS` rows on (see `block_dot`); an odd last one
                 // alone.
                 let pair = if M >= PAIRED_ROWS { 2 } else { 1 };
-                let per_tile = w.codes.len() / w.n_tiles;
+                let per_tile = w.words_per_tile();
                 w.codes
                     .par_chunks(pair * per_tile)
                     .enumerate()
@@ -215,7 +215,7 @@ mod x86 {
                     });
             }
             QuantDim::Ic => {
-                let per_group = w.codes.len() / w.n_tiles * (w.group_size / LANES);
+                let per_group = w.words_per_tile() * (w.group_size / LANES);
                 w.codes.par_chunks(per_group).enumerate().for_each_init(
                     || Rounded::new(M, k),
                     |acts, (g, codes)| {
