@@ -1,5 +1,7 @@
-//! The decode-sized product in int8 dot products (AVX512-VNNI), on the same [`CpuPacked`] as
-//! the f32 kernel. [`super::gemm`] uses it wherever the CPU has the instructions.
+//! The decode-sized product in int8 dot products, on the same [`CpuPacked`] as the f32 kernel.
+//! [`super::gemm`] uses it wherever the CPU has the instructions ([`supports`]): AVX512-VNNI's
+//! `vpdpbusd` (this file, every code width), or AVX2's `vpmaddubsw` (`avx2.rs`, up to 4 bits),
+//! the two sharing the rounding's definition, the quads and the task split.
 //!
 //! # Arithmetic
 //! The f32 kernel multiplies each code by an f32 activation: 16 multiply-adds per FMA. Here
@@ -95,28 +97,62 @@ pub fn quantize_block(x: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
     (amax * STEP, x.map(|v| (v * inv).round_ties_even() as i8))
 }
 
-/// Whether this CPU runs the int8 kernel (AVX-512 with VNNI, VBMI and VBMI2; detected once).
-pub fn is_supported() -> bool {
-    static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            has!("avx512f")
-                && has!("avx512bw")
-                && has!("avx512vl")
-                && has!("avx512vnni")
-                && has!("avx512vbmi")
-                && has!("avx512vbmi2")
-                && has!("fma")
+/// The widest codes the AVX2 kernel takes: `vpmaddubsw` adds two products in 16 bits, which
+/// 8-bit codes (255·127·2) would overflow; see [`avx2`].
+const AVX2_MAX_BITS: u32 = 4;
+
+/// The instruction sets the int8 kernel is written for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    /// AVX-512 with VNNI, VBMI and VBMI2: `vpdpbusd`, every code width.
+    Avx512Vnni,
+    /// AVX2 with FMA and F16C: `vpmaddubsw` ([`avx2`]), codes of up to 4 bits.
+    Avx2,
+}
+
+impl Isa {
+    /// The best int8 instruction set of this CPU, if any (detected once).
+    fn detect() -> Option<Self> {
+        static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                let fma = has!("fma");
+                if has!("avx512f")
+                    && has!("avx512bw")
+                    && has!("avx512vl")
+                    && has!("avx512vnni")
+                    && has!("avx512vbmi")
+                    && has!("avx512vbmi2")
+                    && fma
+                {
+                    return Some(Isa::Avx512Vnni);
+                }
+                if has!("avx2") && fma && has!("f16c") {
+                    return Some(Isa::Avx2);
+                }
+            }
+            None
+        })
+    }
+
+    fn supports(self, bits: u32) -> bool {
+        match self {
+            Self::Avx512Vnni => true,
+            Self::Avx2 => bits <= AVX2_MAX_BITS,
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
-    })
+    }
+}
+
+/// Whether this CPU runs the int8 kernel on `bits`-bit codes: every width with AVX-512 VNNI,
+/// VBMI and VBMI2, up to 4 bits with AVX2 (two products of 8-bit codes overflow its 16-bit sums).
+pub fn supports(bits: u32) -> bool {
+    Isa::detect().is_some_and(|isa| isa.supports(bits))
 }
 
 /// `y[m, out] = x̂[m, in] · Ŵᵀ` with int8 activations (see the module doc); an error if the
-/// CPU lacks the instructions ([`is_supported`]) or the shapes do not match.
+/// CPU has no int8 kernel for the weight's width ([`supports`]) or the shapes do not match.
 pub fn gemm(
     x: &[f32],
     m: usize,
@@ -124,9 +160,9 @@ pub fn gemm(
     y: &mut [f32],
 ) -> Result<(), super::CpuKernelError> {
     super::check_shapes(x, m, w.in_features, y, w.out_features)?;
-    if !is_supported() {
-        return Err(super::CpuKernelError::NoInt8);
-    }
+    let isa = Isa::detect()
+        .filter(|isa| isa.supports(w.bits))
+        .ok_or(super::CpuKernelError::NoInt8 { bits: w.bits })?;
     #[cfg(target_arch = "x86_64")]
     {
         let (k, n) = (w.in_features, w.out_features);
@@ -136,28 +172,73 @@ pub fn gemm(
         {
             let rows = xc.len() / k.max(1);
             let x_pad = super::pad_rows(xc, k, w.k_pad);
-            // SAFETY: `is_supported` checked every feature the kernels are compiled for, and
-            // `yc` holds `rows` rows of `n`.
-            unsafe { x86::pass(w, &x_pad, rows, yc) };
+            // SAFETY: `Isa::detect` checked every feature the ISA's kernels are compiled for,
+            // and `yc` holds `rows` rows of `n`.
+            unsafe {
+                match isa {
+                    Isa::Avx512Vnni => pass::pass::<x86::Vnni>(w, &x_pad, rows, yc),
+                    Isa::Avx2 => pass::pass::<avx2::Avx2>(w, &x_pad, rows, yc),
+                }
+            }
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     Ok(())
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
+pub(crate) mod avx2;
 
+/// What both instruction sets share: the task split over tiles and groups, the rounded
+/// activations' layout, and where results go.
+#[cfg(target_arch = "x86_64")]
+mod pass {
     use super::super::layout::{BLOCK, CpuPacked, LANES};
-    use super::super::tile::{block_at, prefetch_ahead};
-    use super::{QUADS, STEP, quad_codes};
+    use super::QUADS;
     use quant_core::QuantDim;
     use rayon::prelude::*;
 
+    /// One instruction set's block loops. Every method's safety contract: the CPU has the
+    /// instruction set's features.
+    pub(super) trait Kernel {
+        /// From this many rows on, per-OC tiles go to [`Kernel::oc_tiles`] two at a time.
+        const PAIRED_ROWS: usize;
+
+        /// Rounds `M` rows of `x_pad` into `acts` and adds each block's `d·Σq̂` into its
+        /// group's `xsum[m·groups + g]` (per-OC).
+        unsafe fn round_activations<const B: usize, const M: usize>(
+            x_pad: &[f32],
+            acts: &mut Rounded,
+            xsum: &mut [f32],
+        );
+
+        /// The per-OC tiles from `first` on whose code words are `codes` (one tile, or two
+        /// from [`Kernel::PAIRED_ROWS`] rows on).
+        unsafe fn oc_tiles<const B: usize, const M: usize>(
+            w: &CpuPacked,
+            acts: &Rounded,
+            xsum: &[f32],
+            first: usize,
+            codes: &[[u32; LANES]],
+            out: &Out,
+        );
+
+        /// Per-IC group `g`, whose tiles' code words are `codes`; `acts` is scratch.
+        unsafe fn ic_group<const B: usize, const M: usize>(
+            w: &CpuPacked,
+            x_pad: &[f32],
+            g: usize,
+            codes: &[[u32; LANES]],
+            acts: &mut Rounded,
+            out: &Out,
+        );
+    }
+
     /// Runs the product of `rows ≤ 8` padded rows into `y` (`[row][out_features]`).
     ///
-    /// Safety: the CPU has the features of [`super::is_supported`].
-    pub(super) unsafe fn pass(w: &CpuPacked, x_pad: &[f32], rows: usize, y: &mut [f32]) {
+    /// Safety: the CPU has `K`'s features and `K` handles `w.bits`.
+    pub(super) unsafe fn pass<K: Kernel>(w: &CpuPacked, x_pad: &[f32], rows: usize, y: &mut [f32]) {
         let out = &Out {
             y: y.as_mut_ptr(),
             n: w.out_features,
@@ -166,14 +247,14 @@ mod x86 {
         macro_rules! by_rows {
             ($b:literal) => {
                 match rows {
-                    1 => unsafe { run::<$b, 1>(w, x_pad, out) },
-                    2 => unsafe { run::<$b, 2>(w, x_pad, out) },
-                    3 => unsafe { run::<$b, 3>(w, x_pad, out) },
-                    4 => unsafe { run::<$b, 4>(w, x_pad, out) },
-                    5 => unsafe { run::<$b, 5>(w, x_pad, out) },
-                    6 => unsafe { run::<$b, 6>(w, x_pad, out) },
-                    7 => unsafe { run::<$b, 7>(w, x_pad, out) },
-                    _ => unsafe { run::<$b, 8>(w, x_pad, out) },
+                    1 => unsafe { run::<K, $b, 1>(w, x_pad, out) },
+                    2 => unsafe { run::<K, $b, 2>(w, x_pad, out) },
+                    3 => unsafe { run::<K, $b, 3>(w, x_pad, out) },
+                    4 => unsafe { run::<K, $b, 4>(w, x_pad, out) },
+                    5 => unsafe { run::<K, $b, 5>(w, x_pad, out) },
+                    6 => unsafe { run::<K, $b, 6>(w, x_pad, out) },
+                    7 => unsafe { run::<K, $b, 7>(w, x_pad, out) },
+                    _ => unsafe { run::<K, $b, 8>(w, x_pad, out) },
                 }
             };
         }
@@ -185,33 +266,28 @@ mod x86 {
         }
     }
 
-    /// [`pass`] for `M` rows of `B`-bit codes. Safety: as [`pass`].
-    unsafe fn run<const B: usize, const M: usize>(w: &CpuPacked, x_pad: &[f32], out: &Out) {
+    /// [`pass`] for `M` rows of `B`-bit codes: per-OC tasks take tiles (in pairs from
+    /// `K::PAIRED_ROWS` rows on, an odd last one alone), per-IC tasks whole groups.
+    /// Safety: as [`pass`].
+    unsafe fn run<K: Kernel, const B: usize, const M: usize>(
+        w: &CpuPacked,
+        x_pad: &[f32],
+        out: &Out,
+    ) {
         let k = w.k_pad;
         match w.dim {
             QuantDim::Oc => {
                 let mut acts = Rounded::new(M, k);
-                let groups = w.groups_along_k();
-                let mut xsum = vec![0f32; M * groups];
+                let mut xsum = vec![0f32; M * w.groups_along_k()];
                 // SAFETY: this function's contract guarantees the CPU features.
-                unsafe { round_activations::<B, M>(x_pad, &mut acts, &mut xsum) };
-                // Tiles in pairs from `PAIRED_ROWS` rows on (see `block_dot`); an odd last one
-                // alone.
-                let pair = if M >= PAIRED_ROWS { 2 } else { 1 };
-                let per_tile = w.words_per_tile();
+                unsafe { K::round_activations::<B, M>(x_pad, &mut acts, &mut xsum) };
+                let pair = if M >= K::PAIRED_ROWS { 2 } else { 1 };
                 w.codes
-                    .par_chunks(pair * per_tile)
+                    .par_chunks(pair * w.words_per_tile())
                     .enumerate()
                     .for_each(|(c, codes)| {
-                        let first = pair * c;
                         // SAFETY: as above; each call writes its own tiles.
-                        unsafe {
-                            if codes.len() == 2 * per_tile {
-                                oc_tiles::<B, M, 2>(w, &acts, &xsum, first, codes, out)
-                            } else {
-                                oc_tiles::<B, M, 1>(w, &acts, &xsum, first, codes, out)
-                            }
-                        }
+                        unsafe { K::oc_tiles::<B, M>(w, &acts, &xsum, pair * c, codes, out) }
                     });
             }
             QuantDim::Ic => {
@@ -220,13 +296,7 @@ mod x86 {
                     || Rounded::new(M, k),
                     |acts, (g, codes)| {
                         // SAFETY: as above; each call writes its own group's tiles.
-                        unsafe {
-                            if M >= PAIRED_ROWS {
-                                ic_group::<B, M, 2>(w, x_pad, g, codes, acts, out)
-                            } else {
-                                ic_group::<B, M, 1>(w, x_pad, g, codes, acts, out)
-                            }
-                        }
+                        unsafe { K::ic_group::<B, M>(w, x_pad, g, codes, acts, out) }
                     },
                 );
             }
@@ -234,8 +304,8 @@ mod x86 {
     }
 
     /// Where a pass writes: `y[m·n + o]`, row-major, which the tasks share. Each task writes
-    /// only the outputs of its own tiles ([`Out::store`]), so their writes never overlap.
-    struct Out {
+    /// only the outputs of its own tiles, so their writes never overlap.
+    pub(super) struct Out {
         y: *mut f32,
         n: usize,
     }
@@ -244,38 +314,31 @@ mod x86 {
     unsafe impl Sync for Out {}
 
     impl Out {
-        /// Writes tile `tile`'s lanes of row `m`, the lanes past `n` left out.
+        /// Where output `first` of row `m` is, and how many outputs from there on exist (the
+        /// rest of a last tile past `n` is left out; 0 when `first ≥ n`).
         ///
-        /// Safety: row `m` exists, the caller's task owns `tile`, and the CPU has AVX-512F.
+        /// Safety: row `m` exists; the caller writes at most the returned count, and only
+        /// outputs of tiles its task owns.
         #[inline(always)]
-        unsafe fn store(&self, m: usize, tile: usize, v: __m512) {
-            let first = tile * LANES;
-            let lanes = (self.n - first).min(LANES);
-            // SAFETY: `first + lanes ≤ n`, so the masked store stays inside row `m`.
-            unsafe {
-                _mm512_mask_storeu_ps(
-                    self.y.add(m * self.n + first),
-                    ((1u32 << lanes) - 1) as __mmask16,
-                    v,
-                )
-            }
+        pub(super) unsafe fn at(&self, m: usize, first: usize) -> (*mut f32, usize) {
+            let lanes = self.n.saturating_sub(first);
+            // SAFETY: row `m` exists, so `m·n + first` is inside `y` or one past a row's end
+            // when `lanes` is 0.
+            (unsafe { self.y.add(m * self.n + first.min(self.n)) }, lanes)
         }
     }
-
-    /// From this many rows on, tiles run two at a time ([`block_dot`]).
-    const PAIRED_ROWS: usize = 4;
 
     /// `M` rows of rounded activations, block-major: for each block, each row's 8 words of 4
     /// permuted bytes (one word per quad), and each row's block scale. Block-major, so that
     /// the block loop finds all rows at constant offsets from one address.
-    struct Rounded {
-        m: usize,
-        quads: Vec<[i32; QUADS]>,
-        scales: Vec<f32>,
+    pub(super) struct Rounded {
+        pub(super) m: usize,
+        pub(super) quads: Vec<[i32; QUADS]>,
+        pub(super) scales: Vec<f32>,
     }
 
     impl Rounded {
-        fn new(m: usize, k: usize) -> Self {
+        pub(super) fn new(m: usize, k: usize) -> Self {
             Self {
                 m,
                 quads: vec![[0; QUADS]; m * k / BLOCK],
@@ -285,7 +348,7 @@ mod x86 {
 
         /// Per block, the `M` rows' quads and scales.
         #[inline(always)]
-        fn blocks<const M: usize>(&self) -> Blocks<'_, M> {
+        pub(super) fn blocks<const M: usize>(&self) -> Blocks<'_, M> {
             assert_eq!(self.m, M, "rounded for {} rows", self.m);
             Blocks {
                 quads: self.quads.as_chunks().0,
@@ -295,10 +358,93 @@ mod x86 {
     }
 
     /// [`Rounded::blocks`].
-    struct Blocks<'a, const M: usize> {
-        quads: &'a [[[i32; QUADS]; M]],
-        scales: &'a [[f32; M]],
+    pub(super) struct Blocks<'a, const M: usize> {
+        pub(super) quads: &'a [[[i32; QUADS]; M]],
+        pub(super) scales: &'a [[f32; M]],
     }
+
+    /// The code words of `T` consecutive tiles, split.
+    pub(super) fn split_tiles<const T: usize>(codes: &[[u32; LANES]]) -> [&[[u32; LANES]]; T] {
+        let per_tile = codes.len() / T;
+        std::array::from_fn(|t| &codes[t * per_tile..(t + 1) * per_tile])
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::super::layout::{BLOCK, CpuPacked, LANES};
+    use super::super::tile::{block_at, prefetch_ahead};
+    use super::pass::{Blocks, Kernel, Out, Rounded, split_tiles};
+    use super::{QUADS, STEP, quad_codes};
+
+    /// AVX-512 VNNI's [`Kernel`].
+    pub(super) struct Vnni;
+
+    impl Kernel for Vnni {
+        const PAIRED_ROWS: usize = PAIRED_ROWS;
+
+        unsafe fn round_activations<const B: usize, const M: usize>(
+            x_pad: &[f32],
+            acts: &mut Rounded,
+            xsum: &mut [f32],
+        ) {
+            // SAFETY: the trait's contract.
+            unsafe { round_activations::<B, M>(x_pad, acts, xsum) }
+        }
+
+        unsafe fn oc_tiles<const B: usize, const M: usize>(
+            w: &CpuPacked,
+            acts: &Rounded,
+            xsum: &[f32],
+            first: usize,
+            codes: &[[u32; LANES]],
+            out: &Out,
+        ) {
+            // SAFETY: the trait's contract.
+            unsafe {
+                if codes.len() == 2 * w.words_per_tile() {
+                    oc_tiles::<B, M, 2>(w, acts, xsum, first, codes, out)
+                } else {
+                    oc_tiles::<B, M, 1>(w, acts, xsum, first, codes, out)
+                }
+            }
+        }
+
+        unsafe fn ic_group<const B: usize, const M: usize>(
+            w: &CpuPacked,
+            x_pad: &[f32],
+            g: usize,
+            codes: &[[u32; LANES]],
+            acts: &mut Rounded,
+            out: &Out,
+        ) {
+            // SAFETY: the trait's contract.
+            unsafe {
+                if M >= PAIRED_ROWS {
+                    ic_group::<B, M, 2>(w, x_pad, g, codes, acts, out)
+                } else {
+                    ic_group::<B, M, 1>(w, x_pad, g, codes, acts, out)
+                }
+            }
+        }
+    }
+
+    /// Writes tile `tile`'s lanes of row `m`, the lanes past `out_features` left out.
+    ///
+    /// Safety: row `m` exists, the caller's task owns `tile`, and the CPU has AVX-512F.
+    #[inline(always)]
+    unsafe fn store(out: &Out, m: usize, tile: usize, v: __m512) {
+        // SAFETY: the function's contract; the masked store writes `lanes.min(16)` outputs.
+        unsafe {
+            let (at, lanes) = out.at(m, tile * LANES);
+            _mm512_mask_storeu_ps(at, ((1u32 << lanes.min(LANES)) - 1) as __mmask16, v)
+        }
+    }
+
+    /// From this many rows on, tiles run two at a time ([`block_dot`]).
+    const PAIRED_ROWS: usize = 4;
 
     /// [`quad_codes`]`(B)` as a `vpermt2b` index into a block's 32 integers, codes 0–15 as the
     /// 32-bit lanes of the first source and 16–31 of the second: byte `4i + b` takes the low
@@ -570,12 +716,6 @@ mod x86 {
         }
     }
 
-    /// The code words of `T` consecutive tiles, split.
-    fn split_tiles<const T: usize>(codes: &[[u32; LANES]]) -> [&[[u32; LANES]]; T] {
-        let per_tile = codes.len() / T;
-        std::array::from_fn(|t| &codes[t * per_tile..(t + 1) * per_tile])
-    }
-
     /// 16 f16 values at `h[at..]`, widened.
     #[inline(always)]
     unsafe fn widen(h: &[u16], at: usize) -> __m512 {
@@ -631,7 +771,7 @@ mod x86 {
             }
             for (t, y) in y.iter().enumerate() {
                 for (m, y) in y.iter().enumerate() {
-                    out.store(m, first + t, *y);
+                    store(out, m, first + t, *y);
                 }
             }
         }
@@ -835,7 +975,7 @@ mod x86 {
                 for (t, acc) in acc.iter().enumerate() {
                     for m in 0..M {
                         let y = _mm512_sub_ps(acc[m], _mm512_set1_ps(zterm[m]));
-                        out.store(m, gi * tiles + first + t, y);
+                        store(out, m, gi * tiles + first + t, y);
                     }
                 }
             }
@@ -847,12 +987,22 @@ mod x86 {
 mod tests {
     use super::*;
 
-    /// Every code of a block appears in exactly one quad byte, for every width.
+    /// Every code of a block appears in exactly one quad byte, for every width and both
+    /// instruction sets' orders.
     #[test]
     fn quads_are_a_permutation_of_the_block() {
-        for bits in [2, 3, 4, 8] {
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = [
+            avx2::quad_codes(2),
+            avx2::quad_codes(3),
+            avx2::quad_codes(4),
+        ];
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = [];
+        let widths = [2, 3, 4, 8].map(|b| (b, quad_codes(b)));
+        for (bits, quads) in widths.into_iter().chain([2, 3, 4].into_iter().zip(avx2)) {
             let mut seen = [false; BLOCK];
-            for quad in quad_codes(bits) {
+            for quad in quads {
                 for c in quad {
                     assert!(!seen[c as usize], "{bits} bits: code {c} twice");
                     seen[c as usize] = true;

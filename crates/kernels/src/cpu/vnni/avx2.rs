@@ -1,0 +1,501 @@
+//! The int8 kernel on AVX2, for CPUs without AVX512-VNNI (AMD Zen 2 and 3, Intel before Ice
+//! Lake): the same rounded activations, quads and task split as the AVX-512 kernel, with
+//! `vpdpbusd` emulated.
+//!
+//! # Arithmetic
+//! `vpmaddubsw` multiplies 32 codes (u8) by 32 activations (i8) and adds adjacent pairs into
+//! 16-bit lanes; `vpmaddwd` against ones then adds those pairs into the 32-bit lanes, which is
+//! `vpdpbusd`'s sum of a quad. The 16-bit sums of a block's 8 quads are added first and widened
+//! once: a pair is at most `2·15·127 = 3810` for 4-bit codes (activations lie in `[−127, 127]`),
+//! so 8 of them, 30480, still fit in an `i16`. That is why this kernel stops at 4 bits: one
+//! pair of 8-bit codes, `2·255·127`, already overflows. The integer sums are exact, and the f32
+//! operations after them are the AVX-512 kernel's, in its order, so per-OC products are the
+//! same bit for bit; per-IC ones differ only in the order of the zero term's f32 sum.
+//!
+//! A tile's 16 outputs are two 8-lane halves, one `ymm` each, done one after the other so that
+//! `M = 8` rows' 16-bit sums, the decoded quad and the broadcast activation fit in the 16
+//! registers.
+//!
+//! # 3-bit quads
+//! Without `vpmultishiftqb`, 4 codes reach the 4 bytes of a lane by shifts and masks: a shift
+//! by `s` lines code `i` (at bit `3i`) up with byte `b` when `3i − 8b = s`, and one shift serves
+//! the bytes with the same `s`. So each of the three 10-code words (the first word, then codes
+//! 10–19 and 20–29 realigned by funnel shifts) gives quads `{0, 3, 6, 8}` (shifts 0, 1, 2) and
+//! `{1, 4, 7, 9}` (shifts 3, 4, 5), and its codes 2 and 5 go, with codes 30 and 31, into two
+//! more quads ([`THREE_BIT_QUADS`]). The rounded activations follow that order, as they follow
+//! [`super::quad_codes`] for the other widths.
+
+use std::arch::x86_64::*;
+
+use super::super::layout::{BLOCK, CpuPacked, LANES};
+use super::super::tile::{block_at, prefetch_ahead};
+use super::pass::{Blocks, Kernel, Out, Rounded};
+use super::{QUADS, STEP};
+
+/// Lanes of a `ymm` of f32 or i32: half a tile.
+const HALF: usize = LANES / 2;
+
+/// AVX2's [`Kernel`]. Tiles are never paired: two tiles' sums would not fit in the registers.
+pub(super) struct Avx2;
+
+impl Kernel for Avx2 {
+    const PAIRED_ROWS: usize = usize::MAX;
+
+    unsafe fn round_activations<const B: usize, const M: usize>(
+        x_pad: &[f32],
+        acts: &mut Rounded,
+        xsum: &mut [f32],
+    ) {
+        // SAFETY: the trait's contract.
+        unsafe { round_activations::<B, M>(x_pad, acts, xsum) }
+    }
+
+    unsafe fn oc_tiles<const B: usize, const M: usize>(
+        w: &CpuPacked,
+        acts: &Rounded,
+        xsum: &[f32],
+        first: usize,
+        codes: &[[u32; LANES]],
+        out: &Out,
+    ) {
+        // SAFETY: the trait's contract.
+        unsafe { oc_tile::<B, M>(w, acts, xsum, first, codes, out) }
+    }
+
+    unsafe fn ic_group<const B: usize, const M: usize>(
+        w: &CpuPacked,
+        x_pad: &[f32],
+        g: usize,
+        codes: &[[u32; LANES]],
+        acts: &mut Rounded,
+        out: &Out,
+    ) {
+        // SAFETY: the trait's contract.
+        unsafe { ic_group::<B, M>(w, x_pad, g, codes, acts, out) }
+    }
+}
+
+/// The codes (indices within a block) that quad `i` puts in bytes 0–3 of each lane, for 3-bit
+/// codes on this kernel (module doc).
+pub(super) const THREE_BIT_QUADS: [[u8; 4]; QUADS] = [
+    [0, 3, 6, 8],
+    [1, 4, 7, 9],
+    [10, 13, 16, 18],
+    [11, 14, 17, 19],
+    [20, 23, 26, 28],
+    [21, 24, 27, 29],
+    [2, 5, 12, 15],
+    [22, 25, 30, 31],
+];
+
+/// This kernel's quads: [`super::quad_codes`], but for 3 bits [`THREE_BIT_QUADS`].
+pub(super) const fn quad_codes(bits: u32) -> [[u8; 4]; QUADS] {
+    if bits == 3 {
+        THREE_BIT_QUADS
+    } else {
+        super::quad_codes(bits)
+    }
+}
+
+/// The `vpshufb` indices that take a block's bytes from `vpackssdw`/`vpacksswb` order to quad
+/// order: `[same]` picks from the byte's own 128-bit half, `[other]` from the other half (bit 7
+/// set: a zero byte), and the two results are or-ed.
+struct Permutation<const B: usize>;
+
+impl<const B: usize> Permutation<B> {
+    /// Evaluated at compile time, once per width.
+    const INDEX: [[u8; BLOCK]; 2] = {
+        let q = quad_codes(B as u32);
+        let mut out = [[0x80u8; BLOCK]; 2];
+        let mut o = 0;
+        while o < BLOCK {
+            let code = q[o / 4][o % 4] as usize;
+            // The packs leave code `c` in half `(c % 8) / 4`, at byte `4·(c / 8) + c % 4`.
+            let (half, byte) = ((code % 8) / 4, 4 * (code / 8) + code % 4);
+            out[(half != o / 16) as usize][o] = byte as u8;
+            o += 1;
+        }
+        out
+    };
+}
+
+/// Block `blk` of `M` rows of `x_pad` (or of coefficients `x_k·s_k`, per-IC), rounded into
+/// `acts` as the definition says ([`super::quantize_block`]); returns each row's `d·Σq̂`.
+/// Per-IC (`group` holds the block's 32 scales and zeros) each row's `c·z` is added to `zt`.
+///
+/// Safety: `x` points at block `blk` of row 0 of rows `k` apart, `group`'s pointers at 32
+/// values each; the CPU has AVX2, FMA and F16C.
+#[inline(always)]
+unsafe fn round_block<const B: usize, const M: usize>(
+    x: *const f32,
+    k: usize,
+    group: Option<(*const u16, *const u16)>,
+    quads: &mut [[i32; QUADS]; M],
+    steps: &mut [f32; M],
+    zt: &mut [[__m256; 2]; M],
+) -> [f32; M] {
+    // SAFETY (every intrinsic): the function's contract; each load reads 8 values of the block.
+    unsafe {
+        let abs_mask = _mm256_set1_epi32(i32::MAX);
+        let same = _mm256_loadu_si256(Permutation::<B>::INDEX[0].as_ptr().cast());
+        let other = _mm256_loadu_si256(Permutation::<B>::INDEX[1].as_ptr().cast());
+        // Per 8 values of the block: scales, zeros.
+        let mut sz = [[_mm256_setzero_ps(); 2]; 4];
+        if let Some((s, z)) = group {
+            for (i, sz) in sz.iter_mut().enumerate() {
+                *sz = [
+                    _mm256_cvtph_ps(_mm_loadu_si128(s.add(HALF * i).cast())),
+                    _mm256_cvtph_ps(_mm_loadu_si128(z.add(HALF * i).cast())),
+                ];
+            }
+        }
+        let mut sums = [0f32; M];
+        for m in 0..M {
+            let row = x.add(m * k);
+            let mut c = [_mm256_setzero_ps(); 4];
+            for (i, c) in c.iter_mut().enumerate() {
+                *c = _mm256_loadu_ps(row.add(HALF * i));
+                if group.is_some() {
+                    *c = _mm256_mul_ps(*c, sz[i][0]);
+                    zt[m][i % 2] = _mm256_fmadd_ps(*c, sz[i][1], zt[m][i % 2]);
+                }
+            }
+            // |c| as integers: for non-negative floats the integer order is the float order,
+            // and a NaN's pattern is above every number's, so a NaN block's maximum is NaN.
+            let mut v = _mm256_and_si256(_mm256_castps_si256(c[0]), abs_mask);
+            for c in &c[1..] {
+                v = _mm256_max_epi32(v, _mm256_and_si256(_mm256_castps_si256(*c), abs_mask));
+            }
+            let v = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+            let v = _mm_max_epi32(v, _mm_shuffle_epi32::<0b01_00_11_10>(v));
+            let v = _mm_max_epi32(v, _mm_shuffle_epi32::<0b10_11_00_01>(v));
+            let amax = f32::from_bits(_mm_cvtsi128_si32(v) as u32);
+            // A zero or NaN block gets bytes 0 (the definition's), an infinite one 0 too.
+            let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            let inv = _mm256_set1_ps(inv);
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (q, c) in q.iter_mut().zip(&c) {
+                *q = _mm256_cvtps_epi32(_mm256_mul_ps(*c, inv));
+            }
+            let total =
+                _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let t = _mm_add_epi32(
+                _mm256_castsi256_si128(total),
+                _mm256_extracti128_si256::<1>(total),
+            );
+            let t = _mm_add_epi32(t, _mm_shuffle_epi32::<0b01_00_11_10>(t));
+            let t = _mm_add_epi32(t, _mm_shuffle_epi32::<0b10_11_00_01>(t));
+            // Within ±127, so the saturating packs are exact.
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let swapped = _mm256_permute2x128_si256::<0x01>(bytes, bytes);
+            let bytes = _mm256_or_si256(
+                _mm256_shuffle_epi8(bytes, same),
+                _mm256_shuffle_epi8(swapped, other),
+            );
+            _mm256_storeu_si256(quads[m].as_mut_ptr().cast(), bytes);
+            let d = amax * STEP;
+            steps[m] = d;
+            sums[m] = d * _mm_cvtsi128_si32(t) as f32;
+        }
+        sums
+    }
+}
+
+/// Rounds all blocks of `M` rows of `k_pad` values (`x_pad`) into `acts`; per-OC
+/// (`group` is `None`) each block's `d·Σq̂` goes into `xsum[m·groups + g]`, per-IC each row's
+/// `c·z` into `zt`.
+///
+/// Safety: the CPU has AVX2, FMA and F16C.
+#[inline(always)]
+unsafe fn round_rows<const B: usize, const M: usize>(
+    x_pad: &[f32],
+    group: Option<(&[u16], &[u16])>,
+    acts: &mut Rounded,
+    zt: &mut [[__m256; 2]; M],
+    xsum: &mut [f32],
+) {
+    let k = x_pad.len() / M;
+    let blocks = k / BLOCK;
+    assert!(acts.m == M && acts.quads.len() == M * blocks && acts.scales.len() == M * blocks);
+    if let Some((s, z)) = group {
+        assert!(s.len() == k && z.len() == k);
+    }
+    let groups = xsum.len() / M;
+    let (quads, steps) = (acts.quads.as_chunks_mut().0, acts.scales.as_chunks_mut().0);
+    for (blk, (quads, steps)) in quads.iter_mut().zip(steps).enumerate() {
+        let k0 = blk * BLOCK;
+        let mut at = None;
+        if let Some((s, z)) = group {
+            at = Some((s[k0..].as_ptr(), z[k0..].as_ptr()));
+        }
+        // SAFETY: block `blk` of every row and of the group is in bounds (the asserts); the
+        // caller has the features.
+        let sums = unsafe { round_block::<B, M>(x_pad[k0..].as_ptr(), k, at, quads, steps, zt) };
+        if group.is_none() {
+            let g = blk * groups / blocks;
+            for (m, sum) in sums.into_iter().enumerate() {
+                xsum[m * groups + g] += sum;
+            }
+        }
+    }
+}
+
+/// [`round_rows`] per-OC. Safety: the CPU has the features enabled here.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn round_activations<const B: usize, const M: usize>(
+    x_pad: &[f32],
+    acts: &mut Rounded,
+    xsum: &mut [f32],
+) {
+    let mut zt = [[_mm256_setzero_ps(); 2]; M];
+    // SAFETY: the features are enabled on this function.
+    unsafe { round_rows::<B, M>(x_pad, None, acts, &mut zt, xsum) }
+}
+
+/// Decodes half `h` (lanes `8h..8h + 8`) of block `blk` of a tile into its 8 quads, in
+/// [`quad_codes`] order.
+#[inline(always)]
+unsafe fn decode<const B: usize>(codes: &[[u32; LANES]], blk: usize, h: usize) -> [__m256i; QUADS] {
+    let block = block_at::<B>(codes, blk);
+    // SAFETY (every intrinsic): the caller has AVX2; each load reads 8 words of one row of
+    // `block`.
+    unsafe {
+        let mut word = [_mm256_setzero_si256(); B];
+        for (word, row) in word.iter_mut().zip(block) {
+            *word = _mm256_loadu_si256(row[HALF * h..].as_ptr().cast());
+        }
+        let mut q = [_mm256_setzero_si256(); QUADS];
+        match B {
+            4 => {
+                let mask = _mm256_set1_epi32(0x0f0f_0f0f);
+                for w in 0..4 {
+                    let v = word[w];
+                    q[2 * w] = and(v, mask);
+                    q[2 * w + 1] = and(_mm256_srli_epi32::<4>(v), mask);
+                }
+            }
+            2 => {
+                let mask = _mm256_set1_epi32(0x0303_0303);
+                for w in 0..2 {
+                    let v = word[w];
+                    q[4 * w] = and(v, mask);
+                    q[4 * w + 1] = and(_mm256_srli_epi32::<2>(v), mask);
+                    q[4 * w + 2] = and(_mm256_srli_epi32::<4>(v), mask);
+                    q[4 * w + 3] = and(_mm256_srli_epi32::<6>(v), mask);
+                }
+            }
+            _ => {
+                let (w0, w1, w2) = (word[0], word[1], word[2]);
+                // Stream bits 30.. and 60.. moved to bit 0: codes 10–19 and 20–29 at 3·i.
+                let t1 = or(_mm256_srli_epi32::<30>(w0), _mm256_slli_epi32::<2>(w1));
+                let t2 = or(_mm256_srli_epi32::<28>(w1), _mm256_slli_epi32::<4>(w2));
+                let m0 = _mm256_set1_epi32(0x0000_0007);
+                let m03 = _mm256_set1_epi32(0x0700_0007);
+                let m1 = _mm256_set1_epi32(0x0000_0700);
+                let m2 = _mm256_set1_epi32(0x0007_0000);
+                let m3 = _mm256_set1_epi32(0x0700_0000);
+                for (i, u) in [w0, t1, t2].into_iter().enumerate() {
+                    // Codes 0, 3, 6, 8 (shifts 0, 1, 2), then 1, 4, 7, 9 (shifts 3, 4, 5).
+                    q[2 * i] = or(
+                        or(and(u, m03), and(_mm256_srli_epi32::<1>(u), m1)),
+                        and(_mm256_srli_epi32::<2>(u), m2),
+                    );
+                    q[2 * i + 1] = or(
+                        or(
+                            and(_mm256_srli_epi32::<3>(u), m03),
+                            and(_mm256_srli_epi32::<4>(u), m1),
+                        ),
+                        and(_mm256_srli_epi32::<5>(u), m2),
+                    );
+                }
+                // Codes 2 and 5 of a 10-code word are at bits 6 and 15.
+                let mut low = [_mm256_setzero_si256(); 2];
+                for (low, u) in low.iter_mut().zip([w0, t2]) {
+                    *low = or(
+                        and(_mm256_srli_epi32::<6>(u), m0),
+                        and(_mm256_srli_epi32::<7>(u), m1),
+                    );
+                }
+                q[6] = or(
+                    low[0],
+                    or(
+                        and(_mm256_slli_epi32::<10>(t1), m2),
+                        and(_mm256_slli_epi32::<9>(t1), m3),
+                    ),
+                );
+                // Codes 30 and 31 stay at bits 26 and 29 of the third word.
+                q[7] = or(
+                    low[1],
+                    or(
+                        and(_mm256_srli_epi32::<10>(w2), m2),
+                        and(_mm256_srli_epi32::<5>(w2), m3),
+                    ),
+                );
+            }
+        }
+        q
+    }
+}
+
+/// `a & b`, without a closure: a closure does not get its caller's target features, and its
+/// intrinsics would become calls.
+#[inline(always)]
+unsafe fn and(a: __m256i, b: __m256i) -> __m256i {
+    // SAFETY: the caller has AVX2; no memory is touched.
+    unsafe { _mm256_and_si256(a, b) }
+}
+
+/// `a | b`; see [`and`].
+#[inline(always)]
+unsafe fn or(a: __m256i, b: __m256i) -> __m256i {
+    // SAFETY: the caller has AVX2; no memory is touched.
+    unsafe { _mm256_or_si256(a, b) }
+}
+
+/// `acc[h][m] += d_m · Σ_{k∈blk} q̂_m,k · code_k` for both halves of a tile: `vpmaddubsw` per
+/// quad and row, the 8 quads' 16-bit sums added, then one `vpmaddwd` to 32 bits per row (module
+/// doc).
+#[inline(always)]
+unsafe fn block_dot<const B: usize, const M: usize>(
+    codes: &[[u32; LANES]],
+    blk: usize,
+    acts: &Blocks<'_, M>,
+    acc: &mut [[__m256; M]; 2],
+) {
+    let (x, d) = (&acts.quads[blk], &acts.scales[blk]);
+    // SAFETY (every intrinsic): the caller has AVX2 and FMA; no memory is touched but `codes`
+    // (through `decode`) and `acts`'s slices.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        for (h, acc) in acc.iter_mut().enumerate() {
+            let quads = decode::<B>(codes, blk, h);
+            let mut sums = [_mm256_setzero_si256(); M];
+            for (i, quad) in quads.iter().enumerate() {
+                for (m, sum) in sums.iter_mut().enumerate() {
+                    let x = _mm256_set1_epi32(x[m][i]);
+                    *sum = _mm256_add_epi16(*sum, _mm256_maddubs_epi16(*quad, x));
+                }
+            }
+            for m in 0..M {
+                let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[m], ones));
+                acc[m] = _mm256_fmadd_ps(sum, _mm256_set1_ps(d[m]), acc[m]);
+            }
+        }
+    }
+}
+
+/// 8 f16 values at `h[at..]`, widened.
+#[inline(always)]
+unsafe fn widen(h: &[u16], at: usize) -> __m256 {
+    let h = &h[at..at + HALF];
+    // SAFETY: `h` holds 8 values; the caller has F16C.
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast())) }
+}
+
+/// Writes half `h` of tile `tile` of row `m`, the lanes past `out_features` left out.
+///
+/// Safety: row `m` exists, the caller's task owns `tile`, and the CPU has AVX.
+#[inline(always)]
+unsafe fn store(out: &Out, m: usize, tile: usize, h: usize, v: __m256) {
+    // SAFETY: the function's contract; at most `lanes` outputs are written.
+    unsafe {
+        let (at, lanes) = out.at(m, tile * LANES + h * HALF);
+        if lanes >= HALF {
+            _mm256_storeu_ps(at, v);
+        } else if lanes > 0 {
+            let mut all = [0f32; HALF];
+            _mm256_storeu_ps(all.as_mut_ptr(), v);
+            std::ptr::copy_nonoverlapping(all.as_ptr(), at, lanes);
+        }
+    }
+}
+
+/// Per-OC tile `t`, whose code words are `codes`: `y = Σ_g s_g·(acc_g − z_g·xsum_g)` (the
+/// parent module's doc), in the AVX-512 kernel's order of operations.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn oc_tile<const B: usize, const M: usize>(
+    w: &CpuPacked,
+    acts: &Rounded,
+    xsum: &[f32],
+    t: usize,
+    codes: &[[u32; LANES]],
+    out: &Out,
+) {
+    let groups = w.groups_along_k();
+    let blocks_per_group = w.group_size / BLOCK;
+    let blocks = acts.blocks::<M>();
+    let mut y = [[_mm256_setzero_ps(); M]; 2];
+    // SAFETY: the helpers need the features enabled on this function; the caller owns tile
+    // `t` of `out`.
+    unsafe {
+        for g in 0..groups {
+            let mut acc = [[_mm256_setzero_ps(); M]; 2];
+            for blk in g * blocks_per_group..(g + 1) * blocks_per_group {
+                prefetch_ahead::<B>(codes, blk);
+                block_dot::<B, M>(codes, blk, &blocks, &mut acc);
+            }
+            for (h, (y, acc)) in y.iter_mut().zip(&acc).enumerate() {
+                let at = (t * groups + g) * LANES + h * HALF;
+                let s = widen(&w.scales, at);
+                let sz = _mm256_mul_ps(s, widen(&w.zeros, at));
+                for (m, y) in y.iter_mut().enumerate() {
+                    *y = _mm256_fmadd_ps(s, acc[m], *y);
+                    *y = _mm256_fnmadd_ps(sz, _mm256_set1_ps(xsum[m * groups + g]), *y);
+                }
+            }
+        }
+        for (h, y) in y.iter().enumerate() {
+            for (m, y) in y.iter().enumerate() {
+                store(out, m, t, h, *y);
+            }
+        }
+    }
+}
+
+/// Per-IC group `gi`, whose tiles' code words are `codes`: rounds the group's coefficients
+/// `x_k·s_{g,k}` into `acts`, then `y = acc − Σ_k c_k·z_{g,k}` for each of its tiles.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ic_group<const B: usize, const M: usize>(
+    w: &CpuPacked,
+    x_pad: &[f32],
+    gi: usize,
+    codes: &[[u32; LANES]],
+    acts: &mut Rounded,
+    out: &Out,
+) {
+    let k = w.k_pad;
+    let group = (
+        &w.scales[gi * k..(gi + 1) * k],
+        &w.zeros[gi * k..(gi + 1) * k],
+    );
+    let mut zt = [[_mm256_setzero_ps(); 2]; M];
+    // SAFETY: the helpers need the features enabled on this function; the caller owns the
+    // group's tiles of `out`.
+    unsafe {
+        round_rows::<B, M>(x_pad, Some(group), acts, &mut zt, &mut []);
+        let mut zterm = [0f32; M];
+        for (zterm, zt) in zterm.iter_mut().zip(zt) {
+            let mut lanes = [0f32; HALF];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(zt[0], zt[1]));
+            *zterm = lanes.iter().sum();
+        }
+        let tiles = w.group_size / LANES;
+        let blocks = acts.blocks::<M>();
+        for (t, codes) in codes.chunks(codes.len() / tiles).enumerate() {
+            let mut acc = [[_mm256_setzero_ps(); M]; 2];
+            for blk in 0..k / BLOCK {
+                prefetch_ahead::<B>(codes, blk);
+                block_dot::<B, M>(codes, blk, &blocks, &mut acc);
+            }
+            for (h, acc) in acc.iter().enumerate() {
+                for (m, acc) in acc.iter().enumerate() {
+                    let y = _mm256_sub_ps(*acc, _mm256_set1_ps(zterm[m]));
+                    store(out, m, gi * tiles + t, h, y);
+                }
+            }
+        }
+    }
+}
