@@ -75,7 +75,7 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
                         .collect();
                     let x = pseudo_random(m * inp, 1);
                     let mut y = vec![0f32; m * out];
-                    for &path in paths.iter().filter(|p| p.runs(bits)) {
+                    for &path in &paths {
                         // Other tenants of this VM's host change the bandwidth from one
                         // second to the next, so each round is set against a bandwidth
                         // measured just before it.
@@ -141,14 +141,6 @@ enum Kernel {
 }
 
 impl Kernel {
-    /// Whether the kernel takes `bits`-bit codes on this CPU (AVX2's int8 kernel stops at 4).
-    fn runs(self, bits: u32) -> bool {
-        match self {
-            Self::F32(_) => true,
-            Self::Int8 => vnni::supports(bits),
-        }
-    }
-
     fn run(self, x: &[f32], m: usize, w: &CpuPacked, y: &mut [f32]) -> Result<(), CpuKernelError> {
         match self {
             Self::F32(path) => gemm_with(path, x, m, w, y),
@@ -169,18 +161,15 @@ impl std::fmt::Display for Kernel {
 fn kernels() -> Result<Vec<Kernel>> {
     let Ok(list) = std::env::var("BENCH_CPU_PATHS") else {
         let mut all = vec![Kernel::F32(SimdPath::best())];
-        all.extend(vnni::supports(2).then_some(Kernel::Int8));
+        all.extend(vnni::is_supported().then_some(Kernel::Int8));
         return Ok(all);
     };
     list.split(',')
         .map(|name| {
             let name = name.trim();
             if name.eq_ignore_ascii_case("int8") {
-                if !vnni::supports(2) {
-                    bail!(
-                        "int8 in BENCH_CPU_PATHS: {}",
-                        CpuKernelError::NoInt8 { bits: 2 }
-                    );
+                if !vnni::is_supported() {
+                    bail!("int8 in BENCH_CPU_PATHS: {}", CpuKernelError::NoInt8);
                 }
                 return Ok(Kernel::Int8);
             }

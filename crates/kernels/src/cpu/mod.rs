@@ -11,8 +11,8 @@
 //! Re-lay out a [`quant_core::PackedLinear`] once with [`CpuPacked::new`], then call
 //! [`gemm`] (the fastest kernel this CPU has), [`gemm_with`] (f32 on a forced [`SimdPath`], for
 //! tests and benchmarks) or [`vnni::gemm`] (int8 dot products on activations rounded to 8 bits,
-//! which [`gemm`] picks on CPUs with AVX512-VNNI, VBMI and VBMI2, and for codes of up to 4 bits
-//! on CPUs with AVX2; see [`vnni`]). Weights are
+//! which [`gemm`] picks on CPUs with AVX512-VNNI, VBMI and VBMI2 or with AVX2; see [`vnni`]).
+//! Weights are
 //! read once per call (for `M ≤ 8`) and decoded in registers; rows of `x` beyond 8 are
 //! processed in chunks of 8, each re-reading the weights: for large `M` (beyond
 //! [`DIRECT_ROWS_PACKED`]), dequantize once and call a dense matmul instead. The rest of this
@@ -127,17 +127,14 @@ pub enum CpuKernelError {
     },
     #[error("SIMD path {0:?} is not supported on this machine")]
     Unsupported(SimdPath),
-    #[error(
-        "this CPU has no int8 kernel for {bits}-bit codes (AVX-512 VNNI with VBMI and VBMI2 \
-         runs every width, AVX2 up to 4 bits)"
-    )]
-    NoInt8 { bits: u32 },
+    #[error("this CPU has no int8 dot products (AVX-512 VNNI with VBMI and VBMI2, or AVX2)")]
+    NoInt8,
 }
 
 /// `y[m, out] = x[m, in] · Ŵᵀ`, the fastest way this machine has: int8 dot products where the
 /// CPU has them ([`vnni`], activations rounded to 8 bits), otherwise f32 on the best SIMD path.
 pub fn gemm(x: &[f32], m: usize, w: &CpuPacked, y: &mut [f32]) -> Result<(), CpuKernelError> {
-    if vnni::supports(w.bits) {
+    if vnni::is_supported() {
         return vnni::gemm(x, m, w, y);
     }
     gemm_with(SimdPath::best(), x, m, w, y)

@@ -47,7 +47,7 @@ fn forward_matches_reference_both_dims() {
             // products: each moves by at most half a step, 1/254 of its block's largest, about
             // 1/127 of the bound's average |x| (uniform x); its exactness against that
             // definition is `cpu_int8`'s test.
-            let int8 = m <= kernels::cpu::DIRECT_ROWS_PACKED && kernels::cpu::vnni::supports(bits);
+            let int8 = m <= kernels::cpu::DIRECT_ROWS_PACKED && kernels::cpu::vnni::is_supported();
             assert_close(
                 &format!("ndarray {dim} b{bits}"),
                 &got,

@@ -7,8 +7,10 @@
 //! 16-bit lanes; `vpmaddwd` against ones then adds those pairs into the 32-bit lanes, which is
 //! `vpdpbusd`'s sum of a quad. The 16-bit sums of a block's 8 quads are added first and widened
 //! once: a pair is at most `2·15·127 = 3810` for 4-bit codes (activations lie in `[−127, 127]`),
-//! so 8 of them, 30480, still fit in an `i16`. That is why this kernel stops at 4 bits: one
-//! pair of 8-bit codes, `2·255·127`, already overflows. The integer sums are exact, and the f32
+//! so 8 of them, 30480, still fit in an `i16`. One pair of 8-bit codes, `2·255·127`, would not:
+//! 8-bit codes go signed, `v = q − 128`, and `v·x = |v|·(x signed by v)` keeps a pair within
+//! `2·128·127`; each quad's pairs are widened at once, and the offset's share, `128·Σx̂`, folds
+//! into the zero term ([`code_offset`]). The integer sums are exact. For 2–4 bits the f32
 //! operations after them are the AVX-512 kernel's, in its order, so per-OC products are the
 //! same bit for bit; per-IC ones differ only in the order of the zero term's f32 sum.
 //!
@@ -204,9 +206,9 @@ unsafe fn round_block<const B: usize, const M: usize>(
     }
 }
 
-/// Rounds all blocks of `M` rows of `k_pad` values (`x_pad`) into `acts`; per-OC
-/// (`group` is `None`) each block's `d·Σq̂` goes into `xsum[m·groups + g]`, per-IC each row's
-/// `c·z` into `zt`.
+/// Rounds all blocks of `M` rows of `k_pad` values (`x_pad`) into `acts`, and adds each
+/// block's `d·Σq̂` into `xsum[m·groups + g]` (per-IC, one group: `xsum` holds `M` values). Per-IC
+/// (`group` holds the group's scales and zeros) each row's `c·z` goes into `zt`.
 ///
 /// Safety: the CPU has AVX2, FMA and F16C.
 #[inline(always)]
@@ -234,11 +236,9 @@ unsafe fn round_rows<const B: usize, const M: usize>(
         // SAFETY: block `blk` of every row and of the group is in bounds (the asserts); the
         // caller has the features.
         let sums = unsafe { round_block::<B, M>(x_pad[k0..].as_ptr(), k, at, quads, steps, zt) };
-        if group.is_none() {
-            let g = blk * groups / blocks;
-            for (m, sum) in sums.into_iter().enumerate() {
-                xsum[m * groups + g] += sum;
-            }
+        let g = blk * groups / blocks;
+        for (m, sum) in sums.into_iter().enumerate() {
+            xsum[m * groups + g] += sum;
         }
     }
 }
@@ -269,6 +269,13 @@ unsafe fn decode<const B: usize>(codes: &[[u32; LANES]], blk: usize, h: usize) -
         }
         let mut q = [_mm256_setzero_si256(); QUADS];
         match B {
+            8 => {
+                // Codes as `q − 128`, signed (see `block_dot`).
+                let flip = _mm256_set1_epi8(i8::MIN);
+                for (q, w) in q.iter_mut().zip(&word) {
+                    *q = _mm256_xor_si256(*w, flip);
+                }
+            }
             4 => {
                 let mask = _mm256_set1_epi32(0x0f0f_0f0f);
                 for w in 0..4 {
@@ -373,18 +380,42 @@ unsafe fn block_dot<const B: usize, const M: usize>(
         for (h, acc) in acc.iter_mut().enumerate() {
             let quads = decode::<B>(codes, blk, h);
             let mut sums = [_mm256_setzero_si256(); M];
-            for (i, quad) in quads.iter().enumerate() {
-                for (m, sum) in sums.iter_mut().enumerate() {
-                    let x = _mm256_set1_epi32(x[m][i]);
-                    *sum = _mm256_add_epi16(*sum, _mm256_maddubs_epi16(*quad, x));
+            if B == 8 {
+                // `v·x = |v|·(x signed by v)`: both factors fit `vpmaddubsw` (|v| ≤ 128,
+                // |x| ≤ 127) and a pair, 2·128·127, fits 16 bits; but not 8 of them, so each
+                // quad widens at once.
+                for (i, quad) in quads.iter().enumerate() {
+                    let magnitude = _mm256_abs_epi8(*quad);
+                    for (m, sum) in sums.iter_mut().enumerate() {
+                        let x = _mm256_sign_epi8(_mm256_set1_epi32(x[m][i]), *quad);
+                        let pairs = _mm256_maddubs_epi16(magnitude, x);
+                        *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            } else {
+                for (i, quad) in quads.iter().enumerate() {
+                    for (m, sum) in sums.iter_mut().enumerate() {
+                        let x = _mm256_set1_epi32(x[m][i]);
+                        *sum = _mm256_add_epi16(*sum, _mm256_maddubs_epi16(*quad, x));
+                    }
+                }
+                for sum in &mut sums {
+                    *sum = _mm256_madd_epi16(*sum, ones);
                 }
             }
             for m in 0..M {
-                let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[m], ones));
+                let sum = _mm256_cvtepi32_ps(sums[m]);
                 acc[m] = _mm256_fmadd_ps(sum, _mm256_set1_ps(d[m]), acc[m]);
             }
         }
     }
+}
+
+/// What `decode` takes off each `B`-bit code: 128 for 8 bits, which go signed (see
+/// `block_dot`), else 0. Its share of the product, `128·Σ_k x̂_k`, is folded into the zero
+/// term: per-OC the zero becomes `z − 128`, per-IC `128·Σ_k ĉ_k` leaves the group's zero term.
+const fn code_offset<const B: usize>() -> f32 {
+    if B == 8 { 128.0 } else { 0.0 }
 }
 
 /// 8 f16 values at `h[at..]`, widened.
@@ -431,6 +462,7 @@ unsafe fn oc_tile<const B: usize, const M: usize>(
     // SAFETY: the helpers need the features enabled on this function; the caller owns tile
     // `t` of `out`.
     unsafe {
+        let offset = _mm256_set1_ps(code_offset::<B>());
         for g in 0..groups {
             let mut acc = [[_mm256_setzero_ps(); M]; 2];
             for blk in g * blocks_per_group..(g + 1) * blocks_per_group {
@@ -440,7 +472,7 @@ unsafe fn oc_tile<const B: usize, const M: usize>(
             for (h, (y, acc)) in y.iter_mut().zip(&acc).enumerate() {
                 let at = (t * groups + g) * LANES + h * HALF;
                 let s = widen(&w.scales, at);
-                let sz = _mm256_mul_ps(s, widen(&w.zeros, at));
+                let sz = _mm256_mul_ps(s, _mm256_sub_ps(widen(&w.zeros, at), offset));
                 for (m, y) in y.iter_mut().enumerate() {
                     *y = _mm256_fmadd_ps(s, acc[m], *y);
                     *y = _mm256_fnmadd_ps(sz, _mm256_set1_ps(xsum[m * groups + g]), *y);
@@ -475,12 +507,13 @@ unsafe fn ic_group<const B: usize, const M: usize>(
     // SAFETY: the helpers need the features enabled on this function; the caller owns the
     // group's tiles of `out`.
     unsafe {
-        round_rows::<B, M>(x_pad, Some(group), acts, &mut zt, &mut []);
+        let mut csum = [0f32; M];
+        round_rows::<B, M>(x_pad, Some(group), acts, &mut zt, &mut csum);
         let mut zterm = [0f32; M];
-        for (zterm, zt) in zterm.iter_mut().zip(zt) {
+        for ((zterm, zt), csum) in zterm.iter_mut().zip(zt).zip(csum) {
             let mut lanes = [0f32; HALF];
             _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(zt[0], zt[1]));
-            *zterm = lanes.iter().sum();
+            *zterm = lanes.iter().sum::<f32>() - code_offset::<B>() * csum;
         }
         let tiles = w.group_size / LANES;
         let blocks = acts.blocks::<M>();

@@ -1,7 +1,7 @@
 //! The decode-sized product in int8 dot products, on the same [`CpuPacked`] as the f32 kernel.
-//! [`super::gemm`] uses it wherever the CPU has the instructions ([`supports`]): AVX512-VNNI's
-//! `vpdpbusd` (this file, every code width), or AVX2's `vpmaddubsw` (`avx2.rs`, up to 4 bits),
-//! the two sharing the rounding's definition, the quads and the task split.
+//! [`super::gemm`] uses it wherever the CPU has the instructions ([`is_supported`]):
+//! AVX512-VNNI's `vpdpbusd` (this file) or AVX2's `vpmaddubsw` (`avx2.rs`), the two sharing the
+//! rounding's definition, the quads (but for AVX2's 3-bit order) and the task split.
 //!
 //! # Arithmetic
 //! The f32 kernel multiplies each code by an f32 activation: 16 multiply-adds per FMA. Here
@@ -97,16 +97,12 @@ pub fn quantize_block(x: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
     (amax * STEP, x.map(|v| (v * inv).round_ties_even() as i8))
 }
 
-/// The widest codes the AVX2 kernel takes: `vpmaddubsw` adds two products in 16 bits, which
-/// 8-bit codes (255·127·2) would overflow; see [`avx2`].
-const AVX2_MAX_BITS: u32 = 4;
-
 /// The instruction sets the int8 kernel is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Isa {
     /// AVX-512 with VNNI, VBMI and VBMI2: `vpdpbusd`, every code width.
     Avx512Vnni,
-    /// AVX2 with FMA and F16C: `vpmaddubsw` ([`avx2`]), codes of up to 4 bits.
+    /// AVX2 with FMA and F16C: `vpmaddubsw` ([`avx2`]), every code width.
     Avx2,
 }
 
@@ -136,23 +132,16 @@ impl Isa {
             None
         })
     }
-
-    fn supports(self, bits: u32) -> bool {
-        match self {
-            Self::Avx512Vnni => true,
-            Self::Avx2 => bits <= AVX2_MAX_BITS,
-        }
-    }
 }
 
-/// Whether this CPU runs the int8 kernel on `bits`-bit codes: every width with AVX-512 VNNI,
-/// VBMI and VBMI2, up to 4 bits with AVX2 (two products of 8-bit codes overflow its 16-bit sums).
-pub fn supports(bits: u32) -> bool {
-    Isa::detect().is_some_and(|isa| isa.supports(bits))
+/// Whether this CPU runs the int8 kernel: it needs AVX-512 VNNI, VBMI and VBMI2, or AVX2 with
+/// FMA and F16C.
+pub fn is_supported() -> bool {
+    Isa::detect().is_some()
 }
 
 /// `y[m, out] = x̂[m, in] · Ŵᵀ` with int8 activations (see the module doc); an error if the
-/// CPU has no int8 kernel for the weight's width ([`supports`]) or the shapes do not match.
+/// CPU lacks the instructions ([`is_supported`]) or the shapes do not match.
 pub fn gemm(
     x: &[f32],
     m: usize,
@@ -160,9 +149,7 @@ pub fn gemm(
     y: &mut [f32],
 ) -> Result<(), super::CpuKernelError> {
     super::check_shapes(x, m, w.in_features, y, w.out_features)?;
-    let isa = Isa::detect()
-        .filter(|isa| isa.supports(w.bits))
-        .ok_or(super::CpuKernelError::NoInt8 { bits: w.bits })?;
+    let isa = Isa::detect().ok_or(super::CpuKernelError::NoInt8)?;
     #[cfg(target_arch = "x86_64")]
     {
         let (k, n) = (w.in_features, w.out_features);
