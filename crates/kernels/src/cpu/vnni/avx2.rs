@@ -125,7 +125,7 @@ impl<const B: usize> Permutation<B> {
 /// `acts` as the definition says ([`super::quantize_block`]); returns each row's `d·Σq̂`.
 /// Per-IC (`group` holds the block's 32 scales and zeros) each row's `c·z` is added to `zt`.
 ///
-/// Safety: `x` points at block `blk` of row 0 of rows `k` apart, `group`'s pointers at 32
+/// Safety: `x` points at the block in row 0 of rows `k` apart, `group`'s pointers at 32
 /// values each; the CPU has AVX2, FMA and F16C.
 #[inline(always)]
 unsafe fn round_block<const B: usize, const M: usize>(
@@ -172,7 +172,8 @@ unsafe fn round_block<const B: usize, const M: usize>(
             let v = _mm_max_epi32(v, _mm_shuffle_epi32::<0b01_00_11_10>(v));
             let v = _mm_max_epi32(v, _mm_shuffle_epi32::<0b10_11_00_01>(v));
             let amax = f32::from_bits(_mm_cvtsi128_si32(v) as u32);
-            // A zero or NaN block gets bytes 0 (the definition's), an infinite one 0 too.
+            // A zero or NaN block gets bytes 0, as in the definition. (An infinite one gets a
+            // step of ∞, so its products are not finite, as in the definition.)
             let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             let inv = _mm256_set1_ps(inv);
             let mut q = [_mm256_setzero_si256(); 4];

@@ -175,7 +175,7 @@ pub fn gemm(
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod avx2;
+mod avx2;
 
 /// What both instruction sets share: the task split over tiles and groups, the rounded
 /// activations' layout, and where results go.
