@@ -122,7 +122,8 @@ impl<const B: usize> Permutation<B> {
 }
 
 /// Block `blk` of `M` rows of `x_pad` (or of coefficients `x_k·s_k`, per-IC), rounded into
-/// `acts` as the definition says ([`super::quantize_block`]); returns each row's `d·Σq̂`.
+/// `acts` as the definition says ([`super::quantize_block`]); returns each row's `d·Σq̂`
+/// (0 per-IC below 8 bits, where the sum is not used).
 /// Per-IC (`group` holds the block's 32 scales and zeros) each row's `c·z` is added to `zt`.
 ///
 /// Safety: `x` points at the block in row 0 of rows `k` apart, `group`'s pointers at 32
@@ -180,14 +181,18 @@ unsafe fn round_block<const B: usize, const M: usize>(
             for (q, c) in q.iter_mut().zip(&c) {
                 *q = _mm256_cvtps_epi32(_mm256_mul_ps(*c, inv));
             }
-            let total =
-                _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-            let t = _mm_add_epi32(
-                _mm256_castsi256_si128(total),
-                _mm256_extracti128_si256::<1>(total),
-            );
-            let t = _mm_add_epi32(t, _mm_shuffle_epi32::<0b01_00_11_10>(t));
-            let t = _mm_add_epi32(t, _mm_shuffle_epi32::<0b10_11_00_01>(t));
+            // Per-IC below 8 bits nobody reads the sum (`code_offset` is 0).
+            if group.is_none() || B == 8 {
+                let total =
+                    _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+                let t = _mm_add_epi32(
+                    _mm256_castsi256_si128(total),
+                    _mm256_extracti128_si256::<1>(total),
+                );
+                let t = _mm_add_epi32(t, _mm_shuffle_epi32::<0b01_00_11_10>(t));
+                let t = _mm_add_epi32(t, _mm_shuffle_epi32::<0b10_11_00_01>(t));
+                sums[m] = amax * STEP * _mm_cvtsi128_si32(t) as f32;
+            }
             // Within ±127, so the saturating packs are exact.
             let bytes = _mm256_packs_epi16(
                 _mm256_packs_epi32(q[0], q[1]),
@@ -199,9 +204,7 @@ unsafe fn round_block<const B: usize, const M: usize>(
                 _mm256_shuffle_epi8(swapped, other),
             );
             _mm256_storeu_si256(quads[m].as_mut_ptr().cast(), bytes);
-            let d = amax * STEP;
-            steps[m] = d;
-            sums[m] = d * _mm_cvtsi128_si32(t) as f32;
+            steps[m] = amax * STEP;
         }
         sums
     }
