@@ -87,8 +87,9 @@ pub fn run(args: &BenchKernelsArgs) -> Result<()> {
                             })?;
                             rounds.push((t, bytes as f64 / t.as_secs_f64() / 1e9 / bw_now));
                         }
-                        let cold = median_by(&mut rounds, |r| r.0).0;
-                        let frac = median_by(&mut rounds, |r| r.1).1;
+                        let cold = median_time(rounds.iter().map(|r| r.0));
+                        let frac =
+                            bench_decode::median(&rounds.iter().map(|r| r.1).collect::<Vec<_>>());
                         let hot = time_cycled(args, 1, |_| path.run(&x, m, &cpu, &mut y))?;
                         let (us, hot_us, f32_us) = (micros(cold), micros(hot), micros(f32_time));
                         let gbps = bytes as f64 / cold.as_secs_f64() / 1e9;
@@ -189,10 +190,11 @@ fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// The element of `v` with the median `key`.
-pub fn median_by<T: Copy, K: PartialOrd>(v: &mut [T], key: impl Fn(&T) -> K) -> T {
-    v.sort_by(|a, b| key(a).partial_cmp(&key(b)).expect("no NaN"));
-    v[v.len() / 2]
+/// The median of `times` ([`bench_decode::median`]: of an even count, the mean of the middle
+/// two).
+fn median_time(times: impl IntoIterator<Item = Duration>) -> Duration {
+    let secs: Vec<f64> = times.into_iter().map(|t| t.as_secs_f64()).collect();
+    Duration::from_secs_f64(bench_decode::median(&secs))
 }
 
 /// Median time of one call, over `args.iters` passes through `n` weight copies.
@@ -213,8 +215,7 @@ fn time_cycled<E: std::error::Error + Send + Sync + 'static>(
             .collect::<Result<Vec<_>, E>>()
     };
     passes(args.warmup.max(1), &mut call)?;
-    let mut times = passes(args.iters.max(1), &mut call)?;
-    Ok(median_by(&mut times, |&t| t))
+    Ok(median_time(passes(args.iters.max(1), &mut call)?))
 }
 
 /// A 1 GiB buffer whose parallel sum measures the read bandwidth.
