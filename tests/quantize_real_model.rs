@@ -110,24 +110,16 @@ fn packed_on_wgpu_matches_the_cpu(
 ) {
     use adadim_e2e::Gpu;
     use kernels::WeightKind;
-    use model_llama::Linear;
+    use model_llama::{Linear, LinearKind};
 
     let (windows, seqlen) = WGPU_WINDOWS;
     let start = std::time::Instant::now();
     let m = model_llama::open_model(packed_dir).unwrap();
     let model = m.load::<Gpu>(device).unwrap();
-    let linears = model.layers.iter().flat_map(|l| {
-        let (a, f) = (&l.self_attn, &l.mlp);
-        [
-            &a.q_proj,
-            &a.k_proj,
-            &a.v_proj,
-            &a.o_proj,
-            &f.gate_proj,
-            &f.up_proj,
-            &f.down_proj,
-        ]
-    });
+    let linears = model
+        .layers
+        .iter()
+        .flat_map(|l| LinearKind::ALL.map(|kind| l.linear(kind)));
     for (i, linear) in linears.chain([&model.lm_head]).enumerate() {
         assert!(
             matches!(linear, Linear::Quant(q) if matches!(q.kind(), WeightKind::Packed { .. })),

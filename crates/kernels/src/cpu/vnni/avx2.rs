@@ -123,7 +123,7 @@ impl<const B: usize> Permutation<B> {
 
 /// Block `blk` of `M` rows of `x_pad` (or of coefficients `x_k·s_k`, per-IC), rounded into
 /// `acts` as the definition says ([`super::quantize_block`]); returns each row's `d·Σq̂`
-/// (0 per-IC below 8 bits, where the sum is not used).
+/// (0 per-IC when the codes have no offset, [`code_offset`]: nothing reads it then).
 /// Per-IC (`group` holds the block's 32 scales and zeros) each row's `c·z` is added to `zt`.
 ///
 /// Safety: `x` points at the block in row 0 of rows `k` apart, `group`'s pointers at 32
@@ -181,8 +181,10 @@ unsafe fn round_block<const B: usize, const M: usize>(
             for (q, c) in q.iter_mut().zip(&c) {
                 *q = _mm256_cvtps_epi32(_mm256_mul_ps(*c, inv));
             }
-            // Per-IC below 8 bits nobody reads the sum (`code_offset` is 0).
-            if group.is_none() || B == 8 {
+            // Per-IC the sum only carries the code offset's share, none below 8 bits.
+            let d = amax * STEP;
+            steps[m] = d;
+            if group.is_none() || code_offset::<B>() != 0.0 {
                 let total =
                     _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
                 let t = _mm_add_epi32(
@@ -191,7 +193,7 @@ unsafe fn round_block<const B: usize, const M: usize>(
                 );
                 let t = _mm_add_epi32(t, _mm_shuffle_epi32::<0b01_00_11_10>(t));
                 let t = _mm_add_epi32(t, _mm_shuffle_epi32::<0b10_11_00_01>(t));
-                sums[m] = amax * STEP * _mm_cvtsi128_si32(t) as f32;
+                sums[m] = d * _mm_cvtsi128_si32(t) as f32;
             }
             // Within ±127, so the saturating packs are exact.
             let bytes = _mm256_packs_epi16(
@@ -204,7 +206,6 @@ unsafe fn round_block<const B: usize, const M: usize>(
                 _mm256_shuffle_epi8(swapped, other),
             );
             _mm256_storeu_si256(quads[m].as_mut_ptr().cast(), bytes);
-            steps[m] = amax * STEP;
         }
         sums
     }
