@@ -2,7 +2,8 @@
 //! dequantized weight with activations rounded block by block by `vnni::quantize_block`.
 
 use crate::cube_common::{random_packed, reference};
-use kernels::cpu::{CpuKernelError, CpuPacked, vnni};
+use kernels::cpu::vnni::{self, Tiling};
+use kernels::cpu::{CpuKernelError, CpuPacked};
 use quant_core::{PackedLinear, QuantDim};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -86,13 +87,23 @@ fn check(dim: QuantDim, bits: u32, group: usize, out: usize, inp: usize, ms: &[u
         }
         let (want, bound) = int8_reference(&packed, &x, m);
         let mut y = vec![f32::NAN; m * out];
-        vnni::gemm(&x, m, &cpu, &mut y).unwrap();
+        vnni::gemm_tiled(&x, m, &cpu, &mut y, Tiling::Single).unwrap();
         for (i, ((&g, &w), &b)) in y.iter().zip(&want).zip(&bound).enumerate() {
             assert!(
                 (g as f64 - w).abs() <= 1e-6 * b + 1e-9,
                 "{dim:?} b{bits} g{group} {out}x{inp} m{m}: y[{i}] = {g}, expected {w} (bound {b})"
             );
         }
+        // Pairs of tiles (from `PAIRED_ROWS` rows on, AVX-512 only) change the order of work,
+        // not one operation.
+        let mut paired = vec![f32::NAN; m * out];
+        vnni::gemm_tiled(&x, m, &cpu, &mut paired, Tiling::Paired).unwrap();
+        assert!(
+            y.iter()
+                .zip(&paired)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{dim:?} b{bits} g{group} {out}x{inp} m{m}: paired tiles differ"
+        );
     }
 }
 
@@ -133,12 +144,18 @@ fn int8_rows_do_not_depend_on_the_rest_of_the_batch() {
         let packed = random_packed(&mut rng, dim, 3, 64, out, inp);
         let cpu = CpuPacked::new(&packed).unwrap();
         let x: Vec<f32> = (0..8 * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let mut all = vec![0f32; 8 * out];
-        vnni::gemm(&x, 8, &cpu, &mut all).unwrap();
-        for i in 0..8 {
-            let mut one = vec![0f32; out];
-            vnni::gemm(&x[i * inp..(i + 1) * inp], 1, &cpu, &mut one).unwrap();
-            assert_eq!(one, all[i * out..(i + 1) * out], "{dim:?} row {i}");
+        for tiling in [Tiling::Single, Tiling::Paired] {
+            let mut all = vec![0f32; 8 * out];
+            vnni::gemm_tiled(&x, 8, &cpu, &mut all, tiling).unwrap();
+            for i in 0..8 {
+                let mut one = vec![0f32; out];
+                vnni::gemm(&x[i * inp..(i + 1) * inp], 1, &cpu, &mut one).unwrap();
+                assert_eq!(
+                    one,
+                    all[i * out..(i + 1) * out],
+                    "{dim:?} {tiling:?} row {i}"
+                );
+            }
         }
     }
 }

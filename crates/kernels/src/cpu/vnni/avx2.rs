@@ -41,8 +41,6 @@ const HALF: usize = LANES / 2;
 pub(super) struct Avx2;
 
 impl Kernel for Avx2 {
-    const PAIRED_ROWS: usize = usize::MAX;
-
     unsafe fn round_activations<const B: usize, const M: usize>(
         x_pad: &[f32],
         acts: &mut Rounded,
@@ -71,6 +69,7 @@ impl Kernel for Avx2 {
         codes: &[[u32; LANES]],
         acts: &mut Rounded,
         out: &Out,
+        _paired: bool,
     ) {
         // SAFETY: the trait's contract.
         unsafe { ic_group::<B, M>(w, x_pad, g, codes, acts, out) }

@@ -140,6 +140,40 @@ pub fn is_supported() -> bool {
     Isa::detect().is_some()
 }
 
+/// How the AVX-512 kernel walks the 16-output tiles of a product of [`PAIRED_ROWS`] rows or
+/// more: one at a time, or two at a time sharing each block's rounded activations, which gives
+/// every row two independent `vpdpbusd` chains. The two give the same results bit for bit;
+/// which is faster depends on the CPU (docs/serve.md, sessions 34 and 38): pairs were 5–6%
+/// faster at 8 rows on Intel Emerald Rapids, and 10–27% slower on AMD Zen 5, where two tiles'
+/// sums, codes and accumulators of 8 rows spill out of the 32 registers. The AVX2 kernel always
+/// takes one tile (two would not fit in its 16 registers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tiling {
+    Single,
+    Paired,
+}
+
+impl Tiling {
+    /// The faster tiling measured on this CPU's vendor: pairs on Intel, single tiles elsewhere.
+    pub fn for_this_cpu() -> Self {
+        static TILING: OnceLock<Tiling> = OnceLock::new();
+        *TILING.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let id = std::arch::x86_64::__cpuid(0);
+                // "GenuineIntel" in ebx, edx, ecx.
+                if [id.ebx, id.edx, id.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e] {
+                    return Tiling::Paired;
+                }
+            }
+            Tiling::Single
+        })
+    }
+}
+
+/// From this many rows on, [`Tiling::Paired`] takes tiles two at a time.
+pub const PAIRED_ROWS: usize = 4;
+
 /// `y[m, out] = x̂[m, in] · Ŵᵀ` with int8 activations (see the module doc); an error if the
 /// CPU lacks the instructions ([`is_supported`]) or the shapes do not match.
 pub fn gemm(
@@ -147,6 +181,17 @@ pub fn gemm(
     m: usize,
     w: &CpuPacked,
     y: &mut [f32],
+) -> Result<(), super::CpuKernelError> {
+    gemm_tiled(x, m, w, y, Tiling::for_this_cpu())
+}
+
+/// [`gemm`] with a given [`Tiling`] (the same results; tests and benchmarks compare them).
+pub fn gemm_tiled(
+    x: &[f32],
+    m: usize,
+    w: &CpuPacked,
+    y: &mut [f32],
+    tiling: Tiling,
 ) -> Result<(), super::CpuKernelError> {
     super::check_shapes(x, m, w.in_features, y, w.out_features)?;
     let isa = Isa::detect().ok_or(super::CpuKernelError::NoInt8)?;
@@ -163,14 +208,14 @@ pub fn gemm(
             // and `yc` holds `rows` rows of `n`.
             unsafe {
                 match isa {
-                    Isa::Avx512Vnni => pass::pass::<x86::Vnni>(w, &x_pad, rows, yc),
-                    Isa::Avx2 => pass::pass::<avx2::Avx2>(w, &x_pad, rows, yc),
+                    Isa::Avx512Vnni => pass::pass::<x86::Vnni>(w, &x_pad, rows, yc, tiling),
+                    Isa::Avx2 => pass::pass::<avx2::Avx2>(w, &x_pad, rows, yc, Tiling::Single),
                 }
             }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = isa;
+    let _ = (isa, tiling);
     Ok(())
 }
 
@@ -182,16 +227,13 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod pass {
     use super::super::layout::{BLOCK, CpuPacked, LANES};
-    use super::QUADS;
+    use super::{PAIRED_ROWS, QUADS, Tiling};
     use quant_core::QuantDim;
     use rayon::prelude::*;
 
     /// One instruction set's block loops. Every method's safety contract: the CPU has the
     /// instruction set's features.
     pub(super) trait Kernel {
-        /// From this many rows on, per-OC tiles go to [`Kernel::oc_tiles`] two at a time.
-        const PAIRED_ROWS: usize;
-
         /// Rounds `M` rows of `x_pad` into `acts` and adds each block's `d·Σq̂` into its
         /// group's `xsum[m·groups + g]` (per-OC).
         unsafe fn round_activations<const B: usize, const M: usize>(
@@ -201,7 +243,7 @@ mod pass {
         );
 
         /// The per-OC tiles from `first` on whose code words are `codes` (one tile, or two
-        /// from [`Kernel::PAIRED_ROWS`] rows on).
+        /// when paired).
         unsafe fn oc_tiles<const B: usize, const M: usize>(
             w: &CpuPacked,
             acts: &Rounded,
@@ -211,7 +253,8 @@ mod pass {
             out: &Out,
         );
 
-        /// Per-IC group `g`, whose tiles' code words are `codes`; `acts` is scratch.
+        /// Per-IC group `g`, whose tiles' code words are `codes`, its tiles two at a time when
+        /// `paired`; `acts` is scratch.
         unsafe fn ic_group<const B: usize, const M: usize>(
             w: &CpuPacked,
             x_pad: &[f32],
@@ -219,29 +262,38 @@ mod pass {
             codes: &[[u32; LANES]],
             acts: &mut Rounded,
             out: &Out,
+            paired: bool,
         );
     }
 
     /// Runs the product of `rows ≤ 8` padded rows into `y` (`[row][out_features]`).
     ///
-    /// Safety: the CPU has `K`'s features and `K` handles `w.bits`.
-    pub(super) unsafe fn pass<K: Kernel>(w: &CpuPacked, x_pad: &[f32], rows: usize, y: &mut [f32]) {
+    /// Safety: the CPU has `K`'s features, `K` handles `w.bits`, and pairs tiles if `tiling`
+    /// says so.
+    pub(super) unsafe fn pass<K: Kernel>(
+        w: &CpuPacked,
+        x_pad: &[f32],
+        rows: usize,
+        y: &mut [f32],
+        tiling: Tiling,
+    ) {
         let out = &Out {
             y: y.as_mut_ptr(),
             n: w.out_features,
         };
+        let paired = tiling == Tiling::Paired && rows >= PAIRED_ROWS;
         // SAFETY (each arm): this function's contract is `run`'s.
         macro_rules! by_rows {
             ($b:literal) => {
                 match rows {
-                    1 => unsafe { run::<K, $b, 1>(w, x_pad, out) },
-                    2 => unsafe { run::<K, $b, 2>(w, x_pad, out) },
-                    3 => unsafe { run::<K, $b, 3>(w, x_pad, out) },
-                    4 => unsafe { run::<K, $b, 4>(w, x_pad, out) },
-                    5 => unsafe { run::<K, $b, 5>(w, x_pad, out) },
-                    6 => unsafe { run::<K, $b, 6>(w, x_pad, out) },
-                    7 => unsafe { run::<K, $b, 7>(w, x_pad, out) },
-                    _ => unsafe { run::<K, $b, 8>(w, x_pad, out) },
+                    1 => unsafe { run::<K, $b, 1>(w, x_pad, out, paired) },
+                    2 => unsafe { run::<K, $b, 2>(w, x_pad, out, paired) },
+                    3 => unsafe { run::<K, $b, 3>(w, x_pad, out, paired) },
+                    4 => unsafe { run::<K, $b, 4>(w, x_pad, out, paired) },
+                    5 => unsafe { run::<K, $b, 5>(w, x_pad, out, paired) },
+                    6 => unsafe { run::<K, $b, 6>(w, x_pad, out, paired) },
+                    7 => unsafe { run::<K, $b, 7>(w, x_pad, out, paired) },
+                    _ => unsafe { run::<K, $b, 8>(w, x_pad, out, paired) },
                 }
             };
         }
@@ -253,13 +305,14 @@ mod pass {
         }
     }
 
-    /// [`pass`] for `M` rows of `B`-bit codes: per-OC tasks take tiles (in pairs from
-    /// `K::PAIRED_ROWS` rows on, an odd last one alone), per-IC tasks whole groups.
+    /// [`pass`] for `M` rows of `B`-bit codes: per-OC tasks take tiles (in pairs when
+    /// `paired`, an odd last one alone), per-IC tasks whole groups.
     /// Safety: as [`pass`].
     unsafe fn run<K: Kernel, const B: usize, const M: usize>(
         w: &CpuPacked,
         x_pad: &[f32],
         out: &Out,
+        paired: bool,
     ) {
         let k = w.k_pad;
         match w.dim {
@@ -268,7 +321,7 @@ mod pass {
                 let mut xsum = vec![0f32; M * w.groups_along_k()];
                 // SAFETY: this function's contract guarantees the CPU features.
                 unsafe { K::round_activations::<B, M>(x_pad, &mut acts, &mut xsum) };
-                let pair = if M >= K::PAIRED_ROWS { 2 } else { 1 };
+                let pair = if paired { 2 } else { 1 };
                 w.codes
                     .par_chunks(pair * w.words_per_tile())
                     .enumerate()
@@ -283,7 +336,7 @@ mod pass {
                     || Rounded::new(M, k),
                     |acts, (g, codes)| {
                         // SAFETY: as above; each call writes its own group's tiles.
-                        unsafe { K::ic_group::<B, M>(w, x_pad, g, codes, acts, out) }
+                        unsafe { K::ic_group::<B, M>(w, x_pad, g, codes, acts, out, paired) }
                     },
                 );
             }
@@ -370,8 +423,6 @@ mod x86 {
     pub(super) struct Vnni;
 
     impl Kernel for Vnni {
-        const PAIRED_ROWS: usize = PAIRED_ROWS;
-
         unsafe fn round_activations<const B: usize, const M: usize>(
             x_pad: &[f32],
             acts: &mut Rounded,
@@ -406,10 +457,11 @@ mod x86 {
             codes: &[[u32; LANES]],
             acts: &mut Rounded,
             out: &Out,
+            paired: bool,
         ) {
             // SAFETY: the trait's contract.
             unsafe {
-                if M >= PAIRED_ROWS {
+                if paired {
                     ic_group::<B, M, 2>(w, x_pad, g, codes, acts, out)
                 } else {
                     ic_group::<B, M, 1>(w, x_pad, g, codes, acts, out)
@@ -429,9 +481,6 @@ mod x86 {
             _mm512_mask_storeu_ps(at, ((1u32 << lanes.min(LANES)) - 1) as __mmask16, v)
         }
     }
-
-    /// From this many rows on, tiles run two at a time ([`block_dot`]).
-    const PAIRED_ROWS: usize = 4;
 
     /// [`quad_codes`]`(B)` as a `vpermt2b` index into a block's 32 integers, codes 0–15 as the
     /// 32-bit lanes of the first source and 16–31 of the second: byte `4i + b` takes the low
@@ -662,9 +711,9 @@ mod x86 {
     /// `acc[t][m] += d_m · Σ_{k∈blk} q̂_m,k · code_k` for the 16 lanes of each of `T` tiles: the
     /// block loop both dims share. Quads outermost and rows innermost, so that each row's sum
     /// stays in a register. A row's 8 dot products form a chain, each waiting on the one before
-    /// (`vpdpbusd`'s latency is about 2.3 ns here, docs/serve.md): at small `M·T` they are split
-    /// over independent chains, and at large `M` two tiles share the block's activations so
-    /// that twice as many chains run side by side.
+    /// (`vpdpbusd`'s latency is about 2.3 ns on Intel, docs/serve.md): at small `M·T` they are
+    /// split over independent chains, and with [`super::Tiling::Paired`] two tiles share the
+    /// block's activations so that twice as many chains run side by side.
     #[inline(always)]
     unsafe fn block_dot<const B: usize, const M: usize, const T: usize>(
         codes: [&[[u32; LANES]]; T],
