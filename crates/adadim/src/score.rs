@@ -26,7 +26,7 @@ use crate::stats::SubBlockInputs;
 /// checked against their definition.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ScoreForms {
-    /// The difference form always; a Gram form where [`gram_is_cheaper`] says so.
+    /// The difference form always; a Gram form where `gram_is_cheaper` says so.
     #[default]
     Cheaper,
     /// The difference and Gram forms wherever they apply.

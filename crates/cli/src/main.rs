@@ -155,7 +155,7 @@ struct QuantizeArgs {
     /// [default: from --recipe].
     #[arg(long)]
     method: Option<Method>,
-    /// oc, ic, ada, or ic:<linears> (e.g. ic:qkv, ic:down, ic:qkv,down, ic:all) [default: from
+    /// oc, ic, ada, or ic:LINEARS (e.g. ic:qkv, ic:down, ic:qkv,down, ic:all) [default: from
     /// --recipe].
     #[arg(long)]
     dim: Option<DimPolicy>,
@@ -204,7 +204,7 @@ struct QuantizeArgs {
     /// Replace this tool's files in a non-empty --out / --fake-quant (other files are kept).
     #[arg(long)]
     overwrite: bool,
-    /// Continue an interrupted run (kept in <out>.adadim-partial) from its last finished layer;
+    /// Continue an interrupted run (kept in OUT.adadim-partial) from its last finished layer;
     /// the model, calibration text and options must be the same.
     #[arg(long)]
     resume: bool,

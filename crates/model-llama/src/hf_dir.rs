@@ -105,7 +105,7 @@ impl SafetensorsDir {
     }
 
     /// Drops tensor `name`'s pages from memory, once it has been copied out (see
-    /// [`crate::mapped`]).
+    /// `crate::mapped`).
     pub fn release(&self, name: &str) {
         if let Ok(shard) = self.shard_of(name)
             && let Some(info) = shard.metadata.info(name)

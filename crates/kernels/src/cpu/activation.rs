@@ -121,7 +121,7 @@ pub trait KvElem: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
     /// `src` rounded into `dst` (`src.len() = dst.len() · VALUES`).
     fn narrow_from(dst: &mut [Self], src: &[f32]);
 
-    /// Values `16c..16c + 16` of the row at `row`, widened. Inlined into [`avx512_heads`]'
+    /// Values `16c..16c + 16` of the row at `row`, widened. Inlined into `avx512_heads`'
     /// kernels, whose AVX-512 context it compiles in.
     ///
     /// # Safety

@@ -14,7 +14,7 @@ pub(crate) const BLOCK: usize = 32;
 /// A [`PackedLinear`] re-laid out for the CPU kernel: same bytes of codes, scales and zeros,
 /// different order.
 ///
-/// Both dims become the same shape of problem: tiles of [`LANES`] = 16 consecutive
+/// Both dims become the same shape of problem: tiles of `LANES` = 16 consecutive
 /// *output* channels, each lane holding its codes along the *reduction* dim `k` as one
 /// little-endian bit stream (the [`quant_core::packing`] format), and the 16 lanes'
 /// words interleaved (`[tile][word][lane]`) so that one vector load brings the next

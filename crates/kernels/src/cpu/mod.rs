@@ -9,9 +9,9 @@
 //!
 //! # Use
 //! Re-lay out a [`quant_core::PackedLinear`] once with [`CpuPacked::new`], then call
-//! [`gemm`] (the fastest kernel this CPU has), [`gemm_with`] (f32 on a forced [`SimdPath`], for
+//! [`gemm()`] (the fastest kernel this CPU has), [`gemm_with`] (f32 on a forced [`SimdPath`], for
 //! tests and benchmarks) or [`vnni::gemm`] (int8 dot products on activations rounded to 8 bits,
-//! which [`gemm`] picks on CPUs with AVX512-VNNI, VBMI and VBMI2 or with AVX2; see [`vnni`]).
+//! which [`gemm()`] picks on CPUs with AVX512-VNNI, VBMI and VBMI2 or with AVX2; see [`vnni`]).
 //! Weights are
 //! read once per call (for `M ≤ 8`) and decoded in registers; rows of `x` beyond 8 are
 //! processed in chunks of 8, each re-reading the weights: for large `M` (beyond
@@ -140,7 +140,7 @@ pub fn gemm(x: &[f32], m: usize, w: &CpuPacked, y: &mut [f32]) -> Result<(), Cpu
     gemm_with(SimdPath::best(), x, m, w, y)
 }
 
-/// [`gemm`] on a given SIMD path (an error if the machine lacks it).
+/// [`gemm()`] on a given SIMD path (an error if the machine lacks it).
 pub fn gemm_with(
     path: SimdPath,
     x: &[f32],

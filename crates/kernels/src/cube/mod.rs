@@ -183,7 +183,7 @@ pub fn ic_splits(k: usize, n_blocks: usize, m_tiles: usize) -> (usize, usize) {
 /// Lanes per output row for per-OC: a power of two dividing the cube, so a cube holds whole
 /// rows. As many as it takes to launch [`TARGET_UNITS`] units, at least [`MIN_OC_LANES`] (so
 /// the reads of a row stay coalesced), at most what gives every lane
-/// [`MIN_BLOCKS_PER_LANE`] blocks, and never more than the row has blocks.
+/// `MIN_BLOCKS_PER_LANE` blocks, and never more than the row has blocks.
 pub fn oc_lanes(k_blocks: usize, n: usize, m_tiles: usize) -> usize {
     let want = TARGET_UNITS
         .div_ceil(n.div_ceil(OC_ROWS_PER_UNIT) * m_tiles)

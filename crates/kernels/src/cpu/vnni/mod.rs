@@ -185,7 +185,7 @@ pub fn gemm(
     gemm_tiled(x, m, w, y, Tiling::for_this_cpu())
 }
 
-/// [`gemm`] with a given [`Tiling`] (the same results; tests and benchmarks compare them).
+/// [`gemm()`] with a given [`Tiling`] (the same results; tests and benchmarks compare them).
 pub fn gemm_tiled(
     x: &[f32],
     m: usize,
