@@ -65,6 +65,18 @@ pub trait QuantBackend: Backend {
         crate::generic::quant_linear(x, w)
     }
 
+    /// [`Self::quant_linear`] of each of several weights with the same input width (a layer's
+    /// q, k and v, or its gate and up). Host backends run decode-sized products of packed
+    /// weights as one parallel pass, so that threads fork and join once for all of them.
+    fn quant_linear_many<const D: usize>(
+        x: Tensor<Self, D>,
+        ws: &[&Self::Weight],
+    ) -> Vec<Tensor<Self, D>> {
+        ws.iter()
+            .map(|w| Self::quant_linear(x.clone(), w))
+            .collect()
+    }
+
     /// `x [.., K] · w_t [K, N] → [.., N]`: a dense linear layer.
     fn dense_linear<const D: usize>(x: Tensor<Self, D>, w_t: Tensor<Self, 2>) -> Tensor<Self, D> {
         crate::generic::dense_linear(x, w_t)

@@ -317,6 +317,54 @@ impl QuantBackend for B {
         host_product(&xh, dims, wm, [in_features, out_features])
     }
 
+    fn quant_linear_many<const D: usize>(
+        x: Tensor<Self, D>,
+        ws: &[&Self::Weight],
+    ) -> Vec<Tensor<Self, D>> {
+        // Products the single pass does not take go one by one.
+        let each = || {
+            ws.iter()
+                .map(|w| Self::quant_linear(x.clone(), w))
+                .collect()
+        };
+        let dims = x.dims();
+        let k = dims[D - 1];
+        let packed: Option<Vec<&cpu::CpuPacked>> = ws
+            .iter()
+            .map(|w| match &*w.stored {
+                Stored::Simd(p) if p.in_features == k => Some(p),
+                _ => None,
+            })
+            .collect();
+        let xp = primitive(&x);
+        let (Some(packed), Some(xh)) = (packed, Host::of(&xp)) else {
+            return each();
+        };
+        let m = xh.len() / k.max(1);
+        if m > cpu::DIRECT_ROWS_PACKED {
+            return each();
+        }
+        let mut ys: Vec<Vec<f32>> = packed
+            .iter()
+            .map(|w| vec![0f32; m * w.out_features])
+            .collect();
+        let mut products: Vec<_> = packed
+            .iter()
+            .copied()
+            .zip(ys.iter_mut().map(|y| &mut y[..]))
+            .collect();
+        cpu::gemm_many(&xh.row_major(), m, &mut products).expect("shapes checked above");
+        packed
+            .iter()
+            .zip(ys)
+            .map(|(w, y)| {
+                let mut out = dims;
+                out[D - 1] = w.out_features;
+                tensor(y, out)
+            })
+            .collect()
+    }
+
     fn weight_shape(w: &Self::Weight) -> (usize, usize) {
         (w.out_features, w.in_features)
     }

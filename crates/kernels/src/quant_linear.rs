@@ -183,14 +183,30 @@ impl<B: QuantBackend> QuantLinear<B> {
         &self,
         x: Tensor<B, D>,
     ) -> Result<Tensor<B, D>, QuantLinearError> {
+        self.check_input(&x.dims())?;
+        Ok(B::quant_linear(x, &self.weight))
+    }
+
+    /// [`Self::forward`] of each of `layers` on the same `x` (a layer's q, k and v, say), the
+    /// same results; see [`QuantBackend::quant_linear_many`] for why. Panics if the last
+    /// dimension of `x` is not every layer's `in_features`.
+    pub fn forward_many<const D: usize>(x: Tensor<B, D>, layers: &[&Self]) -> Vec<Tensor<B, D>> {
         let dims = x.dims();
+        for layer in layers {
+            layer.check_input(&dims).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let weights: Vec<&B::Weight> = layers.iter().map(|l| &l.weight).collect();
+        B::quant_linear_many(x, &weights)
+    }
+
+    fn check_input(&self, dims: &[usize]) -> Result<(), QuantLinearError> {
         let k = self.in_features();
-        if D == 0 || dims[D - 1] != k {
+        if dims.last() != Some(&k) {
             return Err(QuantLinearError::InputShape {
                 expected: k,
                 shape: dims.to_vec(),
             });
         }
-        Ok(B::quant_linear(x, &self.weight))
+        Ok(())
     }
 }

@@ -42,7 +42,9 @@
 //!   tiles then read from L1/L2; it costs `1/(tiles per group)` of a tile's work.
 //!
 //! Threads (rayon) split the outputs: per-OC over tiles of 16 rows, per-IC over groups of
-//! `group_size` output columns, so both cores are busy at `M = 1`.
+//! `group_size` output columns, so both cores are busy at `M = 1`. [`gemm_many`] runs the
+//! products of several weights on one input (a layer's q, k and v; its gate and up) as one
+//! split, so the products of a decode step fork and join the threads 4 times a layer, not 7.
 //!
 //! # SIMD
 //! The tile code is portable Rust over `[f32; 16]` lane arrays, compiled once per
@@ -138,6 +140,22 @@ pub fn gemm(x: &[f32], m: usize, w: &CpuPacked, y: &mut [f32]) -> Result<(), Cpu
         return vnni::gemm(x, m, w, y);
     }
     gemm_with(SimdPath::best(), x, m, w, y)
+}
+
+/// [`gemm()`] of several weights with the same input `x`, each `(w, y)` getting
+/// `y[m, w.out_features]`: on the int8 kernel one parallel pass for all of them
+/// ([`vnni::gemm_many`]), otherwise one [`gemm_with`] each.
+pub fn gemm_many(
+    x: &[f32],
+    m: usize,
+    products: &mut [(&CpuPacked, &mut [f32])],
+) -> Result<(), CpuKernelError> {
+    if vnni::is_supported() {
+        return vnni::gemm_many(x, m, products);
+    }
+    products
+        .iter_mut()
+        .try_for_each(|(w, y)| gemm_with(SimdPath::best(), x, m, w, y))
 }
 
 /// [`gemm()`] on a given SIMD path (an error if the machine lacks it).

@@ -160,6 +160,70 @@ fn int8_rows_do_not_depend_on_the_rest_of_the_batch() {
     }
 }
 
+/// Several weights on one input in one call give each weight's own product, bit for bit: per-OC
+/// and per-IC, different widths and output counts, on both tilings, through every row count
+/// and past one pass of 8.
+#[test]
+fn int8_gemm_many_is_one_gemm_per_weight() {
+    if !supported() {
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(7);
+    // (dim, bits, group, out): a layer's q, k, v or gate and up, mixed as AdaDim may pick them.
+    type Weight = (QuantDim, u32, usize, usize);
+    let sets: [(usize, &[Weight]); 2] = [
+        (
+            320,
+            &[
+                (QuantDim::Oc, 3, 64, 320),
+                (QuantDim::Ic, 3, 64, 64),
+                (QuantDim::Oc, 4, 32, 72),
+                (QuantDim::Ic, 2, 128, 256),
+            ],
+        ),
+        // Inputs that do not fill whole blocks: per-IC only, padded.
+        (100, &[(QuantDim::Ic, 3, 32, 96), (QuantDim::Ic, 8, 64, 64)]),
+    ];
+    for (inp, weights) in sets {
+        let cpus: Vec<CpuPacked> = weights
+            .iter()
+            .map(|&(dim, bits, group, out)| {
+                CpuPacked::new(&random_packed(&mut rng, dim, bits, group, out, inp)).unwrap()
+            })
+            .collect();
+        for m in [1, 2, 3, 4, 5, 6, 7, 8, 11] {
+            let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
+            for tiling in [Tiling::Single, Tiling::Paired] {
+                let mut ys: Vec<Vec<f32>> = cpus
+                    .iter()
+                    .map(|w| vec![f32::NAN; m * w.out_features()])
+                    .collect();
+                let mut products: Vec<_> =
+                    cpus.iter().zip(ys.iter_mut().map(|y| &mut y[..])).collect();
+                vnni::gemm_many_tiled(&x, m, &mut products, tiling).unwrap();
+                for (i, (w, y)) in cpus.iter().zip(&ys).enumerate() {
+                    let mut one = vec![f32::NAN; m * w.out_features()];
+                    vnni::gemm_tiled(&x, m, w, &mut one, tiling).unwrap();
+                    assert!(
+                        one.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "in {inp}, weight {i} ({:?} b{}), m {m}, {tiling:?}",
+                        w.dim(),
+                        w.bits()
+                    );
+                }
+            }
+        }
+    }
+    // Weights of different input widths cannot share an input.
+    let a = CpuPacked::new(&random_packed(&mut rng, QuantDim::Oc, 3, 64, 32, 64)).unwrap();
+    let b = CpuPacked::new(&random_packed(&mut rng, QuantDim::Oc, 3, 64, 32, 128)).unwrap();
+    let (mut ya, mut yb) = (vec![0f32; 32], vec![0f32; 32]);
+    assert!(matches!(
+        vnni::gemm_many(&[0.5; 64], 1, &mut [(&a, &mut ya[..]), (&b, &mut yb[..])]),
+        Err(CpuKernelError::XShape { got: 64, .. })
+    ));
+}
+
 /// The rounding's cost: within 1% of the exact product's scale (Q8_0-like rounding of
 /// uniform activations errs by about 0.2%).
 #[test]

@@ -192,6 +192,58 @@ fn large_products_equal_the_dense_product_bit_for_bit() {
     check("bf16", layer, wb.iter().map(|v| v.to_f32()).collect());
 }
 
+/// Several layers on one input (`forward_many`, one parallel pass on the host) give each
+/// layer's own `forward`, bit for bit: packed weights of both dims at decode-sized and large row
+/// counts, and a set with a weight the pass does not take (f16), which goes layer by layer.
+#[test]
+fn forward_many_is_forward_of_each_layer() {
+    use half::f16;
+    let device = Default::default();
+    let mut rng = rng(17);
+    let k = 192;
+    let packed = [
+        random_packed(&mut rng, QuantDim::Oc, 3, 64, 128, k),
+        random_packed(&mut rng, QuantDim::Ic, 3, 64, 64, k),
+        random_packed(&mut rng, QuantDim::Ic, 4, 32, 96, k),
+    ];
+    let mut layers: Vec<QuantLinear<B>> = packed
+        .iter()
+        .map(|p| QuantLinear::new(p, &device).unwrap())
+        .collect();
+    let w16: Vec<f16> = random_x(&mut rng, 48 * k, false)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    let f16_layer = QuantLinear::<B>::from_f16(&w16, [48, k], &device).unwrap();
+    for with_f16 in [false, true] {
+        if with_f16 {
+            layers.push(f16_layer.clone());
+        }
+        let refs: Vec<&QuantLinear<B>> = layers.iter().collect();
+        for lead in [[1, 1], [2, 5], [3, 50]] {
+            let x = random_x(&mut rng, lead[0] * lead[1] * k, false);
+            let x = Tensor::<B, 3>::from_data(TensorData::new(x, [lead[0], lead[1], k]), &device);
+            let many = QuantLinear::forward_many(x.clone(), &refs);
+            assert_eq!(many.len(), layers.len());
+            for (i, (layer, got)) in layers.iter().zip(many).enumerate() {
+                let want = layer.forward(x.clone());
+                assert_eq!(got.dims(), want.dims());
+                let (got, want) = (got.into_data(), want.into_data());
+                let (got, want) = (
+                    got.as_slice::<f32>().unwrap(),
+                    want.as_slice::<f32>().unwrap(),
+                );
+                assert!(
+                    got.iter()
+                        .zip(want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "layer {i}, rows {lead:?}, with f16: {with_f16}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn kind_names_the_form_the_weight_is_stored_in() {
     let device = Default::default();

@@ -52,12 +52,19 @@ impl<B: QuantBackend> Attention<B> {
         rope: &Rope<B>,
         start: usize,
     ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
-        let p = |kind, linear| self.project(kind, linear, x.clone(), rope, start);
+        let [q, k, v] = self.project_qkv(x);
         (
-            p(LinearKind::Q, &self.q_proj),
-            p(LinearKind::K, &self.k_proj),
-            p(LinearKind::V, &self.v_proj),
+            rope.apply(q, self.n_heads, start),
+            rope.apply(k, self.n_kv_heads, start),
+            v,
         )
+    }
+
+    /// `x`'s q, k and v projections, not rotated, in one [`Linear::forward_many`].
+    fn project_qkv(&self, x: Tensor<B, 3>) -> [Tensor<B, 3>; 3] {
+        Linear::forward_many(x, &[&self.q_proj, &self.k_proj, &self.v_proj])
+            .try_into()
+            .expect("three projections")
     }
 
     /// Causal attention of queries at positions `k_len − t_q .. k_len` over all `k_len` keys
@@ -130,9 +137,8 @@ impl<B: QuantBackend> Attention<B> {
                 .eq(rows.positions().iter().copied()),
             "each span continues its cache at the cache's length"
         );
-        let q = rows.apply(self.q_proj.forward(x.clone()), self.n_heads);
-        let k = rows.apply(self.k_proj.forward(x.clone()), self.n_kv_heads);
-        let v = self.v_proj.forward(x);
+        let [q, k, v] = self.project_qkv(x);
+        let (q, k) = (rows.apply(q, self.n_heads), rows.apply(k, self.n_kv_heads));
         let starts: Vec<usize> = spans
             .iter()
             .scan(0, |at, &n| {

@@ -61,6 +61,23 @@ impl<B: QuantBackend> Linear<B> {
             Self::Dense { weight_t } => B::dense_linear(x, weight_t.clone()),
         }
     }
+
+    /// [`Self::forward`] of each of `layers` on the same `x`, the same results. Packed layers
+    /// go to the backend together ([`QuantLinear::forward_many`]: on the host, one parallel
+    /// pass instead of one per layer).
+    pub fn forward_many<const D: usize>(x: Tensor<B, D>, layers: &[&Self]) -> Vec<Tensor<B, D>> {
+        let quant: Option<Vec<&QuantLinear<B>>> = layers
+            .iter()
+            .map(|l| match l {
+                Self::Quant(q) => Some(q),
+                Self::Dense { .. } => None,
+            })
+            .collect();
+        match quant {
+            Some(quant) => QuantLinear::forward_many(x, &quant),
+            None => layers.iter().map(|l| l.forward(x.clone())).collect(),
+        }
+    }
 }
 
 #[cfg(all(test, feature = "ndarray"))]

@@ -14,7 +14,10 @@ pub struct Mlp<B: QuantBackend> {
 impl<B: QuantBackend> Mlp<B> {
     /// The input of `down_proj`.
     pub fn hidden<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        B::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x))
+        let [gate, up] = Linear::forward_many(x, &[&self.gate_proj, &self.up_proj])
+            .try_into()
+            .expect("two projections");
+        B::swiglu(gate, up)
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {

@@ -182,7 +182,7 @@ pub fn gemm(
     w: &CpuPacked,
     y: &mut [f32],
 ) -> Result<(), super::CpuKernelError> {
-    gemm_tiled(x, m, w, y, Tiling::for_this_cpu())
+    gemm_many(x, m, &mut [(w, y)])
 }
 
 /// [`gemm()`] with a given [`Tiling`] (the same results; tests and benchmarks compare them).
@@ -193,24 +193,50 @@ pub fn gemm_tiled(
     y: &mut [f32],
     tiling: Tiling,
 ) -> Result<(), super::CpuKernelError> {
-    super::check_shapes(x, m, w.in_features, y, w.out_features)?;
+    gemm_many_tiled(x, m, &mut [(w, y)], tiling)
+}
+
+/// [`gemm()`] of several weights with the same input `x` (a layer's q, k and v, or its gate
+/// and up), each `(w, y)` getting `y[m, w.out_features]`. The results are those of a
+/// [`gemm()`] per weight, bit for bit; the weights' tasks share one parallel pass, so the
+/// threads fork and join once for all of them, and a small weight's few tasks do not leave a
+/// thread idle at its end.
+pub fn gemm_many(
+    x: &[f32],
+    m: usize,
+    products: &mut [(&CpuPacked, &mut [f32])],
+) -> Result<(), super::CpuKernelError> {
+    gemm_many_tiled(x, m, products, Tiling::for_this_cpu())
+}
+
+/// [`gemm_many`] with a given [`Tiling`].
+pub fn gemm_many_tiled(
+    x: &[f32],
+    m: usize,
+    products: &mut [(&CpuPacked, &mut [f32])],
+    tiling: Tiling,
+) -> Result<(), super::CpuKernelError> {
+    for (w, y) in products.iter() {
+        super::check_shapes(x, m, w.in_features, y, w.out_features)?;
+    }
     let isa = Isa::detect().ok_or(super::CpuKernelError::NoInt8)?;
     #[cfg(target_arch = "x86_64")]
-    {
-        let (k, n) = (w.in_features, w.out_features);
-        for (xc, yc) in x
-            .chunks(super::MAX_M_PER_PASS * k)
-            .zip(y.chunks_mut(super::MAX_M_PER_PASS * n))
-        {
-            let rows = xc.len() / k.max(1);
-            let x_pad = super::pad_rows(xc, k, w.k_pad);
-            // SAFETY: `Isa::detect` checked every feature the ISA's kernels are compiled for,
-            // and `yc` holds `rows` rows of `n`.
-            unsafe {
-                match isa {
-                    Isa::Avx512Vnni => pass::pass::<x86::Vnni>(w, &x_pad, rows, yc, tiling),
-                    Isa::Avx2 => pass::pass::<avx2::Avx2>(w, &x_pad, rows, yc, Tiling::Single),
-                }
+    for first in (0..m).step_by(super::MAX_M_PER_PASS) {
+        let rows = super::MAX_M_PER_PASS.min(m - first);
+        let mut parts: Vec<_> = products
+            .iter_mut()
+            .map(|(w, y)| {
+                let (k, n) = (w.in_features, w.out_features);
+                let x_pad = super::pad_rows(&x[first * k..(first + rows) * k], k, w.k_pad);
+                (&**w, x_pad, &mut y[first * n..(first + rows) * n])
+            })
+            .collect();
+        // SAFETY: `Isa::detect` checked every feature the ISA's kernels are compiled for,
+        // and each `y` part holds `rows` rows of its weight's outputs.
+        unsafe {
+            match isa {
+                Isa::Avx512Vnni => pass::pass::<x86::Vnni>(&mut parts, rows, tiling),
+                Isa::Avx2 => pass::pass::<avx2::Avx2>(&mut parts, rows, Tiling::Single),
             }
         }
     }
@@ -226,6 +252,8 @@ mod avx2;
 /// activations' layout, and where results go.
 #[cfg(target_arch = "x86_64")]
 mod pass {
+    use std::borrow::Cow;
+
     use super::super::layout::{BLOCK, CpuPacked, LANES};
     use super::{PAIRED_ROWS, QUADS, Tiling};
     use quant_core::QuantDim;
@@ -266,34 +294,74 @@ mod pass {
         );
     }
 
-    /// Runs the product of `rows ≤ 8` padded rows into `y` (`[row][out_features]`).
+    /// One weight's padded rows and where its product goes (`[row][out_features]`).
+    pub(super) type Part<'a> = (&'a CpuPacked, Cow<'a, [f32]>, &'a mut [f32]);
+
+    /// Runs the products of `rows ≤ 8` padded rows by each weight of `parts`, all their tasks
+    /// in one parallel pass.
     ///
-    /// Safety: the CPU has `K`'s features, `K` handles `w.bits`, and pairs tiles if `tiling`
-    /// says so.
-    pub(super) unsafe fn pass<K: Kernel>(
-        w: &CpuPacked,
-        x_pad: &[f32],
-        rows: usize,
-        y: &mut [f32],
-        tiling: Tiling,
-    ) {
-        let out = &Out {
-            y: y.as_mut_ptr(),
-            n: w.out_features,
-        };
+    /// Safety: the CPU has `K`'s features, `K` handles each `w.bits`, and pairs tiles if
+    /// `tiling` says so.
+    pub(super) unsafe fn pass<K: Kernel>(parts: &mut [Part<'_>], rows: usize, tiling: Tiling) {
         let paired = tiling == Tiling::Paired && rows >= PAIRED_ROWS;
-        // SAFETY (each arm): this function's contract is `run`'s.
+        let jobs: Vec<Job<'_>> = parts
+            .iter_mut()
+            .map(|(w, x_pad, y)| {
+                let out = Out {
+                    y: y.as_mut_ptr(),
+                    n: w.out_features,
+                };
+                // SAFETY: this function's contract is `job`'s.
+                unsafe { job::<K>(w, x_pad, rows, out, paired) }
+            })
+            .collect();
+        let starts: Vec<usize> = jobs
+            .iter()
+            .scan(0, |at, j| {
+                *at += j.tasks;
+                Some(*at - j.tasks)
+            })
+            .collect();
+        let total = jobs.iter().map(|j| j.tasks).sum::<usize>();
+        (0..total)
+            .into_par_iter()
+            .for_each_init(Rounded::default, |scratch, i| {
+                let j = starts.partition_point(|&s| s <= i) - 1;
+                (jobs[j].task)(i - starts[j], scratch)
+            });
+    }
+
+    /// One weight's share of a [`pass`]: task `i` of `tasks` (per-OC a tile or a pair of
+    /// tiles, per-IC a group), given per-thread scratch.
+    struct Job<'a> {
+        tasks: usize,
+        task: Box<Task<'a>>,
+    }
+
+    /// Runs task `i` of a [`Job`] with a thread's scratch.
+    type Task<'a> = dyn Fn(usize, &mut Rounded) + Sync + 'a;
+
+    /// `w`'s [`Job`] on `rows` rows of `x_pad`, into `out`.
+    /// Safety: as [`pass`].
+    unsafe fn job<'a, K: Kernel>(
+        w: &'a CpuPacked,
+        x_pad: &'a [f32],
+        rows: usize,
+        out: Out,
+        paired: bool,
+    ) -> Job<'a> {
+        // SAFETY (each arm): this function's contract is `job_for`'s.
         macro_rules! by_rows {
             ($b:literal) => {
                 match rows {
-                    1 => unsafe { run::<K, $b, 1>(w, x_pad, out, paired) },
-                    2 => unsafe { run::<K, $b, 2>(w, x_pad, out, paired) },
-                    3 => unsafe { run::<K, $b, 3>(w, x_pad, out, paired) },
-                    4 => unsafe { run::<K, $b, 4>(w, x_pad, out, paired) },
-                    5 => unsafe { run::<K, $b, 5>(w, x_pad, out, paired) },
-                    6 => unsafe { run::<K, $b, 6>(w, x_pad, out, paired) },
-                    7 => unsafe { run::<K, $b, 7>(w, x_pad, out, paired) },
-                    _ => unsafe { run::<K, $b, 8>(w, x_pad, out, paired) },
+                    1 => unsafe { job_for::<K, $b, 1>(w, x_pad, out, paired) },
+                    2 => unsafe { job_for::<K, $b, 2>(w, x_pad, out, paired) },
+                    3 => unsafe { job_for::<K, $b, 3>(w, x_pad, out, paired) },
+                    4 => unsafe { job_for::<K, $b, 4>(w, x_pad, out, paired) },
+                    5 => unsafe { job_for::<K, $b, 5>(w, x_pad, out, paired) },
+                    6 => unsafe { job_for::<K, $b, 6>(w, x_pad, out, paired) },
+                    7 => unsafe { job_for::<K, $b, 7>(w, x_pad, out, paired) },
+                    _ => unsafe { job_for::<K, $b, 8>(w, x_pad, out, paired) },
                 }
             };
         }
@@ -305,15 +373,16 @@ mod pass {
         }
     }
 
-    /// [`pass`] for `M` rows of `B`-bit codes: per-OC tasks take tiles (in pairs when
-    /// `paired`, an odd last one alone), per-IC tasks whole groups.
+    /// [`job`] for `M` rows of `B`-bit codes: per-OC rounds the activations now, once for all
+    /// tiles, and its tasks take tiles (in pairs when `paired`, an odd last one alone); per-IC
+    /// tasks take whole groups, each rounding its own coefficients.
     /// Safety: as [`pass`].
-    unsafe fn run<K: Kernel, const B: usize, const M: usize>(
-        w: &CpuPacked,
-        x_pad: &[f32],
-        out: &Out,
+    unsafe fn job_for<'a, K: Kernel, const B: usize, const M: usize>(
+        w: &'a CpuPacked,
+        x_pad: &'a [f32],
+        out: Out,
         paired: bool,
-    ) {
+    ) -> Job<'a> {
         let k = w.k_pad;
         match w.dim {
             QuantDim::Oc => {
@@ -322,23 +391,28 @@ mod pass {
                 // SAFETY: this function's contract guarantees the CPU features.
                 unsafe { K::round_activations::<B, M>(x_pad, &mut acts, &mut xsum) };
                 let pair = if paired { 2 } else { 1 };
-                w.codes
-                    .par_chunks(pair * w.words_per_tile())
-                    .enumerate()
-                    .for_each(|(c, codes)| {
-                        // SAFETY: as above; each call writes its own tiles.
-                        unsafe { K::oc_tiles::<B, M>(w, &acts, &xsum, pair * c, codes, out) }
-                    });
+                let per_task = pair * w.words_per_tile();
+                Job {
+                    tasks: w.codes.len().div_ceil(per_task),
+                    task: Box::new(move |c, _| {
+                        let codes = &w.codes[c * per_task..((c + 1) * per_task).min(w.codes.len())];
+                        // SAFETY: the job runs inside `pass`, whose contract guarantees the
+                        // CPU features; each task writes its own tiles.
+                        unsafe { K::oc_tiles::<B, M>(w, &acts, &xsum, pair * c, codes, &out) }
+                    }),
+                }
             }
             QuantDim::Ic => {
-                let per_group = w.words_per_tile() * (w.group_size / LANES);
-                w.codes.par_chunks(per_group).enumerate().for_each_init(
-                    || Rounded::new(M, k),
-                    |acts, (g, codes)| {
-                        // SAFETY: as above; each call writes its own group's tiles.
-                        unsafe { K::ic_group::<B, M>(w, x_pad, g, codes, acts, out, paired) }
-                    },
-                );
+                let per_task = w.words_per_tile() * (w.group_size / LANES);
+                Job {
+                    tasks: w.codes.len().div_ceil(per_task),
+                    task: Box::new(move |g, acts| {
+                        let codes = &w.codes[g * per_task..((g + 1) * per_task).min(w.codes.len())];
+                        acts.fit(M, k);
+                        // SAFETY: as above; each task writes its own group's tiles.
+                        unsafe { K::ic_group::<B, M>(w, x_pad, g, codes, acts, &out, paired) }
+                    }),
+                }
             }
         }
     }
@@ -371,6 +445,7 @@ mod pass {
     /// `M` rows of rounded activations, block-major: for each block, each row's 8 words of 4
     /// permuted bytes (one word per quad), and each row's block scale. Block-major, so that
     /// the block loop finds all rows at constant offsets from one address.
+    #[derive(Default)]
     pub(super) struct Rounded {
         pub(super) m: usize,
         pub(super) quads: Vec<[i32; QUADS]>,
@@ -383,6 +458,13 @@ mod pass {
                 m,
                 quads: vec![[0; QUADS]; m * k / BLOCK],
                 scales: vec![0.0; m * k / BLOCK],
+            }
+        }
+
+        /// Makes this scratch hold `m` rows of `k` (a no-op when it does).
+        fn fit(&mut self, m: usize, k: usize) {
+            if self.m != m || self.quads.len() != m * k / BLOCK {
+                *self = Self::new(m, k);
             }
         }
 
