@@ -121,6 +121,15 @@ pub trait QuantBackend: Backend {
         crate::generic::rotary(x, cos, sin, heads)
     }
 
+    /// RMS norm over the last dimension of `x [.., F]`: `x / √(mean(x²) + eps) · weight [F]`.
+    fn rms_norm<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+    ) -> Tensor<Self, D> {
+        crate::generic::rms_norm(x, weight, eps)
+    }
+
     /// SwiGLU's gating `silu(gate) ⊙ up`.
     fn swiglu<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
         crate::generic::swiglu(gate, up)

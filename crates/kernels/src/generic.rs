@@ -138,6 +138,16 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
     silu(gate).mul(up)
 }
 
+/// See [`crate::QuantBackend::rms_norm`].
+pub fn rms_norm<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let rms = x.clone().square().mean_dim(D - 1).add_scalar(eps).sqrt();
+    x.div(rms).mul(weight.unsqueeze::<D>())
+}
+
 /// See [`crate::QuantBackend::sum_nll`].
 pub fn sum_nll<B: Backend>(logits: Tensor<B, 2>, targets: &[u32]) -> f64 {
     let [rows, _] = logits.dims();

@@ -528,6 +528,22 @@ impl QuantBackend for B {
         }
     }
 
+    fn rms_norm<const D: usize>(
+        x: Tensor<Self, D>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+    ) -> Tensor<Self, D> {
+        let (xp, wp) = (primitive(&x), primitive(&weight));
+        match (Host::of(&xp), Host::of(&wp)) {
+            (Some(h), Some(w)) if h.dims.last() == w.dims.last() => {
+                let mut out = vec![0f32; h.len()];
+                cpu::activation::rms_norm(&h.row_major(), &w.row_major(), eps as f32, &mut out);
+                tensor(out, x.dims())
+            }
+            _ => crate::generic::rms_norm(x, weight, eps),
+        }
+    }
+
     fn sum_nll(logits: Tensor<Self, 2>, targets: &[u32]) -> f64 {
         let p = primitive(&logits);
         match Host::of(&p) {

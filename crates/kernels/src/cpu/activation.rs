@@ -1,6 +1,7 @@
 //! The exp-based activations of a LLaMA forward: row softmax, log-sum-exp (and the
 //! cross-entropy built on it), the SiLU gate and a decode step's attention of one query (a
-//! softmax between two small products), with a vectorisable `exp`.
+//! softmax between two small products), with a vectorisable `exp`; and RMS norm, whose
+//! reduction takes the same lanes.
 //!
 //! libm's `expf` is a scalar call: on a 2048-token window the attention softmax alone makes
 //! about 7·10⁸ of them, a tenth of the whole evaluation. [`exp`] is branch-free polynomial code
@@ -105,6 +106,25 @@ fn logsumexp_generic(x: &[f32]) -> f32 {
 fn swiglu_generic(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
         *o = g * u / (1.0 + exp(-g));
+    }
+}
+
+/// One row of RMS norm: `outᵢ = xᵢ / √(mean(x²) + eps) · weightᵢ`, the sum of squares in 16
+/// lanes (a serial sum would be one long dependency chain).
+#[inline(always)]
+fn rms_norm_generic(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    const LANES: usize = 16;
+    let (blocks, tail) = x.as_chunks::<LANES>();
+    let mut lanes = [0f32; LANES];
+    for block in blocks {
+        for (l, v) in lanes.iter_mut().zip(block) {
+            *l += v * v;
+        }
+    }
+    let squares = lanes.iter().sum::<f32>() + tail.iter().map(|v| v * v).sum::<f32>();
+    let rms = (squares / x.len() as f32 + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v / rms * w;
     }
 }
 
@@ -377,6 +397,11 @@ macro_rules! path {
             }
 
             #[target_feature(enable = $feature)]
+            pub(super) unsafe fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+                super::rms_norm_generic(x, weight, eps, out)
+            }
+
+            #[target_feature(enable = $feature)]
             pub(super) unsafe fn attend_group<T: super::KvElem>(
                 q: &[f32],
                 kv: super::HeadRows<'_, T>,
@@ -563,7 +588,7 @@ macro_rules! dispatch {
 mod generic {
     pub(super) use super::{
         attend_group_generic as attend_group, logsumexp_generic as logsumexp,
-        softmax_generic as softmax, swiglu_generic as swiglu,
+        rms_norm_generic as rms_norm, softmax_generic as softmax, swiglu_generic as swiglu,
     };
 }
 
@@ -625,6 +650,34 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     elementwise("swiglu", gate, up, out, |g, u, o| {
         dispatch!(swiglu(g, u, o))
     });
+}
+
+/// RMS norm of each row of `weight.len()` values of `x`: `x / √(mean(x²) + eps) · weight`,
+/// into `out`. A decode step's rows (a few thousand values) run on the calling thread, where
+/// Burn's generic composition took five passes and four fresh tensors per norm; larger inputs
+/// run over threads.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    use rayon::prelude::*;
+    let n = weight.len();
+    assert!(
+        n > 0 && x.len().is_multiple_of(n) && out.len() == x.len(),
+        "rms_norm of {} values in rows of {n} into {}",
+        x.len(),
+        out.len()
+    );
+    let rows_per_task = (1usize << 14).div_ceil(n);
+    let task = |(x, out): (&[f32], &mut [f32])| {
+        for (x, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            dispatch!(rms_norm(x, weight, eps, out))
+        }
+    };
+    if x.len() <= rows_per_task * n {
+        task((x, out));
+    } else {
+        x.par_chunks(rows_per_task * n)
+            .zip(out.par_chunks_mut(rows_per_task * n))
+            .for_each(task);
+    }
 }
 
 /// `outᵢ = aᵢ − bᵢ`, over threads (so that a fresh `out`'s pages fault on every core).

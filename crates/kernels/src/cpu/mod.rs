@@ -2,7 +2,7 @@
 //! AdaDim's packed weights. Beside it, the host ops that make the f32 forward fast on the ndarray
 //! backend ([`crate::QuantBackend`]'s fused ops): [`attention`] (causal GQA attention and rotary
 //! embedding on strided head views), [`activation`] (softmax, log-sum-exp, cross-entropy and
-//! SwiGLU with a vectorised `exp`), [`dense`] (strided f32 products through `gemm`),
+//! SwiGLU with a vectorised `exp`, and RMS norm), [`dense`] (strided f32 products through `gemm`),
 //! [`dense_f16`] (decode-sized products on f16 and bf16 weights, widened in registers) and
 //! [`widen`] (the transient f32 copy of a compact weight that larger products multiply) and
 //! [`reduce`] (fused, parallel sums of squared errors).

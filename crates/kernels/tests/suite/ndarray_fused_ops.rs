@@ -218,6 +218,54 @@ fn swiglu_dense_linear_and_nll_match_generic() {
     );
 }
 
+/// RMS norm against Burn's composition and against a naive f64 one: a decode step's rows (the
+/// calling thread), enough rows for the threads, a width that is not a multiple of the 16 lanes,
+/// a strided input, and an all-zero row (`eps` alone keeps it finite).
+#[test]
+fn rms_norm_matches_generic_and_naive() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let eps = 1e-5;
+    for (dims, strided) in [
+        ([1, 1, 576], false),
+        ([1, 8, 100], false),
+        ([2, 300, 576], false),
+        ([3, 40, 70], true),
+    ] {
+        let mut x = projection(&mut rng, dims, 3.0, strided);
+        if !strided {
+            // Row 0 all zero.
+            x = x.slice_assign(
+                [0..1, 0..1, 0..dims[2]],
+                Tensor::zeros([1, 1, dims[2]], &Default::default()),
+            );
+        }
+        let weight = random(&mut rng, [dims[2]], 2.0);
+        let got = B::rms_norm(x.clone(), weight.clone(), eps);
+        assert_close(
+            &format!("rms_norm {dims:?}"),
+            got.clone(),
+            generic::rms_norm(x.clone(), weight.clone(), eps),
+            1e-5,
+        );
+        let (xs, ws) = (
+            x.into_data().to_vec::<f32>().unwrap(),
+            weight.into_data().to_vec::<f32>().unwrap(),
+        );
+        let got = got.into_data().to_vec::<f32>().unwrap();
+        for (r, (row, out)) in xs.chunks(dims[2]).zip(got.chunks(dims[2])).enumerate() {
+            let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / dims[2] as f64;
+            let rms = (ms + eps).sqrt();
+            for ((&v, &w), &o) in row.iter().zip(&ws).zip(out) {
+                let want = v as f64 / rms * w as f64;
+                assert!(
+                    (o as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "row {r} of {dims:?}: {o} vs {want}"
+                );
+            }
+        }
+    }
+}
+
 /// The symmetric block product against a naive f64 `xᵀx`, around the block size (96) and on a
 /// transposed (strided) input; the result must be exactly symmetric.
 #[test]

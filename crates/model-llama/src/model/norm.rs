@@ -10,13 +10,6 @@ pub struct RmsNorm<B: QuantBackend> {
 
 impl<B: QuantBackend> RmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let rms = x
-            .clone()
-            .square()
-            .mean_dim(D - 1)
-            .add_scalar(self.eps)
-            .sqrt();
-        let weight = self.weight.clone().unsqueeze::<D>();
-        x.div(rms).mul(weight)
+        B::rms_norm(x, self.weight.clone(), self.eps)
     }
 }
