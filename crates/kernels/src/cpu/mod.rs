@@ -80,11 +80,13 @@ pub use simd::SimdPath;
 
 use layout::LANES;
 
-/// Rows of `x` handled per pass over the weights (accumulators for 8 rows fit in registers).
+/// Rows of `x` a kernel multiplies at once (accumulators for 8 rows fit in registers): the f32
+/// kernel takes them per pass over the weight; the int8 one ([`vnni`]) runs every chunk of
+/// them through a tile while its codes are in cache, in one pass.
 pub const MAX_M_PER_PASS: usize = 8;
 
-/// Products of up to this many rows read a packed weight directly on the ndarray backend,
-/// [`MAX_M_PER_PASS`] rows per pass over it; larger ones multiply a transient f32 copy. A fresh
+/// Products of up to this many rows read a packed weight directly on the ndarray backend, in
+/// chunks of [`MAX_M_PER_PASS`] rows; larger ones multiply a transient f32 copy. A fresh
 /// copy is mostly page faults (with the system allocator, about 75 ms for a LLaMA-7B
 /// 11008 × 4096 linear), so re-reading the codes wins far beyond one pass: measured on 3-bit
 /// g64 weights, the direct product takes 0.3–0.7× the copy's time at 32–128 rows on

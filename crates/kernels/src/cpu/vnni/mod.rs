@@ -221,22 +221,17 @@ pub fn gemm_many_tiled(
     }
     let isa = Isa::detect().ok_or(super::CpuKernelError::NoInt8)?;
     #[cfg(target_arch = "x86_64")]
-    for first in (0..m).step_by(super::MAX_M_PER_PASS) {
-        let rows = super::MAX_M_PER_PASS.min(m - first);
+    {
         let mut parts: Vec<_> = products
             .iter_mut()
-            .map(|(w, y)| {
-                let (k, n) = (w.in_features, w.out_features);
-                let x_pad = super::pad_rows(&x[first * k..(first + rows) * k], k, w.k_pad);
-                (&**w, x_pad, &mut y[first * n..(first + rows) * n])
-            })
+            .map(|(w, y)| (&**w, super::pad_rows(x, w.in_features, w.k_pad), &mut **y))
             .collect();
         // SAFETY: `Isa::detect` checked every feature the ISA's kernels are compiled for,
-        // and each `y` part holds `rows` rows of its weight's outputs.
+        // and each `y` holds `m` rows of its weight's outputs.
         unsafe {
             match isa {
-                Isa::Avx512Vnni => pass::pass::<x86::Vnni>(&mut parts, rows, tiling),
-                Isa::Avx2 => pass::pass::<avx2::Avx2>(&mut parts, rows, Tiling::Single),
+                Isa::Avx512Vnni => pass::pass::<x86::Vnni>(&mut parts, m, tiling),
+                Isa::Avx2 => pass::pass::<avx2::Avx2>(&mut parts, m, Tiling::Single),
             }
         }
     }
@@ -254,6 +249,7 @@ mod avx2;
 mod pass {
     use std::borrow::Cow;
 
+    use super::super::MAX_M_PER_PASS;
     use super::super::layout::{BLOCK, CpuPacked, LANES};
     use super::{PAIRED_ROWS, QUADS, Tiling};
     use quant_core::QuantDim;
@@ -297,38 +293,59 @@ mod pass {
     /// One weight's padded rows and where its product goes (`[row][out_features]`).
     pub(super) type Part<'a> = (&'a CpuPacked, Cow<'a, [f32]>, &'a mut [f32]);
 
-    /// Runs the products of `rows ≤ 8` padded rows by each weight of `parts`, all their tasks
-    /// in one parallel pass.
+    /// Runs the products of the `m` padded rows of each part by its weight, all their tasks in
+    /// one parallel pass. The rows go in chunks of [`MAX_M_PER_PASS`] (the accumulators that
+    /// fit in registers), and each task takes its tiles or group through every chunk in turn:
+    /// a prompt's rows then read a weight's codes from memory once, not once per chunk (at
+    /// LLaMA-7B's sizes every weight streams from memory).
     ///
     /// Safety: the CPU has `K`'s features, `K` handles each `w.bits`, and pairs tiles if
     /// `tiling` says so.
-    pub(super) unsafe fn pass<K: Kernel>(parts: &mut [Part<'_>], rows: usize, tiling: Tiling) {
-        let paired = tiling == Tiling::Paired && rows >= PAIRED_ROWS;
-        let jobs: Vec<Job<'_>> = parts
+    pub(super) unsafe fn pass<K: Kernel>(parts: &mut [Part<'_>], m: usize, tiling: Tiling) {
+        // One pairing for every chunk, so that task `i` covers the same tiles in each (a
+        // short last chunk pairs too: pairing changes no bit).
+        let paired = tiling == Tiling::Paired && m.min(MAX_M_PER_PASS) >= PAIRED_ROWS;
+        let jobs: Vec<Vec<Job<'_>>> = parts
             .iter_mut()
             .map(|(w, x_pad, y)| {
-                let out = Out {
-                    y: y.as_mut_ptr(),
-                    n: w.out_features,
-                };
-                // SAFETY: this function's contract is `job`'s.
-                unsafe { job::<K>(w, x_pad, rows, out, paired) }
+                let (k, n) = (w.k_pad, w.out_features);
+                let y = y.as_mut_ptr();
+                (0..m)
+                    .step_by(MAX_M_PER_PASS)
+                    .map(|first| {
+                        let rows = MAX_M_PER_PASS.min(m - first);
+                        // SAFETY: `y` holds `m > first` rows of `n`.
+                        let out = Out {
+                            y: unsafe { y.add(first * n) },
+                            n,
+                        };
+                        let x_rows = &x_pad[first * k..(first + rows) * k];
+                        // SAFETY: this function's contract is `job`'s.
+                        unsafe { job::<K>(w, x_rows, rows, out, paired) }
+                    })
+                    .collect()
             })
             .collect();
+        let tasks = |chunks: &[Job<'_>]| chunks.first().map_or(0, |j| j.tasks);
+        debug_assert!(jobs.iter().all(|c| c.iter().all(|j| j.tasks == tasks(c))));
         let starts: Vec<usize> = jobs
             .iter()
-            .scan(0, |at, j| {
-                *at += j.tasks;
-                Some(*at - j.tasks)
+            .scan(0, |at, c| {
+                *at += tasks(c);
+                Some(*at - tasks(c))
             })
             .collect();
-        let total = jobs.iter().map(|j| j.tasks).sum::<usize>();
-        (0..total)
-            .into_par_iter()
-            .for_each_init(Rounded::default, |scratch, i| {
+        let total = jobs.iter().map(|c| tasks(c)).sum::<usize>();
+        let chunks = m.div_ceil(MAX_M_PER_PASS);
+        (0..total).into_par_iter().for_each_init(
+            || (0..chunks).map(|_| Rounded::default()).collect::<Vec<_>>(),
+            |scratch, i| {
                 let j = starts.partition_point(|&s| s <= i) - 1;
-                (jobs[j].task)(i - starts[j], scratch)
-            });
+                for (job, scratch) in jobs[j].iter().zip(scratch.iter_mut()) {
+                    (job.task)(i - starts[j], scratch)
+                }
+            },
+        );
     }
 
     /// One weight's share of a [`pass`]: task `i` of `tasks` (per-OC a tile or a pair of
