@@ -109,11 +109,10 @@ fn swiglu_generic(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
-/// One row of RMS norm: `outᵢ = xᵢ / √(mean(x²) + eps) · weightᵢ`, the sum of squares in 16
-/// lanes (a serial sum would be one long dependency chain).
+/// One row of RMS norm: `outᵢ = xᵢ / √(mean(x²) + eps) · weightᵢ`, the sum of squares in
+/// [`LANES`] lanes (a serial sum would be one long dependency chain).
 #[inline(always)]
 fn rms_norm_generic(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    const LANES: usize = 16;
     let (blocks, tail) = x.as_chunks::<LANES>();
     let mut lanes = [0f32; LANES];
     for block in blocks {
