@@ -126,6 +126,23 @@ pub trait KvStore<B: Backend>: Clone + Send + Sync + fmt::Debug {
     /// (projected, `k` rotated).
     fn append(&mut self, k: Tensor<B, 3>, v: Tensor<B, 3>);
 
+    /// [`KvStore::append`] for several sequences at once: `k, v: [1, R, kv_heads·d]` hold
+    /// `spans[i]` consecutive rows for `caches[i]`, in order. Backends that read tensors in
+    /// place override it, so that a batched step does not cut two tensors per sequence.
+    fn append_spans(caches: &mut [&mut Self], k: Tensor<B, 3>, v: Tensor<B, 3>, spans: &[usize]) {
+        assert_eq!(caches.len(), spans.len(), "one span per cache");
+        assert_eq!(
+            k.dims()[1],
+            spans.iter().sum::<usize>(),
+            "the spans cover the rows"
+        );
+        let mut start = 0;
+        for (cache, &n) in caches.iter_mut().zip(spans) {
+            cache.append(k.clone().narrow(1, start, n), v.clone().narrow(1, start, n));
+            start += n;
+        }
+    }
+
     /// Causal attention of `q: [b, t, heads·d]`, the queries of the last `t` positions held,
     /// over every position held: `[b, t, heads·d]` (the input of `o_proj`). See
     /// [`QuantBackend::causal_attention`].

@@ -577,6 +577,29 @@ impl KvStore<B> for HostKv {
         HostKv::append_rows(self, &kh.row_major(), &vh.row_major(), b, t);
     }
 
+    fn append_spans(caches: &mut [&mut Self], k: Tensor<B, 3>, v: Tensor<B, 3>, spans: &[usize]) {
+        let [b, rows, width] = k.dims();
+        assert!(
+            b == 1 && v.dims() == [1, rows, width] && rows == spans.iter().sum::<usize>(),
+            "keys {:?} and values {:?} are not [1, {}, _]",
+            k.dims(),
+            v.dims(),
+            spans.iter().sum::<usize>()
+        );
+        assert_eq!(caches.len(), spans.len(), "one span per cache");
+        let (kp, vp) = (primitive(&k), primitive(&v));
+        let (Some(kh), Some(vh)) = (Host::of(&kp), Host::of(&vp)) else {
+            panic!("keys and values of a KV cache must be f32 tensors");
+        };
+        let (k, v) = (kh.row_major(), vh.row_major());
+        let mut at = 0;
+        for (cache, &n) in caches.iter_mut().zip(spans) {
+            let rows = at * width..(at + n) * width;
+            HostKv::append_rows(cache, &k[rows.clone()], &v[rows], 1, n);
+            at += n;
+        }
+    }
+
     fn attend(&self, q: Tensor<B, 3>, heads: usize) -> Tensor<B, 3> {
         let dims = q.dims();
         if dims[..2] == [1, 1] {

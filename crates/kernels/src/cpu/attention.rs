@@ -267,23 +267,41 @@ pub fn rotate_half(x: HeadsView, cos: &[f32], sin: &[f32], out: &mut [f32]) {
         return;
     }
     let half = d / 2;
-    let [s0, s1, s2, s3] = x.strides;
-    out.par_chunks_mut(heads * d)
-        .enumerate()
-        .for_each(|(bt, out)| {
-            let (batch, i) = (bt / t, bt % t);
-            let (c, s) = (&cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
-            for (h, o) in out.chunks_exact_mut(d).enumerate() {
-                let base = batch * s0 + h * s1 + i * s2;
-                let at = |j: usize| x.data[base + j * s3];
+    let [sb, sh, st, sd] = x.strides;
+    let rotate = |(bt, out): (usize, &mut [f32])| {
+        let (batch, i) = (bt / t, bt % t);
+        let (cos1, cos2) = cos[i * d..(i + 1) * d].split_at(half);
+        let (sin1, sin2) = sin[i * d..(i + 1) * d].split_at(half);
+        for (h, o) in out.chunks_exact_mut(d).enumerate() {
+            let base = batch * sb + h * sh + i * st;
+            let (o1, o2) = o.split_at_mut(half);
+            if sd == 1 {
+                // A projection's own layout: slices, which the compiler vectorises.
+                let (x1, x2) = x.data[base..base + d].split_at(half);
+                for j in 0..half {
+                    o1[j] = x1[j] * cos1[j] - x2[j] * sin1[j];
+                    o2[j] = x2[j] * cos2[j] + x1[j] * sin2[j];
+                }
+            } else {
+                let at = |j: usize| x.data[base + j * sd];
                 for j in 0..half {
                     let (x1, x2) = (at(j), at(j + half));
-                    o[j] = x1 * c[j] - x2 * s[j];
-                    o[j + half] = x2 * c[j + half] + x1 * s[j + half];
+                    o1[j] = x1 * cos1[j] - x2 * sin1[j];
+                    o2[j] = x2 * cos2[j] + x1 * sin2[j];
                 }
             }
-        });
+        }
+    };
+    if out.len() <= SERIAL_ROTARY {
+        out.chunks_mut(heads * d).enumerate().for_each(rotate);
+    } else {
+        out.par_chunks_mut(heads * d).enumerate().for_each(rotate);
+    }
 }
+
+/// Values up to which [`rotate_half`] runs on the calling thread: a decode step's rows take a
+/// microsecond or two there, less than handing half of them to another thread.
+const SERIAL_ROTARY: usize = 1 << 14;
 
 #[cfg(test)]
 mod tests {

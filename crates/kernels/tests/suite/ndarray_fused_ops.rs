@@ -112,6 +112,61 @@ fn kv_caches_attend_over_everything_appended() {
     }
 }
 
+/// `append_spans` of one batch's rows (a prompt chunk and single tokens, contiguous or strided
+/// projections) holds exactly what appending each sequence's rows alone holds: the host cache's
+/// override and the trait's default (through the tensor cache).
+#[test]
+fn appending_spans_equals_appending_each_sequence() {
+    fn check<C: KvStore<B>>(dtype: KvDtype, kv: usize, d: usize, strided: bool, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (heads, spans) = (2 * kv, [1, 4, 1, 2]);
+        let device = Default::default();
+        let fresh = || -> Vec<C> {
+            (0..spans.len())
+                .map(|_| C::new(dtype, kv, 0, &device))
+                .collect()
+        };
+        let (mut batched, mut alone) = (fresh(), fresh());
+        // Histories of different lengths first.
+        for (i, (b, a)) in batched.iter_mut().zip(&mut alone).enumerate() {
+            let len = 1 + 9 * i;
+            let (k, v) = (
+                random(&mut rng, [1, len, kv * d], 2.0),
+                random(&mut rng, [1, len, kv * d], 1.0),
+            );
+            b.append(k.clone(), v.clone());
+            a.append(k, v);
+        }
+        let rows: usize = spans.iter().sum();
+        let k = projection(&mut rng, [1, rows, kv * d], 2.0, strided);
+        let v = projection(&mut rng, [1, rows, kv * d], 1.0, strided);
+        let mut refs: Vec<&mut C> = batched.iter_mut().collect();
+        C::append_spans(&mut refs, k.clone(), v.clone(), &spans);
+        let mut start = 0;
+        for (cache, &n) in alone.iter_mut().zip(&spans) {
+            cache.append(k.clone().narrow(1, start, n), v.clone().narrow(1, start, n));
+            start += n;
+        }
+        for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
+            assert_eq!(b.len(), a.len());
+            let q = random(&mut rng, [1, 1, heads * d], 2.0);
+            let (got, want) = (b.attend(q.clone(), heads), a.attend(q, heads));
+            let what = format!("{dtype} kv{kv} d{d} strided {strided}: sequence {i}");
+            assert_eq!(
+                got.into_data().to_vec::<f32>().unwrap(),
+                want.into_data().to_vec::<f32>().unwrap(),
+                "{what}"
+            );
+        }
+    }
+    for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Q8_0] {
+        for (seed, strided) in [(6, false), (7, true)] {
+            check::<<B as QuantBackend>::KvCache>(dtype, 3, 64, strided, seed);
+            check::<TensorKv<B>>(dtype, 2, 32, strided, seed);
+        }
+    }
+}
+
 /// A batched decode step over caches of different lengths equals attending each cache alone
 /// (through the tensor cache).
 #[test]
@@ -154,17 +209,19 @@ fn batched_decode_matches_attending_each_cache() {
 #[test]
 fn rotary_matches_generic() {
     let mut rng = StdRng::seed_from_u64(2);
-    let (t, d) = (7, 8);
-    let cos = random(&mut rng, [t + 3, d], 1.0).narrow(0, 3, t);
-    let sin = random(&mut rng, [t + 3, d], 1.0).narrow(0, 3, t);
-    for strided in [false, true] {
-        let x = projection(&mut rng, [2, t, 3 * d], 1.0, strided);
-        assert_close(
-            "rotary",
-            B::rotary(x.clone(), cos.clone(), sin.clone(), 3),
-            generic::rotary(x, cos.clone(), sin.clone(), 3),
-            1e-6,
-        );
+    // A decode step's few rows (on the calling thread) and a prompt's (over threads).
+    for (t, d) in [(7, 8), (400, 16)] {
+        let cos = random(&mut rng, [t + 3, d], 1.0).narrow(0, 3, t);
+        let sin = random(&mut rng, [t + 3, d], 1.0).narrow(0, 3, t);
+        for strided in [false, true] {
+            let x = projection(&mut rng, [2, t, 3 * d], 1.0, strided);
+            assert_close(
+                &format!("rotary t{t} d{d} strided {strided}"),
+                B::rotary(x.clone(), cos.clone(), sin.clone(), 3),
+                generic::rotary(x, cos.clone(), sin.clone(), 3),
+                1e-6,
+            );
+        }
     }
 }
 

@@ -119,8 +119,8 @@ impl<B: QuantBackend> Attention<B> {
     /// once), and so does the rotation (tables selected once per step, [`RowPositions`]).
     /// Consecutive one-row spans (decode steps) share one attention call
     /// ([`KvStore::attend_batch`]: each row over its own cache); a longer span (a chunk of a
-    /// prompt) attends causally over its own cache, as a whole prompt would. Only the cache
-    /// writes are per sequence.
+    /// prompt) attends causally over its own cache, as a whole prompt would. The cache writes
+    /// take one call too ([`KvStore::append_spans`]).
     pub fn context_batch(
         &self,
         x: Tensor<B, 3>,
@@ -146,9 +146,7 @@ impl<B: QuantBackend> Attention<B> {
                 Some(*at - n)
             })
             .collect();
-        for ((cache, &start), &n) in caches.iter_mut().zip(&starts).zip(spans) {
-            cache.append(k.clone().narrow(1, start, n), v.clone().narrow(1, start, n));
-        }
+        KvStore::append_spans(caches, k, v, spans);
         let mut parts = Vec::new();
         let mut i = 0;
         while i < spans.len() {
