@@ -272,6 +272,8 @@ pub fn rotate_half(x: HeadsView, cos: &[f32], sin: &[f32], out: &mut [f32]) {
         let (batch, i) = (bt / t, bt % t);
         let (cos1, cos2) = cos[i * d..(i + 1) * d].split_at(half);
         let (sin1, sin2) = sin[i * d..(i + 1) * d].split_at(half);
+        let turn =
+            |j: usize, x1: f32, x2: f32| (x1 * cos1[j] - x2 * sin1[j], x2 * cos2[j] + x1 * sin2[j]);
         for (h, o) in out.chunks_exact_mut(d).enumerate() {
             let base = batch * sb + h * sh + i * st;
             let (o1, o2) = o.split_at_mut(half);
@@ -279,15 +281,12 @@ pub fn rotate_half(x: HeadsView, cos: &[f32], sin: &[f32], out: &mut [f32]) {
                 // A projection's own layout: slices, which the compiler vectorises.
                 let (x1, x2) = x.data[base..base + d].split_at(half);
                 for j in 0..half {
-                    o1[j] = x1[j] * cos1[j] - x2[j] * sin1[j];
-                    o2[j] = x2[j] * cos2[j] + x1[j] * sin2[j];
+                    (o1[j], o2[j]) = turn(j, x1[j], x2[j]);
                 }
             } else {
                 let at = |j: usize| x.data[base + j * sd];
                 for j in 0..half {
-                    let (x1, x2) = (at(j), at(j + half));
-                    o1[j] = x1 * cos1[j] - x2 * sin1[j];
-                    o2[j] = x2 * cos2[j] + x1 * sin2[j];
+                    (o1[j], o2[j]) = turn(j, at(j), at(j + half));
                 }
             }
         }
