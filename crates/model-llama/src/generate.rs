@@ -317,6 +317,13 @@ pub fn token_logprob(logits: &[f32], token: u32, top_n: usize) -> TokenLogprob {
     }
 }
 
+/// The most rows of one forward, prompts cut to fit: the CPU's packed kernels read a weight's
+/// codes directly, 8-bit activations against them, up to [`kernels::cpu::DIRECT_ROWS_PACKED`]
+/// rows, and multiply an f32 copy of the weight beyond. At LLaMA-7B's sizes the copy's product
+/// costs several times as much per row (docs/serve.md, session 42), and a weight streams from
+/// memory in a small part of a 128-row product's time, so longer prompts run in such chunks.
+pub const MAX_STEP_ROWS: usize = kernels::cpu::DIRECT_ROWS_PACKED;
+
 /// One sequence being generated, a token at a time: its KV cache, the sampler's state and the
 /// logits of the next position.
 ///
@@ -432,25 +439,37 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
 
     /// Runs what is left of the prompt through the model.
     fn prefill(&mut self) {
-        if self.is_prefilling() {
+        while self.is_prefilling() {
             Self::step_together(&mut [self], usize::MAX);
         }
     }
 
     /// One forward for several decoders of one model (continuous batching): the sampled token
     /// of each decoder that has one pending, and up to `prefill_tokens` prompt tokens of those
-    /// still prefilling (in order; a prompt may be cut into chunks across steps). Its linears
+    /// still prefilling (in order; a prompt may be cut into chunks across steps), at most
+    /// [`MAX_STEP_ROWS`] rows in all. Its linears
     /// are `M = rows` products, which read each weight once for all of them. Afterwards the
     /// next [`Decoder::next_token`] of each decoder with a pending token, or whose prompt has
     /// now run to its end, only samples. Decoders without a KV cache run alone.
     pub fn step_together(decoders: &mut [&mut Self], prefill_tokens: usize) {
-        let mut budget = prefill_tokens;
+        // Prompts fill the rows the decoding sequences leave (at least one, so that they
+        // always advance).
+        let decoding = (decoders.iter())
+            .filter(|d| d.pending && d.opts.use_cache)
+            .count();
+        let mut budget = prefill_tokens.min(MAX_STEP_ROWS.saturating_sub(decoding).max(1));
         let mut batch = Vec::with_capacity(decoders.len());
         let mut spans = Vec::with_capacity(decoders.len());
         for d in decoders.iter_mut() {
             let span = if d.is_prefilling() {
-                let n = (d.prompt_len - d.prefilled).min(budget);
-                budget -= n;
+                // Without a cache each step reruns the whole sequence: its prompt runs at once.
+                let left = d.prompt_len - d.prefilled;
+                let n = if d.opts.use_cache {
+                    left.min(budget)
+                } else {
+                    left
+                };
+                budget -= n.min(budget);
                 (d.prefilled, n)
             } else if d.pending {
                 (d.tokens.len() - 1, 1)
@@ -497,7 +516,9 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
             offset += n;
         }
         with_logits_at(model, hidden, &rows, |flat| {
-            let vocab = flat.len() / rows.len().max(1);
+            // A step that reads no logits (a prompt's chunk before its last) still absorbs
+            // its spans: any nonzero width cuts the empty rows.
+            let vocab = (flat.len() / rows.len().max(1)).max(1);
             let mut rest = flat;
             let work: Vec<_> = (batch.into_iter().zip(spans).zip(reads))
                 .map(|((d, span), read)| {
@@ -562,7 +583,7 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
         let read: Vec<usize> = self.rows_read(start, n).collect();
         let at: Vec<usize> = read.iter().map(|r| start + r).collect();
         with_logits_at(self.model, hidden, &at, |flat| {
-            let vocab = flat.len() / at.len().max(1);
+            let vocab = (flat.len() / at.len().max(1)).max(1);
             self.absorb(start, n, read.into_iter().zip(flat.chunks_exact(vocab)));
         });
     }

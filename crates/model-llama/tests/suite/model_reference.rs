@@ -2,7 +2,7 @@
 
 use burn::backend::NdArray;
 use burn::prelude::*;
-use model_llama::generate::{Decoder, GenerateOptions, generate};
+use model_llama::generate::{Decoder, GenerateOptions, MAX_STEP_ROWS, generate};
 use model_llama::load::load_model;
 use model_llama::perplexity::perplexity;
 use model_llama::{HostTensor, KvDtype, LlamaConfig, MemorySource, RopeScaling, TensorSource};
@@ -333,6 +333,49 @@ fn advanced_together(kv_cache: KvDtype, tolerance: f64) {
         generated.iter().map(Vec::len).collect::<Vec<_>>(),
         [12, 5, 9]
     );
+}
+
+/// A prompt longer than a forward's rows runs in forwards of at most [`MAX_STEP_ROWS`], the
+/// rows of decoding sequences counted, and ends with the naive model's next-token logits.
+#[test]
+fn long_prompts_run_in_forwards_of_at_most_max_step_rows() {
+    let config = LlamaConfig {
+        max_position_embeddings: 512,
+        ..tiny_config(None)
+    };
+    let src = random_source(config, 4);
+    let model = load_model::<B>(&src, &Default::default()).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 4,
+        kv_cache: KvDtype::F32,
+        ..GenerateOptions::default()
+    };
+    let prompt: Vec<u32> = (0..2 * MAX_STEP_ROWS as u32 + 44)
+        .map(|i| i * 7 % 50)
+        .collect();
+    let mut alone = Decoder::start(&model, &prompt, &opts, None);
+    let mut steps = 0;
+    while alone.is_prefilling() {
+        Decoder::step_together(&mut [&mut alone], usize::MAX);
+        steps += 1;
+    }
+    assert_eq!(steps, 3);
+    alone.next_token();
+    let naive = naive_logits(&src, &prompt);
+    for (got, want) in alone.last_logits().iter().zip(naive.last().unwrap()) {
+        assert!((*got as f64 - want).abs() < 1e-3, "{got} vs {want}");
+    }
+    // Beside a decoding sequence, a prompt of twice a forward's rows less one each takes two.
+    let mut decoding = Decoder::new(&model, &[3, 1, 4], &opts);
+    let prompt = &prompt[..2 * (MAX_STEP_ROWS - 1)];
+    let mut joining = Decoder::start(&model, prompt, &opts, None);
+    let mut steps = 0;
+    while joining.is_prefilling() {
+        decoding.next_token();
+        Decoder::step_together(&mut [&mut decoding, &mut joining], usize::MAX);
+        steps += 1;
+    }
+    assert_eq!(steps, 2);
 }
 
 /// Within the rounding of the keys and values for an f16 or Q8_0 cache; a prefill in chunks
