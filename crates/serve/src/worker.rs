@@ -10,7 +10,8 @@
 //! A joining job's prompt runs in the same forwards, at most `prefill_chunk` prompt tokens per
 //! step (chunked prefill), so a long prompt delays the running sequences' next tokens by a
 //! chunk's time at each step instead of stalling them for its whole prefill. With no sequence
-//! decoding there is nothing to stall, and prompts run whole.
+//! decoding there is nothing to stall, and prompts run whole (in forwards of at most
+//! [`model_llama::generate::MAX_STEP_ROWS`] rows).
 //!
 //! Each running sequence reserves the KV cache of its longest possible length (prompt and
 //! `max_new_tokens`) against a [`KvBudget`]; a job that does not fit waits, first in line, until
