@@ -40,12 +40,23 @@ pub struct BenchServeArgs {
     /// Sampling temperature of the completions (0: greedy); each request has its own seed.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
+    /// Nucleus sampling: draw from the most likely tokens that hold this much probability
+    /// (1: the whole vocabulary; no effect at temperature 0).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
     /// How the server's KV caches store keys and values (f16, f32 or q8_0).
     #[arg(long, default_value_t = KvDtype::F16)]
     pub kv_cache: KvDtype,
     /// Write the markdown section to this file (default: print it).
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// How every request of a run samples.
+#[derive(Clone, Copy, Debug)]
+struct Sampling {
+    temperature: f32,
+    top_p: f32,
 }
 
 /// One answered request.
@@ -77,6 +88,13 @@ pub fn run(args: &BenchServeArgs) -> Result<()> {
             args.temperature
         );
     }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("invalid --top-p {}: need a value in (0, 1]", args.top_p);
+    }
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_p: args.top_p,
+    };
     let path = match &args.model {
         Some(p) => resolve(p)?,
         None => {
@@ -105,11 +123,11 @@ pub fn run(args: &BenchServeArgs) -> Result<()> {
     let load_before = load_average();
 
     // Warm-up: first-touch page faults, the thread pool.
-    complete(&url, 0, 8, args.temperature)?;
+    complete(&url, 0, 8, sampling)?;
     let (mut single, mut batched) = (Vec::new(), Vec::new());
     for round in 1..=args.rounds {
-        let one = timed(&url, 1, args.max_tokens, args.temperature)?;
-        let many = timed(&url, args.concurrency, args.max_tokens, args.temperature)?;
+        let one = timed(&url, 1, args.max_tokens, sampling)?;
+        let many = timed(&url, args.concurrency, args.max_tokens, sampling)?;
         eprintln!(
             "round {round}/{}: 1 sequence {:.1} tokens/s, {} sequences {:.1} tokens/s",
             args.rounds,
@@ -143,11 +161,11 @@ pub fn run(args: &BenchServeArgs) -> Result<()> {
 }
 
 /// `n` concurrent requests (prompts 0..n), timed from the first sent to the last answered.
-fn timed(url: &str, n: usize, max_tokens: usize, temperature: f32) -> Result<Run> {
+fn timed(url: &str, n: usize, max_tokens: usize, sampling: Sampling) -> Result<Run> {
     let t0 = Instant::now();
     let answers = std::thread::scope(|s| {
         let handles: Vec<_> = (0..n)
-            .map(|i| s.spawn(move || complete(url, i, max_tokens, temperature)))
+            .map(|i| s.spawn(move || complete(url, i, max_tokens, sampling)))
             .collect();
         handles
             .into_iter()
@@ -162,11 +180,11 @@ fn timed(url: &str, n: usize, max_tokens: usize, temperature: f32) -> Result<Run
 
 /// A completion of prompt `i` (a count that starts at a different number per prompt), greedy at
 /// temperature 0, else sampled with seed `i`.
-fn complete(url: &str, i: usize, max_tokens: usize, temperature: f32) -> Result<Answer> {
+fn complete(url: &str, i: usize, max_tokens: usize, sampling: Sampling) -> Result<Answer> {
     let start = 10 * (i + 1);
     let prompt = format!("Count upwards: {}, {}, {},", start, start + 1, start + 2);
     let body = json!({"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
-                      "temperature": temperature, "seed": i});
+                      "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": i});
     let t0 = Instant::now();
     let mut response = ureq::post(url)
         .send_json(&body)
@@ -196,15 +214,16 @@ fn report(
         md,
         "### Serving: {} ({} rounds)\n\n\
          `cargo xtask bench-serve`: completions of {} tokens over HTTP at temperature {} (0: \
-         greedy), the server in the same process with `--max-batch {n}` and {} KV caches; one \
-         request at a time against {n} at once, alternating (at most {peak} sequences ran at \
-         once). Load average before and after: {load_before} / {load_after}.\n\n\
+         greedy) and top_p {}, the server in the same process with `--max-batch {n}` and {} KV \
+         caches; one request at a time against {n} at once, alternating (at most {peak} \
+         sequences ran at once). Load average before and after: {load_before} / {load_after}.\n\n\
          | | median tokens/s (total) | range | × one sequence (same round), median | range |\n\
          |---|---|---|---|---|",
         path.display(),
         args.rounds,
         args.max_tokens,
         args.temperature,
+        args.top_p,
         args.kv_cache
     )?;
     let (lo, hi) = range(one.iter().copied());

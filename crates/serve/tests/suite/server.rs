@@ -516,3 +516,59 @@ fn n_choices_are_their_seeds_completions_and_chat_reports_logprobs() {
     );
     server.shutdown().unwrap();
 }
+
+/// A client that closes its connection mid-generation, streaming or not, frees the model at
+/// once: its sequence leaves the batch instead of running to `max_tokens`. (The prompt counts
+/// on for thousands of tokens; greedy, the model does not stop by itself for far longer than
+/// the deadline.)
+#[test]
+fn a_client_that_goes_away_cancels_its_request() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    let server = start(2);
+    for stream in [true, false] {
+        let body = json!({"model": MODEL, "prompt": "Count from 1 to 5000: 1, 2, 3,",
+                          "max_tokens": 4000, "temperature": 0, "stream": stream})
+        .to_string();
+        let mut socket = TcpStream::connect(server.addr()).unwrap();
+        write!(
+            socket,
+            "POST /v1/completions HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            server.addr(),
+            body.len()
+        )
+        .unwrap();
+        if stream {
+            // Three tokens have come: the sequence is decoding.
+            let mut lines = BufReader::new(socket.try_clone().unwrap()).lines();
+            let mut tokens = 0;
+            while tokens < 3 {
+                tokens += usize::from(lines.next().unwrap().unwrap().starts_with("data: {"));
+            }
+        } else {
+            let started = Instant::now();
+            while server.load().running() == 0 {
+                assert!(started.elapsed() < Duration::from_secs(30), "never started");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(server.load().running(), 1, "stream {stream}");
+        drop(socket);
+        let gone = Instant::now();
+        while server.load().running() > 0 {
+            assert!(
+                gone.elapsed() < Duration::from_secs(10),
+                "stream {stream}: the request still runs 10 s after its client left"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(server.load().kv_reserved(), 0);
+    }
+    // It still serves.
+    assert!(!greedy(&server, "Once upon a time", 4).is_empty());
+    server.shutdown().unwrap();
+}
