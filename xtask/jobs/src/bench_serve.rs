@@ -288,7 +288,33 @@ fn load_average() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::*;
+
+    /// Refused before anything loads, with the option named (a model that does not exist
+    /// would be the error otherwise).
+    #[test]
+    fn bad_sampling_options_are_refused() {
+        for (temperature, top_p, option) in [
+            (-1.0, 1.0, "--temperature"),
+            (f32::NAN, 1.0, "--temperature"),
+            (0.7, 0.0, "--top-p"),
+            (0.7, 1.5, "--top-p"),
+            (0.0, f32::NAN, "--top-p"),
+        ] {
+            let args = BenchServeArgs {
+                model: Some(PathBuf::from("/nonexistent/checkpoint")),
+                concurrency: 8,
+                max_tokens: 8,
+                rounds: 1,
+                temperature,
+                top_p,
+                kv_cache: KvDtype::F16,
+                out: None,
+            };
+            let message = run(&args).unwrap_err().to_string();
+            assert!(message.contains(option), "{message}");
+        }
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {
