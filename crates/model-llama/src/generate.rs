@@ -27,6 +27,24 @@ pub struct GenerateOptions {
     pub stop_token: Option<u32>,
 }
 
+/// Checks the sampling parameters alone, as [`GenerateOptions::validate`] does, for callers
+/// that hold no model yet: `temperature` finite and ≥ 0, `top_p` in (0, 1].
+pub fn check_sampling(temperature: f32, top_p: f32) -> Result<(), InvalidOption> {
+    if !(temperature >= 0.0 && temperature.is_finite()) {
+        return Err(InvalidOption::new(
+            "temperature",
+            format!("{temperature} is not a finite number ≥ 0"),
+        ));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(InvalidOption::new(
+            "top_p",
+            format!("{top_p} is outside (0, 1]"),
+        ));
+    }
+    Ok(())
+}
+
 impl GenerateOptions {
     /// Checks the options against a prompt of `prompt_tokens` tokens and the model's `config`,
     /// before the model is loaded: sampling parameters in range, and the prompt plus every new
@@ -36,18 +54,7 @@ impl GenerateOptions {
         prompt_tokens: usize,
         config: &LlamaConfig,
     ) -> Result<(), InvalidOption> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(InvalidOption::new(
-                "temperature",
-                format!("{} is not a finite number ≥ 0", self.temperature),
-            ));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(InvalidOption::new(
-                "top_p",
-                format!("{} is outside (0, 1]", self.top_p),
-            ));
-        }
+        check_sampling(self.temperature, self.top_p)?;
         if prompt_tokens == 0 {
             return Err(InvalidOption::new("prompt", "it is empty"));
         }

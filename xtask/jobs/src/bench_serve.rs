@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::backend::NdArray;
 use model_llama::KvDtype;
+use model_llama::generate::check_sampling;
 use serde_json::{Value, json};
 
 use crate::bench_decode::{median, range};
@@ -82,15 +83,14 @@ pub fn run(args: &BenchServeArgs) -> Result<()> {
     if args.concurrency == 0 || args.rounds == 0 || args.max_tokens == 0 {
         bail!("--concurrency, --rounds and --max-tokens must each be at least 1");
     }
-    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
-        bail!(
-            "invalid --temperature {}: need a finite value ≥ 0",
-            args.temperature
-        );
-    }
-    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
-        bail!("invalid --top-p {}: need a value in (0, 1]", args.top_p);
-    }
+    check_sampling(args.temperature, args.top_p).map_err(|e| {
+        let flag = if e.option == "top_p" {
+            "--top-p"
+        } else {
+            "--temperature"
+        };
+        anyhow::anyhow!("invalid {flag}: {}", e.reason)
+    })?;
     let sampling = Sampling {
         temperature: args.temperature,
         top_p: args.top_p,
