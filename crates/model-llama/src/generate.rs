@@ -615,8 +615,8 @@ pub fn generate<B: QuantBackend>(
 ) -> Generation {
     // A decode step makes ~200 small parallel products on the CPU backends. Started from a
     // thread outside rayon's pool, each one waits on a cross-thread wake-up (~10 µs); from
-    // inside the pool it is a cheap `join`.
-    rayon::scope(|_| {
+    // inside the pool, with the other threads kept awake, it is a cheap `join`.
+    crate::pool::run_awake(|| {
         let t0 = Instant::now();
         let mut decoder = Decoder::new(model, prompt, opts);
         let prefill_seconds = t0.elapsed().as_secs_f64();

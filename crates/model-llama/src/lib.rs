@@ -5,7 +5,8 @@
 //! * [`open::open_model`] reads any supported checkpoint as a [`TensorSource`] plus its tokenizer;
 //! * [`load::load_model`] builds the Burn [`Llama`] from it, dense linears kept in f16/bf16 when
 //!   lossless (or [`load::load_layer`], one layer in f32, for the quantization pipeline);
-//! * [`perplexity::perplexity`] and [`generate::generate`] run it;
+//! * [`perplexity::perplexity`] and [`generate::generate`] run it ([`pool::run_awake`] keeps
+//!   rayon's threads awake through a generation or a serving step);
 //!   [`OpenModel::perplexity`] evaluates a checkpoint one decoder layer at a time instead.
 //!
 //! [`shards::ShardWriter`] streams (resumably) a sharded safetensors checkpoint to disk;
@@ -25,6 +26,7 @@ pub mod model;
 pub mod open;
 pub mod packed;
 pub mod perplexity;
+pub mod pool;
 pub mod shards;
 pub mod staging;
 pub mod synth;

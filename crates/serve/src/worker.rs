@@ -31,6 +31,7 @@ use std::thread::JoinHandle;
 use kernels::QuantBackend;
 use model_llama::Llama;
 use model_llama::generate::{Decoder, GenerateOptions, TokenLogprob};
+use model_llama::pool::run_awake;
 use tokio::sync::mpsc::UnboundedSender;
 
 /// One sequence to generate.
@@ -311,8 +312,8 @@ fn run<B: QuantBackend>(
         };
         let mut decoders: Vec<&mut Decoder<'_, B>> =
             batch.iter_mut().map(|r| &mut r.decoder).collect();
-        // The products run inside rayon's pool (see `model_llama::generate::generate`).
-        let step = || rayon::scope(|_| Decoder::step_together(&mut decoders, chunk));
+        // The products run inside rayon's pool, its threads awake through the step.
+        let step = || run_awake(|| Decoder::step_together(&mut decoders, chunk));
         if guarded(step).is_none() {
             for r in batch.drain(..) {
                 r.send(failed());
