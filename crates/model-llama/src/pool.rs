@@ -4,9 +4,9 @@
 //! attention) separated by short serial stretches (norms, rotation, copies) on the calling
 //! thread. Left to rayon, the other threads go to sleep in those stretches, and every next pass
 //! starts with a wake-up through the kernel. On a VM that wake-up is costly: 90–170 µs on the
-//! Ice Lake host of docs/serve.md (session 45), against 6–10 µs for a hand-off to a thread
-//! that still spins, and a step of eight sequences takes 10–15 ms. [`run_awake`] keeps them
-//! spinning until the step ends instead.
+//! Ice Lake host of docs/serve.md (sessions 44 and 45), against 6–10 µs for a hand-off to a
+//! thread that still spins, and a step of eight sequences takes 10–15 ms. [`run_awake`] keeps
+//! them spinning until the step ends instead.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
