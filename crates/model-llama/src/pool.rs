@@ -16,8 +16,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// propagates once the helpers have stopped.
 ///
 /// Meant for bursts of short parallel passes (a decode step, a generation): the helpers spin,
-/// so they use their cores for the whole call.
+/// so they use their cores for the whole call. While another call has its helpers out, `f`
+/// runs with none, its pool's threads sleeping between passes as rayon's do.
 pub fn run_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // One call at a time has helpers. Two could deadlock: waiting in a join, each call's thread
+    // may steal the other's helper, which then spins above that call's own body until the
+    // other call ends, which it cannot while its body lies under the first one's helper.
+    if HELPED.swap(true, Ordering::Acquire) {
+        return rayon::scope(|_| f());
+    }
+    // Cleared once the scope below has returned, so after its helpers have stopped.
+    let _helped = SetOnDrop(&HELPED, false);
     let done = AtomicBool::new(false);
     let done = &done;
     rayon::scope(|s| {
@@ -38,17 +47,21 @@ pub fn run_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             });
         }
         // Set on unwinding too: the scope waits for the helpers before it rethrows.
-        let _stop = Stop(done);
+        let _stop = SetOnDrop(done, true);
         f()
     })
 }
 
-/// Stops [`run_awake`]'s helpers when dropped.
-struct Stop<'a>(&'a AtomicBool);
+/// Whether a [`run_awake`] call has its helpers out (in any pool).
+static HELPED: AtomicBool = AtomicBool::new(false);
 
-impl Drop for Stop<'_> {
+/// Sets a flag to a value when dropped, on unwinding too ([`run_awake`]'s `done` and
+/// [`HELPED`]).
+struct SetOnDrop<'a>(&'a AtomicBool, bool);
+
+impl Drop for SetOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
+        self.0.store(self.1, Ordering::Release);
     }
 }
 
@@ -102,6 +115,38 @@ mod tests {
             })
         });
         assert_eq!(met, 2);
+    }
+
+    /// Calls from several threads at once into one pool of three threads all finish: a
+    /// helper of one call never waits, spinning, above another call's body.
+    #[test]
+    fn concurrent_calls_finish() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pool = std::sync::Arc::new(pool(3));
+        for caller in 0..4u64 {
+            let (tx, pool) = (tx.clone(), pool.clone());
+            std::thread::spawn(move || {
+                for _ in 0..2000 {
+                    let sum = pool.install(|| {
+                        run_awake(|| {
+                            (0..8u64)
+                                .into_par_iter()
+                                .map(|i| (0..5000).into_par_iter().map(|j| j ^ i).sum::<u64>())
+                                .sum::<u64>()
+                        })
+                    });
+                    tx.send((caller, sum)).unwrap();
+                }
+            });
+        }
+        drop(tx);
+        let want: u64 = (0..8u64)
+            .map(|i| (0..5000).map(|j| j ^ i).sum::<u64>())
+            .sum();
+        for _ in 0..4 * 2000 {
+            let r = rx.recv_timeout(std::time::Duration::from_secs(60));
+            assert_eq!(r.map(|(_, s)| s), Ok(want), "a call hung or went wrong");
+        }
     }
 
     /// A panic in `f` stops the helpers (the call does not hang) and reaches the caller.
