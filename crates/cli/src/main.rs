@@ -277,11 +277,7 @@ fn open(path: &Path) -> Result<OpenModel> {
 
 /// A library option error, shown under the command-line flag that set the option.
 fn flag_error(e: InvalidOption, flags: &[(&str, &str)]) -> anyhow::Error {
-    let flag = flags
-        .iter()
-        .find(|(option, _)| *option == e.option)
-        .map_or(e.option, |(_, flag)| flag);
-    anyhow!("invalid {flag}: {}", e.reason)
+    anyhow!(e.under_flag(flags))
 }
 
 /// An output directory is created (with its missing parents) only at the end of a run: the

@@ -59,6 +59,16 @@ impl InvalidOption {
             reason: reason.into(),
         }
     }
+
+    /// The error as a command line shows it, under the flag that set the option (`flags`:
+    /// `(option, flag)` pairs; an option not listed keeps its own name).
+    pub fn under_flag(&self, flags: &[(&str, &str)]) -> String {
+        let flag = flags
+            .iter()
+            .find(|(option, _)| *option == self.option)
+            .map_or(self.option, |(_, flag)| flag);
+        format!("invalid {flag}: {}", self.reason)
+    }
 }
 
 impl ModelError {

@@ -84,12 +84,7 @@ pub fn run(args: &BenchServeArgs) -> Result<()> {
         bail!("--concurrency, --rounds and --max-tokens must each be at least 1");
     }
     check_sampling(args.temperature, args.top_p).map_err(|e| {
-        let flag = if e.option == "top_p" {
-            "--top-p"
-        } else {
-            "--temperature"
-        };
-        anyhow::anyhow!("invalid {flag}: {}", e.reason)
+        anyhow::anyhow!(e.under_flag(&[("temperature", "--temperature"), ("top_p", "--top-p")]))
     })?;
     let sampling = Sampling {
         temperature: args.temperature,
