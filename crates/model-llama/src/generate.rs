@@ -220,43 +220,7 @@ fn mass_from(weights: &[f32], keep: f32) -> f64 {
     lanes.iter().sum::<f64>() + tail.iter().map(|&w| kept(w)).sum::<f64>()
 }
 
-/// The last index of the greatest value in [`f32::total_cmp`]'s order (0 for an empty slice):
-/// a greedy step. The values are compared as the integers that order has, in lanes of 16 (a
-/// scalar `max_by` was a tenth of a millisecond per step of 8 sequences on the model thread),
-/// then the last lane block holding the maximum is searched.
-pub fn argmax(logits: &[f32]) -> u32 {
-    const LANES: usize = 16;
-    // `total_cmp`'s key: negative floats' magnitude bits flipped, so integer order is its order.
-    let key = |x: f32| {
-        let b = x.to_bits() as i32;
-        b ^ (((b >> 31) as u32) >> 1) as i32
-    };
-    if logits.is_empty() {
-        return 0;
-    }
-    let (blocks, tail) = logits.as_chunks::<LANES>();
-    let mut lanes = [i32::MIN; LANES];
-    for block in blocks {
-        for (m, &x) in lanes.iter_mut().zip(block) {
-            *m = (*m).max(key(x));
-        }
-    }
-    let best = tail
-        .iter()
-        .map(|&x| key(x))
-        .chain(lanes)
-        .fold(i32::MIN, i32::max);
-    let is_best = |x: &f32| key(*x) == best;
-    if let Some(i) = tail.iter().rposition(is_best) {
-        return (blocks.len() * LANES + i) as u32;
-    }
-    // A fold, not `any`: no early exit, so each block's test is one vector compare.
-    let b = blocks
-        .iter()
-        .rposition(|block| block.iter().fold(false, |seen, x| seen | is_best(x)))
-        .expect("the maximum is in some block");
-    (b * LANES + blocks[b].iter().rposition(is_best).expect("found above")) as u32
-}
+pub use kernels::cpu::activation::argmax;
 
 /// A token of `tokens` (ids and weights, at least one) with probability proportional to its
 /// weight, `mass` being their sum; the last one if rounding leaves the draw past the end.
@@ -656,39 +620,6 @@ mod tests {
             nucleus.iter().map(|p| p.1).sum(),
             rng,
         )
-    }
-
-    /// The greedy choice is `max_by(total_cmp)`'s (the last of equal maxima), at every length
-    /// around the lane width and with ties, signed zeros, infinities and NaNs of both signs.
-    #[test]
-    fn argmax_is_the_last_greatest_in_total_order() {
-        let mut rng = StdRng::seed_from_u64(3);
-        let specials = [
-            0.0,
-            -0.0,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            -f32::NAN,
-            1.5,
-        ];
-        for len in [0, 1, 2, 15, 16, 17, 33, 100, 49_152] {
-            for trial in 0..20 {
-                let logits: Vec<f32> = (0..len)
-                    .map(|_| match rng.random_range(0..10) {
-                        0 if trial % 2 == 0 => specials[rng.random_range(0..specials.len())],
-                        1 => 1.5,
-                        _ => rng.random_range(-4.0..4.0),
-                    })
-                    .collect();
-                let want = logits
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map_or(0, |(i, _)| i as u32);
-                assert_eq!(argmax(&logits), want, "{len} values, trial {trial}");
-            }
-        }
     }
 
     /// With `top_p < 1`, the same token as sorting the whole vocabulary, for the same random
