@@ -12,6 +12,8 @@ use crate::config::LlamaConfig;
 use crate::error::InvalidOption;
 use crate::model::Llama;
 
+pub use kernels::cpu::activation::argmax;
+
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
@@ -219,8 +221,6 @@ fn mass_from(weights: &[f32], keep: f32) -> f64 {
     }
     lanes.iter().sum::<f64>() + tail.iter().map(|&w| kept(w)).sum::<f64>()
 }
-
-pub use kernels::cpu::activation::argmax;
 
 /// A token of `tokens` (ids and weights, at least one) with probability proportional to its
 /// weight, `mass` being their sum; the last one if rounding leaves the draw past the end.

@@ -334,8 +334,8 @@ fn argmax_generic(logits: &[f32]) -> u32 {
         let b = x.to_bits() as i32;
         b ^ (((b >> 31) as u32) >> 1) as i32
     };
-    // A plain reduction over the slice, which LLVM vectorises along it (a fold into 16 lane
-    // maxima, block by block, it vectorised across blocks, with gathers).
+    // A plain reduction over the slice, which LLVM vectorises along it. (Folded into 16 lane
+    // maxima block by block, it was vectorised across the blocks instead, with gathers.)
     let best = logits.iter().map(|&x| key(x)).fold(i32::MIN, i32::max);
     let is_best = |x: &f32| key(*x) == best;
     let (blocks, tail) = logits.as_chunks::<LANES>();
