@@ -328,7 +328,6 @@ fn tree_sum(mut a: [f32; LANES]) -> f32 {
 
 #[inline(always)]
 fn argmax_generic(logits: &[f32]) -> u32 {
-    const LANES: usize = 16;
     // `total_cmp`'s key: negative floats' magnitude bits flipped, so integer order is its order.
     let key = |x: f32| {
         let b = x.to_bits() as i32;
