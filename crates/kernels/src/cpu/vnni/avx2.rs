@@ -366,14 +366,16 @@ unsafe fn or(a: __m256i, b: __m256i) -> __m256i {
     unsafe { _mm256_or_si256(a, b) }
 }
 
-/// `acc[h][m] += d_m · Σ_{k∈blk} q̂_m,k · code_k` for both halves of a tile: `vpmaddubsw` per
-/// quad and row, the 8 quads' 16-bit sums added, then one `vpmaddwd` to 32 bits per row (module
-/// doc).
+/// `acc[h][m] += f_h·d_m · Σ_{k∈blk} q̂_m,k · code_k` for both halves of a tile, with `f_h` the
+/// lanes of `factors[h]` (per-OC the group scales) or 1 without them, as in the AVX-512 kernel:
+/// `vpmaddubsw` per quad and row, the 8 quads' 16-bit sums added, then one `vpmaddwd` to 32
+/// bits per row (module doc).
 #[inline(always)]
 unsafe fn block_dot<const B: usize, const M: usize>(
     codes: &[[u32; LANES]],
     blk: usize,
     acts: &Blocks<'_, M>,
+    factors: Option<&[__m256; 2]>,
     acc: &mut [[__m256; M]; 2],
 ) {
     let (x, d) = (&acts.quads[blk], &acts.scales[blk]);
@@ -409,7 +411,12 @@ unsafe fn block_dot<const B: usize, const M: usize>(
             }
             for m in 0..M {
                 let sum = _mm256_cvtepi32_ps(sums[m]);
-                acc[m] = _mm256_fmadd_ps(sum, _mm256_set1_ps(d[m]), acc[m]);
+                let step = _mm256_set1_ps(d[m]);
+                let step = match factors {
+                    Some(f) => _mm256_mul_ps(f[h], step),
+                    None => step,
+                };
+                acc[m] = _mm256_fmadd_ps(sum, step, acc[m]);
             }
         }
     }
@@ -448,8 +455,9 @@ unsafe fn store(out: &Out, m: usize, tile: usize, h: usize, v: __m256) {
     }
 }
 
-/// Per-OC tile `t`, whose code words are `codes`: `y = Σ_g s_g·(acc_g − z_g·xsum_g)` (the
-/// parent module's doc), in the AVX-512 kernel's order of operations.
+/// Per-OC tile `t`, whose code words are `codes`:
+/// `y = Σ_g (Σ_{b∈g} s_g·d_b·Σ_{k∈b} q̂_k·q_k − s_g·z_g·xsum_g)` (the parent module's doc), in
+/// the AVX-512 kernel's order of operations.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn oc_tile<const B: usize, const M: usize>(
     w: &CpuPacked,
@@ -468,17 +476,15 @@ unsafe fn oc_tile<const B: usize, const M: usize>(
     unsafe {
         let offset = _mm256_set1_ps(code_offset::<B>());
         for g in 0..groups {
-            let mut acc = [[_mm256_setzero_ps(); M]; 2];
+            let at = |h: usize| (t * groups + g) * LANES + h * HALF;
+            let s = [widen(&w.scales, at(0)), widen(&w.scales, at(1))];
             for blk in g * blocks_per_group..(g + 1) * blocks_per_group {
                 prefetch_ahead::<B>(codes, blk);
-                block_dot::<B, M>(codes, blk, &blocks, &mut acc);
+                block_dot::<B, M>(codes, blk, &blocks, Some(&s), &mut y);
             }
-            for (h, (y, acc)) in y.iter_mut().zip(&acc).enumerate() {
-                let at = (t * groups + g) * LANES + h * HALF;
-                let s = widen(&w.scales, at);
-                let sz = _mm256_mul_ps(s, _mm256_sub_ps(widen(&w.zeros, at), offset));
+            for (h, y) in y.iter_mut().enumerate() {
+                let sz = _mm256_mul_ps(s[h], _mm256_sub_ps(widen(&w.zeros, at(h)), offset));
                 for (m, y) in y.iter_mut().enumerate() {
-                    *y = _mm256_fmadd_ps(s, acc[m], *y);
                     *y = _mm256_fnmadd_ps(sz, _mm256_set1_ps(xsum[m * groups + g]), *y);
                 }
             }
@@ -525,7 +531,7 @@ unsafe fn ic_group<const B: usize, const M: usize>(
             let mut acc = [[_mm256_setzero_ps(); M]; 2];
             for blk in 0..k / BLOCK {
                 prefetch_ahead::<B>(codes, blk);
-                block_dot::<B, M>(codes, blk, &blocks, &mut acc);
+                block_dot::<B, M>(codes, blk, &blocks, None, &mut acc);
             }
             for (h, acc) in acc.iter().enumerate() {
                 for (m, acc) in acc.iter().enumerate() {

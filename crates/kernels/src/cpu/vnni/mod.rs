@@ -11,7 +11,8 @@
 //! multiply-adds per instruction. The integer sums are exact, so the product is `x̂ · Ŵᵀ`
 //! up to the f32 sums over blocks, where `x̂` is `x` rounded block by block:
 //!
-//! * **per-OC**: `y = Σ_g s_g·(Σ_{b∈g} d_b·Σ_{k∈b} x̂q_k·q_k − z_g·Σ_{k∈g} x̂_k)`;
+//! * **per-OC**: `y = Σ_g (Σ_{b∈g} (s_g·d_b)·Σ_{k∈b} x̂q_k·q_k − s_g·z_g·Σ_{k∈g} x̂_k)`: each
+//!   block's integer sum goes into the output with its group's scale, without a group sum;
 //! * **per-IC**: what is rounded is the coefficient `c_k = x_k·s_{g,k}` of each group `g` of
 //!   outputs (the f32 kernel's `coef`), so `y = Σ_b e_b·Σ_{k∈b} ĉq_k·q_k − Σ_k c_k·z_{g,k}`
 //!   (the zero term is one f32 sum per group and row, so it keeps the exact coefficients).
@@ -826,17 +827,22 @@ mod x86 {
         c as i64
     }
 
-    /// `acc[t][m] += d_m · Σ_{k∈blk} q̂_m,k · code_k` for the 16 lanes of each of `T` tiles: the
-    /// block loop both dims share. Quads outermost and rows innermost, so that each row's sum
-    /// stays in a register. A row's 8 dot products form a chain, each waiting on the one before
-    /// (`vpdpbusd`'s latency is about 2.3 ns on Intel, docs/serve.md): at small `M·T` they are
-    /// split over independent chains, and with [`super::Tiling::Paired`] two tiles share the
-    /// block's activations so that twice as many chains run side by side.
+    /// `acc[t][m] += f_t·d_m · Σ_{k∈blk} q̂_m,k · code_k` for the 16 lanes of each of `T` tiles,
+    /// with `f_t` the lanes of `factors[t]`, or 1 without them: the block loop both dims share.
+    /// Per-OC the factors are the tiles' group scales, so that a block's sum goes straight into
+    /// the output: a group accumulator beside the outputs left too few registers at 8 rows, and
+    /// its spills cost about 9% of the eight-row per-OC products (docs/serve.md, session 48).
+    /// Quads outermost and rows innermost, so that each row's sum stays in a register. A row's
+    /// 8 dot products form a chain, each waiting on the one before (`vpdpbusd`'s latency is
+    /// about 2.3 ns on Intel, docs/serve.md): at small `M·T` they are split over independent
+    /// chains, and with [`super::Tiling::Paired`] two tiles share the block's activations so
+    /// that twice as many chains run side by side.
     #[inline(always)]
     unsafe fn block_dot<const B: usize, const M: usize, const T: usize>(
         codes: [&[[u32; LANES]]; T],
         blk: usize,
         acts: &Blocks<'_, M>,
+        factors: Option<&[__m512; T]>,
         acc: &mut [[__m512; M]; T],
     ) {
         let chains = (4 / (M * T)).max(1);
@@ -864,7 +870,13 @@ mod x86 {
                     for chain in &sums[1..chains] {
                         sum = _mm512_add_epi32(sum, chain[t][m]);
                     }
-                    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(d[m]), acc[m]);
+                    let step = _mm512_set1_ps(d[m]);
+                    // A `match`, not a closure: a closure would not get the target features.
+                    let step = match factors {
+                        Some(f) => _mm512_mul_ps(f[t], step),
+                        None => step,
+                    };
+                    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), step, acc[m]);
                 }
             }
         }
@@ -887,7 +899,7 @@ mod x86 {
     }
 
     /// Per-OC tiles `first..first + T`, whose code words are `codes`:
-    /// `y = Σ_g s_g·(acc_g − z_g·xsum_g)` (module doc).
+    /// `y = Σ_g (Σ_{b∈g} s_g·d_b·Σ_{k∈b} q̂_k·q_k − s_g·z_g·xsum_g)` (module doc).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,fma")]
     unsafe fn oc_tiles<const B: usize, const M: usize, const T: usize>(
         w: &CpuPacked,
@@ -906,19 +918,20 @@ mod x86 {
         // tiles `first..first + T` of `out`.
         unsafe {
             for g in 0..groups {
-                let mut acc = [[_mm512_setzero_ps(); M]; T];
+                let at = |t: usize| ((first + t) * groups + g) * LANES;
+                let mut s = [_mm512_setzero_ps(); T];
+                for (t, s) in s.iter_mut().enumerate() {
+                    *s = widen(&w.scales, at(t));
+                }
                 for blk in g * blocks_per_group..(g + 1) * blocks_per_group {
                     for codes in codes {
                         prefetch_ahead::<B>(codes, blk);
                     }
-                    block_dot::<B, M, T>(codes, blk, &blocks, &mut acc);
+                    block_dot::<B, M, T>(codes, blk, &blocks, Some(&s), &mut y);
                 }
-                for (t, (y, acc)) in y.iter_mut().zip(&acc).enumerate() {
-                    let at = ((first + t) * groups + g) * LANES;
-                    let s = widen(&w.scales, at);
-                    let sz = _mm512_mul_ps(s, widen(&w.zeros, at));
+                for (t, y) in y.iter_mut().enumerate() {
+                    let sz = _mm512_mul_ps(s[t], widen(&w.zeros, at(t)));
                     for (m, y) in y.iter_mut().enumerate() {
-                        *y = _mm512_fmadd_ps(s, acc[m], *y);
                         *y = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xsum[m * groups + g]), *y);
                     }
                 }
@@ -1124,7 +1137,7 @@ mod x86 {
                     for codes in codes {
                         prefetch_ahead::<B>(codes, blk);
                     }
-                    block_dot::<B, M, T>(codes, blk, &blocks, &mut acc);
+                    block_dot::<B, M, T>(codes, blk, &blocks, None, &mut acc);
                 }
                 for (t, acc) in acc.iter().enumerate() {
                     for m in 0..M {
