@@ -28,6 +28,15 @@ pub trait QuantBackend: Backend {
         DeviceLimits::NONE
     }
 
+    /// How many forwards of disjoint sequences a batched decode step may run at once. One
+    /// forward alternates parallel products with serial stretches (norms, rotation,
+    /// attention's bookkeeping) in which a host backend's other threads idle; forwards of two
+    /// halves of the batch, side by side, fill each other's gaps (docs/serve.md, session 49).
+    /// A device runs one.
+    fn concurrent_forwards() -> usize {
+        1
+    }
+
     /// Uploads (and validates) a packed weight; a buffer the device cannot hold is a
     /// [`QuantLinearError::DeviceLimit`].
     fn upload(

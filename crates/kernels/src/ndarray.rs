@@ -241,6 +241,11 @@ impl QuantBackend for B {
     type Weight = NdArrayWeight;
     type KvCache = HostKv;
 
+    /// Two on a pool of two threads or more; one thread would run them in turn.
+    fn concurrent_forwards() -> usize {
+        rayon::current_num_threads().min(2)
+    }
+
     fn upload(
         packed: &PackedLinear,
         _device: &Self::Device,

@@ -290,6 +290,28 @@ pub fn token_logprob(logits: &[f32], token: u32, top_n: usize) -> TokenLogprob {
 /// memory in a small part of a 128-row product's time, so longer prompts run in such chunks.
 pub const MAX_STEP_ROWS: usize = kernels::cpu::DIRECT_ROWS_PACKED;
 
+/// From this many rows on, a step whose backend runs forwards side by side
+/// ([`QuantBackend::concurrent_forwards`]) splits its sequences into two forwards of about half
+/// the rows each. Measured on the 2-core AMD Zen 4 host of docs/serve.md (session 49): steps
+/// of 8 sequences 3–23% shorter, of 16 sequences 11–23%; at 2 and 4 sequences the two forwards
+/// were up to 24% slower, at 6 about even.
+pub const SPLIT_ROWS: usize = 8;
+
+/// Where to cut `spans` (`(start, rows)` each, at least two) into two runs of spans whose rows
+/// are as even as can be, each with at least one span.
+fn balanced_split(spans: &[(usize, usize)]) -> usize {
+    let total: usize = spans.iter().map(|s| s.1).sum();
+    let mut before = 0;
+    let offsets = spans[..spans.len() - 1].iter().map(|s| {
+        before += s.1;
+        before
+    });
+    // The cut after span i leaves `before` rows on the left: closest to half the total wins.
+    1 + (offsets.enumerate())
+        .min_by_key(|&(_, b)| (2 * b).abs_diff(total))
+        .map_or(0, |(i, _)| i)
+}
+
 /// One sequence being generated, a token at a time: its KV cache, the sampler's state and the
 /// logits of the next position.
 ///
@@ -414,9 +436,11 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
     /// of each decoder that has one pending, and up to `prefill_tokens` prompt tokens of those
     /// still prefilling (in order; a prompt may be cut into chunks across steps), at most
     /// [`MAX_STEP_ROWS`] rows in all. Its linears are `M = rows` products, which read each
-    /// weight once for all of them. Each decoder whose last position ran draws its next token
-    /// here, side by side with the others; the next [`Decoder::next_token`] hands it out.
-    /// Decoders without a KV cache run alone.
+    /// weight once for all of them; from [`SPLIT_ROWS`] rows on, a host backend runs two such
+    /// forwards side by side, each over about half the decoders. Each decoder whose last
+    /// position ran draws its next token here, side by side with the others; the next
+    /// [`Decoder::next_token`] hands it out. Decoders without a KV cache run alone. A
+    /// decoder's tokens do not depend on which others step with it.
     pub fn step_together(decoders: &mut [&mut Self], prefill_tokens: usize) {
         // Prompts fill the rows the decoding sequences leave (at least one, so that they
         // always advance).
@@ -459,6 +483,23 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
             batch.iter().all(|d| std::ptr::eq(d.model, model)),
             "decoders stepped together share one model"
         );
+        let rows: usize = spans.iter().map(|s| s.1).sum();
+        if B::concurrent_forwards() > 1 && batch.len() > 1 && rows >= SPLIT_ROWS {
+            let half = balanced_split(&spans);
+            let (batch_b, spans_b) = (batch.split_off(half), spans.split_off(half));
+            rayon::join(
+                || Self::forward(model, batch, spans),
+                || Self::forward(model, batch_b, spans_b),
+            );
+        } else {
+            Self::forward(model, batch, spans);
+        }
+    }
+
+    /// Runs each decoder's span of tokens `(start, n)` in one forward, and takes in the
+    /// logits it reads (sampling the next token where the span ends its prompt or is a
+    /// decode step).
+    fn forward(model: &Llama<B>, mut batch: Vec<&mut Self>, spans: Vec<(usize, usize)>) {
         let tokens: Vec<u32> = batch
             .iter()
             .zip(&spans)
@@ -598,6 +639,17 @@ pub fn generate<B: QuantBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn balanced_split_evens_the_rows() {
+        assert_eq!(balanced_split(&[(0, 1), (0, 1)]), 1);
+        assert_eq!(balanced_split(&[(0, 1); 8]), 4);
+        assert_eq!(balanced_split(&[(0, 1); 7]), 3);
+        // A prompt's chunk beside decode steps: it goes alone.
+        assert_eq!(balanced_split(&[(0, 64), (0, 1), (0, 1), (0, 1)]), 1);
+        assert_eq!(balanced_split(&[(0, 1), (0, 1), (0, 64)]), 2);
+        assert_eq!(balanced_split(&[(0, 3), (0, 1), (0, 1), (0, 1), (0, 2)]), 2);
+    }
 
     /// The sampler's definition, written plainly: every token's weight, sorted, cut at `top_p`.
     fn sample_by_sorting(logits: &[f32], temperature: f32, top_p: f32, rng: &mut StdRng) -> u32 {

@@ -5,7 +5,9 @@
 //! Every step samples one token for each running sequence, then runs all their new tokens
 //! through the model in one forward ([`Decoder::step_together`]): the linears become
 //! `M = n` products that read each weight once for all sequences, which is what a decode step
-//! costs. A waiting job joins the batch at the next step; a finished one leaves it.
+//! costs. (On the CPU, from [`model_llama::generate::SPLIT_ROWS`] rows on, two forwards over
+//! half the sequences each run side by side, so that each one's serial stretches overlap the
+//! other's products.) A waiting job joins the batch at the next step; a finished one leaves it.
 //!
 //! A joining job's prompt runs in the same forwards, at most `prefill_chunk` prompt tokens per
 //! step (chunked prefill), so a long prompt delays the running sequences' next tokens by a

@@ -2,7 +2,8 @@
 
 use burn::backend::NdArray;
 use burn::prelude::*;
-use model_llama::generate::{Decoder, GenerateOptions, MAX_STEP_ROWS, generate};
+use kernels::QuantBackend;
+use model_llama::generate::{Decoder, GenerateOptions, MAX_STEP_ROWS, SPLIT_ROWS, generate};
 use model_llama::load::load_model;
 use model_llama::perplexity::perplexity;
 use model_llama::{HostTensor, KvDtype, LlamaConfig, MemorySource, RopeScaling, TensorSource};
@@ -333,6 +334,63 @@ fn advanced_together(kv_cache: KvDtype, tolerance: f64) {
         generated.iter().map(Vec::len).collect::<Vec<_>>(),
         [12, 5, 9]
     );
+}
+
+/// Steps of at least [`SPLIT_ROWS`] rows run as two forwards side by side on a pool of two
+/// threads; every sequence still produces the tokens it produces alone, greedy or sampled,
+/// through prompts run in chunks beside decode steps and sequences ending at different steps.
+#[test]
+fn split_steps_match_running_alone() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        assert_eq!(<B as QuantBackend>::concurrent_forwards(), 2);
+        let src = random_source(tiny_config(None), 21);
+        let model = load_model::<B>(&src, &Default::default()).unwrap();
+        let n = SPLIT_ROWS + 2;
+        let prompts: Vec<Vec<u32>> = (0..n)
+            .map(|i| {
+                (0..1 + i % 4)
+                    .map(|t| (7 * i + 3 * t) as u32 % 50)
+                    .collect()
+            })
+            .collect();
+        let opts = |i: usize| GenerateOptions {
+            max_new_tokens: 6 + i % 5,
+            temperature: if i.is_multiple_of(3) { 0.0 } else { 0.8 },
+            top_p: 0.9,
+            seed: 100 + i as u64,
+            use_cache: true,
+            kv_cache: KvDtype::F16,
+            stop_token: None,
+        };
+        let alone: Vec<Vec<u32>> = (0..n)
+            .map(|i| generate(&model, &prompts[i], &opts(i)).tokens)
+            .collect();
+        let mut decoders: Vec<Decoder<'_, B>> = (0..n)
+            .map(|i| Decoder::start(&model, &prompts[i], &opts(i), None))
+            .collect();
+        let mut generated: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut widest = 0;
+        while !decoders.iter().all(Decoder::is_finished) {
+            for (d, g) in decoders.iter_mut().zip(&mut generated) {
+                if !d.is_prefilling() && !d.is_finished() {
+                    g.extend(d.next_token());
+                }
+            }
+            let running = decoders.iter().filter(|d| !d.is_finished()).count();
+            widest = widest.max(running);
+            let mut refs: Vec<&mut Decoder<'_, B>> = decoders.iter_mut().collect();
+            Decoder::step_together(&mut refs, 4);
+        }
+        assert!(
+            widest >= SPLIT_ROWS,
+            "the steps never had {SPLIT_ROWS} rows"
+        );
+        assert_eq!(generated, alone);
+    });
 }
 
 /// A prompt longer than a forward's rows runs in forwards of at most [`MAX_STEP_ROWS`], the

@@ -3,7 +3,7 @@
 
 use crate::support;
 
-use model_llama::generate::{Decoder, GenerateOptions};
+use model_llama::generate::{Decoder, GenerateOptions, SPLIT_ROWS};
 use serde_json::{Value, json};
 use serve::ServeOptions;
 use support::{MODEL, agent, get, greedy, post, start, start_opts, start_with};
@@ -170,12 +170,19 @@ fn bad_requests_get_a_clear_400_and_the_server_keeps_serving() {
 #[test]
 fn concurrent_greedy_requests_return_the_sequential_tokens() {
     let server = start(8);
+    // Enough that the decode steps have the rows to run as two forwards side by side on a pool
+    // of two threads or more.
     let prompts = [
         "The capital of France is",
         "def fibonacci(n):",
         "Water boils at",
         "My favourite book is",
+        "Once upon a time",
+        "The best way to learn",
+        "In 1969, the first",
+        "A recipe for bread:",
     ];
+    assert!(prompts.len() >= SPLIT_ROWS);
     let sequential: Vec<String> = prompts.iter().map(|p| greedy(&server, p, 16)).collect();
     let concurrent: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = prompts
