@@ -291,10 +291,13 @@ pub fn token_logprob(logits: &[f32], token: u32, top_n: usize) -> TokenLogprob {
 pub const MAX_STEP_ROWS: usize = kernels::cpu::DIRECT_ROWS_PACKED;
 
 /// From this many rows on, a step whose backend runs forwards side by side
-/// ([`QuantBackend::concurrent_forwards`]) splits its sequences into two forwards of about half
-/// the rows each. Measured on the 2-core AMD Zen 4 host of docs/serve.md (session 49): steps
-/// of 8 sequences 3–23% shorter, of 16 sequences 11–23%; at 2 and 4 sequences the two forwards
-/// were up to 24% slower, at 6 about even.
+/// ([`QuantBackend::concurrent_forwards`]) runs the layers of its sequences as two forwards of
+/// about half the rows each, then the head once for all rows. Measured on the 2-core AMD Zen 4
+/// host of docs/serve.md (session 49): steps of 8 sequences 3–23% shorter than one forward,
+/// of 16 sequences 11–23%; at 2 and 4 sequences the two forwards were up to 24% slower, at 6
+/// about even. One head product for both halves (rather than one each) took the steps of 8
+/// sequences another 2–7% lower: at 8 rows on two threads it is cheaper than two products of
+/// 4 rows, one a thread, which each read the whole head.
 pub const SPLIT_ROWS: usize = 8;
 
 /// Where to cut `spans` (`(start, rows)` each, at least two) into two runs of spans whose rows
@@ -483,42 +486,40 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
             batch.iter().all(|d| std::ptr::eq(d.model, model)),
             "decoders stepped together share one model"
         );
-        let rows: usize = spans.iter().map(|s| s.1).sum();
-        if B::concurrent_forwards() > 1 && batch.len() > 1 && rows >= SPLIT_ROWS {
+        let step_rows: usize = spans.iter().map(|s| s.1).sum();
+        let split = B::concurrent_forwards() > 1 && batch.len() > 1 && step_rows >= SPLIT_ROWS;
+        let hidden = if split {
             let half = balanced_split(&spans);
-            let (batch_b, spans_b) = (batch.split_off(half), spans.split_off(half));
-            rayon::join(
-                || Self::forward(model, batch, spans),
-                || Self::forward(model, batch_b, spans_b),
+            let (a, b) = batch.split_at_mut(half);
+            let (sa, sb) = spans.split_at(half);
+            let (a, b) = rayon::join(
+                || Self::hidden_states(model, a, sa),
+                || Self::hidden_states(model, b, sb),
             );
+            Tensor::cat(vec![a, b], 1)
         } else {
-            Self::forward(model, batch, spans);
-        }
+            Self::hidden_states(model, &mut batch, &spans)
+        };
+        Self::read_logits(model, hidden, &mut batch, &spans);
     }
 
-    /// Runs each decoder's span of tokens `(start, n)` in one forward, and takes in the
-    /// logits it reads (sampling the next token where the span ends its prompt or is a
-    /// decode step).
-    fn forward(model: &Llama<B>, mut batch: Vec<&mut Self>, spans: Vec<(usize, usize)>) {
-        let tokens: Vec<u32> = batch
-            .iter()
-            .zip(&spans)
-            .flat_map(|(d, &(start, n))| d.tokens[start..start + n].iter().copied())
-            .collect();
-        let lens: Vec<usize> = spans.iter().map(|s| s.1).collect();
-        let mut caches: Vec<&mut [crate::model::KvCache<B>]> =
-            batch.iter_mut().map(|d| d.cache.as_mut_slice()).collect();
-        let hidden =
-            model.hidden_states_batch(to_tensor(&tokens, &model.device()), &mut caches, &lens);
+    /// Runs the head on the rows of `hidden` (each decoder's span in turn) whose logits the
+    /// decoders read, and hands each decoder its rows ([`Decoder::absorb`]).
+    fn read_logits(
+        model: &Llama<B>,
+        hidden: Tensor<B, 3>,
+        batch: &mut [&mut Self],
+        spans: &[(usize, usize)],
+    ) {
         // One head product for the rows whose logits someone reads.
         let reads: Vec<Vec<usize>> = batch
             .iter()
-            .zip(&spans)
+            .zip(spans)
             .map(|(d, &(start, n))| d.rows_read(start, n).collect())
             .collect();
         let mut rows = Vec::new();
         let mut offset = 0;
-        for (read, &(_, n)) in reads.iter().zip(&spans) {
+        for (read, &(_, n)) in reads.iter().zip(spans) {
             rows.extend(read.iter().map(|r| offset + r));
             offset += n;
         }
@@ -527,11 +528,11 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
             // its spans: any nonzero width cuts the empty rows.
             let vocab = (flat.len() / rows.len().max(1)).max(1);
             let mut rest = flat;
-            let work: Vec<_> = (batch.into_iter().zip(spans).zip(reads))
+            let work: Vec<_> = (batch.iter_mut().zip(spans).zip(reads))
                 .map(|((d, span), read)| {
                     let (mine, after) = rest.split_at(read.len() * vocab);
                     rest = after;
-                    (d, span, read, mine)
+                    (d, *span, read, mine)
                 })
                 .collect();
             // Each sequence copies its logits and draws its token on its own, in parallel: at 8
@@ -542,6 +543,24 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
                     d.absorb(start, n, read.into_iter().zip(mine.chunks_exact(vocab)));
                 });
         });
+    }
+
+    /// The final hidden states `[1, rows, hidden]` of each decoder's span of tokens
+    /// `(start, n)`, in one forward that also extends their caches.
+    fn hidden_states(
+        model: &Llama<B>,
+        batch: &mut [&mut Self],
+        spans: &[(usize, usize)],
+    ) -> Tensor<B, 3> {
+        let tokens: Vec<u32> = batch
+            .iter()
+            .zip(spans)
+            .flat_map(|(d, &(start, n))| d.tokens[start..start + n].iter().copied())
+            .collect();
+        let lens: Vec<usize> = spans.iter().map(|s| s.1).collect();
+        let mut caches: Vec<&mut [crate::model::KvCache<B>]> =
+            batch.iter_mut().map(|d| d.cache.as_mut_slice()).collect();
+        model.hidden_states_batch(to_tensor(&tokens, &model.device()), &mut caches, &lens)
     }
 
     /// The rows (offsets within a span of `n` tokens from position `start`) whose logits this
