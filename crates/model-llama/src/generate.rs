@@ -293,11 +293,11 @@ pub const MAX_STEP_ROWS: usize = kernels::cpu::DIRECT_ROWS_PACKED;
 /// From this many rows on, a step whose backend runs forwards side by side
 /// ([`QuantBackend::concurrent_forwards`]) runs the layers of its sequences as two forwards of
 /// about half the rows each, then the head once for all rows. Measured on the 2-core AMD Zen 4
-/// host of docs/serve.md (session 49): steps of 8 sequences 3–23% shorter than one forward,
-/// of 16 sequences 11–23%; at 2 and 4 sequences the two forwards were up to 24% slower, at 6
-/// about even. One head product for both halves (rather than one each) took the steps of 8
-/// sequences another 2–7% lower: at 8 rows on two threads it is cheaper than two products of
-/// 4 rows, one a thread, which each read the whole head.
+/// host of docs/serve.md (session 49), against one forward: steps of 8 sequences 0.77–1.04×
+/// (median 0.89×), of 16 sequences 0.77–0.89×; of 2 and 4 sequences up to 1.24×, of 6 about
+/// even. One head product for both halves, rather than one each, took the steps of 8
+/// sequences another 2–7% lower: at 8 rows on two threads it costs less than two 4-row
+/// products side by side, each reading the whole head.
 pub const SPLIT_ROWS: usize = 8;
 
 /// Where to cut `spans` (`(start, rows)` each, at least two) into two runs of spans whose rows
