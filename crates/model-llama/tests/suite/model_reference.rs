@@ -380,8 +380,11 @@ fn split_steps_match_running_alone() {
                     g.extend(d.next_token());
                 }
             }
-            let running = decoders.iter().filter(|d| !d.is_finished()).count();
-            widest = widest.max(running);
+            // Each decoding sequence is one row of the step (prompts add theirs).
+            let decoding = (decoders.iter())
+                .filter(|d| !d.is_prefilling() && !d.is_finished())
+                .count();
+            widest = widest.max(decoding);
             let mut refs: Vec<&mut Decoder<'_, B>> = decoders.iter_mut().collect();
             Decoder::step_together(&mut refs, 4);
         }
