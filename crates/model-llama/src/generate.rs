@@ -500,26 +500,15 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
         } else {
             Self::hidden_states(model, &mut batch, &spans)
         };
-        Self::read_logits(model, hidden, &mut batch, &spans);
-    }
-
-    /// Runs the head on the rows of `hidden` (each decoder's span in turn) whose logits the
-    /// decoders read, and hands each decoder its rows ([`Decoder::absorb`]).
-    fn read_logits(
-        model: &Llama<B>,
-        hidden: Tensor<B, 3>,
-        batch: &mut [&mut Self],
-        spans: &[(usize, usize)],
-    ) {
         // One head product for the rows whose logits someone reads.
         let reads: Vec<Vec<usize>> = batch
             .iter()
-            .zip(spans)
+            .zip(&spans)
             .map(|(d, &(start, n))| d.rows_read(start, n).collect())
             .collect();
         let mut rows = Vec::new();
         let mut offset = 0;
-        for (read, &(_, n)) in reads.iter().zip(spans) {
+        for (read, &(_, n)) in reads.iter().zip(&spans) {
             rows.extend(read.iter().map(|r| offset + r));
             offset += n;
         }
@@ -528,11 +517,11 @@ impl<'m, B: QuantBackend> Decoder<'m, B> {
             // its spans: any nonzero width cuts the empty rows.
             let vocab = (flat.len() / rows.len().max(1)).max(1);
             let mut rest = flat;
-            let work: Vec<_> = (batch.iter_mut().zip(spans).zip(reads))
+            let work: Vec<_> = (batch.into_iter().zip(spans).zip(reads))
                 .map(|((d, span), read)| {
                     let (mine, after) = rest.split_at(read.len() * vocab);
                     rest = after;
-                    (d, *span, read, mine)
+                    (d, span, read, mine)
                 })
                 .collect();
             // Each sequence copies its logits and draws its token on its own, in parallel: at 8
