@@ -34,7 +34,8 @@
 //! * 2 bits: bits `2s..2s+2` of each byte of word `w` (codes `16w+s+4·{0,1,2,3}`);
 //! * 3 bits: the stream straddles words, so two funnel shifts (`vpshrdd`) first realign codes
 //!   10–19 and 20–29 to bit 0 of a word; `vpmultishiftqb` then takes any 4 codes of a word
-//!   into the 4 bytes, and two quads combine two words under a byte mask.
+//!   into the 4 bytes. Quad 6 takes its codes from the halves of two words blended into one,
+//!   and quad 7's all lie in the third word.
 
 use std::sync::OnceLock;
 
@@ -784,26 +785,22 @@ mod x86 {
                     let pick = |offsets: [u8; 4], src: __m512i| {
                         _mm512_multishift_epi64_epi8(_mm512_set1_epi64(control(offsets)), src)
                     };
-                    // Bytes 2 and 3 of every lane.
-                    let high_half: __mmask64 = 0xcccc_cccc_cccc_cccc;
-                    let pick_high = |low: __m512i, offsets: [u8; 4], src: __m512i| {
-                        _mm512_mask_multishift_epi64_epi8(
-                            low,
-                            high_half,
-                            _mm512_set1_epi64(control(offsets)),
-                            src,
-                        )
-                    };
-                    let (first, second, last) = ([0, 3, 6, 9], [12, 15, 18, 21], [24, 27, 24, 27]);
+                    let (first, second) = ([0, 3, 6, 9], [12, 15, 18, 21]);
                     q[0] = pick(first, w0);
                     q[1] = pick(second, w0);
                     q[2] = pick(first, t1);
                     q[3] = pick(second, t1);
                     q[4] = pick(first, t2);
                     q[5] = pick(second, t2);
-                    q[6] = pick_high(pick(last, w0), last, t1);
-                    // Codes 30 and 31 stay at bits 26 and 29 of the third word.
-                    q[7] = pick_high(pick(last, t2), [0, 0, 26, 29], w2);
+                    // Codes 8 and 9 (bits 24 and 27 of the first word) moved to the low half, beside
+                    // 18 and 19 (bits 22 and 25 of the second) in the high half: one pick, where
+                    // a masked second one cost a slot on the pipes `vpdpbusd` uses (Zen 4).
+                    let high_half: __mmask32 = 0xaaaa_aaaa;
+                    let halves =
+                        _mm512_mask_blend_epi16(high_half, _mm512_srli_epi32::<16>(w0), w1);
+                    q[6] = pick([8, 11, 22, 25], halves);
+                    // Codes 28–31 all lie in the third word.
+                    q[7] = pick([20, 23, 26, 29], w2);
                     let mask = _mm512_set1_epi32(0x0707_0707);
                     for q in &mut q {
                         *q = _mm512_and_si512(*q, mask);
