@@ -5,21 +5,25 @@ use quant_core::{PackedLinear, QuantDim};
 use rayon::prelude::*;
 
 use super::CpuKernelError;
+use super::tile::unroll_block;
 
 /// Output channels per tile: one 512-bit vector of f32 (two 256-bit ones on AVX2).
 pub(crate) const LANES: usize = 16;
 /// Reduction steps per code block: 32 codes of `b` bits fill exactly `b` words, for every `b`.
 pub(crate) const BLOCK: usize = 32;
 
-/// A [`PackedLinear`] re-laid out for the CPU kernel: same bytes of codes, scales and zeros,
-/// different order.
+/// A [`PackedLinear`] re-laid out for the CPU kernel: the same codes, scales and zeros in the
+/// same number of bytes, in a different order.
 ///
 /// Both dims become the same shape of problem: tiles of `LANES` = 16 consecutive
-/// *output* channels, each lane holding its codes along the *reduction* dim `k` as one
-/// little-endian bit stream (the [`quant_core::packing`] format), and the 16 lanes'
-/// words interleaved (`[tile][word][lane]`) so that one vector load brings the next
-/// `32/b` codes of all 16 outputs. For per-OC this is the packed rows of `W`, interleaved;
-/// for per-IC (codes stored along output channels) the codes are transposed once here.
+/// *output* channels, each lane holding its codes along the *reduction* dim `k` in blocks of
+/// [`BLOCK`] = 32 codes, `b` words a block, and the 16 lanes' words interleaved
+/// (`[tile][word][lane]`) so that one vector load brings the next `32/b` codes of all 16
+/// outputs. For per-OC this is the packed rows of `W`, interleaved; for per-IC (codes stored
+/// along output channels) the codes are transposed once here. Within a block, 2-, 4- and
+/// 8-bit codes keep the packed format's little-endian bit stream ([`quant_core::packing`]);
+/// 3-bit codes are re-laid out byte by byte ([`code_at`]), so that no code straddles a word
+/// and 4 codes reach the 4 bytes of a lane with one shift and mask.
 ///
 /// Scales and zeros stay f16 (so the kernel reads no more bytes than the packed format):
 /// * per-OC: `[tile][group along k][lane]`, one 16-wide vector per group;
@@ -116,6 +120,12 @@ impl CpuPacked {
                 (per_group(&w.scales), per_group(&w.zeros))
             }
         };
+        if bits == 3 {
+            // Every tile holds whole blocks, so the words fall into blocks of 3 rows.
+            codes
+                .par_chunks_mut(3 * 1024)
+                .for_each(|blocks| blocks.chunks_exact_mut(3).for_each(three_bit_lanes));
+        }
         Ok(Self {
             dim: w.dim,
             bits,
@@ -171,5 +181,135 @@ impl CpuPacked {
             QuantDim::Oc => self.in_features / self.group_size,
             QuantDim::Ic => 1,
         }
+    }
+}
+
+/// Where code `j` of a block lies in the block's words of one lane of a [`CpuPacked`]: its low
+/// `width` bits from bit `bit` of word `word`, and, when it does not fit there, its top bit
+/// at `top = (word, bit)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct CodeAt {
+    pub word: usize,
+    pub bit: usize,
+    pub width: usize,
+    pub top: Option<(usize, usize)>,
+}
+
+/// [`CodeAt`] for code `j` (`< 32`) of a block of `bits`-bit codes.
+///
+/// 2, 4 and 8 bits: the packed format's stream, code `j` at bit `j·b` (no code straddles a
+/// word). 3 bits: byte `y` (`0..4`) of the block's three words holds the codes `4i + y` of
+/// the *quads* `i = 0..8`, so that one shift and one mask of a word give quad `i`'s 4 codes in
+/// the 4 bytes of each lane, the layout `vpdpbusd` multiplies (see [`super::vnni`]):
+///
+/// ```text
+///            bits 0..2    bits 3..5    bit 6          bit 7
+/// word 0:    c(y)         c(4+y)       c(24+y) bit 0  c(24+y) bit 1
+/// word 1:    c(8+y)       c(12+y)      c(28+y) bit 0  c(28+y) bit 1
+/// word 2:    c(16+y)      c(20+y)      c(24+y) bit 2  c(28+y) bit 2
+/// ```
+///
+/// (in byte `y`, i.e. bits `8y..8y+8` of the word). Quads 0–5 are whole 3-bit fields; quads
+/// 6 and 7 keep their low two bits in the top of words 0 and 1 and their top bits in word 2.
+/// The stream would straddle codes 10 and 21 across words, and no single shift would align
+/// any 4 codes with the 4 bytes of a lane.
+pub(crate) const fn code_at(bits: usize, j: usize) -> CodeAt {
+    if bits != 3 {
+        return CodeAt {
+            word: j * bits / 32,
+            bit: j * bits % 32,
+            width: bits,
+            top: None,
+        };
+    }
+    let (quad, byte) = (j / 4, j % 4);
+    if quad < 6 {
+        CodeAt {
+            word: quad / 2,
+            bit: 8 * byte + 3 * (quad % 2),
+            width: 3,
+            top: None,
+        }
+    } else {
+        CodeAt {
+            word: quad - 6,
+            bit: 8 * byte + 6,
+            width: 2,
+            top: Some((2, 8 * byte + 6 + (quad - 6))),
+        }
+    }
+}
+
+/// A 3-bit block of a tile (3 rows of 16 lanes), from the packed format's stream to
+/// [`code_at`]'s layout. Lane by lane with every position a constant, which LLVM vectorises
+/// across the lanes: a LLaMA-7B load re-lays out 2.5 GB of codes.
+fn three_bit_lanes(block: &mut [[u32; LANES]]) {
+    let mut out = [[0u32; LANES]; 3];
+    unroll_block!(J => {
+        const AT: CodeAt = code_at(3, J);
+        // Code `J` of the stream: bits `3J..3J + 3`, across a word boundary for codes 10 and 21.
+        let (w, s) = (3 * J / 32, 3 * J % 32);
+        for l in 0..LANES {
+            let mut code = block[w][l] >> s;
+            if s + 3 > 32 {
+                code |= block[w + 1][l] << (32 - s);
+            }
+            out[AT.word][l] |= (code & ((1 << AT.width) - 1)) << AT.bit;
+            if let Some((word, bit)) = AT.top {
+                out[word][l] |= ((code >> AT.width) & 1) << bit;
+            }
+        }
+    });
+    block.copy_from_slice(&out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every bit of a block's words belongs to exactly one code, for every width.
+    #[test]
+    fn code_at_covers_every_bit_once() {
+        for bits in [2usize, 3, 4, 8] {
+            let mut used = vec![0u8; 32 * bits];
+            for j in 0..BLOCK {
+                let at = code_at(bits, j);
+                let top = at.top.map_or(0, |_| 1);
+                assert_eq!(at.width + top, bits, "{bits}-bit code {j}");
+                assert!(at.bit + at.width <= 32, "{bits}-bit code {j} straddles");
+                for b in 0..at.width {
+                    used[32 * at.word + at.bit + b] += 1;
+                }
+                if let Some((word, bit)) = at.top {
+                    used[32 * word + bit] += 1;
+                }
+            }
+            assert!(used.iter().all(|&n| n == 1), "{bits} bits: {used:?}");
+        }
+    }
+
+    /// The 3-bit re-layout puts code `j` of the stream where [`code_at`] says, and 4 codes of
+    /// a quad in the 4 bytes of a word.
+    #[test]
+    fn three_bit_lanes_follows_code_at() {
+        let codes: Vec<u8> = (0..BLOCK).map(|j| ((j * 5 + j / 7) % 8) as u8).collect();
+        let mut stream = [0u32; 3];
+        pack_row(&codes, 3, &mut stream);
+        let mut block = stream.map(|w| [w; LANES]);
+        three_bit_lanes(&mut block);
+        let lanes = block.map(|row| row[LANES - 1]);
+        for (j, &code) in codes.iter().enumerate() {
+            let at = code_at(3, j);
+            let mut got = (lanes[at.word] >> at.bit) & ((1 << at.width) - 1);
+            if let Some((word, bit)) = at.top {
+                got |= ((lanes[word] >> bit) & 1) << at.width;
+            }
+            assert_eq!(got, u32::from(code), "code {j}");
+        }
+        // Quad 1 (codes 4..8) is bits 3..5 of each byte of word 0.
+        let quad1: Vec<u8> = (0..4)
+            .map(|y| ((lanes[0] >> (8 * y + 3)) & 7) as u8)
+            .collect();
+        assert_eq!(quad1, codes[4..8]);
     }
 }

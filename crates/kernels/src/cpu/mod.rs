@@ -11,7 +11,7 @@
 //! Re-lay out a [`quant_core::PackedLinear`] once with [`CpuPacked::new`], then call
 //! [`gemm()`] (the fastest kernel this CPU has), [`gemm_with`] (f32 on a forced [`SimdPath`], for
 //! tests and benchmarks) or [`vnni::gemm`] (int8 dot products on activations rounded to 8 bits,
-//! which [`gemm()`] picks on CPUs with AVX512-VNNI, VBMI and VBMI2 or with AVX2; see [`vnni`]).
+//! which [`gemm()`] picks on CPUs with AVX512-VNNI and VBMI or with AVX2; see [`vnni`]).
 //! Weights are
 //! read once per call (for `M ≤ 8`) and decoded in registers; rows of `x` beyond 8 are
 //! processed in chunks of 8, each re-reading the weights: for large `M` (beyond
@@ -52,8 +52,8 @@
 //! (`is_x86_feature_detected!`). No SIMD crate or intrinsic is needed: LLVM vectorises the
 //! fixed-size lane loops fully (per 16 codes on AVX-512: `vpsrld`/`vpslld` → `vpternlogd`
 //! (mask and or 1.0) → `vfmadd` with the coefficient broadcast from memory), and the
-//! bit-unpacking of straddling 3-bit codes, which SIMD-crate abstractions do not cover
-//! better, is written once for every width. Keep slice accesses in the tile code provably
+//! bit-unpacking of split 3-bit codes, which SIMD-crate abstractions do not cover better, is
+//! written once for every width. Keep slice accesses in the tile code provably
 //! in bounds (fixed-size arrays, `as_chunks`): a bounds check LLVM cannot hoist stops it
 //! vectorising the loop around it. One piece has AVX-512 intrinsics beside its portable
 //! version: the per-IC coefficient pass, where LLVM kept an accumulator in memory
@@ -131,7 +131,7 @@ pub enum CpuKernelError {
     },
     #[error("SIMD path {0:?} is not supported on this machine")]
     Unsupported(SimdPath),
-    #[error("this CPU has no int8 dot products (AVX-512 VNNI with VBMI and VBMI2, or AVX2)")]
+    #[error("this CPU has no int8 dot products (AVX-512 VNNI with VBMI, or AVX2)")]
     NoInt8,
 }
 

@@ -3,7 +3,7 @@
 //! every `for l in 0..LANES` loop into one or two vector instructions.
 
 use super::f16::h2f;
-use super::layout::{BLOCK, CpuPacked, LANES};
+use super::layout::{BLOCK, CpuPacked, LANES, code_at};
 
 /// `a·b + c`: fused where the path has FMA, plain otherwise (`mul_add` without hardware
 /// FMA is a slow libm call).
@@ -47,9 +47,9 @@ fn decoded_scale_zero<const B: usize>(s: f32, z: f32) -> (f32, f32) {
     (s * two_b, s * (z + two_b))
 }
 
-/// Codes `j` (of the block's 32) of all 16 lanes, decoded to `1 + q/2^B`. `B` words hold
-/// the block, so the word and shift are compile-time constants once `j` is unrolled; 3-bit
-/// codes 10 and 21 straddle two words.
+/// Codes `j` (of the block's 32) of all 16 lanes, decoded to `1 + q/2^B`. Where a code lies
+/// ([`code_at`]) is a compile-time constant once `j` is unrolled; the 3-bit codes of quads 6
+/// and 7 take their top bit from another word.
 ///
 /// The code is moved straight into the top mantissa bits of 1.0 (one shift, then an
 /// and-or: a single `vpternlogd` on AVX-512) instead of shift, mask and int→float
@@ -58,24 +58,29 @@ fn decoded_scale_zero<const B: usize>(s: f32, z: f32) -> (f32, f32) {
 /// that can only use port 0. The 3-bit decode is what bounds the `M = 1` product.
 #[inline(always)]
 pub(crate) fn codes_at<const B: usize>(block: &[[u32; LANES]; B], j: usize) -> [f32; LANES] {
-    let bit = j * B;
-    let (w, s) = (bit / 32, bit % 32);
+    let at = code_at(B, j);
     let pos = code_shift(B);
-    let mask = (((1u64 << B) - 1) as u32) << pos;
+    let mask = ((1u32 << at.width) - 1) << pos;
     let mut q = [0f32; LANES];
     for l in 0..LANES {
-        let word = block[w][l];
-        let mut v = if s >= pos {
-            word >> (s - pos)
-        } else {
-            word << (pos - s)
-        };
-        if s + B > 32 {
-            v |= block[w + 1][l] << (pos + 32 - s);
+        let mut v = align(block[at.word][l], at.bit, pos) & mask;
+        if let Some((word, bit)) = at.top {
+            let top = pos + at.width;
+            v |= align(block[word][l], bit, top) & (1 << top);
         }
-        q[l] = f32::from_bits((v & mask) | DECODE_ONE);
+        q[l] = f32::from_bits(v | DECODE_ONE);
     }
     q
+}
+
+/// `word` shifted so that its bit `from` lands on bit `to`.
+#[inline(always)]
+fn align(word: u32, from: usize, to: usize) -> u32 {
+    if from >= to {
+        word >> (from - to)
+    } else {
+        word << (to - from)
+    }
 }
 
 /// Blocks ahead of the current one whose code lines are prefetched into L1, and further ahead
@@ -110,7 +115,7 @@ pub(crate) fn block_at<const B: usize>(codes: &[[u32; LANES]], blk: usize) -> &[
 
 /// Expands `$body` 32 times with `$j` a constant `0..32`: LLVM does not fully unroll the
 /// block loop by itself, and only constant `j` turns the word index and shift of each code
-/// into immediates (and the 3-bit straddle test into nothing).
+/// into immediates (and the 3-bit top-bit test into nothing).
 macro_rules! unroll_block {
     ($j:ident => $body:expr) => {
         unroll_block!(@ $j, $body; 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15

@@ -17,22 +17,13 @@
 //! A tile's 16 outputs are two 8-lane halves, one `ymm` each, done one after the other so that
 //! `M = 8` rows' 16-bit sums, the decoded quad and the broadcast activation fit in the 16
 //! registers.
-//!
-//! # 3-bit quads
-//! Without `vpmultishiftqb`, 4 codes reach the 4 bytes of a lane by shifts and masks: a shift
-//! by `s` lines code `i` (at bit `3i`) up with byte `b` when `3i − 8b = s`, and one shift serves
-//! the bytes with the same `s`. So each of the three 10-code words (the first word, then codes
-//! 10–19 and 20–29 realigned by funnel shifts) gives quads `{0, 3, 6, 8}` (shifts 0, 1, 2) and
-//! `{1, 4, 7, 9}` (shifts 3, 4, 5), and its codes 2 and 5 go, with codes 30 and 31, into two
-//! more quads ([`THREE_BIT_QUADS`]). The rounded activations follow that order, as they follow
-//! [`super::quad_codes`] for the other widths.
 
 use std::arch::x86_64::*;
 
 use super::super::layout::{BLOCK, CpuPacked, LANES};
 use super::super::tile::{block_at, prefetch_ahead};
 use super::pass::{Blocks, Kernel, Out, Rounded};
-use super::{QUADS, STEP};
+use super::{QUADS, STEP, quad_codes};
 
 /// Lanes of a `ymm` of f32 or i32: half a tile.
 const HALF: usize = LANES / 2;
@@ -73,28 +64,6 @@ impl Kernel for Avx2 {
     ) {
         // SAFETY: the trait's contract.
         unsafe { ic_group::<B, M>(w, x_pad, g, codes, acts, out) }
-    }
-}
-
-/// The codes (indices within a block) that quad `i` puts in bytes 0–3 of each lane, for 3-bit
-/// codes on this kernel (module doc).
-pub(super) const THREE_BIT_QUADS: [[u8; 4]; QUADS] = [
-    [0, 3, 6, 8],
-    [1, 4, 7, 9],
-    [10, 13, 16, 18],
-    [11, 14, 17, 19],
-    [20, 23, 26, 28],
-    [21, 24, 27, 29],
-    [2, 5, 12, 15],
-    [22, 25, 30, 31],
-];
-
-/// This kernel's quads: [`super::quad_codes`], but for 3 bits [`THREE_BIT_QUADS`].
-pub(super) const fn quad_codes(bits: u32) -> [[u8; 4]; QUADS] {
-    if bits == 3 {
-        THREE_BIT_QUADS
-    } else {
-        super::quad_codes(bits)
     }
 }
 
@@ -299,51 +268,23 @@ unsafe fn decode<const B: usize>(codes: &[[u32; LANES]], blk: usize, h: usize) -
                 }
             }
             _ => {
-                let (w0, w1, w2) = (word[0], word[1], word[2]);
-                // Stream bits 30.. and 60.. moved to bit 0: codes 10–19 and 20–29 at 3·i.
-                let t1 = or(_mm256_srli_epi32::<30>(w0), _mm256_slli_epi32::<2>(w1));
-                let t2 = or(_mm256_srli_epi32::<28>(w1), _mm256_slli_epi32::<4>(w2));
-                let m0 = _mm256_set1_epi32(0x0000_0007);
-                let m03 = _mm256_set1_epi32(0x0700_0007);
-                let m1 = _mm256_set1_epi32(0x0000_0700);
-                let m2 = _mm256_set1_epi32(0x0007_0000);
-                let m3 = _mm256_set1_epi32(0x0700_0000);
-                for (i, u) in [w0, t1, t2].into_iter().enumerate() {
-                    // Codes 0, 3, 6, 8 (shifts 0, 1, 2), then 1, 4, 7, 9 (shifts 3, 4, 5).
-                    q[2 * i] = or(
-                        or(and(u, m03), and(_mm256_srli_epi32::<1>(u), m1)),
-                        and(_mm256_srli_epi32::<2>(u), m2),
-                    );
-                    q[2 * i + 1] = or(
-                        or(
-                            and(_mm256_srli_epi32::<3>(u), m03),
-                            and(_mm256_srli_epi32::<4>(u), m1),
-                        ),
-                        and(_mm256_srli_epi32::<5>(u), m2),
-                    );
+                // The layout of `layout::code_at`, as in the AVX-512 kernel.
+                let low3 = _mm256_set1_epi32(0x0707_0707);
+                for (i, &w) in word.iter().enumerate() {
+                    q[2 * i] = and(w, low3);
+                    q[2 * i + 1] = and(_mm256_srli_epi32::<3>(w), low3);
                 }
-                // Codes 2 and 5 of a 10-code word are at bits 6 and 15.
-                let mut low = [_mm256_setzero_si256(); 2];
-                for (low, u) in low.iter_mut().zip([w0, t2]) {
-                    *low = or(
-                        and(_mm256_srli_epi32::<6>(u), m0),
-                        and(_mm256_srli_epi32::<7>(u), m1),
-                    );
-                }
-                q[6] = or(
-                    low[0],
-                    or(
-                        and(_mm256_slli_epi32::<10>(t1), m2),
-                        and(_mm256_slli_epi32::<9>(t1), m3),
-                    ),
+                let (low2, bit2) = (
+                    _mm256_set1_epi32(0x0303_0303),
+                    _mm256_set1_epi32(0x0404_0404),
                 );
-                // Codes 30 and 31 stay at bits 26 and 29 of the third word.
+                q[6] = or(
+                    and(_mm256_srli_epi32::<6>(word[0]), low2),
+                    and(_mm256_srli_epi32::<4>(word[2]), bit2),
+                );
                 q[7] = or(
-                    low[1],
-                    or(
-                        and(_mm256_srli_epi32::<10>(w2), m2),
-                        and(_mm256_srli_epi32::<5>(w2), m3),
-                    ),
+                    and(_mm256_srli_epi32::<6>(word[1]), low2),
+                    and(_mm256_srli_epi32::<5>(word[2]), bit2),
                 );
             }
         }

@@ -1,7 +1,7 @@
 //! The decode-sized product in int8 dot products, on the same [`CpuPacked`] as the f32 kernel.
 //! [`super::gemm`] uses it wherever the CPU has the instructions ([`is_supported`]):
 //! AVX512-VNNI's `vpdpbusd` (this file) or AVX2's `vpmaddubsw` (`avx2.rs`), the two sharing the
-//! rounding's definition, the quads (but for AVX2's 3-bit order) and the task split.
+//! rounding's definition, the quads and the task split.
 //!
 //! # Arithmetic
 //! The f32 kernel multiplies each code by an f32 activation: 16 multiply-adds per FMA. Here
@@ -27,15 +27,20 @@
 //! activation word. So the 32 codes of a block (one lane's `b` words, see [`CpuPacked`]) are
 //! decoded into 8 *quads*, 4 codes in the 4 bytes of the lane, and the rounded activations of
 //! each block are stored permuted the same way ([`quad_codes`]), 4 bytes per quad. A quad is
-//! 4 codes that one byte-wise shift can take from a single word:
+//! 4 codes that one byte-wise shift can take from a single word (from two for the last two
+//! 3-bit quads):
 //!
-//! * 8 bits: word `i` is quad `i`, as stored;
+//! * 8 bits: word `i` is quad `i`, codes `4i..4i+4`, as stored;
 //! * 4 bits: the low nibbles of word `w` (codes `8w, 8w+2, 8w+4, 8w+6`), then the high ones;
 //! * 2 bits: bits `2s..2s+2` of each byte of word `w` (codes `16w+s+4·{0,1,2,3}`);
-//! * 3 bits: the stream straddles words, so two funnel shifts (`vpshrdd`) first realign codes
-//!   10–19 and 20–29 to bit 0 of a word; `vpmultishiftqb` then takes any 4 codes of a word
-//!   into the 4 bytes. Quad 6 takes its codes from the halves of two words blended into one,
-//!   and quad 7's all lie in the third word.
+//! * 3 bits: codes `4i..4i+4` too. The CPU layout puts quad `i` in bits `3(i mod 2)..` of
+//!   each byte of word `i/2` for quads 0–5, and splits quads 6 and 7 between the top two bits
+//!   of words 0 and 1 and the top two of word 2 (`layout::code_at`): two shifts, two masks
+//!   and an or.
+//!
+//! So 3-bit blocks cost only shifts, ands and ors to decode, which on AMD Zen 4 issue beside
+//! `vpdpbusd` (the stream's funnel shifts and `vpmultishiftqb` shared its pipes there:
+//! docs/serve.md, session 51).
 
 use std::sync::OnceLock;
 
@@ -54,10 +59,9 @@ pub const fn quad_codes(bits: u32) -> [[u8; 4]; QUADS] {
         while b < 4 {
             let (qi, qb) = (i as u8, b as u8);
             q[i][b] = match bits {
-                8 => 4 * qi + qb,
                 4 => 8 * (qi / 2) + 2 * qb + qi % 2,
                 2 => 16 * (qi / 4) + 4 * qb + qi % 4,
-                _ => THREE_BIT_QUADS[i][b],
+                _ => 4 * qi + qb,
             };
             b += 1;
         }
@@ -65,19 +69,6 @@ pub const fn quad_codes(bits: u32) -> [[u8; 4]; QUADS] {
     }
     q
 }
-
-/// [`quad_codes`] for 3 bits: see the module doc. Quads 0–5 come from one word each (the first,
-/// then codes 10–19 and 20–29 realigned); quads 6 and 7 gather the words' last two codes.
-const THREE_BIT_QUADS: [[u8; 4]; QUADS] = [
-    [0, 1, 2, 3],
-    [4, 5, 6, 7],
-    [10, 11, 12, 13],
-    [14, 15, 16, 17],
-    [20, 21, 22, 23],
-    [24, 25, 26, 27],
-    [8, 9, 18, 19],
-    [28, 29, 30, 31],
-];
 
 /// `1/127` in f32: a block's step is `max|x|·STEP`, a product, so that one division (for
 /// `127/max|x|`) is all a block costs.
@@ -101,8 +92,8 @@ pub fn quantize_block(x: &[f32; BLOCK]) -> (f32, [i8; BLOCK]) {
 
 /// The instruction sets the int8 kernel is written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
-    /// AVX-512 with VNNI, VBMI and VBMI2: `vpdpbusd`, every code width.
+pub enum Isa {
+    /// AVX-512 with VNNI and VBMI: `vpdpbusd`, every code width.
     Avx512Vnni,
     /// AVX2 with FMA and F16C: `vpmaddubsw` ([`avx2`]), every code width.
     Avx2,
@@ -110,36 +101,42 @@ enum Isa {
 
 impl Isa {
     /// The best int8 instruction set of this CPU, if any (detected once).
-    fn detect() -> Option<Self> {
+    pub fn best() -> Option<Self> {
         static ISA: OnceLock<Option<Isa>> = OnceLock::new();
         *ISA.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                use std::arch::is_x86_feature_detected as has;
-                let fma = has!("fma");
-                if has!("avx512f")
-                    && has!("avx512bw")
-                    && has!("avx512vl")
-                    && has!("avx512vnni")
-                    && has!("avx512vbmi")
-                    && has!("avx512vbmi2")
-                    && fma
-                {
-                    return Some(Isa::Avx512Vnni);
-                }
-                if has!("avx2") && fma && has!("f16c") {
-                    return Some(Isa::Avx2);
-                }
-            }
-            None
+            [Isa::Avx512Vnni, Isa::Avx2]
+                .into_iter()
+                .find(|i| i.is_available())
         })
+    }
+
+    /// Whether this CPU has every feature this instruction set's kernel is compiled for.
+    pub fn is_available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let fma = has!("fma");
+            match self {
+                Isa::Avx512Vnni => {
+                    has!("avx512f")
+                        && has!("avx512bw")
+                        && has!("avx512vl")
+                        && has!("avx512vnni")
+                        && has!("avx512vbmi")
+                        && fma
+                }
+                Isa::Avx2 => has!("avx2") && fma && has!("f16c"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
 }
 
-/// Whether this CPU runs the int8 kernel: it needs AVX-512 VNNI, VBMI and VBMI2, or AVX2 with
+/// Whether this CPU runs the int8 kernel: it needs AVX-512 VNNI and VBMI, or AVX2 with
 /// FMA and F16C.
 pub fn is_supported() -> bool {
-    Isa::detect().is_some()
+    Isa::best().is_some()
 }
 
 /// How the AVX-512 kernel walks the 16-output tiles of a product of [`PAIRED_ROWS`] rows or
@@ -218,17 +215,43 @@ pub fn gemm_many_tiled(
     products: &mut [(&CpuPacked, &mut [f32])],
     tiling: Tiling,
 ) -> Result<(), super::CpuKernelError> {
+    let isa = Isa::best().ok_or(super::CpuKernelError::NoInt8)?;
+    gemm_many_on(isa, x, m, products, tiling)
+}
+
+/// [`gemm()`] on a given instruction set, which may be below this CPU's best (tests compare
+/// them); an error if the CPU lacks it. AVX2 ignores `tiling` (its tiles are never paired).
+pub fn gemm_on(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &CpuPacked,
+    y: &mut [f32],
+    tiling: Tiling,
+) -> Result<(), super::CpuKernelError> {
+    gemm_many_on(isa, x, m, &mut [(w, y)], tiling)
+}
+
+fn gemm_many_on(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    products: &mut [(&CpuPacked, &mut [f32])],
+    tiling: Tiling,
+) -> Result<(), super::CpuKernelError> {
     for (w, y) in products.iter() {
         super::check_shapes(x, m, w.in_features, y, w.out_features)?;
     }
-    let isa = Isa::detect().ok_or(super::CpuKernelError::NoInt8)?;
+    if !isa.is_available() {
+        return Err(super::CpuKernelError::NoInt8);
+    }
     #[cfg(target_arch = "x86_64")]
     {
         let mut parts: Vec<_> = products
             .iter_mut()
             .map(|(w, y)| (&**w, super::pad_rows(x, w.in_features, w.k_pad), &mut **y))
             .collect();
-        // SAFETY: `Isa::detect` checked every feature the ISA's kernels are compiled for,
+        // SAFETY: `Isa::is_available` checked every feature the ISA's kernels are compiled for,
         // and each `y` holds `m` rows of its weight's outputs.
         unsafe {
             match isa {
@@ -748,7 +771,7 @@ mod x86 {
     #[inline(always)]
     unsafe fn decode<const B: usize>(codes: &[[u32; LANES]], blk: usize) -> [__m512i; QUADS] {
         let block = block_at::<B>(codes, blk);
-        // SAFETY (every intrinsic): the caller has AVX-512F/BW, VBMI and VBMI2; each load reads
+        // SAFETY (every intrinsic): the caller has AVX-512F; each load reads
         // one 16-word row of `block`.
         unsafe {
             let word = |i: usize| _mm512_loadu_si512(block[i].as_ptr().cast());
@@ -778,50 +801,29 @@ mod x86 {
                     }
                 }
                 _ => {
-                    // Stream bits 30.. and 60.. moved to bit 0: codes 10–19 and 20–29 at 3·i.
                     let (w0, w1, w2) = (word(0), word(1), word(2));
-                    let t1 = _mm512_shrdi_epi32::<30>(w0, w1);
-                    let t2 = _mm512_shrdi_epi32::<28>(w1, w2);
-                    let pick = |offsets: [u8; 4], src: __m512i| {
-                        _mm512_multishift_epi64_epi8(_mm512_set1_epi64(control(offsets)), src)
-                    };
-                    let (first, second) = ([0, 3, 6, 9], [12, 15, 18, 21]);
-                    q[0] = pick(first, w0);
-                    q[1] = pick(second, w0);
-                    q[2] = pick(first, t1);
-                    q[3] = pick(second, t1);
-                    q[4] = pick(first, t2);
-                    q[5] = pick(second, t2);
-                    // Codes 8 and 9 (bits 24 and 27 of the first word) moved to the low half, beside
-                    // 18 and 19 (bits 22 and 25 of the second) in the high half: one pick, where
-                    // a masked second one cost a slot on the pipes `vpdpbusd` uses (Zen 4).
-                    let high_half: __mmask32 = 0xaaaa_aaaa;
-                    let halves =
-                        _mm512_mask_blend_epi16(high_half, _mm512_srli_epi32::<16>(w0), w1);
-                    q[6] = pick([8, 11, 22, 25], halves);
-                    // Codes 28–31 all lie in the third word.
-                    q[7] = pick([20, 23, 26, 29], w2);
-                    let mask = _mm512_set1_epi32(0x0707_0707);
-                    for q in &mut q {
-                        *q = _mm512_and_si512(*q, mask);
+                    let low3 = _mm512_set1_epi32(0x0707_0707);
+                    for (i, w) in [w0, w1, w2].into_iter().enumerate() {
+                        q[2 * i] = _mm512_and_si512(w, low3);
+                        q[2 * i + 1] = _mm512_and_si512(_mm512_srli_epi32::<3>(w), low3);
                     }
+                    // Bits 6–7 of words 0 and 1 to bits 0–1, bits 6 and 7 of word 2 to bit 2.
+                    let (low2, bit2) = (
+                        _mm512_set1_epi32(0x0303_0303),
+                        _mm512_set1_epi32(0x0404_0404),
+                    );
+                    let top = |w: __m512i, t: __m512i| {
+                        _mm512_or_si512(
+                            _mm512_and_si512(_mm512_srli_epi32::<6>(w), low2),
+                            _mm512_and_si512(t, bit2),
+                        )
+                    };
+                    q[6] = top(w0, _mm512_srli_epi32::<4>(w2));
+                    q[7] = top(w1, _mm512_srli_epi32::<5>(w2));
                 }
             }
             q
         }
-    }
-
-    /// A `vpmultishiftqb` control for one 64-bit element (two lanes): byte `b` of each lane
-    /// takes the 8 bits from bit `offsets[b]` of that lane's word.
-    const fn control(offsets: [u8; 4]) -> i64 {
-        let mut c = 0u64;
-        let mut b = 0;
-        while b < 4 {
-            c |= (offsets[b] as u64) << (8 * b);
-            c |= ((offsets[b] + 32) as u64) << (8 * (b + 4));
-            b += 1;
-        }
-        c as i64
     }
 
     /// `acc[t][m] += f_t·d_m · Σ_{k∈blk} q̂_m,k · code_k` for the 16 lanes of each of `T` tiles,
@@ -897,7 +899,7 @@ mod x86 {
 
     /// Per-OC tiles `first..first + T`, whose code words are `codes`:
     /// `y = Σ_g (Σ_{b∈g} s_g·d_b·Σ_{k∈b} q̂_k·q_k − s_g·z_g·xsum_g)` (module doc).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma")]
     unsafe fn oc_tiles<const B: usize, const M: usize, const T: usize>(
         w: &CpuPacked,
         acts: &Rounded,
@@ -1099,7 +1101,7 @@ mod x86 {
     /// Per-IC group `gi`, whose tiles' code words are `codes`: rounds the group's coefficients
     /// `x_k·s_{g,k}` into `acts`, then `y = acc − Σ_k c_k·z_{g,k}` for each of its tiles
     /// (module doc).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,fma")]
     unsafe fn ic_group<const B: usize, const M: usize, const T: usize>(
         w: &CpuPacked,
         x_pad: &[f32],
@@ -1151,25 +1153,20 @@ mod x86 {
 mod tests {
     use super::*;
 
-    /// Every code of a block appears in exactly one quad byte, for every width and both
-    /// instruction sets' orders.
+    /// Every code of a block appears in exactly one quad byte, for every width, and byte `b`
+    /// of a quad is a code whose (low) bits lie in byte `b` of a word, where the decode's
+    /// shifts keep it.
     #[test]
     fn quads_are_a_permutation_of_the_block() {
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = [
-            avx2::quad_codes(2),
-            avx2::quad_codes(3),
-            avx2::quad_codes(4),
-        ];
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = [];
-        let widths = [2, 3, 4, 8].map(|b| (b, quad_codes(b)));
-        for (bits, quads) in widths.into_iter().chain([2, 3, 4].into_iter().zip(avx2)) {
+        for bits in [2, 3, 4, 8] {
+            let quads = quad_codes(bits);
             let mut seen = [false; BLOCK];
             for quad in quads {
-                for c in quad {
+                for (b, c) in quad.into_iter().enumerate() {
                     assert!(!seen[c as usize], "{bits} bits: code {c} twice");
                     seen[c as usize] = true;
+                    let at = super::super::layout::code_at(bits as usize, c as usize);
+                    assert_eq!(at.bit / 8, b, "{bits} bits: code {c} in byte {b}");
                 }
             }
             assert!(seen.iter().all(|&s| s), "{bits} bits");
