@@ -72,6 +72,11 @@ fn supported() -> bool {
     yes
 }
 
+/// The instruction set [`vnni::gemm`] runs on (after [`supported`]).
+fn best() -> Isa {
+    Isa::best().expect("checked by `supported`")
+}
+
 fn check(dim: QuantDim, bits: u32, group: usize, out: usize, inp: usize, ms: &[usize]) {
     let mut rng = StdRng::seed_from_u64((out * 31 + inp * 7 + bits as usize * 3 + group) as u64);
     let packed = random_packed(&mut rng, dim, bits, group, out, inp);
@@ -87,7 +92,7 @@ fn check(dim: QuantDim, bits: u32, group: usize, out: usize, inp: usize, ms: &[u
         }
         let (want, bound) = int8_reference(&packed, &x, m);
         let mut y = vec![f32::NAN; m * out];
-        vnni::gemm_tiled(&x, m, &cpu, &mut y, Tiling::Single).unwrap();
+        vnni::gemm_on(best(), &x, m, &cpu, &mut y, Tiling::Single).unwrap();
         // The AVX2 kernel too where the CPU has it beside AVX-512 (otherwise `y` was its).
         let mut avx2 = vec![f32::NAN; m * out];
         let isas = [(y.as_slice(), "best")].into_iter().chain(
@@ -106,7 +111,7 @@ fn check(dim: QuantDim, bits: u32, group: usize, out: usize, inp: usize, ms: &[u
         // Pairs of tiles (from `PAIRED_ROWS` rows on, AVX-512 only) change the order of work,
         // not one operation.
         let mut paired = vec![f32::NAN; m * out];
-        vnni::gemm_tiled(&x, m, &cpu, &mut paired, Tiling::Paired).unwrap();
+        vnni::gemm_on(best(), &x, m, &cpu, &mut paired, Tiling::Paired).unwrap();
         assert!(
             y.iter()
                 .zip(&paired)
@@ -157,7 +162,7 @@ fn int8_rows_do_not_depend_on_the_rest_of_the_batch() {
         let x: Vec<f32> = (0..m * inp).map(|_| rng.random_range(-1.0..1.0)).collect();
         for tiling in [Tiling::Single, Tiling::Paired] {
             let mut all = vec![0f32; m * out];
-            vnni::gemm_tiled(&x, m, &cpu, &mut all, tiling).unwrap();
+            vnni::gemm_on(best(), &x, m, &cpu, &mut all, tiling).unwrap();
             for i in 0..m {
                 let mut one = vec![0f32; out];
                 vnni::gemm(&x[i * inp..(i + 1) * inp], 1, &cpu, &mut one).unwrap();
@@ -214,7 +219,7 @@ fn int8_gemm_many_is_one_gemm_per_weight() {
                 vnni::gemm_many_tiled(&x, m, &mut products, tiling).unwrap();
                 for (i, (w, y)) in cpus.iter().zip(&ys).enumerate() {
                     let mut one = vec![f32::NAN; m * w.out_features()];
-                    vnni::gemm_tiled(&x, m, w, &mut one, tiling).unwrap();
+                    vnni::gemm_on(best(), &x, m, w, &mut one, tiling).unwrap();
                     assert!(
                         one.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits()),
                         "in {inp}, weight {i} ({:?} b{}), m {m}, {tiling:?}",

@@ -184,17 +184,6 @@ pub fn gemm(
     gemm_many(x, m, &mut [(w, y)])
 }
 
-/// [`gemm()`] with a given [`Tiling`] (the same results; tests and benchmarks compare them).
-pub fn gemm_tiled(
-    x: &[f32],
-    m: usize,
-    w: &CpuPacked,
-    y: &mut [f32],
-    tiling: Tiling,
-) -> Result<(), super::CpuKernelError> {
-    gemm_many_tiled(x, m, &mut [(w, y)], tiling)
-}
-
 /// [`gemm()`] of several weights with the same input `x` (a layer's q, k and v, or its gate
 /// and up), each `(w, y)` getting `y[m, w.out_features]`. The results are those of a
 /// [`gemm()`] per weight, bit for bit; the weights' tasks share one parallel pass, so the
@@ -219,8 +208,9 @@ pub fn gemm_many_tiled(
     gemm_many_on(isa, x, m, products, tiling)
 }
 
-/// [`gemm()`] on a given instruction set, which may be below this CPU's best (tests compare
-/// them); an error if the CPU lacks it. AVX2 ignores `tiling` (its tiles are never paired).
+/// [`gemm()`] on a given instruction set, which may be below this CPU's best, and with a given
+/// [`Tiling`] (the same results; tests and benchmarks compare them); an error if the CPU lacks
+/// the instruction set. AVX2 ignores `tiling` (its tiles are never paired).
 pub fn gemm_on(
     isa: Isa,
     x: &[f32],
