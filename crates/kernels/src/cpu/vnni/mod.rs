@@ -100,14 +100,13 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Every instruction set, the best first.
+    pub const ALL: [Isa; 2] = [Isa::Avx512Vnni, Isa::Avx2];
+
     /// The best int8 instruction set of this CPU, if any (detected once).
     pub fn best() -> Option<Self> {
         static ISA: OnceLock<Option<Isa>> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            [Isa::Avx512Vnni, Isa::Avx2]
-                .into_iter()
-                .find(|i| i.is_available())
-        })
+        *ISA.get_or_init(|| Isa::ALL.into_iter().find(|i| i.is_available()))
     }
 
     /// Whether this CPU has every feature this instruction set's kernel is compiled for.
